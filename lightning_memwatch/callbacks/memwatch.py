@@ -1,0 +1,471 @@
+"""MemWatch: sample once per scheduled step and measure memorization (and FID) of the samples, live.
+
+The callback is a thin adapter: sampling rules live in :mod:`lightning_memwatch.sampling`, the maths in
+:mod:`lightning_memwatch.metrics`, the timescale flags in :mod:`lightning_memwatch.detection`, and logging
+helpers in :mod:`lightning_memwatch.log`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import torch
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+
+from lightning_memwatch import log as mwlog
+from lightning_memwatch._checks import check_batch, check_range
+from lightning_memwatch.detection import TimescaleDetector, TimescaleEvent
+from lightning_memwatch.metrics.fid import FID, FIDEvaluator
+from lightning_memwatch.metrics.knn import NearestNeighbourIndex
+from lightning_memwatch.metrics.memorization import memorization_fraction
+from lightning_memwatch.sampling import draw_samples, rank_slice
+from lightning_memwatch.schedule import EvalSchedule
+
+__all__ = ["MemWatch", "collect_images"]
+
+ImageSource = Tensor | Dataset | DataLoader
+Listener = Callable[[Trainer, LightningModule, dict], None]
+_QUANTILES = {"ratio_q05": 0.05, "ratio_q25": 0.25, "ratio_median": 0.5, "ratio_q75": 0.75, "ratio_q95": 0.95}
+
+
+def _first_tensor(batch: Any) -> Tensor:
+    """Images from a batch: the tensor itself, the first tensor of a tuple/list, or an image-like dict entry."""
+    if isinstance(batch, Tensor):
+        return batch
+    if isinstance(batch, Mapping):
+        for key in ("image", "images", "img", "x", "input"):
+            if isinstance(batch.get(key), Tensor):
+                return batch[key]
+        batch = list(batch.values())
+    if isinstance(batch, (tuple, list)):
+        for item in batch:
+            if isinstance(item, Tensor):
+                return item
+    raise TypeError(
+        f"Cannot find images in a batch of type {type(batch).__name__}: yield tensors, (images, labels) "
+        "tuples, or dicts with an 'image' key, or pass `train_data=` explicitly."
+    )
+
+
+def collect_images(source: ImageSource, name: str = "train_data", batch_size: int = 512) -> Tensor:
+    """All images of a tensor, Dataset or DataLoader as one float tensor, in dataset order, labels dropped.
+
+    A DataLoader is read through its dataset with a sequential loader (same collate_fn), so shuffling,
+    ``drop_last`` and samplers neither reorder nor drop images. The source is never modified.
+    """
+    if isinstance(source, Tensor):
+        images = source.detach()
+    else:
+        if isinstance(source, DataLoader):
+            dataset, collate = source.dataset, source.collate_fn
+        elif isinstance(source, Dataset):
+            dataset, collate = source, None
+        else:
+            raise TypeError(f"{name} must be a Tensor, Dataset or DataLoader; got {type(source).__name__}.")
+        loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate)  # type: ignore[arg-type]
+        chunks = [_first_tensor(batch).detach() for batch in loader]
+        if not chunks:
+            raise ValueError(f"{name} is empty: MemWatch needs the training images to search for copies.")
+        images = torch.cat(chunks)
+    return check_batch(images, name, min_rows=2).float()
+
+
+class MemWatch(Callback):
+    """Sample at scheduled steps and log the memorization fraction f_mem (and FID) of the samples.
+
+    At each scheduled ``global_step`` (optimizer steps) the module is put in eval mode, ``num_samples``
+    images are drawn under ``torch.inference_mode`` from fixed per-sample seeds (see
+    :mod:`lightning_memwatch.sampling`), and one sampling pass feeds every metric. A sample is memorized
+    when ``d1 / d2 < threshold`` for its nearest and second-nearest training images. Scalars are logged as
+    :data:`~lightning_memwatch.log.F_MEM` etc. and can be monitored by ``EarlyStopping``/``ModelCheckpoint``.
+
+    Example:
+        >>> from lightning_memwatch import MemWatch, EvalSchedule
+        >>> watch = MemWatch(num_samples=1000, schedule=EvalSchedule.every(500))
+        >>> watch.history
+        []
+
+    Args:
+        train_data: training images (Tensor / Dataset / DataLoader); None takes them from the trainer's train
+            dataloader at setup (first tensor of each batch, labels dropped).
+        num_samples: generated samples per evaluation used for f_mem (images).
+        sample_batch_size: samples per sampler call (images).
+        schedule: an :class:`EvalSchedule`, an int (every N optimizer steps), ``"paper"`` or a list of steps.
+        sample_fn: ``sample_fn(pl_module, num_samples, generator=..., noise=...)``; default
+            ``pl_module.sample``.
+        data_range: (low, high) of the samples and the training images.
+        threshold: memorization ratio threshold (the paper: 1/3).
+        fid: :class:`~lightning_memwatch.FID` settings, or None for no FID.
+        seed: base seed of the per-sample noise (same noise at every evaluation).
+        detector: :class:`~lightning_memwatch.TimescaleDetector` flagging tau_gen / tau_mem (default rules).
+        metrics: extra ``{name: fn(generated) -> float}`` computed on the same samples, logged as
+            ``memwatch/<name>`` and stored in each record.
+        noise_shape: shape of one sample's initial noise when the sampler takes ``noise``; default the
+            training image shape.
+        feature_fn: optional map images -> features for feature-space nearest neighbours (latent models).
+        knn_backend: ``"auto"``, ``"faiss-gpu"``, ``"faiss-cpu"`` or ``"torch"``.
+        bootstrap: bootstrap resamples for the f_mem confidence interval.
+        log_images: log sample grids, nearest-neighbour pairs and ratio histograms (TensorBoard).
+        verbose: print one line per evaluation (rank 0).
+    """
+
+    def __init__(
+        self,
+        train_data: ImageSource | None = None,
+        num_samples: int = 1000,
+        sample_batch_size: int = 250,
+        schedule: EvalSchedule | int | str | Sequence[int] = 500,
+        sample_fn: Callable[..., Tensor] | None = None,
+        data_range: tuple[float, float] = (-1.0, 1.0),
+        threshold: float = 1 / 3,
+        fid: FID | None = None,
+        seed: int = 0,
+        detector: TimescaleDetector | None = None,
+        metrics: Mapping[str, Callable[[Tensor], float]] | None = None,
+        noise_shape: Sequence[int] | None = None,
+        feature_fn: Callable[[Tensor], Tensor] | None = None,
+        knn_backend: str = "auto",
+        bootstrap: int = 1000,
+        log_images: bool = True,
+        verbose: bool = True,
+    ) -> None:
+        if num_samples < 2 or sample_batch_size < 1:
+            raise ValueError(
+                f"num_samples must be >= 2 and sample_batch_size >= 1; got {num_samples}, {sample_batch_size}."
+            )
+        if not 0 < threshold <= 1:
+            raise ValueError(f"threshold must lie in (0, 1] (the paper uses 1/3); got {threshold}.")
+        lo, hi = (float(v) for v in data_range)
+        if not hi > lo:
+            raise ValueError(f"data_range must be (low, high) with high > low; got {data_range}.")
+        self.train_data = train_data
+        self.num_samples = int(num_samples)
+        self.sample_batch_size = int(sample_batch_size)
+        self.schedule = EvalSchedule.coerce(schedule)
+        self.sample_fn = sample_fn
+        self.data_range = (lo, hi)
+        self.threshold = float(threshold)
+        self.fid = fid
+        self.seed = int(seed)
+        self.detector = detector if detector is not None else TimescaleDetector()
+        self.metrics = dict(metrics or {})
+        self.noise_shape = tuple(noise_shape) if noise_shape is not None else None
+        self.feature_fn = feature_fn
+        self.knn_backend = knn_backend
+        self.bootstrap = int(bootstrap)
+        self.log_images = log_images
+        self.verbose = verbose
+
+        self.history: list[dict[str, Any]] = []
+        self._listeners: list[Listener] = []
+        self._index: NearestNeighbourIndex | None = None
+        self._train_images: Tensor | None = None
+        self._sample_shape: tuple[int, ...] | None = None
+        self._fid_evaluator: FIDEvaluator | None = None
+        self._pending_fid_state: dict | None = None
+        self._last_evaluated_step: int | None = None
+        self._moved_device_warned = False
+
+    # -- public read-only views -------------------------------------------------------------------------
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(
+            num_samples=self.num_samples, seed=self.seed, threshold=self.threshold
+        )
+
+    @property
+    def tau_gen(self) -> int | None:
+        """Step (optimizer steps) at which tau_gen was flagged, or None."""
+        return None if self.detector.tau_gen is None else self.detector.tau_gen.step
+
+    @property
+    def tau_mem(self) -> int | None:
+        """Step (optimizer steps) at which tau_mem was flagged, or None."""
+        return None if self.detector.tau_mem is None else self.detector.tau_mem.step
+
+    @property
+    def num_generated(self) -> int:
+        """Samples drawn per evaluation: the larger of f_mem's and FID's counts (images)."""
+        fid_n = self.fid.num_samples if self.fid is not None and self.fid.num_samples else 0
+        return max(self.num_samples, fid_n)
+
+    def add_listener(self, fn: Listener) -> None:
+        """Call ``fn(trainer, pl_module, record)`` on every rank after each evaluation (detector updated)."""
+        if fn not in self._listeners:
+            self._listeners.append(fn)
+
+    # -- set-up ---------------------------------------------------------------------------------------
+    def _sampler(self, pl_module: LightningModule) -> Callable[..., Tensor]:
+        if self.sample_fn is not None:
+            fn = self.sample_fn
+
+            def call(num_samples: int, **kwargs: Any) -> Tensor:
+                return fn(pl_module, num_samples, **kwargs)
+
+            # keep the user's signature visible, so `noise` is passed only when sample_fn accepts it
+            call.__signature__ = _drop_first_parameter(fn)  # type: ignore[attr-defined]
+            return call
+        sample = getattr(pl_module, "sample", None)
+        if not callable(sample):
+            raise AttributeError(
+                f"{type(pl_module).__name__} has no `sample` method. Add "
+                "`def sample(self, num_samples, generator=None, noise=None) -> Tensor` returning (B, C, H, W) "
+                "images in data_range, or pass `MemWatch(sample_fn=lambda module, n, generator=None: ...)`."
+            )
+        return sample
+
+    def _find_train_data(self, trainer: Trainer) -> ImageSource:
+        if self.train_data is not None:
+            return self.train_data
+        loader: Any = None
+        datamodule = getattr(trainer, "datamodule", None)
+        if datamodule is not None and hasattr(datamodule, "train_dataloader"):
+            loader = datamodule.train_dataloader()
+        if loader is None:
+            source = trainer.fit_loop._data_source  # the loaders given to trainer.fit / the module's hook
+            if source.is_defined():
+                loader = source.dataloader()
+        if isinstance(loader, (list, tuple)) and loader:
+            loader = loader[0]
+        if isinstance(loader, Mapping) and loader:
+            loader = next(iter(loader.values()))
+        if not isinstance(loader, (DataLoader, Dataset, Tensor)):
+            raise ValueError(
+                "MemWatch found no training data: pass `MemWatch(train_data=...)` (a tensor, Dataset or "
+                "DataLoader of the training images) or give the Trainer a train dataloader."
+            )
+        return loader
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        self._sampler(pl_module)  # fail early when there is no sampler
+        device = trainer.strategy.root_device
+        train: Tensor | None = None
+        if self._sample_shape is None:
+            train = collect_images(self._find_train_data(trainer))
+            check_range(train, "train_data", self.data_range)
+            self._sample_shape = tuple(train.shape[1:])
+            if trainer.is_global_zero:  # metrics are computed once, on rank 0
+                self._train_images = train
+                self._index = NearestNeighbourIndex(
+                    train.to(device),
+                    backend=self.knn_backend,
+                    feature_fn=self.feature_fn,  # type: ignore[arg-type]
+                )
+        if self.fid is not None and self._fid_evaluator is None:
+            if train is None:
+                train = self._train_images
+            fid = self.fid
+            datamodule = getattr(trainer, "datamodule", None)
+            if fid.reference is None and callable(getattr(datamodule, "reference_images", None)):
+                fid = dataclasses.replace(fid, reference=datamodule.reference_images())  # type: ignore[union-attr]
+            # built on every rank: a missing weights file fails everywhere, before training starts
+            self._fid_evaluator = fid.build(
+                data_range=self.data_range,
+                device=device,
+                fallback_reference=train,
+                num_samples=self.num_samples,
+            )
+            if self._pending_fid_state is not None:
+                self._fid_evaluator.load_state_dict(self._pending_fid_state)
+                self._pending_fid_state = None
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self._fid_evaluator is not None and trainer.is_global_zero:
+            self._fid_evaluator.prepare_reference()  # after load_state_dict: a resumed run reuses its stats
+            for lg in trainer.loggers:
+                lg.log_hyperparams({f"memwatch/fid_{k}": v for k, v in self._fid_evaluator.hparams().items()})
+        step = trainer.global_step
+        if self._last_evaluated_step is not None:
+            missed = self.schedule.between(self._last_evaluated_step, step)
+            if missed:
+                rank_zero_warn(
+                    f"MemWatch resumed at step {step}: scheduled evaluations at steps {missed} lie between the "
+                    f"last evaluation ({self._last_evaluated_step}) and the checkpoint; they are skipped, not re-run."
+                )
+        if step in self.schedule and step != self._last_evaluated_step:
+            self._evaluate(trainer, pl_module, step, can_log=False)
+
+    def on_train_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        step = trainer.global_step
+        if step != self._last_evaluated_step and step in self.schedule:
+            self._evaluate(trainer, pl_module, step, can_log=True)
+
+    # -- one evaluation -------------------------------------------------------------------------------
+    def _generate(self, trainer: Trainer, pl_module: LightningModule) -> Tensor:
+        """Draw this rank's share of the samples, then gather all of them (in index order) on every rank."""
+        world, rank = trainer.world_size, trainer.global_rank
+        total = self.num_generated
+        mine = rank_slice(total, rank, world)
+        device = trainer.strategy.root_device
+        sampler = self._sampler(pl_module)
+        was_training = pl_module.training
+        pl_module.eval()
+        try:
+            with torch.inference_mode():
+                local = draw_samples(
+                    sampler,
+                    mine,
+                    batch_size=self.sample_batch_size,
+                    seed=self.seed,
+                    device=device,
+                    noise_shape=self.noise_shape or self._sample_shape,
+                    sample_shape=self._sample_shape,
+                    where="MemWatch.sample_fn"
+                    if self.sample_fn is not None
+                    else f"{type(pl_module).__name__}.sample",
+                )
+        finally:
+            pl_module.train(was_training)
+        if world == 1:
+            return local
+        longest = len(rank_slice(total, 0, world))
+        padded = torch.zeros((longest, *local.shape[1:]), device=local.device, dtype=local.dtype)
+        padded[: len(local)] = local
+        gathered = trainer.strategy.all_gather(padded)  # (world, longest, ...)
+        parts = [gathered[r, : len(rank_slice(total, r, world))] for r in range(world)]
+        return torch.cat(parts)
+
+    def _measure(self, trainer: Trainer, generated: Tensor, step: int) -> dict[str, Any]:
+        """Every metric on the gathered samples (rank 0); returns the history record."""
+        assert self._index is not None
+        start = time.perf_counter()
+        result = memorization_fraction(
+            generated[: self.num_samples],
+            self._index,
+            threshold=self.threshold,
+            bootstrap=self.bootstrap,
+            seed=self.seed,
+        )
+        ratios = result.ratios.float()
+        record: dict[str, Any] = {
+            "step": step,
+            "num_samples": result.num_samples,
+            "f_mem": float(result.fraction),
+            "f_mem_ci_low": float(result.ci_low),
+            "f_mem_ci_high": float(result.ci_high),
+        }
+        q = torch.quantile(
+            ratios.cpu().double(), torch.tensor(list(_QUANTILES.values()), dtype=torch.float64)
+        )
+        record.update({k: float(v) for k, v in zip(_QUANTILES, q)})
+        record["fid"], record["fid_num_samples"] = None, None
+        if self._fid_evaluator is not None:
+            fid_n = self.fid.num_samples or self.num_samples  # type: ignore[union-attr]
+            record["fid"] = float(self._fid_evaluator.compute(generated[:fid_n]))
+            record["fid_num_samples"] = int(min(fid_n, len(generated)))
+        for name, fn in self.metrics.items():
+            record[name] = float(fn(generated))
+        record["metric_seconds"] = time.perf_counter() - start
+        if self.log_images and self._train_images is not None:
+            nearest = self._train_images[result.nn_indices[:, 0].cpu()]
+            mwlog.log_images(trainer, step, generated[: self.num_samples], ratios, nearest, self.data_range)
+        return record
+
+    def _evaluate(self, trainer: Trainer, pl_module: LightningModule, step: int, *, can_log: bool) -> None:
+        start = time.perf_counter()
+        generated = self._generate(trainer, pl_module)
+        sample_seconds = time.perf_counter() - start
+        record = None
+        if trainer.is_global_zero:
+            record = self._measure(trainer, generated, step)
+            record["sample_seconds"] = sample_seconds  # rank 0's, so every rank holds the same record
+        record = trainer.strategy.broadcast(record, src=0)
+        self.history.append(record)
+        self._last_evaluated_step = step
+        events = self.detector.update(record)
+        self._log_scalars(trainer, pl_module, record, events, can_log)
+        if self.verbose:
+            rank_zero_info(_describe(record))
+        for event in events:
+            rank_zero_info(f"MemWatch: {event.name} flagged at step {event.step}: {event.reason}")
+            if trainer.is_global_zero:
+                mwlog.log_text(
+                    trainer,
+                    mwlog.TIMESCALE_TEXT,
+                    f"**{event.name}** at step {event.step}: {event.reason}",
+                    step,
+                )
+        for listener in self._listeners:
+            listener(trainer, pl_module, record)
+
+    def _log_scalars(
+        self,
+        trainer: Trainer,
+        pl_module: LightningModule,
+        record: dict,
+        events: list[TimescaleEvent],
+        can_log: bool,
+    ) -> None:
+        values = {
+            key: record[field] for field, key in mwlog.SCALAR_KEYS.items() if record.get(field) is not None
+        }
+        values.update({f"{mwlog.PREFIX}{name}": record[name] for name in self.metrics})
+        values.update(
+            {mwlog.TAU_GEN if e.name == "tau_gen" else mwlog.TAU_MEM: float(e.step) for e in events}
+        )
+        # Loggers get the values on rank 0 at step = global_step (optimizer steps, the history's axis), whatever
+        # `log_every_n_steps` is; `pl_module.log(logger=False)` makes them monitorable by EarlyStopping and
+        # ModelCheckpoint on every rank.
+        if trainer.is_global_zero:
+            for lg in trainer.loggers:
+                lg.log_metrics({k: float(v) for k, v in values.items()}, step=record["step"])
+        for key, value in values.items():
+            if can_log:
+                pl_module.log(key, float(value), on_step=True, on_epoch=False, logger=False, batch_size=1)
+            else:  # step 0: seed the monitor values so EarlyStopping(strict=True) finds them from the start
+                trainer.callback_metrics[key] = torch.tensor(float(value))
+
+    # -- state ----------------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        fid_state = (
+            self._fid_evaluator.state_dict() if self._fid_evaluator is not None else self._pending_fid_state
+        )
+        return {
+            "history": [dict(r) for r in self.history],
+            "last_evaluated_step": self._last_evaluated_step,
+            "detector": self.detector.state_dict(),
+            "fid": fid_state,
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.history = [dict(r) for r in state_dict["history"]]
+        self._last_evaluated_step = state_dict["last_evaluated_step"]
+        self.detector.load_state_dict(state_dict["detector"])
+        fid_state = state_dict.get("fid")
+        if fid_state is not None:
+            if self._fid_evaluator is not None:
+                self._fid_evaluator.load_state_dict(fid_state)
+            else:
+                self._pending_fid_state = fid_state
+
+
+def _drop_first_parameter(fn: Callable[..., Any]) -> Any:
+    import inspect
+
+    try:
+        sig = inspect.signature(fn)
+    except (TypeError, ValueError):
+        return None
+    params = list(sig.parameters.values())[1:]
+    return sig.replace(parameters=params)
+
+
+def _describe(record: Mapping[str, Any]) -> str:
+    text = (
+        f"MemWatch step {record['step']}: f_mem={record['f_mem']:.4f} "
+        f"[{record['f_mem_ci_low']:.4f}, {record['f_mem_ci_high']:.4f}] over {record['num_samples']} samples, "
+        f"median d1/d2={record['ratio_median']:.3f}"
+    )
+    if record.get("fid") is not None:
+        text += f", FID={record['fid']:.3f} ({record['fid_num_samples']} samples)"
+    return text + f" (sampling {record['sample_seconds']:.1f} s, metrics {record['metric_seconds']:.2f} s)"

@@ -1,0 +1,578 @@
+"""``memwatch demo``: watch a diffusion model generalize, then memorize, on 2 CPU cores in minutes, offline.
+
+The demo goes through the public API exactly as a user's training code would:
+
+* data: scikit-learn's handwritten digits (1,797 real 8x8 images shipped with scikit-learn), rescaled to
+  [-1, 1], split once by :class:`~lightning_memwatch.data.DigitsDataModule`: the last ``num_heldout`` images of
+  a seeded permutation are held out, and the training sets of the different ``n`` are nested prefixes of the
+  rest;
+* model: the recipe :class:`~lightning_memwatch.models.DDPM` (T = 1000, linear betas, epsilon MSE, Adam) around a
+  :class:`~lightning_memwatch.models.ResidualMLP` denoiser (3 blocks of width 256 with a time encoding,
+  429k parameters), trained full batch (batch = n, the paper's min(512, n)); samples by deterministic DDIM
+  (eta = 0) from 512 fixed noises, optionally with EMA weights (``DDPM(ema_decay=...)``, which ``sample`` uses);
+* :class:`~lightning_memwatch.MemWatch` measures f_mem (nearest-neighbour ratio d1/d2 < 1/3 in pixel space) and a
+  Frechet distance in the feature space of a small digit classifier trained here on the *held-out* digits
+  (Inception means nothing at 8x8), passed as ``FID(feature_extractor=<that classifier>)``;
+* a :class:`~lightning_memwatch.TimescaleDetector` with demo settings (printed): tau_gen when the Frechet
+  distance falls to ``gen_threshold``, tau_mem when f_mem exceeds ``mem_threshold``;
+* :class:`~lightning_memwatch.MemorizationEarlyStopping` stops each run shortly after tau_mem;
+* the runs (one per ``n``) go to worker processes with one thread each (two side by side use 2 cores best);
+* finally :func:`lightning_memwatch.report.report` reads the TensorBoard logs back, recomputes the timescales
+  offline, fits tau_mem = slope * n, prints the table and writes ``summary.json`` and the plots.
+
+Outputs, under ``--out`` (default ``runs/demo``)::
+
+    summary.json            runs (n, tau_gen, tau_mem, final f_mem, best Frechet distance) and the fit
+    plots/*.png             f_mem vs step and vs step / n, Frechet distance vs step, timescales vs n, forecast
+    logs/n<n>/              one TensorBoard run per n (events file, memwatch_run.json)
+    digit_classifier.pt     the feature network of the Frechet distance
+
+Open the logs with ``tensorboard --logdir runs/demo/logs``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import multiprocessing
+import os
+import sys
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+__all__ = [
+    "DemoConfig",
+    "DigitFeatureNet",
+    "classifier_frechet_distance",
+    "main",
+    "run_demo",
+    "train_digit_classifier",
+]
+
+NUM_DIGITS = 1797
+CLASSIFIER_FILENAME = "digit_classifier.pt"
+QUALITY_LABEL = "Frechet distance (digit-classifier features)"
+
+
+@dataclasses.dataclass(frozen=True)
+class DemoConfig:
+    """Every setting of the demo (defaults: the full demo; :meth:`quick` gives the smoke-test settings).
+
+    Attributes:
+        out: output directory (summary.json, plots/, logs/).
+        ns: training-set sizes (images), one run each; at most ``1797 - num_heldout`` (nested prefixes).
+        num_heldout: digits never trained on: the classifier's training data and the Frechet reference.
+        width: hidden width of the residual MLP denoiser.
+        num_blocks: residual blocks of the denoiser.
+        lr: Adam learning rate (constant).
+        ema_decay: decay of the EMA weights that sampling uses, or None for the raw weights (the paper).
+        num_samples: generated samples per evaluation (images), for f_mem and the Frechet distance.
+        sample_steps: DDIM timesteps (``S - 1`` denoiser evaluations per sample).
+        eval_every: evaluate every ``max(eval_every, eval_every_per_image * n)`` optimizer steps, so that
+            every run is evaluated on about the same grid of step / n.
+        eval_every_per_image: see ``eval_every``.
+        max_steps_per_image: cap of a run, ``max_steps_per_image * n + max_steps_extra`` optimizer steps, in
+            case tau_mem never fires.
+        max_steps_extra: see ``max_steps_per_image``.
+        gen_threshold: tau_gen is the first evaluation whose Frechet distance is <= this value.
+        mem_threshold: tau_mem is the first evaluation whose f_mem is > this value (the fraction of memorized
+            samples; the detector's ``mem_rule="threshold"`` with ``f0=mem_threshold``).
+        mem_patience: evaluations in a row above ``mem_threshold`` needed to flag tau_mem (the detector's
+            ``patience``; tau_mem is the first of them).
+        stop_patience: evaluations in a row above the threshold before training stops (the early stopping's
+            ``patience``): a few evaluations past tau_mem show memorization growing.
+        workers: worker processes (runs side by side); 1 runs everything in this process.
+        threads_per_worker: torch threads of each worker.
+        seed: seed of the data split, the weights and the sampling noise.
+        classifier_epochs: full-batch epochs of the digit classifier.
+        bootstrap: bootstrap resamples of the f_mem confidence interval.
+        log_images: log sample grids and nearest-neighbour pairs to TensorBoard at each evaluation.
+        plots: write the report's PNG plots.
+    """
+
+    out: Path = Path("runs/demo")
+    ns: tuple[int, ...] = (64, 128, 256)
+    num_heldout: int = 1285
+    width: int = 256
+    num_blocks: int = 3
+    lr: float = 1e-3
+    ema_decay: float | None = 0.999
+    num_samples: int = 512
+    sample_steps: int = 100
+    eval_every: int = 100
+    eval_every_per_image: float = 0.5
+    max_steps_per_image: int = 60
+    max_steps_extra: int = 2000
+    gen_threshold: float = 20.0
+    mem_threshold: float = 0.03
+    mem_patience: int = 1
+    stop_patience: int = 3
+    workers: int = 2
+    threads_per_worker: int = 1
+    seed: int = 0
+    classifier_epochs: int = 300
+    bootstrap: int = 1000
+    log_images: bool = True
+    plots: bool = True
+
+    @classmethod
+    def quick(cls, **overrides: Any) -> DemoConfig:
+        """Smoke-test settings (under a minute on 2 cores): tiny n, a narrow denoiser, few short evaluations."""
+        settings: dict[str, Any] = dict(
+            ns=(8, 16, 32),
+            width=64,
+            num_blocks=2,
+            lr=3e-3,
+            ema_decay=None,
+            num_samples=64,
+            sample_steps=10,
+            eval_every=25,
+            eval_every_per_image=0.0,
+            max_steps_per_image=0,
+            max_steps_extra=150,
+            classifier_epochs=100,
+            bootstrap=100,
+            log_images=True,
+        )
+        settings.update(overrides)
+        return cls(**settings)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "out", Path(self.out))
+        ns = tuple(int(n) for n in self.ns)
+        if not ns or min(ns) < 2 or len(set(ns)) != len(ns):
+            raise ValueError(f"ns must be distinct training-set sizes >= 2 (images); got {self.ns}.")
+        pool = NUM_DIGITS - self.num_heldout
+        if not 1 <= self.num_heldout < NUM_DIGITS or max(ns) > pool:
+            raise ValueError(
+                f"The largest n ({max(ns)}) must fit the {pool} non-held-out digits (1797 - num_heldout="
+                f"{self.num_heldout}): lower n or num_heldout."
+            )
+        object.__setattr__(self, "ns", ns)
+        if self.ema_decay is not None and not 0.0 < self.ema_decay < 1.0:
+            raise ValueError(f"ema_decay must lie in (0, 1) or be None; got {self.ema_decay}.")
+        if self.workers < 1 or self.threads_per_worker < 1:
+            raise ValueError(f"workers and threads_per_worker must be >= 1; got {self.workers}, {self.threads_per_worker}.")
+        if not 0.0 <= self.mem_threshold < 1.0:
+            raise ValueError(f"mem_threshold must lie in [0, 1) (a fraction of samples); got {self.mem_threshold}.")
+        if self.num_samples < 2 or self.sample_steps < 2 or self.eval_every < 1:
+            raise ValueError("num_samples, sample_steps must be >= 2 and eval_every >= 1.")
+
+    def eval_period(self, n: int) -> int:
+        """Optimizer steps between two evaluations of the run with ``n`` training images."""
+        return max(int(self.eval_every), int(math.ceil(self.eval_every_per_image * n)))
+
+    def max_steps(self, n: int) -> int:
+        """Optimizer steps after which the run with ``n`` images stops even without tau_mem."""
+        return int(self.max_steps_per_image * n + self.max_steps_extra)
+
+    def detector_kwargs(self) -> dict[str, Any]:
+        """The :class:`~lightning_memwatch.TimescaleDetector` settings of the demo."""
+        return {
+            "quality_key": "fid",
+            "gen_rule": "floor",
+            "floor": float(self.gen_threshold),
+            "eps": 0.0,
+            "mem_rule": "threshold",
+            "f0": float(self.mem_threshold),
+            "patience": int(self.mem_patience),
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able settings."""
+        data = dataclasses.asdict(self)
+        data["out"] = str(self.out)
+        data["ns"] = list(self.ns)
+        return data
+
+
+# ------------------------------------------------------------------------------------------------------------
+# the feature network of the Frechet distance
+
+
+class DigitFeatureNet(nn.Module):
+    """A small MLP digit classifier; called on images it returns its penultimate features (N, 64).
+
+    ``Flatten -> Linear(64, 128) -> ReLU -> Linear(128, 64) -> ReLU`` gives the features, a final
+    ``Linear(64, 10)`` (:meth:`logits`) the classes. Images are 8x8 digits in [-1, 1], any shape with 64 entries
+    per image.
+    """
+
+    num_features = 64
+
+    def __init__(self, hidden: int = 128) -> None:
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Flatten(), nn.Linear(64, hidden), nn.ReLU(), nn.Linear(hidden, self.num_features), nn.ReLU()
+        )
+        self.head = nn.Linear(self.num_features, 10)
+
+    def forward(self, images: Tensor) -> Tensor:
+        """Penultimate features (N, 64) of images (N, 1, 8, 8) (or (N, 64))."""
+        return self.body(images)
+
+    def logits(self, images: Tensor) -> Tensor:
+        """Class scores (N, 10)."""
+        return self.head(self.body(images))
+
+
+def train_digit_classifier(
+    images: Tensor, labels: Tensor, *, epochs: int = 300, lr: float = 3e-3, seed: int = 0
+) -> DigitFeatureNet:
+    """Train :class:`DigitFeatureNet` full batch with Adam on (images, labels); returns it frozen in eval mode.
+
+    A little Gaussian pixel noise (std 0.1, in [-1, 1] units) is added to the inputs during training, so that the
+    features of imperfect samples stay meaningful.
+
+    Args:
+        images: (N, 1, 8, 8) or (N, 64) float images in [-1, 1] (not modified).
+        labels: (N,) int64 classes 0..9.
+        epochs: full-batch optimizer steps.
+        lr: Adam learning rate.
+        seed: seed of the initialisation and the input noise.
+    """
+    if len(images) != len(labels) or len(images) < 10:
+        raise ValueError(f"Need matching images and labels (>= 10); got {len(images)} and {len(labels)}.")
+    generator = torch.Generator().manual_seed(seed)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        net = DigitFeatureNet()
+    optimizer = torch.optim.Adam(net.parameters(), lr=lr, weight_decay=1e-4)
+    x, y = images.detach().float().reshape(len(images), -1), labels.detach().long()
+    net.train()
+    for _ in range(epochs):
+        noisy = x + 0.1 * torch.randn(x.shape, generator=generator)
+        loss = nn.functional.cross_entropy(net.logits(noisy), y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    return net.eval().requires_grad_(False)
+
+
+def classifier_accuracy(net: DigitFeatureNet, images: Tensor, labels: Tensor) -> float:
+    """Fraction of ``images`` whose predicted class equals ``labels``."""
+    with torch.inference_mode():
+        return float((net.logits(images.float()).argmax(1) == labels).float().mean())
+
+
+def classifier_frechet_distance(net: nn.Module, generated: Tensor, reference: Tensor) -> float:
+    """Frechet distance between two image sets in ``net``'s feature space (float64 statistics)."""
+    from lightning_memwatch.metrics.fid import feature_statistics, frechet_distance
+
+    with torch.inference_mode():
+        mu1, cov1 = feature_statistics(net(generated.float()))
+        mu2, cov2 = feature_statistics(net(reference.float()))
+    return float(frechet_distance(mu1, cov1, mu2, cov2))
+
+
+# ------------------------------------------------------------------------------------------------------------
+# one run (in a worker process)
+
+
+def _quiet_lightning() -> None:
+    for name in ("lightning.pytorch", "lightning.fabric", "lightning", "pytorch_lightning"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+    warnings.filterwarnings("ignore", message=".*smaller than the logging interval.*")
+    warnings.filterwarnings("ignore", message=".*isinstance\\(treespec, LeafSpec\\).*")
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+
+
+def _worker_init(threads: int) -> None:
+    torch.set_num_threads(threads)
+    try:
+        torch.set_num_interop_threads(1)
+    except RuntimeError:  # already set in this process
+        pass
+    _quiet_lightning()
+
+
+def _say(text: str) -> None:
+    print(text, flush=True)
+
+
+def train_one(config: DemoConfig, n: int, classifier_state: dict[str, Tensor]) -> dict[str, Any]:
+    """Train the run with ``n`` training digits until shortly after tau_mem (or the step cap).
+
+    Writes ``<out>/logs/n<n>/`` (TensorBoard events, ``memwatch_run.json``) and returns the run's online
+    results (taus as flagged during training, steps, timings).
+    """
+    import lightning as L
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    from lightning_memwatch import FID, EvalSchedule, MemorizationEarlyStopping, MemWatch, TimescaleDetector
+    from lightning_memwatch.data import DigitsDataModule
+    from lightning_memwatch.models import DDPM, ResidualMLP
+    from lightning_memwatch.report import write_run_metadata
+
+    _quiet_lightning()
+    start = time.perf_counter()
+    L.seed_everything(config.seed + n, verbose=False)
+    datamodule = DigitsDataModule(
+        n=n, num_heldout=config.num_heldout, full_batch=True, split_seed=config.seed
+    )
+    datamodule.setup("fit")
+    classifier = DigitFeatureNet()
+    classifier.load_state_dict(classifier_state)
+    classifier.eval().requires_grad_(False)
+
+    period = config.eval_period(n)
+    detector = TimescaleDetector(**config.detector_kwargs())
+    watch = MemWatch(
+        train_data=datamodule.train_images(),
+        num_samples=config.num_samples,
+        sample_batch_size=config.num_samples,
+        schedule=EvalSchedule.every(period, include_zero=True),
+        fid=FID(reference=datamodule.heldout_images(), feature_extractor=classifier, cache=False),
+        seed=config.seed,
+        detector=detector,
+        bootstrap=config.bootstrap,
+        log_images=config.log_images,
+        verbose=False,
+    )
+    stopper = MemorizationEarlyStopping(watch, patience=config.stop_patience, restore_best=True)
+    log_root = config.out / "logs"
+    logger = TensorBoardLogger(save_dir=str(log_root), name="", version=f"n{n}", default_hp_metric=False)
+    run_dir = Path(logger.log_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    metadata: dict[str, Any] = {
+        "n": n,
+        "label": f"digits n={n}",
+        "quality_label": QUALITY_LABEL,
+        "detector": detector.config(),
+        "eval_every": period,
+        "max_steps": config.max_steps(n),
+        "settings": config.to_dict(),
+    }
+    write_run_metadata(run_dir, **metadata)
+
+    def progress(trainer: Any, module: Any, record: dict[str, Any]) -> None:
+        for name in ("tau_gen", "tau_mem"):
+            event = getattr(detector, name)
+            if event is not None and event.confirmed_step == record["step"]:
+                _say(f"  [n={n:>4}] {name} flagged at step {event.step}: {event.reason}")
+
+    watch.add_listener(progress)
+    model = DDPM(
+        ResidualMLP(dim=64, width=config.width, num_blocks=config.num_blocks),
+        optimizer="adam",
+        lr=config.lr,
+        sample_steps=config.sample_steps,
+        ema_decay=config.ema_decay,
+    )
+    trainer = L.Trainer(
+        max_steps=config.max_steps(n),
+        callbacks=[watch, stopper],
+        logger=logger,
+        log_every_n_steps=period,  # MemWatch's scalars reach the logger at evaluation steps
+        accelerator="cpu",
+        devices=1,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+    )
+    _say(f"  [n={n:>4}] training: full batch of {n}, evaluation every {period} steps, cap {config.max_steps(n)} steps")
+    trainer.fit(model, datamodule=datamodule)
+    wall = time.perf_counter() - start
+    eval_seconds = sum(r.get("sample_seconds", 0.0) + r.get("metric_seconds", 0.0) for r in watch.history)
+    steps = int(trainer.global_step)
+    result = {
+        "n": n,
+        "steps": steps,
+        "tau_gen_online": watch.tau_gen,
+        "tau_mem_online": watch.tau_mem,
+        "stopped_early": stopper.stopped_step is not None,
+        "best_step": stopper.best_step,
+        "restored_step": stopper.restored_step,
+        "num_evaluations": len(watch.history),
+        "wall_seconds": wall,
+        "eval_seconds": eval_seconds,
+        "ms_per_step": 1000.0 * max(wall - eval_seconds, 0.0) / max(steps, 1),
+        "log_dir": str(run_dir),
+    }
+    write_run_metadata(run_dir, **metadata, result=result)
+    last = watch.history[-1] if watch.history else {}
+    _say(
+        f"  [n={n:>4}] done at step {steps} in {wall:.0f} s ({result['ms_per_step']:.1f} ms/step training, "
+        f"{eval_seconds:.0f} s in {len(watch.history)} evaluations); tau_gen={watch.tau_gen}, "
+        f"tau_mem={watch.tau_mem}, last f_mem={last.get('f_mem', float('nan')):.3f}"
+    )
+    return result
+
+
+# ------------------------------------------------------------------------------------------------------------
+# the whole demo
+
+
+def _prepare_classifier(config: DemoConfig) -> tuple[DigitFeatureNet, dict[str, float]]:
+    from lightning_memwatch.data import DigitsDataModule
+
+    pool_n = NUM_DIGITS - config.num_heldout
+    data = DigitsDataModule(n=pool_n, num_heldout=config.num_heldout, split_seed=config.seed)
+    data.setup("fit")
+    heldout, heldout_labels = data.heldout_images(), data.heldout_labels()
+    net = train_digit_classifier(heldout, heldout_labels, epochs=config.classifier_epochs, seed=config.seed)
+    pool, pool_labels = data.train_images(), data.train_labels()
+    largest = pool[: max(config.ns)]
+    noise = torch.randn(largest.shape, generator=torch.Generator().manual_seed(config.seed)).clamp(-1, 1)
+    info = {
+        "classifier_train_accuracy": classifier_accuracy(net, heldout, heldout_labels),
+        "classifier_accuracy_on_training_pool": classifier_accuracy(net, pool, pool_labels),
+        "frechet_training_digits": classifier_frechet_distance(net, largest, heldout),
+        "frechet_noise": classifier_frechet_distance(net, noise, heldout),
+    }
+    return net, info
+
+
+def _run_all(config: DemoConfig, state: dict[str, Tensor]) -> list[dict[str, Any]]:
+    order = sorted(config.ns, reverse=True)  # longest runs first: the workers finish together
+    if config.workers == 1 or len(order) == 1:
+        previous = torch.get_num_threads()
+        torch.set_num_threads(config.threads_per_worker)
+        try:
+            return [train_one(config, n, state) for n in order]
+        finally:
+            torch.set_num_threads(previous)
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(
+        max_workers=min(config.workers, len(order)),
+        mp_context=context,
+        initializer=_worker_init,
+        initargs=(config.threads_per_worker,),
+    ) as pool:
+        futures = [pool.submit(train_one, config, n, state) for n in order]
+        return [f.result() for f in futures]
+
+
+def run_demo(config: DemoConfig | None = None, *, echo: Callable[[str], None] = _say) -> dict[str, Any]:
+    """Run the demo: classifier, one training run per n, then the report. Returns the report's summary.
+
+    Args:
+        config: settings (default: the full demo, :class:`DemoConfig`).
+        echo: where progress lines go (default: print).
+
+    Returns:
+        The ``summary.json`` content (:func:`lightning_memwatch.report.report`), plus ``"demo"``: timings and
+        the online results of each run.
+    """
+    from lightning_memwatch.report import report
+
+    config = config or DemoConfig()
+    _quiet_lightning()
+    start = time.perf_counter()
+    out = config.out
+    out.mkdir(parents=True, exist_ok=True)
+    detector = config.detector_kwargs()
+    echo("memwatch demo: scikit-learn digits (8x8, rescaled to [-1, 1]), DDPM + residual-MLP denoiser, CPU")
+    echo(
+        f"  n = {', '.join(map(str, config.ns))} training digits (full batch), {config.num_heldout} held-out digits; "
+        f"denoiser width {config.width} x {config.num_blocks} blocks, Adam lr {config.lr:g}, "
+        f"EMA {config.ema_decay if config.ema_decay is not None else 'off'}"
+    )
+    echo(
+        f"  each evaluation: DDIM-{config.sample_steps} (eta = 0) from {config.num_samples} fixed noises; f_mem = "
+        "fraction with d1/d2 < 1/3; Frechet distance in a held-out-trained digit classifier's features"
+    )
+    echo(
+        f"  detector: tau_gen when Frechet distance <= {config.gen_threshold:g}; tau_mem when f_mem > "
+        f"{config.mem_threshold:g}" + (f" at {config.mem_patience} evaluations in a row" if config.mem_patience > 1 else "")
+        + f"; early stopping {config.stop_patience} evaluations after tau_mem"
+    )
+    echo(f"  TimescaleDetector({', '.join(f'{k}={v!r}' for k, v in detector.items())})")
+    classifier, info = _prepare_classifier(config)
+    torch.save(classifier.state_dict(), out / CLASSIFIER_FILENAME)
+    echo(
+        f"  digit classifier: {100 * info['classifier_accuracy_on_training_pool']:.1f}% accuracy on the training "
+        f"pool (trained on the held-out digits); Frechet distance to the held-out set: "
+        f"{info['frechet_training_digits']:.2f} for {max(config.ns)} real training digits, "
+        f"{info['frechet_noise']:.1f} for clipped Gaussian noise"
+    )
+    echo(f"  {len(config.ns)} runs in {min(config.workers, len(config.ns))} worker process(es), "
+         f"{config.threads_per_worker} thread(s) each")
+    state = {k: v.detach().clone() for k, v in classifier.state_dict().items()}
+    train_start = time.perf_counter()
+    results = _run_all(config, state)
+    train_seconds = time.perf_counter() - train_start
+    summary = report(out, plots=config.plots, echo=echo)
+    total = time.perf_counter() - start
+    summary["demo"] = {
+        "wall_seconds": total,
+        "training_seconds": train_seconds,
+        "runs": sorted(results, key=lambda r: r["n"]),
+        "classifier": info,
+        "settings": config.to_dict(),
+    }
+    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    echo(f"  wall time: {total:.0f} s ({train_seconds:.0f} s of training runs)")
+    echo(f"  TensorBoard: tensorboard --logdir {out / 'logs'}")
+    return summary
+
+
+# ------------------------------------------------------------------------------------------------------------
+# command line
+
+
+def build_parser() -> Any:
+    """The ``memwatch demo`` argument parser (argparse)."""
+    import argparse
+
+    defaults = DemoConfig()
+    parser = argparse.ArgumentParser(
+        prog="memwatch demo",
+        description="Train small diffusion models on scikit-learn digits for several n on CPU and watch them "
+        "generalize (tau_gen), then memorize (tau_mem proportional to n).",
+    )
+    parser.add_argument("--out", type=Path, default=defaults.out, help="output directory (default: runs/demo)")
+    parser.add_argument("--quick", action="store_true", help="smoke run of under a minute (tiny n, few steps)")
+    parser.add_argument("--n", type=int, nargs="+", default=None, help="training-set sizes (default: 64 128 256)")
+    parser.add_argument("--workers", type=int, default=None, help="runs side by side (default: 2)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads per run (default: 1)")
+    parser.add_argument("--ema", type=float, default=None, help="EMA decay of the sampled weights; 0 = off")
+    parser.add_argument("--num-samples", type=int, default=None, help="samples per evaluation (default: 512)")
+    parser.add_argument("--gen-threshold", type=float, default=None, help="tau_gen: Frechet distance <= this")
+    parser.add_argument("--mem-threshold", type=float, default=None, help="tau_mem: f_mem > this (default: 0.03)")
+    parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--no-images", action="store_true", help="do not log sample grids to TensorBoard")
+    return parser
+
+
+def config_from_args(args: Any) -> DemoConfig:
+    """Turn parsed ``memwatch demo`` arguments into a :class:`DemoConfig`."""
+    overrides: dict[str, Any] = {"out": args.out}
+    pairs = {
+        "ns": args.n,
+        "workers": args.workers,
+        "threads_per_worker": args.threads,
+        "num_samples": args.num_samples,
+        "gen_threshold": args.gen_threshold,
+        "mem_threshold": args.mem_threshold,
+        "seed": args.seed,
+    }
+    overrides.update({k: (tuple(v) if k == "ns" else v) for k, v in pairs.items() if v is not None})
+    if args.ema is not None:
+        overrides["ema_decay"] = None if args.ema == 0 else args.ema
+    if args.no_images:
+        overrides["log_images"] = False
+    return DemoConfig.quick(**overrides) if args.quick else DemoConfig(**overrides)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``memwatch demo [--out DIR] [--quick] [--n 64 128 256] ...``: run the demo; returns the exit code (0)."""
+    args = build_parser().parse_args(list(argv) if argv is not None else None)
+    run_demo(config_from_args(args))
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    sys.exit(main(sys.argv[1:]))

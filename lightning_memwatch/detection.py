@@ -1,0 +1,647 @@
+"""The paper's two timescales, flagged from per-evaluation records: tau_gen (samples become good) and tau_mem
+(memorization emerges), plus the linear law tau_mem = slope * n used to forecast tau_mem for a new n.
+
+Pure Python: no Lightning import. A record is a mapping with at least ``"step"`` (optimizer steps) and, for
+the default rules, ``"f_mem"``, ``"f_mem_ci_low"`` (fractions in [0, 1]) and a quality signal (``"fid"`` by
+default; lower is better). :class:`TimescaleDetector` consumes records one at a time (online, as
+:class:`~lightning_memwatch.MemWatch` does after each evaluation); :func:`detect_timescales` applies the same
+detector to a complete history, so online and offline flags are equal by construction.
+
+Rules and their defaults (times are the ``step`` of an evaluation, in optimizer steps):
+
+* **tau_gen, rule "plateau"** (default without a floor): the first evaluation, at step t, at which the best
+  quality of the evaluations in the window ``(t / window_factor, t]`` improves on the best quality of the
+  evaluations at steps ``<= t / window_factor`` by less than ``rel_tol=0.05`` (relative), provided the best
+  quality so far has improved on the first evaluation's by at least ``min_improvement=0.2`` (relative).
+  With ``window_factor=2``: "FID gained less than 5% while training time doubled". The window is a factor in
+  training time, not a number of evaluations, so the flag does not depend on how often you evaluate (a linear
+  schedule and the paper's log-spaced grid, about 3 evaluations per doubling, flag the same time up to grid
+  resolution), and it is scale-free: curves that collapse under t -> W t (the paper's width scaling) give
+  flags that scale the same way. 5% sits above the sampling noise of FID on a few thousand images. The flag
+  is causal: FID must already have been on its plateau at t / 2, so the flag comes up to a factor
+  ``window_factor`` after the visual start of the plateau (a constant shift on the paper's log axes; pass
+  ``window_factor=1.5`` or use the floor rule for a tighter flag). The improvement requirement keeps a
+  signal that is flat from the start (a model that has not started learning, FID stuck near 300) from being
+  called "generating well": such a signal never flags tau_gen. If your schedule starts after the plateau,
+  pass ``min_improvement=0`` (or use the floor rule).
+* **tau_gen, rule "floor"** (default when ``floor`` is given): the first evaluation whose quality is within
+  ``eps=0.1`` (relative) of a reference floor, e.g. FID(train, test): ``quality <= (1 + eps) * floor``. This
+  is the rule of a third-party reproduction of the paper (tol 0.1 to 0.5); 0.1 is the strict end.
+* Records whose quality value is missing, ``None`` (FID off), non-numeric or not finite are skipped by the
+  tau_gen rules. When FID is off, log another quality signal (``MemWatch(metrics={"val_loss": fn})`` puts it
+  in every record) and pass ``quality_key="val_loss"``; with no quality signal tau_gen never fires (no error).
+* **tau_mem, rule "ci"** (default): the bootstrap confidence interval's lower bound ``f_mem_ci_low > f0``
+  (``f0=0``): the paper's strict "f_mem leaves zero" criterion, protected from single false copies (with
+  1000 samples and a 95% interval, one memorized sample leaves the lower bound at 0).
+* **tau_mem, rule "threshold"**: ``f_mem > f0``.
+* **patience** (tau_mem): the condition must hold at ``patience`` consecutive evaluations before tau_mem is
+  flagged, as Lightning's ``EarlyStopping`` counts bad checks: ``patience=0`` and ``patience=1`` both flag at
+  the first evaluation that meets the condition. The event's ``step`` is the *first* evaluation of the
+  consecutive run (the onset of memorization); ``confirmed_step`` is the evaluation at which it was flagged.
+  Records without the needed f_mem value neither extend nor break a run.
+
+Every flag is final once raised. The detector's state is plain Python (``state_dict``/``load_state_dict``),
+so flags survive a resume from a Lightning checkpoint.
+
+Example:
+    >>> history = [{"step": s, "f_mem": f, "f_mem_ci_low": f / 2, "fid": q}
+    ...            for s, f, q in [(0, 0.0, 300.0), (500, 0.0, 60.0), (1000, 0.0, 20.0), (1500, 0.0, 19.5),
+    ...                            (2000, 0.0, 19.4), (2500, 0.0, 19.6), (3000, 0.2, 19.0)]]
+    >>> tau_gen, tau_mem = detect_timescales(history)
+    >>> tau_gen.step, tau_mem.step  # FID(2000) = 19.4 is within 5% of the best up to step 1000 (20.0)
+    (2000, 3000)
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+__all__ = [
+    "TauMemForecast",
+    "TimescaleDetector",
+    "TimescaleEvent",
+    "detect_timescales",
+    "fit_summary",
+    "forecast_tau_mem",
+]
+
+GenRule = Literal["auto", "plateau", "floor"]
+MemRule = Literal["ci", "threshold"]
+_GEN_RULES = ("auto", "plateau", "floor")
+_MEM_RULES = ("ci", "threshold")
+_MODES = ("min", "max")
+_MEM_KEYS = {"ci": "f_mem_ci_low", "threshold": "f_mem"}
+_STATE_VERSION = 1
+
+
+@dataclass(frozen=True)
+class TimescaleEvent:
+    """One flagged timescale.
+
+    Attributes:
+        name: ``"tau_gen"`` or ``"tau_mem"``.
+        step: the timescale (optimizer steps): the step of the evaluation that met the rule (for tau_mem
+            with patience, the first evaluation of the consecutive run).
+        rule: the rule that fired (``"plateau"``, ``"floor"``, ``"ci"`` or ``"threshold"``).
+        reason: a human-readable sentence with the numbers that made the rule fire.
+        value: the tested value at ``step`` (the quality signal for tau_gen; ``f_mem_ci_low`` or ``f_mem``
+            for tau_mem).
+        confirmed_step: the step of the evaluation at which the flag was raised (``>= step``; equal to
+            ``step`` except for tau_mem with ``patience > 1``). Defaults to ``step``.
+    """
+
+    name: str
+    step: int
+    rule: str
+    reason: str
+    value: float
+    confirmed_step: int = -1
+
+    def __post_init__(self) -> None:
+        if self.confirmed_step < 0:
+            object.__setattr__(self, "confirmed_step", self.step)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The event as a dict of plain Python values (for checkpoints and JSON)."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> TimescaleEvent:
+        """Inverse of :meth:`to_dict`."""
+        return cls(
+            name=str(data["name"]),
+            step=int(data["step"]),
+            rule=str(data["rule"]),
+            reason=str(data["reason"]),
+            value=float(data["value"]),
+            confirmed_step=int(data.get("confirmed_step", -1)),
+        )
+
+
+def _finite_float(value: object) -> float | None:
+    """``value`` as a finite float, or None when it is missing, None, non-numeric, NaN or infinite."""
+    if value is None or isinstance(value, (str, bytes)):
+        return None
+    try:
+        out = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return None
+    return out if math.isfinite(out) else None
+
+
+def _relative_gain(reference: float, new: float) -> float:
+    """How much ``new`` improves on ``reference`` (lower is better), relative to ``|reference|``."""
+    gain = reference - new
+    if reference == 0.0:
+        return 0.0 if gain == 0.0 else math.copysign(math.inf, gain)
+    return gain / abs(reference)
+
+
+def _choice(value: str, allowed: Sequence[str], name: str) -> str:
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {', '.join(repr(a) for a in allowed)}; got {value!r}.")
+    return value
+
+
+def _non_negative(value: float, name: str) -> float:
+    value = float(value)
+    if not value >= 0 or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number >= 0; got {value}.")
+    return value
+
+
+@dataclass
+class _GenState:
+    first: float | None = None  # first quality value (oriented: lower is better)
+    best_before: float | None = None  # best value at steps <= t / window_factor
+    recent: list[list[float]] = field(default_factory=list)  # [step, value] of the evaluations after that
+
+
+@dataclass
+class _MemState:
+    run_start: int | None = None  # step of the first evaluation of the current run meeting the condition
+    run_value: float | None = None  # the tested value at run_start
+    run_length: int = 0
+
+
+class TimescaleDetector:
+    """Flag tau_gen and tau_mem online, one evaluation record at a time.
+
+    See the module docstring for the rules and the rationale of their defaults.
+
+    Args:
+        quality_key: record key of the quality signal used for tau_gen (``"fid"``; any user metric merged into
+            the records works, e.g. a validation loss).
+        quality_mode: ``"min"`` when lower quality values are better (FID, losses), ``"max"`` otherwise.
+        gen_rule: ``"plateau"``, ``"floor"`` or ``"auto"`` (``"floor"`` when ``floor`` is given, else
+            ``"plateau"``).
+        window_factor: the plateau window at step t covers steps ``(t / window_factor, t]`` (> 1).
+        rel_tol: the plateau rule fires when the best quality in the window improves on the best before it by
+            less than this fraction.
+        min_improvement: the plateau rule needs the best quality so far to have improved on the first
+            evaluation's by at least this fraction (0 disables the requirement).
+        floor: reference quality for the floor rule (e.g. FID(train, test)), in the signal's units.
+        eps: the floor rule fires at ``quality <= (1 + eps) * floor`` (``>= (1 - eps) * floor`` in max mode).
+        mem_rule: ``"ci"`` (``f_mem_ci_low > f0``) or ``"threshold"`` (``f_mem > f0``).
+        f0: memorized fraction that counts as "zero" (in [0, 1); the paper's strict criterion is 0).
+        patience: consecutive evaluations meeting the tau_mem condition before the flag (0 and 1: the first).
+
+    Attributes:
+        tau_gen: the tau_gen event, or None until it fires.
+        tau_mem: the tau_mem event, or None until it fires.
+        last_step: step of the last record consumed, or None.
+        num_records: records consumed so far.
+
+    Example:
+        >>> detector = TimescaleDetector(floor=10.0)
+        >>> detector.update({"step": 100, "f_mem": 0.0, "f_mem_ci_low": 0.0, "fid": 50.0})
+        []
+        >>> [e.name for e in detector.update({"step": 200, "f_mem": 0.0, "f_mem_ci_low": 0.0, "fid": 10.5})]
+        ['tau_gen']
+        >>> detector.tau_gen.step, detector.tau_gen.rule
+        (200, 'floor')
+    """
+
+    def __init__(
+        self,
+        *,
+        quality_key: str = "fid",
+        quality_mode: Literal["min", "max"] = "min",
+        gen_rule: GenRule = "auto",
+        window_factor: float = 2.0,
+        rel_tol: float = 0.05,
+        min_improvement: float = 0.2,
+        floor: float | None = None,
+        eps: float = 0.1,
+        mem_rule: MemRule = "ci",
+        f0: float = 0.0,
+        patience: int = 0,
+    ) -> None:
+        if not isinstance(quality_key, str) or not quality_key:
+            raise ValueError(f"quality_key must be a non-empty record key (e.g. 'fid'); got {quality_key!r}.")
+        self.quality_key = quality_key
+        self.quality_mode = _choice(quality_mode, _MODES, "quality_mode")
+        _choice(gen_rule, _GEN_RULES, "gen_rule")
+        if floor is not None and _finite_float(floor) is None:
+            raise ValueError(f"floor must be a finite number (e.g. FID(train, test)) or None; got {floor!r}.")
+        if gen_rule == "floor" and floor is None:
+            raise ValueError(
+                "gen_rule='floor' needs a reference floor: pass floor=<quality of real data, e.g. "
+                "FID(train, test)>, or use gen_rule='plateau'."
+            )
+        if gen_rule == "plateau" and floor is not None:
+            raise ValueError(
+                f"floor={floor} is set but gen_rule='plateau' ignores it: use gen_rule='floor' (or 'auto'), "
+                "or drop floor."
+            )
+        self.gen_rule: str = ("floor" if floor is not None else "plateau") if gen_rule == "auto" else gen_rule
+        window_factor = float(window_factor)
+        if not 1.0 < window_factor < math.inf:
+            raise ValueError(
+                f"window_factor must be a finite number > 1 (2 compares each step t with steps <= t / 2); "
+                f"got {window_factor}."
+            )
+        self.window_factor = window_factor
+        self.rel_tol = _non_negative(rel_tol, "rel_tol")
+        self.min_improvement = _non_negative(min_improvement, "min_improvement")
+        self.floor = None if floor is None else float(floor)
+        self.eps = _non_negative(eps, "eps")
+        self.mem_rule = _choice(mem_rule, _MEM_RULES, "mem_rule")
+        f0 = float(f0)
+        if not 0.0 <= f0 < 1.0:
+            raise ValueError(f"f0 must lie in [0, 1) (a memorized fraction; the paper uses 0); got {f0}.")
+        self.f0 = f0
+        if isinstance(patience, bool) or not isinstance(patience, int) or patience < 0:
+            raise ValueError(f"patience must be an int >= 0 (evaluations); got {patience!r}.")
+        self.patience = patience
+
+        self.tau_gen: TimescaleEvent | None = None
+        self.tau_mem: TimescaleEvent | None = None
+        self.last_step: int | None = None
+        self.num_records = 0
+        self._gen = _GenState()
+        self._mem = _MemState()
+
+    # -- configuration -----------------------------------------------------------------------------------
+    def config(self) -> dict[str, Any]:
+        """The resolved rule settings as plain Python values (``gen_rule`` is never ``"auto"`` here)."""
+        return {
+            "quality_key": self.quality_key,
+            "quality_mode": self.quality_mode,
+            "gen_rule": self.gen_rule,
+            "window_factor": self.window_factor,
+            "rel_tol": self.rel_tol,
+            "min_improvement": self.min_improvement,
+            "floor": self.floor,
+            "eps": self.eps,
+            "mem_rule": self.mem_rule,
+            "f0": self.f0,
+            "patience": self.patience,
+        }
+
+    @property
+    def required_consecutive(self) -> int:
+        """Consecutive evaluations meeting the tau_mem condition needed to flag it: ``max(1, patience)``."""
+        return max(1, self.patience)
+
+    # -- per-record tests ----------------------------------------------------------------------------------
+    def quality(self, record: Mapping[str, object]) -> float | None:
+        """The record's quality value (``quality_key``) as a finite float, or None when unusable."""
+        return _finite_float(record.get(self.quality_key))
+
+    def memorization_value(self, record: Mapping[str, object]) -> float | None:
+        """The value the tau_mem rule tests (``f_mem_ci_low`` or ``f_mem``), or None when missing."""
+        return _finite_float(record.get(_MEM_KEYS[self.mem_rule]))
+
+    def is_memorizing(self, record: Mapping[str, object]) -> bool:
+        """Whether one record meets the tau_mem condition (before patience is applied)."""
+        value = self.memorization_value(record)
+        return value is not None and value > self.f0
+
+    def _oriented(self, value: float) -> float:
+        return value if self.quality_mode == "min" else -value
+
+    # -- online update ---------------------------------------------------------------------------------
+    def update(self, record: Mapping[str, object]) -> list[TimescaleEvent]:
+        """Consume the next evaluation's record; return the events it newly fired (at most one of each).
+
+        Args:
+            record: ``{"step": int, "f_mem": float, "f_mem_ci_low": float, <quality_key>: float, ...}``
+                (the quality may be None); steps must increase from record to record. Not modified.
+
+        Raises:
+            ValueError: when ``step`` is missing, not an integer, or not larger than the previous record's.
+        """
+        step = self._check_step(record)
+        events: list[TimescaleEvent] = []
+        gen_event = self._update_gen(record, step)
+        if gen_event is not None:
+            self.tau_gen = gen_event
+            events.append(gen_event)
+        mem_event = self._update_mem(record, step)
+        if mem_event is not None:
+            self.tau_mem = mem_event
+            events.append(mem_event)
+        self.last_step = step
+        self.num_records += 1
+        return events
+
+    def _check_step(self, record: Mapping[str, object]) -> int:
+        if not isinstance(record, Mapping) or "step" not in record:
+            raise ValueError(
+                "Each record must be a mapping with a 'step' key (optimizer steps), like MemWatch.history's; "
+                f"got {record!r}."
+            )
+        raw = record["step"]
+        if isinstance(raw, bool) or not isinstance(raw, int):
+            try:
+                step = int(raw)  # type: ignore[call-overload]
+            except (TypeError, ValueError):
+                step = None
+            if step is None or step != raw:
+                raise ValueError(f"record['step'] must be an integer number of optimizer steps; got {raw!r}.")
+        else:
+            step = raw
+        if step < 0:
+            raise ValueError(f"record['step'] must be >= 0 (optimizer steps); got {step}.")
+        if self.last_step is not None and step <= self.last_step:
+            raise ValueError(
+                f"Records must arrive in increasing step order: got step {step} after step {self.last_step}. "
+                "Feed each evaluation once, in training order (after a resume, load the detector's state "
+                "instead of replaying old records)."
+            )
+        return step
+
+    def _update_gen(self, record: Mapping[str, object], step: int) -> TimescaleEvent | None:
+        raw = self.quality(record)
+        if raw is None or self.tau_gen is not None:  # unusable value, or the flag is final already
+            return None
+        q = self._oriented(raw)
+        state = self._gen
+        if state.first is None:
+            state.first = q
+        state.recent.append([float(step), q])
+        boundary = step / self.window_factor
+        while state.recent and state.recent[0][0] <= boundary:
+            dropped = state.recent.pop(0)[1]
+            state.best_before = dropped if state.best_before is None else min(state.best_before, dropped)
+        key = self.quality_key
+        if self.gen_rule == "floor":
+            assert self.floor is not None
+            floor = self._oriented(self.floor)
+            limit = floor + self.eps * abs(floor)
+            if q <= limit:
+                side, sign = ("<=", "+") if self.quality_mode == "min" else (">=", "-")
+                return TimescaleEvent(
+                    "tau_gen", step, "floor",
+                    f"{key} = {raw:.4g} {side} (1 {sign} {self.eps:g}) x floor {self.floor:.4g} "
+                    f"= {self._oriented(limit):.4g}",
+                    raw,
+                )
+            return None
+        if state.best_before is None or not state.recent:  # nothing before the window, or nothing in it
+            return None
+        best_recent = min(value for _, value in state.recent)
+        gain = _relative_gain(state.best_before, best_recent)
+        total = _relative_gain(state.first, min(state.best_before, best_recent))
+        if gain < self.rel_tol and total >= self.min_improvement:
+            recent_raw, before_raw = self._oriented(best_recent), self._oriented(state.best_before)
+            return TimescaleEvent(
+                "tau_gen", step, "plateau",
+                f"{key}: best over steps ({boundary:.6g}, {step}] ({recent_raw:.4g}) improves on the best up "
+                f"to step {boundary:.6g} ({before_raw:.4g}) by {100 * gain:.2f}% < rel_tol "
+                f"{100 * self.rel_tol:g}%, "
+                f"after a {100 * total:.1f}% improvement since the first evaluation "
+                f"(>= min_improvement {100 * self.min_improvement:g}%)",
+                raw,
+            )
+        return None
+
+    def _update_mem(self, record: Mapping[str, object], step: int) -> TimescaleEvent | None:
+        value = self.memorization_value(record)
+        if value is None:  # no f_mem in this record: neither extends nor breaks a run
+            return None
+        state = self._mem
+        if value > self.f0:
+            if state.run_length == 0:
+                state.run_start, state.run_value = step, value
+            state.run_length += 1
+        else:
+            state.run_start, state.run_value, state.run_length = None, None, 0
+        if self.tau_mem is not None or state.run_length < self.required_consecutive:
+            return None
+        assert state.run_start is not None and state.run_value is not None
+        tested = _MEM_KEYS[self.mem_rule]
+        reason = f"{tested} = {state.run_value:.4g} > f0 = {self.f0:g} at step {state.run_start}"
+        if self.required_consecutive > 1:
+            reason += (
+                f", held for {state.run_length} consecutive evaluations (patience {self.patience}), "
+                f"confirmed at step {step}"
+            )
+        return TimescaleEvent("tau_mem", state.run_start, self.mem_rule, reason, state.run_value, step)
+
+    # -- state -----------------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Flags, rule state and settings as plain Python values (checkpoint- and JSON-safe)."""
+        return {
+            "version": _STATE_VERSION,
+            "config": self.config(),
+            "tau_gen": None if self.tau_gen is None else self.tau_gen.to_dict(),
+            "tau_mem": None if self.tau_mem is None else self.tau_mem.to_dict(),
+            "last_step": self.last_step,
+            "num_records": self.num_records,
+            "gen": {
+                "first": self._gen.first,
+                "best_before": self._gen.best_before,
+                "recent": [list(pair) for pair in self._gen.recent],
+            },
+            "mem": {
+                "run_start": self._mem.run_start,
+                "run_value": self._mem.run_value,
+                "run_length": self._mem.run_length,
+            },
+        }
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        """Restore flags and rule state saved by :meth:`state_dict` (the input is not modified).
+
+        The rule settings of this detector are kept; when they differ from the saved ones a warning says
+        which, since flags already raised stay final while later evaluations follow the new settings.
+        """
+        version = state_dict.get("version")
+        if version != _STATE_VERSION:
+            raise ValueError(
+                f"Unsupported TimescaleDetector state version {version!r} (this version reads "
+                f"{_STATE_VERSION})."
+            )
+        saved = state_dict.get("config", {})
+        changed = {k: (saved[k], v) for k, v in self.config().items() if k in saved and saved[k] != v}
+        if changed:
+            listed = ", ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in changed.items())
+            warnings.warn(
+                f"TimescaleDetector settings differ from the checkpoint's ({listed}); flags already raised "
+                "are kept, later evaluations follow the new settings.",
+                UserWarning,
+                stacklevel=2,
+            )
+        tau_gen, tau_mem = state_dict.get("tau_gen"), state_dict.get("tau_mem")
+        self.tau_gen = None if tau_gen is None else TimescaleEvent.from_dict(tau_gen)
+        self.tau_mem = None if tau_mem is None else TimescaleEvent.from_dict(tau_mem)
+        self.last_step = None if state_dict.get("last_step") is None else int(state_dict["last_step"])
+        self.num_records = int(state_dict.get("num_records", 0))
+        gen, mem = state_dict["gen"], state_dict["mem"]
+        self._gen = _GenState(
+            first=gen["first"],
+            best_before=gen["best_before"],
+            recent=[[float(s), float(v)] for s, v in gen["recent"]],
+        )
+        self._mem = _MemState(
+            run_start=mem["run_start"], run_value=mem["run_value"], run_length=int(mem["run_length"])
+        )
+
+    def __repr__(self) -> str:
+        settings = ", ".join(f"{k}={v!r}" for k, v in self.config().items())
+        return f"TimescaleDetector({settings})"
+
+
+def detect_timescales(
+    history: Sequence[Mapping[str, object]], **kwargs: Any
+) -> tuple[TimescaleEvent | None, TimescaleEvent | None]:
+    """Apply the detector's definitions to a complete history (offline).
+
+    Args:
+        history: evaluation records in increasing step order (e.g. ``MemWatch.history``).
+        **kwargs: the :class:`TimescaleDetector` arguments (same defaults).
+
+    Returns:
+        ``(tau_gen, tau_mem)`` events, each None when its rule never fired. Equal to the flags of a
+        detector fed the same records online.
+    """
+    detector = TimescaleDetector(**kwargs)
+    for record in history:
+        detector.update(record)
+    return detector.tau_gen, detector.tau_mem
+
+
+@dataclass(frozen=True)
+class TauMemForecast:
+    """Fit of tau_mem against the training-set size n: the paper's linear law tau_mem = slope * n.
+
+    Attributes:
+        slope: least-squares slope of tau_mem = slope * n through the origin (optimizer steps per training
+            image); :meth:`predict` uses it.
+        r2: coefficient of determination of that fit, ``1 - SS_res / SS_tot`` with ``SS_tot`` taken around
+            the mean tau_mem (comparable with an ordinary fit; negative when the origin fit is worse than the
+            mean).
+        intercept: intercept of the unconstrained fit tau_mem = intercept + intercept_slope * n (steps); near
+            zero compared with the tau_mem values when the linear law holds.
+        intercept_slope: slope of that unconstrained fit.
+        exponent: slope of log(tau_mem) against log(n) (1 for the linear law).
+        prefactor: tau_mem at n = 1 on the log-log fit (tau_mem ~ prefactor * n ** exponent).
+        num_points: runs used in the fit.
+    """
+
+    slope: float
+    r2: float
+    intercept: float
+    intercept_slope: float
+    exponent: float
+    prefactor: float
+    num_points: int
+
+    def predict(self, n: float) -> float:
+        """Forecast tau_mem (optimizer steps) for a training set of ``n`` images: ``slope * n``."""
+        value = _finite_float(n)
+        if value is None or value <= 0:
+            raise ValueError(f"n must be a positive number of training images; got {n!r}.")
+        return self.slope * value
+
+    def fit_dict(self) -> dict[str, float]:
+        """``{"slope", "intercept", "r2", "exponent"}``: the summary the demo and the sweep report print."""
+        return {"slope": self.slope, "intercept": self.intercept, "r2": self.r2, "exponent": self.exponent}
+
+
+def _linear_fit(x: Sequence[float], y: Sequence[float]) -> tuple[float, float]:
+    """Ordinary least squares y = a + b x; returns (a, b)."""
+    mx, my = sum(x) / len(x), sum(y) / len(y)
+    sxx = sum((xi - mx) ** 2 for xi in x)
+    b = sum((xi - mx) * (yi - my) for xi, yi in zip(x, y, strict=True)) / sxx
+    return my - b * mx, b
+
+
+class _TooFewRuns(ValueError):
+    """Fewer than two distinct training-set sizes reached tau_mem."""
+
+
+def forecast_tau_mem(n: Sequence[float], tau_mem: Sequence[float | None]) -> TauMemForecast:
+    """Fit tau_mem = slope * n from runs at several training-set sizes, to forecast tau_mem for a new n.
+
+    The paper finds tau_mem proportional to n (f_mem curves collapse against tau / n), so the practical rule
+    is: measure tau_mem at two or more small n, fit the slope, and stop training a run at size n before
+    ``slope * n`` steps. The exponent of a log-log fit and the intercept of an unconstrained fit tell how well
+    the linear law holds on your runs.
+
+    Args:
+        n: training-set sizes (images), one per run, all > 0.
+        tau_mem: tau_mem of each run (optimizer steps, > 0), or None for a run that never memorized; such runs
+            are left out of the fit with a warning (they only bound tau_mem from below).
+
+    Returns:
+        The fit; ``predict(n)`` gives the forecast in optimizer steps.
+
+    Raises:
+        ValueError: when lengths differ, values are not positive and finite, or fewer than two runs with
+            distinct n memorized.
+
+    Example:
+        >>> fit = forecast_tau_mem([1000, 2000, 4000], [30_000, 60_000, 120_000])
+        >>> round(fit.slope, 6), round(fit.exponent, 6), fit.predict(8000)
+        (30.0, 1.0, 240000.0)
+    """
+    n_list, tau_list = list(n), list(tau_mem)
+    if len(n_list) != len(tau_list):
+        raise ValueError(f"n and tau_mem must have one entry per run; got {len(n_list)} and {len(tau_list)}.")
+    pairs: list[tuple[float, float]] = []
+    censored = 0
+    for i, (ni, ti) in enumerate(zip(n_list, tau_list, strict=True)):
+        nv = _finite_float(ni)
+        if nv is None or nv <= 0:
+            raise ValueError(f"n[{i}] must be a positive number of training images; got {ni!r}.")
+        if ti is None:
+            censored += 1
+            continue
+        tv = _finite_float(ti)
+        if tv is None or tv <= 0:
+            raise ValueError(
+                f"tau_mem[{i}] must be a positive number of steps, or None for a run that never memorized; "
+                f"got {ti!r}."
+            )
+        pairs.append((nv, tv))
+    if censored:
+        warnings.warn(
+            f"{censored} run(s) with tau_mem=None (never memorized) are left out of the tau_mem fit.",
+            UserWarning,
+            stacklevel=2,
+        )
+    if len({p[0] for p in pairs}) < 2:
+        raise _TooFewRuns(
+            f"forecast_tau_mem needs runs at two or more distinct n that memorized; got {len(pairs)} run(s) "
+            f"at n = {sorted({p[0] for p in pairs})}. Train at another training-set size (or longer, so "
+            "tau_mem fires)."
+        )
+    xs, ys = [p[0] for p in pairs], [p[1] for p in pairs]
+    slope = sum(x * y for x, y in pairs) / sum(x * x for x in xs)
+    mean_y = sum(ys) / len(ys)
+    ss_tot = sum((y - mean_y) ** 2 for y in ys)
+    ss_res = sum((y - slope * x) ** 2 for x, y in pairs)
+    r2 = 1.0 - ss_res / ss_tot if ss_tot > 0 else (1.0 if ss_res == 0 else 0.0)
+    intercept, intercept_slope = _linear_fit(xs, ys)
+    log_intercept, exponent = _linear_fit([math.log(x) for x in xs], [math.log(y) for y in ys])
+    return TauMemForecast(
+        slope=slope,
+        r2=r2,
+        intercept=intercept,
+        intercept_slope=intercept_slope,
+        exponent=exponent,
+        prefactor=math.exp(log_intercept),
+        num_points=len(pairs),
+    )
+
+
+def fit_summary(n: Sequence[float], tau_mem: Sequence[float | None]) -> dict[str, float | None]:
+    """The ``{"slope", "intercept", "r2", "exponent"}`` summary of :func:`forecast_tau_mem`.
+
+    Unlike :func:`forecast_tau_mem` it does not raise when too few runs memorized: all four values are then
+    None (e.g. a demo where only one training-set size reached tau_mem), and runs with ``tau_mem=None`` are
+    left out silently. Invalid inputs (lengths that differ, n <= 0) still raise.
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        try:
+            return dict(forecast_tau_mem(n, tau_mem).fit_dict())
+        except _TooFewRuns:
+            return {"slope": None, "intercept": None, "r2": None, "exponent": None}

@@ -1,0 +1,134 @@
+"""The sampler contract: per-sample seeding, batching, rank splitting and output checks.
+
+A sampler is either the module's own method, ``pl_module.sample(num_samples, generator=None, noise=None)``,
+or a ``sample_fn(pl_module, num_samples, generator=None, noise=None)`` given to MemWatch. Both forms may
+omit ``noise``; MemWatch inspects the signature:
+
+* ``noise`` accepted: MemWatch hands it the initial noise, shape ``(num_samples, *noise_shape)``, where
+  row ``i`` is drawn from a generator seeded by ``(seed, i)`` alone. Sample ``i`` is then the same image
+  whatever the batch size or the number of DDP ranks (given a deterministic sampler such as DDIM, eta=0).
+* always: ``generator``, a ``torch.Generator`` on the module's device seeded by ``(seed, first index of the
+  batch)``, for any other randomness (ancestral samplers, or samplers that draw their own noise). With the
+  plain form ``sample(num_samples, generator=...)`` results are reproducible from one evaluation to the
+  next for a fixed ``sample_batch_size`` and world size.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from lightning_memwatch._checks import check_finite
+
+__all__ = ["Sampler", "accepts_noise", "per_sample_noise", "batch_generator", "rank_slice", "draw_samples"]
+
+Sampler = Callable[..., Tensor]
+
+
+def _seed_for(*words: int) -> int:
+    """A 63-bit seed mixed from integers (stable across processes and Python hash seeds)."""
+    return int(
+        np.random.SeedSequence([int(w) & 0xFFFFFFFF for w in words]).generate_state(2, np.uint64)[0] >> 1
+    )
+
+
+def accepts_noise(fn: Callable[..., Any]) -> bool:
+    """True when ``fn`` takes a ``noise`` keyword."""
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+    return "noise" in params
+
+
+def per_sample_noise(
+    indices: range, shape: Sequence[int], seed: int, device: torch.device | str = "cpu"
+) -> Tensor:
+    """Standard normal noise, one row per sample index, row ``i`` determined by ``(seed, i)`` only."""
+    rows = []
+    gen = torch.Generator()
+    for i in indices:
+        gen.manual_seed(_seed_for(seed, i, 0x5EED))
+        rows.append(torch.randn(tuple(shape), generator=gen))
+    if not rows:
+        return torch.empty((0, *shape), device=device)
+    return torch.stack(rows).to(device)
+
+
+def batch_generator(seed: int, first_index: int, device: torch.device | str) -> torch.Generator:
+    """A generator on ``device`` seeded by ``(seed, first_index)``: extra randomness of one batch."""
+    gen = torch.Generator(device=device)
+    gen.manual_seed(_seed_for(seed, first_index, 0xBA7C))
+    return gen
+
+
+def rank_slice(num_samples: int, rank: int, world_size: int) -> range:
+    """Contiguous share of sample indices for ``rank``; shares differ in length by at most one."""
+    per_rank, extra = divmod(num_samples, world_size)
+    start = rank * per_rank + min(rank, extra)
+    return range(start, start + per_rank + (1 if rank < extra else 0))
+
+
+def draw_samples(
+    sampler: Callable[..., Tensor],
+    indices: range,
+    *,
+    batch_size: int,
+    seed: int,
+    device: torch.device,
+    noise_shape: Sequence[int] | None,
+    sample_shape: Sequence[int] | None,
+    where: str = "pl_module.sample",
+) -> Tensor:
+    """Call ``sampler(count, generator=..., [noise=...])`` batch by batch over ``indices``; check each batch.
+
+    Returns the samples of ``indices`` in order, on ``device``, float32.
+
+    Raises:
+        ValueError / TypeError: a batch of the wrong count, shape, dtype, or holding NaN/Inf, with the fix.
+    """
+    use_noise = accepts_noise(sampler) and noise_shape is not None
+    out: list[Tensor] = []
+    for start in range(indices.start, indices.stop, batch_size):
+        chunk = range(start, min(start + batch_size, indices.stop))
+        kwargs: dict[str, Any] = {"generator": batch_generator(seed, start, device)}
+        if use_noise:
+            kwargs["noise"] = per_sample_noise(chunk, noise_shape, seed, device)  # type: ignore[arg-type]
+        batch = sampler(len(chunk), **kwargs)
+        out.append(check_sampler_output(batch, len(chunk), sample_shape, where).to(device, torch.float32))
+    if not out:
+        shape = tuple(sample_shape) if sample_shape is not None else (0,)
+        return torch.empty((0, *shape), device=device)
+    return torch.cat(out)
+
+
+def check_sampler_output(batch: object, count: int, sample_shape: Sequence[int] | None, where: str) -> Tensor:
+    """Validate one sampler batch: a float tensor of ``count`` finite samples shaped like the training images."""
+    if not isinstance(batch, Tensor):
+        raise TypeError(
+            f"{where} must return a torch.Tensor of shape (B, C, H, W); it returned {type(batch).__name__}."
+        )
+    if not torch.is_floating_point(batch):
+        raise TypeError(
+            f"{where} returned dtype {batch.dtype}; return float images in data_range "
+            "(e.g. `x.float()` rescaled), not integers."
+        )
+    if batch.ndim < 1 or len(batch) != count:
+        got = len(batch) if batch.ndim else "a scalar"
+        raise ValueError(
+            f"{where} was asked for {count} samples and returned {got} (shape {tuple(batch.shape)}). "
+            "Return exactly `num_samples` samples, stacked along dim 0."
+        )
+    if sample_shape is not None and tuple(batch.shape[1:]) != tuple(sample_shape):
+        raise ValueError(
+            f"{where} returned samples of shape {tuple(batch.shape[1:])}, but the training images have shape "
+            f"{tuple(sample_shape)}. Samples and training data must live in the same space (decode latents "
+            "first, or give MemWatch a feature_fn for feature-space comparison)."
+        )
+    check_finite(batch.detach(), f"Samples from {where}")
+    return batch.detach()

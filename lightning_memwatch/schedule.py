@@ -1,0 +1,192 @@
+"""When to evaluate: every N optimizer steps, log-spaced steps (the paper's grid), or explicit steps.
+
+Training time is counted in optimizer steps (``trainer.global_step``), as in the paper.
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+from collections.abc import Iterable
+
+__all__ = ["EvalSchedule", "paper_grid"]
+
+
+def _log_spaced(start: float, stop: float, num: int, multiple: int) -> list[int]:
+    """``num`` log-spaced values from ``start`` to ``stop`` (inclusive), rounded down to ``multiple``."""
+    if num == 1:
+        return [int(stop // multiple * multiple)]
+    lo, hi = math.log10(start), math.log10(stop)
+    values = (10 ** (lo + (hi - lo) * i / (num - 1)) for i in range(num))
+    # The small epsilon keeps exact powers (e.g. 10**4 computed as 9999.999...) from rounding down a step.
+    return [int((v * (1 + 1e-12)) // multiple * multiple) for v in values]
+
+
+def paper_grid() -> list[int]:
+    """The authors' 81-step evaluation grid (steps 0 ... 10^7), from ``cfg.get_training_times``.
+
+    Step 0; 10 log-spaced steps in [251, 1e4] rounded down to multiples of 250; 90 in [1e4, 1e6] and 10 in
+    [1e6, 1e7], both rounded down to multiples of 5000; duplicates removed.
+    """
+    steps = {0}
+    steps.update(_log_spaced(251, 1e4, 10, 250))
+    steps.update(_log_spaced(1e4, 1e6, 90, 5000))
+    steps.update(_log_spaced(1e6, 1e7, 10, 5000))
+    return sorted(steps)
+
+
+class EvalSchedule:
+    """The set of optimizer steps at which MemWatch evaluates.
+
+    A schedule is the union of explicit ``steps`` and, optionally, every ``every_n_train_steps`` steps from
+    ``start`` (exclusive of 0 unless ``include_zero``) up to ``stop``. Use the factories:
+
+    Example:
+        >>> EvalSchedule.every(500).next_after(0)
+        500
+        >>> 0 in EvalSchedule.every(500, include_zero=True)
+        True
+        >>> EvalSchedule.log_spaced(100, 10_000, per_decade=1).steps
+        (0, 100, 1000, 10000)
+        >>> len(EvalSchedule.paper().steps)
+        81
+
+    Args:
+        steps: explicit steps (>= 0).
+        every_n_train_steps: period in optimizer steps, or None.
+        start: first periodic step is ``start + every_n_train_steps`` (``start`` itself with ``include_zero``).
+        stop: last step considered for the periodic part (inclusive), or None for no end.
+        include_zero: evaluate before training too (at step ``start``, normally 0).
+    """
+
+    def __init__(
+        self,
+        steps: Iterable[int] = (),
+        every_n_train_steps: int | None = None,
+        start: int = 0,
+        stop: int | None = None,
+        include_zero: bool = False,
+    ) -> None:
+        explicit = sorted({int(s) for s in steps})
+        if explicit and explicit[0] < 0:
+            raise ValueError(f"EvalSchedule steps must be >= 0; got {explicit[0]}.")
+        if every_n_train_steps is not None and int(every_n_train_steps) < 1:
+            raise ValueError(
+                f"every_n_train_steps must be a positive number of optimizer steps; got {every_n_train_steps}."
+            )
+        if start < 0 or (stop is not None and stop < start):
+            raise ValueError(f"Need 0 <= start <= stop; got start={start}, stop={stop}.")
+        self.every_n_train_steps = None if every_n_train_steps is None else int(every_n_train_steps)
+        self.start = int(start)
+        self.stop = None if stop is None else int(stop)
+        self.include_zero = bool(include_zero)
+        if self.include_zero and self.every_n_train_steps is not None:
+            explicit = sorted({*explicit, self.start})
+        self._steps = tuple(explicit)
+        if not self._steps and self.every_n_train_steps is None:
+            raise ValueError(
+                "Empty EvalSchedule: give `steps` or `every_n_train_steps`, or use EvalSchedule.every(N), "
+                "EvalSchedule.log_spaced(start, stop) or EvalSchedule.paper()."
+            )
+
+    # -- factories -----------------------------------------------------------------------------------
+    @classmethod
+    def every(
+        cls, n: int, *, start: int = 0, stop: int | None = None, include_zero: bool = False
+    ) -> EvalSchedule:
+        """Evaluate every ``n`` optimizer steps (``start + n``, ``start + 2n``, ...)."""
+        return cls(every_n_train_steps=n, start=start, stop=stop, include_zero=include_zero)
+
+    @classmethod
+    def at(cls, steps: Iterable[int]) -> EvalSchedule:
+        """Evaluate at exactly these optimizer steps."""
+        return cls(steps=steps)
+
+    @classmethod
+    def log_spaced(
+        cls, start: int, stop: int, per_decade: int = 10, multiple: int = 1, include_zero: bool = True
+    ) -> EvalSchedule:
+        """About ``per_decade`` log-spaced steps per decade from ``start`` to ``stop``, rounded down to ``multiple``.
+
+        Duplicates after rounding are dropped, so short ranges may hold fewer steps.
+        """
+        if not 0 < start <= stop:
+            raise ValueError(f"log_spaced needs 0 < start <= stop; got start={start}, stop={stop}.")
+        if per_decade < 1 or multiple < 1:
+            raise ValueError(f"per_decade and multiple must be >= 1; got {per_decade}, {multiple}.")
+        num = max(2, round(per_decade * math.log10(stop / start)) + 1) if stop > start else 1
+        steps = [s for s in _log_spaced(start, stop, num, multiple) if s > 0]
+        return cls(steps=[0, *steps] if include_zero else steps)
+
+    @classmethod
+    def paper(cls, stop: int | None = None) -> EvalSchedule:
+        """The authors' 81-step grid (see :func:`paper_grid`), optionally cut at ``stop`` steps."""
+        return cls(steps=[s for s in paper_grid() if stop is None or s <= stop])
+
+    @classmethod
+    def coerce(cls, spec: EvalSchedule | int | str | Iterable[int]) -> EvalSchedule:
+        """Accept a schedule, an int (every N steps), ``"paper"``, or a list of steps (config files)."""
+        if isinstance(spec, EvalSchedule):
+            return spec
+        if isinstance(spec, bool):
+            raise TypeError(
+                "schedule must be an EvalSchedule, an int, 'paper' or a list of steps; got a bool."
+            )
+        if isinstance(spec, int):
+            return cls.every(spec)
+        if isinstance(spec, str):
+            if spec == "paper":
+                return cls.paper()
+            raise ValueError(f"Unknown schedule name {spec!r}; the only named schedule is 'paper'.")
+        return cls.at(spec)
+
+    # -- queries -------------------------------------------------------------------------------------
+    @property
+    def steps(self) -> tuple[int, ...]:
+        """The explicit steps, sorted (the periodic part is not listed)."""
+        return self._steps
+
+    def _periodic_hit(self, step: int) -> bool:
+        n = self.every_n_train_steps
+        if n is None or step <= self.start or (self.stop is not None and step > self.stop):
+            return False
+        return (step - self.start) % n == 0
+
+    def __contains__(self, step: object) -> bool:
+        if not isinstance(step, int):
+            return False
+        i = bisect.bisect_left(self._steps, step)
+        return (i < len(self._steps) and self._steps[i] == step) or self._periodic_hit(step)
+
+    def next_after(self, step: int) -> int | None:
+        """The first scheduled step strictly after ``step``, or None when the schedule is exhausted."""
+        candidates = []
+        i = bisect.bisect_right(self._steps, step)
+        if i < len(self._steps):
+            candidates.append(self._steps[i])
+        n = self.every_n_train_steps
+        if n is not None:
+            k = max(step - self.start, 0) // n + 1
+            periodic = self.start + k * n
+            if self.stop is None or periodic <= self.stop:
+                candidates.append(periodic)
+        return min(candidates) if candidates else None
+
+    def between(self, after: int, before: int) -> list[int]:
+        """Scheduled steps s with ``after < s < before`` (used to report evaluations missed at resume)."""
+        out, s = [], self.next_after(after)
+        while s is not None and s < before:
+            out.append(s)
+            s = self.next_after(s)
+        return out
+
+    def __repr__(self) -> str:
+        parts = []
+        if self._steps:
+            shown = ", ".join(map(str, self._steps[:6])) + (", ..." if len(self._steps) > 6 else "")
+            parts.append(f"steps=[{shown}] ({len(self._steps)} steps)")
+        if self.every_n_train_steps is not None:
+            parts.append(
+                f"every_n_train_steps={self.every_n_train_steps}, start={self.start}, stop={self.stop}"
+            )
+        return f"EvalSchedule({'; '.join(parts)})"

@@ -1,0 +1,241 @@
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import torch
+from lightning.pytorch import Trainer
+from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from toys import ToyDiffusion, toy_images, toy_loader
+
+from lightning_memwatch import EvalSchedule, MemWatch
+from lightning_memwatch.callbacks.memwatch import collect_images
+from lightning_memwatch.log import F_MEM, PAIRS_IMAGE, RATIO_HISTOGRAM, SAMPLES_IMAGE
+
+TRAIN = toy_images(64)
+
+
+def make_trainer(tmp_path, callbacks, max_steps=40, logger=True, **kwargs):
+    if logger is True:
+        logger = TensorBoardLogger(str(tmp_path), name="tb", version=0)
+    return Trainer(
+        max_steps=max_steps,
+        callbacks=callbacks,
+        logger=logger,
+        accelerator="cpu",
+        devices=1,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=str(tmp_path),
+        enable_checkpointing=any(isinstance(c, ModelCheckpoint) for c in callbacks),
+        **kwargs,
+    )
+
+
+def make_watch(**kwargs):
+    defaults = dict(
+        num_samples=32, sample_batch_size=8, schedule=EvalSchedule.every(10), bootstrap=200, verbose=False
+    )
+    defaults.update(kwargs)
+    return MemWatch(**defaults)
+
+
+def test_fmem_zero_then_one_in_history_and_event_file(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    watch = make_watch()
+    model = ToyDiffusion(TRAIN, memorize_from=20)
+    make_trainer(tmp_path, [watch]).fit(model, toy_loader(TRAIN))
+    assert [r["step"] for r in watch.history] == [10, 20, 30, 40]
+    assert [r["f_mem"] for r in watch.history] == [0.0, 1.0, 1.0, 1.0]
+    assert watch.history[0]["f_mem_ci_low"] == 0.0 < watch.history[0]["f_mem_ci_high"] < 0.2
+    assert 0.8 < watch.history[1]["f_mem_ci_low"] < 1.0 == watch.history[1]["f_mem_ci_high"]
+    assert watch.history[1]["ratio_median"] == 0.0 and watch.history[0]["ratio_median"] > 0.5
+    # one sampling pass per evaluation (4 batches of 8), nothing between evaluations
+    assert model.sample_calls == 4 * 4
+
+    acc = EventAccumulator(str(tmp_path / "tb" / "version_0"), size_guidance={"images": 0, "histograms": 0})
+    acc.Reload()
+    scalars = {(e.step, e.value) for e in acc.Scalars(F_MEM)}
+    assert scalars == {(10, 0.0), (20, 1.0), (30, 1.0), (40, 1.0)}
+    assert {SAMPLES_IMAGE, PAIRS_IMAGE} <= set(acc.Tags()["images"])
+    assert RATIO_HISTOGRAM in acc.Tags()["histograms"]
+
+
+def test_step_zero_evaluation_and_non_tensorboard_logger(tmp_path):
+    watch = make_watch(schedule=EvalSchedule.every(10, include_zero=True))
+    logger = CSVLogger(str(tmp_path), name="csv", version=0)
+    make_trainer(tmp_path, [watch], max_steps=10, logger=logger).fit(ToyDiffusion(TRAIN), toy_loader(TRAIN))
+    assert [r["step"] for r in watch.history] == [0, 10]
+    logged = (tmp_path / "csv" / "version_0" / "metrics.csv").read_text()
+    assert F_MEM in logged.splitlines()[0]
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_fmem_read_back_through_tensorboard_http_api(tmp_path):
+    watch = make_watch()
+    make_trainer(tmp_path, [watch], max_steps=20).fit(ToyDiffusion(TRAIN), toy_loader(TRAIN))
+    port = _free_port()
+    exe = Path(sys.executable).with_name("tensorboard")
+    proc = subprocess.Popen(
+        [
+            str(exe),
+            "--logdir",
+            str(tmp_path / "tb"),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--load_fast=false",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        url = f"http://127.0.0.1:{port}/data/plugin/scalars/scalars?run=version_0&tag={F_MEM}"
+        deadline, points = time.time() + 60, None
+        while time.time() < deadline:
+            try:
+                with urllib.request.urlopen(url, timeout=5) as response:
+                    points = json.loads(response.read())
+                if points:
+                    break
+            except Exception:
+                pass
+            time.sleep(0.5)
+        assert points, "tensorboard served no memwatch/f_mem points"
+        assert [(p[1], p[2]) for p in points] == [(10, 0.0), (20, 1.0)]
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
+
+
+def test_stock_early_stopping_and_checkpoint_monitor_fmem(tmp_path):
+    # step 0 is evaluated so the monitored key exists at the first epoch end (EarlyStopping is strict)
+    watch = make_watch(schedule=EvalSchedule.every(10, include_zero=True))
+    stop = EarlyStopping(
+        monitor=F_MEM, mode="min", patience=100, divergence_threshold=0.5, check_on_train_epoch_end=True
+    )
+    ckpt = ModelCheckpoint(
+        dirpath=tmp_path / "ckpt", monitor=F_MEM, mode="min", every_n_train_steps=10, save_top_k=1
+    )
+    trainer = make_trainer(tmp_path, [watch, stop, ckpt], max_steps=100)
+    trainer.fit(ToyDiffusion(TRAIN, memorize_from=20), toy_loader(TRAIN))
+    assert trainer.global_step == 20  # epochs are 4 steps: the epoch ending at step 20 saw f_mem = 1
+    assert float(ckpt.best_model_score) == 0.0
+    assert "step=10" in Path(ckpt.best_model_path).name
+
+
+def test_resume_gives_the_uninterrupted_history(tmp_path):
+    full = make_watch()
+    make_trainer(tmp_path / "a", [full]).fit(ToyDiffusion(TRAIN), toy_loader(TRAIN))
+
+    first = make_watch()
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=20, save_top_k=-1)
+    make_trainer(tmp_path / "b", [first, ckpt], max_steps=20).fit(ToyDiffusion(TRAIN), toy_loader(TRAIN))
+    path = next((tmp_path / "ckpt").glob("*step=20*.ckpt"))
+
+    resumed, model = make_watch(), ToyDiffusion(TRAIN)
+    make_trainer(tmp_path / "c", [resumed, ModelCheckpoint(dirpath=tmp_path / "c2")], max_steps=40).fit(
+        model, toy_loader(TRAIN), ckpt_path=str(path)
+    )
+    keys = ("step", "f_mem", "f_mem_ci_low", "f_mem_ci_high", "ratio_median")
+    assert [[r[k] for k in keys] for r in resumed.history] == [[r[k] for k in keys] for r in full.history]
+    assert model.sample_calls == 2 * 4  # only steps 30 and 40 were sampled after the resume
+
+
+def test_state_dict_round_trip():
+    watch = make_watch()
+    watch.history = [{"step": 10, "f_mem": 0.5, "f_mem_ci_low": 0.2, "f_mem_ci_high": 0.7}]
+    watch._last_evaluated_step = 10
+    other = make_watch()
+    other.load_state_dict(watch.state_dict())
+    assert other.history == watch.history and other.state_dict() == watch.state_dict()
+
+
+def test_same_samples_across_evaluations_and_batch_sizes(tmp_path):
+    def run(batch_size):
+        captured = []
+        watch = make_watch(
+            sample_batch_size=batch_size, metrics={"capture": lambda x: captured.append(x.clone()) or 0.0}
+        )
+        make_trainer(tmp_path / str(batch_size), [watch], max_steps=20, logger=False).fit(
+            ToyDiffusion(TRAIN, memorize_from=1000, lr=0.0), toy_loader(TRAIN)
+        )
+        return captured
+
+    a, b = run(32), run(1)
+    assert len(a) == 2 and torch.equal(a[0], a[1])  # unchanged weights: identical samples
+    assert torch.equal(a[0], b[0])  # per-sample seeding: batch size does not matter
+
+
+class NoSampler(ToyDiffusion):
+    sample = None
+
+
+def test_module_without_sampler_fails_at_setup(tmp_path):
+    with pytest.raises(AttributeError, match="has no `sample` method"):
+        make_trainer(tmp_path, [make_watch()], logger=False).fit(NoSampler(TRAIN), toy_loader(TRAIN))
+
+
+def test_sampler_returning_wrong_count_is_named(tmp_path):
+    watch = make_watch(sample_fn=lambda module, n, generator=None: torch.zeros(n + 1, 1, 8, 8))
+    with pytest.raises(ValueError, match="MemWatch.sample_fn was asked for 8 samples and returned 9"):
+        make_trainer(tmp_path, [watch], logger=False).fit(ToyDiffusion(TRAIN), toy_loader(TRAIN))
+
+
+def test_sample_fn_with_noise_gets_per_sample_noise(tmp_path):
+    seen = []
+
+    def sample_fn(module, n, generator=None, noise=None):
+        seen.append(noise.shape)
+        return noise.clamp(-1, 1)
+
+    watch = make_watch(sample_fn=sample_fn)
+    make_trainer(tmp_path, [watch], max_steps=10, logger=False).fit(ToyDiffusion(TRAIN), toy_loader(TRAIN))
+    assert seen == [torch.Size([8, 1, 8, 8])] * 4
+
+
+def test_bad_training_data():
+    with pytest.raises(ValueError, match="data_range"):
+        from lightning_memwatch._checks import check_range
+
+        check_range(TRAIN * 255, "train_data", (-1.0, 1.0))
+    with pytest.raises(ValueError, match="empty"):
+        collect_images(torch.utils.data.TensorDataset(torch.empty(0, 1, 8, 8)))
+    with pytest.raises(TypeError, match="floating-point"):
+        collect_images((TRAIN * 100).long())
+    images = collect_images(toy_loader(TRAIN))  # shuffled loader: read back in dataset order
+    assert torch.equal(images, TRAIN)
+
+
+@pytest.mark.slow
+def test_ddp_two_ranks_equal_single_process(tmp_path):
+    script = Path(__file__).with_name("_ddp_memwatch.py")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for devices in (1, 2):
+        subprocess.run(
+            [sys.executable, str(script), str(tmp_path / f"d{devices}"), str(devices)],
+            check=True,
+            env=env,
+            timeout=300,
+            cwd=tmp_path,
+        )
+    single = json.loads((tmp_path / "d1" / "rank0.json").read_text())
+    rank0 = json.loads((tmp_path / "d2" / "rank0.json").read_text())
+    rank1 = json.loads((tmp_path / "d2" / "rank1.json").read_text())
+    assert rank0 == rank1
+    keys = ("step", "f_mem", "f_mem_ci_low", "f_mem_ci_high", "ratio_median", "num_samples")
+    assert [[r[k] for k in keys] for r in rank0] == [[r[k] for k in keys] for r in single]
+    assert [r["f_mem"] for r in single] == [0.0, 1.0]

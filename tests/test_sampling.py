@@ -1,0 +1,76 @@
+import pytest
+import torch
+
+from lightning_memwatch.sampling import accepts_noise, draw_samples, per_sample_noise, rank_slice
+
+
+def deterministic_sampler(num_samples, generator=None, noise=None):
+    return torch.tanh(noise * 0.5)
+
+
+def generator_sampler(num_samples, generator=None):
+    return torch.rand((num_samples, 1, 4, 4), generator=generator) * 2 - 1
+
+
+def draw(sampler, n, batch_size, indices=None):
+    return draw_samples(
+        sampler,
+        indices or range(n),
+        batch_size=batch_size,
+        seed=3,
+        device=torch.device("cpu"),
+        noise_shape=(1, 4, 4),
+        sample_shape=(1, 4, 4),
+    )
+
+
+def test_per_sample_noise_independent_of_batching_and_ranks():
+    full = draw(deterministic_sampler, 10, batch_size=10)
+    assert torch.equal(full, draw(deterministic_sampler, 10, batch_size=1))
+    assert torch.equal(full, draw(deterministic_sampler, 10, batch_size=3))
+    parts = [draw(deterministic_sampler, 10, 4, indices=rank_slice(10, r, 3)) for r in range(3)]
+    assert torch.equal(full, torch.cat(parts))
+    assert not torch.equal(full[0], full[1])
+
+
+def test_generator_form_reproducible_for_fixed_batching():
+    a = draw(generator_sampler, 8, batch_size=4)
+    b = draw(generator_sampler, 8, batch_size=4)
+    assert torch.equal(a, b)
+    assert not torch.equal(a[:4], a[4:])
+
+
+def test_rank_slices_cover_everything_once():
+    for n, world in [(10, 3), (2, 4), (1000, 8)]:
+        covered = [i for r in range(world) for i in rank_slice(n, r, world)]
+        assert covered == list(range(n))
+
+
+def test_noise_depends_on_seed_and_index_only():
+    a = per_sample_noise(range(5, 7), (3,), seed=1)
+    b = per_sample_noise(range(0, 7), (3,), seed=1)[5:]
+    c = per_sample_noise(range(5, 7), (3,), seed=2)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_accepts_noise():
+    assert accepts_noise(deterministic_sampler) and not accepts_noise(generator_sampler)
+
+
+@pytest.mark.parametrize(
+    "sampler, error, message",
+    [
+        (
+            lambda n, generator=None: torch.zeros(n - 1, 1, 4, 4),
+            ValueError,
+            "asked for 2 samples and returned 1",
+        ),
+        (lambda n, generator=None: torch.zeros(n, 1, 4, 5), ValueError, "training images have shape"),
+        (lambda n, generator=None: torch.zeros(n, 1, 4, 4, dtype=torch.int64), TypeError, "not integers"),
+        (lambda n, generator=None: torch.full((n, 1, 4, 4), float("nan")), ValueError, "NaN/Inf"),
+        (lambda n, generator=None: [0.0] * n, TypeError, "must return a torch.Tensor"),
+    ],
+)
+def test_bad_sampler_outputs(sampler, error, message):
+    with pytest.raises(error, match=message):
+        draw(sampler, 2, batch_size=2)

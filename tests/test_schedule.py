@@ -1,0 +1,64 @@
+import pytest
+
+from lightning_memwatch.schedule import EvalSchedule, paper_grid
+
+
+def test_paper_grid_matches_authors_code():
+    grid = paper_grid()
+    assert len(grid) == 81
+    assert grid[:10] == [0, 250, 500, 750, 1250, 1750, 2750, 4250, 6500, 10000]
+    assert grid[-9:] == [1290000, 1665000, 2150000, 2780000, 3590000, 4640000, 5990000, 7740000, 10000000]
+    assert all(s % 250 == 0 for s in grid) and all(s % 5000 == 0 for s in grid if s >= 10000)
+    assert sum(s <= 2_000_000 for s in grid) == 74
+
+
+def test_every_membership_and_next():
+    s = EvalSchedule.every(500)
+    assert 0 not in s and 500 in s and 1000 in s and 750 not in s
+    assert s.next_after(0) == 500 and s.next_after(500) == 1000 and s.next_after(501) == 1000
+    assert 0 in EvalSchedule.every(500, include_zero=True)
+    stopped = EvalSchedule.every(10, stop=30)
+    assert 30 in stopped and 40 not in stopped and stopped.next_after(30) is None
+
+
+def test_explicit_and_between():
+    s = EvalSchedule.at([30, 10, 20, 10])
+    assert s.steps == (10, 20, 30)
+    assert s.between(10, 30) == [20]
+    assert s.next_after(30) is None
+    assert EvalSchedule.every(5).between(0, 21) == [5, 10, 15, 20]
+
+
+def test_log_spaced_rounds_and_dedupes():
+    s = EvalSchedule.log_spaced(1000, 1_000_000, per_decade=4, multiple=50)
+    steps = s.steps
+    assert steps[0] == 0 and steps[1] == 1000 and steps[-1] == 1_000_000
+    assert all(x % 50 == 0 for x in steps)
+    assert list(steps) == sorted(set(steps))
+    ratios = [b / a for a, b in zip(steps[1:], steps[2:])]
+    assert all(1.7 < r < 1.85 for r in ratios)  # 10 ** (1/4) ~ 1.78 per step
+
+
+@pytest.mark.parametrize(
+    "spec, expected",
+    [(250, "every"), ("paper", "paper"), ([5, 7], "at")],
+)
+def test_coerce(spec, expected):
+    s = EvalSchedule.coerce(spec)
+    if expected == "every":
+        assert 250 in s and 500 in s
+    elif expected == "paper":
+        assert len(s.steps) == 81
+    else:
+        assert s.steps == (5, 7)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [({}, "Empty EvalSchedule"), ({"every_n_train_steps": 0}, "positive"), ({"steps": [-1]}, ">= 0")],
+)
+def test_bad_schedules(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        EvalSchedule(**kwargs)
+    with pytest.raises(ValueError, match="only named schedule"):
+        EvalSchedule.coerce("weekly")
