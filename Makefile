@@ -28,7 +28,7 @@ demo: $(VENV)/.installed
 	$(BIN)/memwatch demo $(DEMO_ARGS)
 
 lint: $(VENV)/.installed
-	$(BIN)/ruff check lightning_memwatch tests benchmarks recipes
+	$(BIN)/ruff check lightning_memwatch tests benchmarks recipes docs
 
 docs: $(VENV)/.installed
 	$(BIN)/mkdocs build --strict --site-dir site

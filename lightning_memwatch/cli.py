@@ -15,8 +15,9 @@ with the mean of the training subset, known only once the data is loaded.
 
 ``sweep`` runs ``memwatch fit`` once per value (sequentially, one process each; with several GPUs, one
 process per GPU at a time), each run under ``OUT/<name>/`` (TensorBoard logs in
-``OUT/<name>/lightning_logs/version_0/``), and writes ``OUT/sweep.json`` listing every run (parameters,
-directory, exit code, seconds). ``demo`` and ``report`` live in :mod:`lightning_memwatch.demo` and
+``OUT/<name>/lightning_logs/version_0/``) with its ``memwatch_run.json`` (n, label, quality label: what
+``memwatch report`` reads), and writes ``OUT/sweep.json`` listing every run (parameters, directory, exit
+code, seconds). ``demo`` and ``report`` live in :mod:`lightning_memwatch.demo` and
 :mod:`lightning_memwatch.report` (imported only when used; each exposes ``main(argv) -> int``).
 """
 
@@ -30,6 +31,7 @@ import os
 import subprocess
 import sys
 import time
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -84,14 +86,17 @@ def run_fit(argv: Sequence[str] | None) -> int:
 
     ``argv=None`` parses ``sys.argv[1:]`` (which starts with ``fit``) as the console script does.
     """
-    RecipeCLI(
-        L.LightningModule,
-        L.LightningDataModule,
-        subclass_mode_model=True,
-        subclass_mode_data=True,
-        save_config_kwargs={"overwrite": True},
-        args=None if argv is None else ["fit", *argv],
-    )
+    with warnings.catch_warnings():
+        # main(argv) from Python (tests, scripts) passes args while sys.argv holds the caller's own arguments
+        warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
+        RecipeCLI(
+            L.LightningModule,
+            L.LightningDataModule,
+            subclass_mode_model=True,
+            subclass_mode_data=True,
+            save_config_kwargs={"overwrite": True},
+            args=None if argv is None else ["fit", *argv],
+        )
     return 0
 
 
@@ -136,6 +141,48 @@ def plan_sweep(
         argv += ["--trainer.default_root_dir", str(run_dir), *extra]
         runs.append({"name": name, "params": params, "dir": str(run_dir), "argv": argv})
     return runs
+
+
+def _lookup(tree: Any, dotted: str) -> Any:
+    for part in dotted.split("."):
+        if not isinstance(tree, dict) or part not in tree:
+            return None
+        tree = tree[part]
+    return tree
+
+
+def _quality_label(config_tree: Any) -> str | None:
+    """What ``memwatch/fid`` holds for this recipe: Inception FID or a Frechet distance in other features."""
+    for callback in _lookup(config_tree, "trainer.callbacks") or []:
+        if not isinstance(callback, dict) or not str(callback.get("class_path", "")).endswith("MemWatch"):
+            continue
+        fid = (callback.get("init_args") or {}).get("fid")
+        if not isinstance(fid, dict):
+            return None
+        extractor = fid.get("feature_extractor", "inception")
+        if extractor in (None, "inception"):
+            return "FID"
+        name = extractor.get("class_path", "custom") if isinstance(extractor, dict) else str(extractor)
+        return f"Frechet distance ({name.rsplit('.', 1)[-1]} features)"
+    return None
+
+
+def run_metadata(config: str, run: dict[str, Any], extra: Sequence[str] = ()) -> dict[str, Any]:
+    """``memwatch_run.json`` fields of one sweep run (read by ``memwatch report``): n, label, quality label."""
+    import yaml
+
+    tree = yaml.safe_load(Path(config).read_text()) or {}
+    n = run["params"].get("data.init_args.n", _lookup(tree, "data.init_args.n"))
+    extra = list(extra)
+    for flag in ("--data.init_args.n", "--data.n"):
+        if flag in extra[:-1]:
+            n = extra[extra.index(flag) + 1]
+    fields: dict[str, Any] = {"n": None if n is None else int(n), "label": run["name"], "config": config}
+    fields["sweep"] = dict(run["params"])
+    quality = _quality_label(tree)
+    if quality is not None:
+        fields["quality_label"] = quality
+    return fields
 
 
 def _write_manifest(out: Path, config: str, runs: list[dict[str, Any]]) -> None:
@@ -192,6 +239,7 @@ def run_sweep(argv: Sequence[str]) -> int:
     """``memwatch sweep``: run one recipe over several values of ``n`` (or any ``--set KEY=V1,V2``)."""
     parser = argparse.ArgumentParser(
         prog="memwatch sweep",
+        allow_abbrev=False,
         description="Run `memwatch fit --config CONFIG` once per value (cartesian product over --n/--set). "
         "Arguments after `--` are passed to every run (e.g. -- --trainer.max_steps 1000).",
     )
@@ -235,6 +283,13 @@ def run_sweep(argv: Sequence[str]) -> int:
     from tqdm.auto import tqdm
 
     _write_manifest(out, args.config, runs)
+    from lightning_memwatch.report import write_run_metadata
+
+    for run in runs:
+        if (Path(run["dir"]) / "lightning_logs").exists():
+            print(f"memwatch sweep: {run['dir']} already holds logs; this run adds a new version beside them.")
+        meta = run_metadata(args.config, run, extra)
+        write_run_metadata(run["dir"], n=meta.pop("n"), **meta)
     failed = 0
     bar = tqdm(total=len(runs), desc="memwatch sweep", unit="run", disable=len(runs) < 2)
     if len(gpus) <= 1:

@@ -2,19 +2,21 @@
 
 The demo goes through the public API exactly as a user's training code would:
 
-* data: scikit-learn's handwritten digits (1,797 real 8x8 images shipped with scikit-learn), rescaled to
-  [-1, 1], split once by :class:`~lightning_memwatch.data.DigitsDataModule`: the last ``num_heldout`` images of
-  a seeded permutation are held out, and the training sets of the different ``n`` are nested prefixes of the
-  rest;
-* model: the recipe :class:`~lightning_memwatch.models.DDPM` (T = 1000, linear betas, epsilon MSE, Adam) around a
-  :class:`~lightning_memwatch.models.ResidualMLP` denoiser (3 blocks of width 256 with a time encoding,
-  429k parameters), trained full batch (batch = n, the paper's min(512, n)); samples by deterministic DDIM
-  (eta = 0) from 512 fixed noises, optionally with EMA weights (``DDPM(ema_decay=...)``, which ``sample`` uses);
-* :class:`~lightning_memwatch.MemWatch` measures f_mem (nearest-neighbour ratio d1/d2 < 1/3 in pixel space) and a
-  Frechet distance in the feature space of a small digit classifier trained here on the *held-out* digits
-  (Inception means nothing at 8x8), passed as ``FID(feature_extractor=<that classifier>)``;
+* data: scikit-learn's handwritten digits (1,797 real 8x8 images shipped with scikit-learn), rescaled
+  to [-1, 1], split once by :class:`~lightning_memwatch.data.DigitsDataModule`: the last ``num_heldout``
+  images of a seeded permutation are held out, and the training sets of the different ``n`` are nested
+  prefixes of the rest;
+* model: the recipe :class:`~lightning_memwatch.models.DDPM` (T = 1000, linear betas, epsilon MSE, Adam)
+  around a :class:`~lightning_memwatch.models.ResidualMLP` denoiser (3 blocks of width 256 with a time
+  encoding, 429k parameters), trained full batch (batch = n, the paper's min(512, n)) on n = 64, 128, 256
+  and 512 digits; samples by deterministic DDIM (eta = 0) from 512 fixed noises, with EMA weights whose
+  decay is warmed up (:func:`ema_warmup_decay`; ``--ema 0`` samples the raw weights, as the paper does);
+* :class:`~lightning_memwatch.MemWatch` measures f_mem (nearest-neighbour ratio d1/d2 < 1/3 in pixel space)
+  and a Frechet distance in the feature space of a small digit classifier trained here on the *held-out*
+  digits (Inception means nothing at 8x8), passed as ``FID(feature_extractor=<that classifier>)``;
 * a :class:`~lightning_memwatch.TimescaleDetector` with demo settings (printed): tau_gen when the Frechet
-  distance falls to ``gen_threshold``, tau_mem when f_mem exceeds ``mem_threshold``;
+  distance falls to ``gen_threshold`` (50; on this scale the real training sets score 4 to 21 and clipped
+  Gaussian noise about 820), tau_mem when f_mem exceeds ``mem_threshold`` (3% of the samples);
 * :class:`~lightning_memwatch.MemorizationEarlyStopping` stops each run shortly after tau_mem;
 * the runs (one per ``n``) go to worker processes with one thread each (two side by side use 2 cores best);
 * finally :func:`lightning_memwatch.report.report` reads the TensorBoard logs back, recomputes the timescales
@@ -74,7 +76,11 @@ class DemoConfig:
         width: hidden width of the residual MLP denoiser.
         num_blocks: residual blocks of the denoiser.
         lr: Adam learning rate (constant).
-        ema_decay: decay of the EMA weights that sampling uses, or None for the raw weights (the paper).
+        ema_decay: decay of the EMA weights that sampling uses, or None for the raw weights (the paper). The
+            decay is warmed up, ``min(ema_decay, (1 + t) / (10 + t))`` at step t (:func:`ema_warmup_decay`),
+            so the average forgets the initial weights early. Without the warm-up the average lags the raw
+            weights by about ``1 / (1 - ema_decay)`` = 1000 steps from the start, which delays tau_gen past
+            tau_mem at n = 64. Raw weights give the same timescales here, with noisier f_mem curves.
         num_samples: generated samples per evaluation (images), for f_mem and the Frechet distance.
         sample_steps: DDIM timesteps (``S - 1`` denoiser evaluations per sample).
         eval_every: evaluate every ``max(eval_every, eval_every_per_image * n)`` optimizer steps, so that
@@ -83,7 +89,9 @@ class DemoConfig:
         max_steps_per_image: cap of a run, ``max_steps_per_image * n + max_steps_extra`` optimizer steps, in
             case tau_mem never fires.
         max_steps_extra: see ``max_steps_per_image``.
-        gen_threshold: tau_gen is the first evaluation whose Frechet distance is <= this value.
+        gen_threshold: tau_gen is the first evaluation whose Frechet distance is <= this value. The scale
+            is the classifier's: the real training sets score 4 (n = 512) to 21 (n = 128), noise about 820,
+            and the models' plateaus lie between 10 (n = 512) and 35 (n = 64).
         mem_threshold: tau_mem is the first evaluation whose f_mem is > this value (the fraction of memorized
             samples; the detector's ``mem_rule="threshold"`` with ``f0=mem_threshold``).
         mem_patience: evaluations in a row above ``mem_threshold`` needed to flag tau_mem (the detector's
@@ -100,7 +108,7 @@ class DemoConfig:
     """
 
     out: Path = Path("runs/demo")
-    ns: tuple[int, ...] = (64, 128, 256)
+    ns: tuple[int, ...] = (64, 128, 256, 512)
     num_heldout: int = 1285
     width: int = 256
     num_blocks: int = 3
@@ -110,9 +118,9 @@ class DemoConfig:
     sample_steps: int = 100
     eval_every: int = 100
     eval_every_per_image: float = 0.5
-    max_steps_per_image: int = 60
-    max_steps_extra: int = 2000
-    gen_threshold: float = 20.0
+    max_steps_per_image: int = 30
+    max_steps_extra: int = 3000
+    gen_threshold: float = 50.0
     mem_threshold: float = 0.03
     mem_patience: int = 1
     stop_patience: int = 3
@@ -126,7 +134,7 @@ class DemoConfig:
 
     @classmethod
     def quick(cls, **overrides: Any) -> DemoConfig:
-        """Smoke-test settings (under a minute on 2 cores): tiny n, a narrow denoiser, few short evaluations."""
+        """Smoke-test settings (under a minute on 2 cores): tiny n, a narrow denoiser, short evaluations."""
         settings: dict[str, Any] = dict(
             ns=(8, 16, 32),
             width=64,
@@ -161,9 +169,11 @@ class DemoConfig:
         if self.ema_decay is not None and not 0.0 < self.ema_decay < 1.0:
             raise ValueError(f"ema_decay must lie in (0, 1) or be None; got {self.ema_decay}.")
         if self.workers < 1 or self.threads_per_worker < 1:
-            raise ValueError(f"workers and threads_per_worker must be >= 1; got {self.workers}, {self.threads_per_worker}.")
+            raise ValueError(
+                f"workers and threads_per_worker must be >= 1; got {self.workers}, {self.threads_per_worker}."
+            )
         if not 0.0 <= self.mem_threshold < 1.0:
-            raise ValueError(f"mem_threshold must lie in [0, 1) (a fraction of samples); got {self.mem_threshold}.")
+            raise ValueError(f"mem_threshold must lie in [0, 1) (a fraction); got {self.mem_threshold}.")
         if self.num_samples < 2 or self.sample_steps < 2 or self.eval_every < 1:
             raise ValueError("num_samples, sample_steps must be >= 2 and eval_every >= 1.")
 
@@ -203,8 +213,8 @@ class DigitFeatureNet(nn.Module):
     """A small MLP digit classifier; called on images it returns its penultimate features (N, 64).
 
     ``Flatten -> Linear(64, 128) -> ReLU -> Linear(128, 64) -> ReLU`` gives the features, a final
-    ``Linear(64, 10)`` (:meth:`logits`) the classes. Images are 8x8 digits in [-1, 1], any shape with 64 entries
-    per image.
+    ``Linear(64, 10)`` (:meth:`logits`) the classes. Images are 8x8 digits in [-1, 1], any shape with 64
+    entries per image.
     """
 
     num_features = 64
@@ -228,10 +238,10 @@ class DigitFeatureNet(nn.Module):
 def train_digit_classifier(
     images: Tensor, labels: Tensor, *, epochs: int = 300, lr: float = 3e-3, seed: int = 0
 ) -> DigitFeatureNet:
-    """Train :class:`DigitFeatureNet` full batch with Adam on (images, labels); returns it frozen in eval mode.
+    """Train :class:`DigitFeatureNet` full batch with Adam on (images, labels); returns it frozen, in eval mode.
 
-    A little Gaussian pixel noise (std 0.1, in [-1, 1] units) is added to the inputs during training, so that the
-    features of imperfect samples stay meaningful.
+    A little Gaussian pixel noise (std 0.1, in [-1, 1] units) is added to the inputs during training, so that
+    the features of imperfect samples stay meaningful.
 
     Args:
         images: (N, 1, 8, 8) or (N, 64) float images in [-1, 1] (not modified).
@@ -275,6 +285,36 @@ def classifier_frechet_distance(net: nn.Module, generated: Tensor, reference: Te
 
 
 # ------------------------------------------------------------------------------------------------------------
+# EMA weights with a warm-up
+
+
+def ema_warmup_decay(step: int, decay: float) -> float:
+    """EMA decay at optimizer step ``step``: ``min(decay, (1 + step) / (10 + step))``."""
+    return min(float(decay), (1.0 + step) / (10.0 + step))
+
+
+def _ema_warmup_callback(decay: float) -> Any:
+    import lightning as L
+
+    class EMAWarmup(L.Callback):
+        """Warm up the EMA decay of :class:`~lightning_memwatch.models.DDPM` (built with ``ema_decay``).
+
+        Before each optimizer step it sets ``pl_module.ema_decay = min(decay, (1 + t) / (10 + t))``; the DDPM
+        updates its EMA copy with that decay after the step, and its ``sample`` (hence MemWatch) draws from
+        the EMA copy. The EMA copy is a submodule, so checkpoints and MemorizationEarlyStopping's
+        ``restore_best`` carry it.
+        """
+
+        def __init__(self) -> None:
+            self.decay = float(decay)
+
+        def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
+            pl_module.ema_decay = ema_warmup_decay(trainer.global_step, self.decay)
+
+    return EMAWarmup()
+
+
+# ------------------------------------------------------------------------------------------------------------
 # one run (in a worker process)
 
 
@@ -283,6 +323,7 @@ def _quiet_lightning() -> None:
         logging.getLogger(name).setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
     warnings.filterwarnings("ignore", message=".*smaller than the logging interval.*")
+    warnings.filterwarnings("ignore", message=".*module\\(s\\) in eval mode.*")  # the DDPM's frozen EMA copy
     warnings.filterwarnings("ignore", message=".*isinstance\\(treespec, LeafSpec\\).*")
     warnings.filterwarnings("ignore", category=DeprecationWarning)
 
@@ -369,9 +410,12 @@ def train_one(config: DemoConfig, n: int, classifier_state: dict[str, Tensor]) -
         sample_steps=config.sample_steps,
         ema_decay=config.ema_decay,
     )
+    callbacks: list[Any] = [watch, stopper]
+    if config.ema_decay is not None:
+        callbacks.insert(0, _ema_warmup_callback(config.ema_decay))
     trainer = L.Trainer(
         max_steps=config.max_steps(n),
-        callbacks=[watch, stopper],
+        callbacks=callbacks,
         logger=logger,
         log_every_n_steps=period,  # MemWatch's scalars reach the logger at evaluation steps
         accelerator="cpu",
@@ -381,7 +425,10 @@ def train_one(config: DemoConfig, n: int, classifier_state: dict[str, Tensor]) -
         enable_model_summary=False,
         num_sanity_val_steps=0,
     )
-    _say(f"  [n={n:>4}] training: full batch of {n}, evaluation every {period} steps, cap {config.max_steps(n)} steps")
+    _say(
+        f"  [n={n:>4}] training: full batch of {n}, evaluation every {period} steps, "
+        f"cap {config.max_steps(n)} steps"
+    )
     trainer.fit(model, datamodule=datamodule)
     wall = time.perf_counter() - start
     eval_seconds = sum(r.get("sample_seconds", 0.0) + r.get("metric_seconds", 0.0) for r in watch.history)
@@ -414,7 +461,7 @@ def train_one(config: DemoConfig, n: int, classifier_state: dict[str, Tensor]) -
 # the whole demo
 
 
-def _prepare_classifier(config: DemoConfig) -> tuple[DigitFeatureNet, dict[str, float]]:
+def _prepare_classifier(config: DemoConfig) -> tuple[DigitFeatureNet, dict[str, Any]]:
     from lightning_memwatch.data import DigitsDataModule
 
     pool_n = NUM_DIGITS - config.num_heldout
@@ -423,12 +470,14 @@ def _prepare_classifier(config: DemoConfig) -> tuple[DigitFeatureNet, dict[str, 
     heldout, heldout_labels = data.heldout_images(), data.heldout_labels()
     net = train_digit_classifier(heldout, heldout_labels, epochs=config.classifier_epochs, seed=config.seed)
     pool, pool_labels = data.train_images(), data.train_labels()
-    largest = pool[: max(config.ns)]
-    noise = torch.randn(largest.shape, generator=torch.Generator().manual_seed(config.seed)).clamp(-1, 1)
-    info = {
+    noise = torch.randn(pool.shape, generator=torch.Generator().manual_seed(config.seed)).clamp(-1, 1)
+    info: dict[str, Any] = {
         "classifier_train_accuracy": classifier_accuracy(net, heldout, heldout_labels),
         "classifier_accuracy_on_training_pool": classifier_accuracy(net, pool, pool_labels),
-        "frechet_training_digits": classifier_frechet_distance(net, largest, heldout),
+        # reference points of the quality scale: the training sets themselves, and noise
+        "frechet_training_digits": {
+            str(n): classifier_frechet_distance(net, pool[:n], heldout) for n in sorted(config.ns)
+        },
         "frechet_noise": classifier_frechet_distance(net, noise, heldout),
     }
     return net, info
@@ -457,6 +506,9 @@ def _run_all(config: DemoConfig, state: dict[str, Tensor]) -> list[dict[str, Any
 def run_demo(config: DemoConfig | None = None, *, echo: Callable[[str], None] = _say) -> dict[str, Any]:
     """Run the demo: classifier, one training run per n, then the report. Returns the report's summary.
 
+    With ``workers > 1`` the runs go to spawned processes: call it from a script's
+    ``if __name__ == "__main__":`` block (as for any spawn-based multiprocessing), or set ``workers=1``.
+
     Args:
         config: settings (default: the full demo, :class:`DemoConfig`).
         echo: where progress lines go (default: print).
@@ -475,27 +527,32 @@ def run_demo(config: DemoConfig | None = None, *, echo: Callable[[str], None] = 
     detector = config.detector_kwargs()
     echo("memwatch demo: scikit-learn digits (8x8, rescaled to [-1, 1]), DDPM + residual-MLP denoiser, CPU")
     echo(
-        f"  n = {', '.join(map(str, config.ns))} training digits (full batch), {config.num_heldout} held-out digits; "
+        f"  n = {', '.join(map(str, config.ns))} training digits (full batch), "
+        f"{config.num_heldout} held-out digits; "
         f"denoiser width {config.width} x {config.num_blocks} blocks, Adam lr {config.lr:g}, "
         f"EMA {config.ema_decay if config.ema_decay is not None else 'off'}"
     )
     echo(
-        f"  each evaluation: DDIM-{config.sample_steps} (eta = 0) from {config.num_samples} fixed noises; f_mem = "
-        "fraction with d1/d2 < 1/3; Frechet distance in a held-out-trained digit classifier's features"
+        f"  each evaluation: DDIM-{config.sample_steps} (eta = 0) from {config.num_samples} fixed noises; "
+        "f_mem = fraction with d1/d2 < 1/3; Frechet distance in a held-out-trained digit classifier's features"
     )
     echo(
         f"  detector: tau_gen when Frechet distance <= {config.gen_threshold:g}; tau_mem when f_mem > "
-        f"{config.mem_threshold:g}" + (f" at {config.mem_patience} evaluations in a row" if config.mem_patience > 1 else "")
+        f"{config.mem_threshold:g}"
+        + (f" at {config.mem_patience} evaluations in a row" if config.mem_patience > 1 else "")
         + f"; early stopping {config.stop_patience} evaluations after tau_mem"
     )
     echo(f"  TimescaleDetector({', '.join(f'{k}={v!r}' for k, v in detector.items())})")
     classifier, info = _prepare_classifier(config)
     torch.save(classifier.state_dict(), out / CLASSIFIER_FILENAME)
     echo(
-        f"  digit classifier: {100 * info['classifier_accuracy_on_training_pool']:.1f}% accuracy on the training "
-        f"pool (trained on the held-out digits); Frechet distance to the held-out set: "
-        f"{info['frechet_training_digits']:.2f} for {max(config.ns)} real training digits, "
-        f"{info['frechet_noise']:.1f} for clipped Gaussian noise"
+        f"  digit classifier: {100 * info['classifier_accuracy_on_training_pool']:.1f}% accuracy on the "
+        f"training pool (trained on the held-out digits)"
+    )
+    real = ", ".join(f"n={n}: {v:.1f}" for n, v in info["frechet_training_digits"].items())
+    echo(
+        f"  Frechet distance to the held-out digits of the real training sets {real}; of clipped Gaussian "
+        f"noise: {info['frechet_noise']:.0f}"
     )
     echo(f"  {len(config.ns)} runs in {min(config.workers, len(config.ns))} worker process(es), "
          f"{config.threads_per_worker} thread(s) each")
@@ -526,23 +583,24 @@ def build_parser() -> Any:
     """The ``memwatch demo`` argument parser (argparse)."""
     import argparse
 
-    defaults = DemoConfig()
     parser = argparse.ArgumentParser(
         prog="memwatch demo",
         description="Train small diffusion models on scikit-learn digits for several n on CPU and watch them "
         "generalize (tau_gen), then memorize (tau_mem proportional to n).",
     )
-    parser.add_argument("--out", type=Path, default=defaults.out, help="output directory (default: runs/demo)")
-    parser.add_argument("--quick", action="store_true", help="smoke run of under a minute (tiny n, few steps)")
-    parser.add_argument("--n", type=int, nargs="+", default=None, help="training-set sizes (default: 64 128 256)")
-    parser.add_argument("--workers", type=int, default=None, help="runs side by side (default: 2)")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads per run (default: 1)")
-    parser.add_argument("--ema", type=float, default=None, help="EMA decay of the sampled weights; 0 = off")
-    parser.add_argument("--num-samples", type=int, default=None, help="samples per evaluation (default: 512)")
-    parser.add_argument("--gen-threshold", type=float, default=None, help="tau_gen: Frechet distance <= this")
-    parser.add_argument("--mem-threshold", type=float, default=None, help="tau_mem: f_mem > this (default: 0.03)")
-    parser.add_argument("--seed", type=int, default=None)
-    parser.add_argument("--no-images", action="store_true", help="do not log sample grids to TensorBoard")
+    d = DemoConfig()
+    add = parser.add_argument
+    add("--out", type=Path, default=d.out, help=f"output directory ({d.out})")
+    add("--quick", action="store_true", help="smoke run of under a minute (tiny n, few steps)")
+    add("--n", type=int, nargs="+", default=None, help=f"training-set sizes ({' '.join(map(str, d.ns))})")
+    add("--workers", type=int, default=None, help=f"runs side by side ({d.workers})")
+    add("--threads", type=int, default=None, help=f"torch threads per run ({d.threads_per_worker})")
+    add("--ema", type=float, default=None, help=f"EMA decay of the sampled weights ({d.ema_decay}); 0: off")
+    add("--num-samples", type=int, default=None, help=f"samples per evaluation ({d.num_samples})")
+    add("--gen-threshold", type=float, default=None, help=f"tau_gen: Frechet distance <= ({d.gen_threshold:g})")
+    add("--mem-threshold", type=float, default=None, help=f"tau_mem: f_mem > this ({d.mem_threshold:g})")
+    add("--seed", type=int, default=None, help=f"seed of the split, weights and noise ({d.seed})")
+    add("--no-images", action="store_true", help="do not log sample grids to TensorBoard")
     return parser
 
 
@@ -567,7 +625,7 @@ def config_from_args(args: Any) -> DemoConfig:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``memwatch demo [--out DIR] [--quick] [--n 64 128 256] ...``: run the demo; returns the exit code (0)."""
+    """``memwatch demo [--out DIR] [--quick] [--n 64 128 ...] ...``: run the demo; returns the exit code (0)."""
     args = build_parser().parse_args(list(argv) if argv is not None else None)
     run_demo(config_from_args(args))
     return 0

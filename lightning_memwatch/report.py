@@ -1,4 +1,4 @@
-"""``memwatch report LOGDIR``: read MemWatch runs back from TensorBoard, flag the timescales, fit tau_mem vs n.
+"""``memwatch report LOGDIR``: read MemWatch runs back from TensorBoard, flag the timescales, fit tau_mem(n).
 
 A *run* is a directory holding a ``memwatch_run.json`` metadata file (written by ``memwatch demo`` and
 ``memwatch sweep`` with :func:`write_run_metadata`) and, anywhere below it, the TensorBoard event files that
@@ -18,14 +18,20 @@ f_mem, f_mem_ci_low, f_mem_ci_high, ratio_median, fid, ...), applies
 overridden), fits tau_mem = slope * n (:func:`~lightning_memwatch.detection.forecast_tau_mem`) and writes
 
 * ``LOGDIR/summary.json``: ``{"runs": [{"n", "tau_gen", "tau_mem", "final_f_mem", "best_fid", ...}],
-  "fit": {"slope", "intercept", "r2", "exponent"}, "forecast": {...}}`` (a tau that never fired is null;
-  fit values are null when fewer than two distinct n reached tau_mem);
+  "fit": {"slope", "intercept", "r2", "exponent", ...}, "forecast": {...}}`` (a tau that never fired is null;
+  fit values are null when fewer than two distinct n reached tau_mem). The fit is
+  :func:`~lightning_memwatch.detection.fit_summary`'s: ``slope`` and ``r2`` belong to the paper's law
+  tau_mem = slope * n (through the origin, what the forecast uses), ``intercept`` to the unconstrained fit,
+  ``exponent`` to the log-log fit; ``fit["affine"]`` holds the unconstrained fit's ``slope``, ``intercept`` and
+  ``r2`` together;
 * ``LOGDIR/plots/``: ``f_mem_vs_step.png``, ``f_mem_vs_step_over_n.png`` (the collapse),
   ``quality_vs_step.png`` (FID or the run's quality signal), ``timescales_vs_n.png`` (tau_gen and tau_mem vs
   n with the linear fit and R^2, and log-log with the exponent), ``tau_mem_forecast.png``;
 
-and prints a table. A directory with event files but no metadata file is still read, with ``n`` unknown (it
-is left out of the fit; the warning says how to add the file).
+and prints a table. A directory with event files but no metadata file is still read; its ``n`` then comes
+from a ``memwatch sweep`` manifest (``LOGDIR/sweep.json``: the run's ``data.init_args.n``) when the directory
+lies in one of the listed runs, else it is unknown and the run is left out of the fit (the warning says how to
+add the metadata file).
 
 Plots use matplotlib's Agg canvas directly (no pyplot, the global backend is left alone).
 """
@@ -112,7 +118,7 @@ def _read_metadata(path: Path) -> dict[str, Any]:
     try:
         data = json.loads(path.read_text())
     except (OSError, ValueError) as err:
-        raise ValueError(f"Cannot read run metadata {path}: {err}. Rewrite it with write_run_metadata().") from err
+        raise ValueError(f"Cannot read run metadata {path}: {err}. Rewrite it (write_run_metadata).") from err
     if not isinstance(data, dict):
         raise ValueError(f"{path} must hold a JSON object like {{\"n\": 64}}; got {type(data).__name__}.")
     return data
@@ -214,7 +220,7 @@ def find_runs(logdir: str | os.PathLike[str]) -> list[Path]:
     whose event files hold ``memwatch/f_mem`` scalars (sorted paths)."""
     root = Path(logdir)
     if not root.is_dir():
-        raise FileNotFoundError(f"{root} is not a directory: pass the directory of the runs' TensorBoard logs.")
+        raise FileNotFoundError(f"{root} is not a directory: pass the directory of the runs' TensorBoard logs")
     with_metadata = sorted(p.parent for p in root.rglob(RUN_METADATA))
     if with_metadata:
         return with_metadata
@@ -235,6 +241,42 @@ def load_run(run_dir: str | os.PathLike[str], *, nested_runs: Sequence[Path] = (
     n = None if raw_n is None else int(raw_n)
     records = read_event_records(_event_dirs(directory, {Path(p) for p in nested_runs}))
     return RunHistory(run_dir=directory, n=n, metadata=metadata, records=records)
+
+
+def _sweep_sizes(root: Path) -> dict[Path, tuple[str, int]]:
+    """``{run directory: (name, n)}`` from a ``memwatch sweep`` manifest ``root/sweep.json``, when there is one.
+
+    The manifest lists each run's ``name`` (its directory under ``root``) and ``params``; ``n`` is the value of
+    ``data.init_args.n``. Runs without it are skipped.
+    """
+    manifest = root / "sweep.json"
+    if not manifest.is_file():
+        return {}
+    try:
+        data = json.loads(manifest.read_text())
+    except (OSError, ValueError):
+        return {}
+    sizes: dict[Path, tuple[str, int]] = {}
+    for run in data.get("runs", []) if isinstance(data, dict) else []:
+        if not isinstance(run, dict) or not isinstance(run.get("name"), str):
+            continue
+        value = (run.get("params") or {}).get("data.init_args.n")
+        try:
+            n = int(value)
+        except (TypeError, ValueError):
+            continue
+        sizes[root / run["name"]] = (run["name"], n)
+    return sizes
+
+
+def _fill_from_sweep(run: RunHistory, sweep: Mapping[Path, tuple[str, int]]) -> None:
+    """Give a run without metadata its ``n`` (and label) from the sweep manifest, if it lies in a listed run."""
+    for directory in (run.run_dir, *run.run_dir.parents):
+        if directory in sweep:
+            name, n = sweep[directory]
+            run.n = n
+            run.metadata = {**run.metadata, "label": name, "n_from": "sweep.json"}
+            return
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -308,6 +350,16 @@ def summarize_run(
     }
 
 
+def _affine_fit(ns: Sequence[int], taus: Sequence[int | None], intercept: float, slope: float) -> dict[str, float]:
+    """The unconstrained fit tau_mem = intercept + slope * n and its R^2 (runs that memorized)."""
+    pairs = [(float(n), float(t)) for n, t in zip(ns, taus, strict=True) if t is not None]
+    mean = sum(t for _, t in pairs) / len(pairs)
+    ss_tot = sum((t - mean) ** 2 for _, t in pairs)
+    ss_res = sum((t - intercept - slope * n) ** 2 for n, t in pairs)
+    r2 = 1.0 - ss_res / ss_tot if ss_tot > 0 else 1.0
+    return {"slope": slope, "intercept": intercept, "r2": r2}
+
+
 def _fit(runs: Sequence[Mapping[str, Any]]) -> tuple[dict[str, Any], dict[str, Any] | None]:
     """The fit summary and, when it exists, the forecast (predictions at 2, 4 and 8 times the largest n)."""
     usable = [r for r in runs if r["n"] is not None]
@@ -322,6 +374,7 @@ def _fit(runs: Sequence[Mapping[str, Any]]) -> tuple[dict[str, Any], dict[str, A
         forecast = forecast_tau_mem(ns, taus)
     summary["num_runs"] = forecast.num_points
     summary["prefactor"] = forecast.prefactor
+    summary["affine"] = _affine_fit(ns, taus, forecast.intercept, forecast.intercept_slope)
     targets = [int(max(ns) * k) for k in (2, 4, 8)]
     prediction = {
         "rule": "tau_mem = slope * n",
@@ -354,8 +407,9 @@ def report(
         echo: where the table goes (None: print nothing).
 
     Returns:
-        The summary: ``{"logdir", "runs": [...], "fit": {"slope", "intercept", "r2", "exponent", ...},
-        "forecast": {"n": [...], "tau_mem": [...]} or None, "plots": [paths], "summary_path"}``.
+        The summary: ``{"logdir", "runs": [...], "fit": {"slope", "intercept", "r2", "exponent", "num_runs",
+        "prefactor", "affine": {"slope", "intercept", "r2"}}, "forecast": {"n": [...], "tau_mem": [...]} or
+        None, "quality_label", "plots": [paths], "summary_path"}``.
 
     Raises:
         FileNotFoundError: ``logdir`` is missing or holds no MemWatch run.
@@ -364,20 +418,23 @@ def report(
     run_dirs = find_runs(root)
     if not run_dirs:
         raise FileNotFoundError(
-            f"No MemWatch runs under {root}: expected TensorBoard event files with {mwlog.F_MEM} scalars (and a "
-            f"{RUN_METADATA} per run giving n). Point LOGDIR at the directory that holds the runs."
+            f"No MemWatch runs under {root}: expected TensorBoard event files with {mwlog.F_MEM} scalars "
+            f"(and a {RUN_METADATA} per run giving n). Point LOGDIR at the directory that holds the runs."
         )
+    sweep = _sweep_sizes(root)
     runs = []
     for directory in run_dirs:
         nested = [d for d in run_dirs if d != directory and directory in d.parents]
         run = load_run(directory, nested_runs=nested)
         if not run.records:
-            warnings.warn(f"{directory}: no {mwlog.F_MEM} scalars found; run left out.", UserWarning, stacklevel=2)
+            warnings.warn(f"{directory}: no {mwlog.F_MEM} scalars; run left out.", UserWarning, stacklevel=2)
             continue
         if run.n is None:
+            _fill_from_sweep(run, sweep)
+        if run.n is None:
             warnings.warn(
-                f"{directory} has no {RUN_METADATA} with n: its timescales are reported but it is left out of the "
-                f"fit. Add one with lightning_memwatch.report.write_run_metadata({str(directory)!r}, n=...).",
+                f"{directory} has no {RUN_METADATA} with n: its timescales are reported but it is left out of "
+                f"the fit. Add one with lightning_memwatch.report.write_run_metadata({str(directory)!r}, n=...).",
                 UserWarning,
                 stacklevel=2,
             )
@@ -420,28 +477,35 @@ def format_table(summary: Mapping[str, Any]) -> str:
     """The printed table: one line per run (n, tau_gen, tau_mem, tau_mem / n, final f_mem, best quality,
     last step), then the fit and the forecast."""
     quality = "best FID" if summary.get("quality_label", "FID") == "FID" else "best FD"
-    header = f"{'n':>6} {'tau_gen':>8} {'tau_mem':>8} {'tau_mem/n':>10} {'final f_mem':>12} {quality:>9} {'steps':>7}"
+    header = (
+        f"{'n':>6} {'tau_gen':>8} {'tau_mem':>8} {'tau_mem/n':>10} {'final f_mem':>12} {quality:>9} {'steps':>7}"
+    )
     lines = [f"memwatch report: {len(summary['runs'])} run(s) under {summary.get('logdir', '')}", header]
     for run in summary["runs"]:
         n, tau_mem = run["n"], run["tau_mem"]
         ratio = None if n is None or tau_mem is None else tau_mem / n
         lines.append(
             f"{'?' if n is None else n:>6} {_fmt_step(run['tau_gen']):>8} {_fmt_step(tau_mem):>8} "
-            f"{_fmt(ratio, '.2f'):>10} {_fmt(run['final_f_mem'], '.4f'):>12} {_fmt(run['best_fid'], '.3g'):>9} "
-            f"{_fmt_step(run['final_step']):>7}"
+            f"{_fmt(ratio, '.2f'):>10} {_fmt(run['final_f_mem'], '.4f'):>12} "
+            f"{_fmt(run['best_fid'], '.3g'):>9} {_fmt_step(run['final_step']):>7}"
         )
     fit = summary["fit"]
     if fit.get("slope") is None:
-        lines.append("fit: tau_mem = slope * n needs tau_mem at two or more distinct n (train longer or add runs)")
+        lines.append("fit: tau_mem = slope * n needs tau_mem at two or more distinct n (train longer, add runs)")
     else:
         lines.append(
-            f"fit: tau_mem = {fit['slope']:.4g} * n (through the origin, R^2 = {fit['r2']:.3f}); "
-            f"unconstrained intercept {fit['intercept']:.4g} steps; log-log exponent {fit['exponent']:.3f} "
-            "(1 = the paper's linear law)"
+            f"fit: tau_mem = {fit['slope']:.4g} * n (the paper's law, through the origin): R^2 = {fit['r2']:.3f}; "
+            f"log-log exponent {fit['exponent']:.3f} (1 = linear)"
         )
+        affine = fit.get("affine")
+        if affine:
+            lines.append(
+                f"     with an intercept: tau_mem = {affine['intercept']:.4g} + {affine['slope']:.4g} * n: "
+                f"R^2 = {affine['r2']:.3f}"
+            )
     forecast = summary.get("forecast")
     if forecast:
-        pairs = ", ".join(f"n={n}: {t:.0f} steps" for n, t in zip(forecast["n"], forecast["tau_mem"]))
+        pairs = ", ".join(f"n={n}: {t:.0f} steps" for n, t in zip(forecast["n"], forecast["tau_mem"], strict=True))
         lines.append(f"forecast tau_mem: {pairs}")
     if summary.get("plots"):
         lines.append(f"plots: {Path(summary['plots'][0]).parent}/ ({len(summary['plots'])} PNG files)")
@@ -481,16 +545,23 @@ def _series(run: RunHistory, key: str) -> tuple[list[int], list[float]]:
     return steps, values
 
 
-def _plot_f_mem(runs: Sequence[RunHistory], entries: Sequence[Mapping[str, Any]], path: Path, *, per_n: bool) -> None:
+def _plot_f_mem(
+    runs: Sequence[RunHistory], entries: Sequence[Mapping[str, Any]], path: Path, *, per_n: bool
+) -> None:
     fig, (ax,) = _new_figure()
-    for run, entry, color in zip(runs, entries, _colors(len(runs))):
+    for run, entry, color in zip(runs, entries, _colors(len(runs)), strict=True):
         scale = float(run.n) if per_n and run.n else 1.0
         steps, values = _series(run, "f_mem")
+        if per_n:  # log axis: step 0 has no place on it
+            keep = [i for i, s in enumerate(steps) if s > 0]
+            steps, values = [steps[i] for i in keep], [values[i] for i in keep]
         x = [s / scale for s in steps]
         ax.plot(x, values, "-o", ms=2.5, color=color, label=run.label)
         lo, hi = _series(run, "f_mem_ci_low"), _series(run, "f_mem_ci_high")
-        if lo[0] == steps and hi[0] == steps:
-            ax.fill_between(x, lo[1], hi[1], color=color, alpha=0.15, lw=0)
+        band = {s: (a, b) for s, a, b in zip(lo[0], lo[1], hi[1], strict=False)} if lo[0] == hi[0] else {}
+        if band and all(s in band for s in steps):
+            ax.fill_between(x, [band[s][0] for s in steps], [band[s][1] for s in steps], color=color, alpha=0.15,
+                            lw=0)
         if entry["tau_mem"] is not None:
             ax.axvline(entry["tau_mem"] / scale, color=color, ls=":", lw=1)
         detector = entry["detector"]
@@ -498,7 +569,7 @@ def _plot_f_mem(runs: Sequence[RunHistory], entries: Sequence[Mapping[str, Any]]
             ax.axhline(detector["f0"], color="grey", ls="--", lw=0.8)
     if per_n:
         ax.set_xlabel("optimizer steps / n (training images)")
-        ax.set_title("f_mem vs step / n: the curves collapse when tau_mem is proportional to n")
+        ax.set_title("f_mem vs step / n (collapse if tau_mem is proportional to n)")
         ax.set_xscale("log")
     else:
         ax.set_xlabel("optimizer steps")
@@ -511,7 +582,7 @@ def _plot_f_mem(runs: Sequence[RunHistory], entries: Sequence[Mapping[str, Any]]
 def _plot_quality(runs: Sequence[RunHistory], entries: Sequence[Mapping[str, Any]], path: Path) -> None:
     fig, (ax,) = _new_figure()
     any_values = False
-    for run, entry, color in zip(runs, entries, _colors(len(runs))):
+    for run, entry, color in zip(runs, entries, _colors(len(runs)), strict=True):
         steps, values = _series(run, "fid")
         if not values:
             continue
@@ -530,7 +601,7 @@ def _plot_quality(runs: Sequence[RunHistory], entries: Sequence[Mapping[str, Any
             ax.set_yscale("log")
         ax.legend(fontsize=8)
     else:
-        ax.text(0.5, 0.5, "no quality values logged (FID off)", ha="center", va="center", transform=ax.transAxes)
+        ax.text(0.5, 0.5, "no quality values (FID off)", ha="center", va="center", transform=ax.transAxes)
     ax.set_xlabel("optimizer steps")
     ax.set_ylabel(runs[0].quality_label if runs else "FID")
     ax.set_title("sample quality (dotted: tau_gen, dashed: tau_mem)")
@@ -571,20 +642,24 @@ def _plot_timescales(entries: Sequence[Mapping[str, Any]], fit: Mapping[str, Any
 
 
 def _plot_forecast(
-    entries: Sequence[Mapping[str, Any]], fit: Mapping[str, Any], forecast: Mapping[str, Any] | None, path: Path
+    entries: Sequence[Mapping[str, Any]],
+    fit: Mapping[str, Any],
+    forecast: Mapping[str, Any] | None,
+    path: Path,
 ) -> None:
     fig, (ax,) = _new_figure()
     measured = [(e["n"], e["tau_mem"]) for e in entries if e["n"] is not None and e["tau_mem"] is not None]
     if measured:
-        ax.plot([m[0] for m in measured], [m[1] for m in measured], "o", color="tab:red", label="measured tau_mem")
+        xs, ys = [m[0] for m in measured], [m[1] for m in measured]
+        ax.plot(xs, ys, "o", color="tab:red", label="measured tau_mem")
     if forecast and fit.get("slope") is not None:
         top = max(forecast["n"])
         xs = [top * i / 100 for i in range(0, 101)]
         ax.plot(xs, [fit["slope"] * x for x in xs], "-", color="tab:red", lw=1,
                 label=f"tau_mem = {fit['slope']:.3g} n (R^2 = {fit['r2']:.3f})")
         ax.plot(forecast["n"], forecast["tau_mem"], "x", color="black", ms=8, label="forecast")
-        for n, tau in zip(forecast["n"], forecast["tau_mem"]):
-            ax.annotate(f"{tau:.3g}", (n, tau), textcoords="offset points", xytext=(-10, 8), fontsize=8)
+        for n, tau in zip(forecast["n"], forecast["tau_mem"], strict=True):
+            ax.annotate(f"{tau:,.0f}", (n, tau), textcoords="offset points", xytext=(-10, 8), fontsize=8)
         ax.set_title("stop before tau_mem: forecast for larger training sets")
     else:
         ax.text(0.5, 0.5, "no forecast: tau_mem needed at two or more n", ha="center", va="center",
@@ -599,7 +674,9 @@ def _plot_forecast(
     fig.savefig(path, dpi=110)
 
 
-def write_plots(runs: Sequence[RunHistory], summary: Mapping[str, Any], out_dir: str | os.PathLike[str]) -> list[Path]:
+def write_plots(
+    runs: Sequence[RunHistory], summary: Mapping[str, Any], out_dir: str | os.PathLike[str]
+) -> list[Path]:
     """Write the report's PNG plots (:data:`PLOT_NAMES`) into ``out_dir``; returns their paths.
 
     Args:
@@ -640,10 +717,10 @@ def build_parser() -> Any:
 
     parser = argparse.ArgumentParser(
         prog="memwatch report",
-        description="Read MemWatch runs back from TensorBoard logs, flag tau_gen and tau_mem, fit tau_mem vs n, "
-        "and write LOGDIR/summary.json and LOGDIR/plots/*.png.",
+        description="Read MemWatch runs back from TensorBoard logs, flag tau_gen and tau_mem, fit tau_mem vs "
+        "n, and write LOGDIR/summary.json and LOGDIR/plots/*.png.",
     )
-    parser.add_argument("logdir", type=Path, help="directory holding the runs (memwatch_run.json + event files)")
+    parser.add_argument("logdir", type=Path, help="directory of the runs (memwatch_run.json + event files)")
     parser.add_argument(
         "--detector",
         action="append",

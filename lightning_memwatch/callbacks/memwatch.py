@@ -99,7 +99,8 @@ class MemWatch(Callback):
         schedule: an :class:`EvalSchedule`, an int (every N optimizer steps), ``"paper"`` or a list of steps.
         sample_fn: ``sample_fn(pl_module, num_samples, generator=..., noise=...)``; default
             ``pl_module.sample``.
-        data_range: (low, high) of the samples and the training images.
+        data_range: (low, high) of the samples and the training images; None reads ``data_range`` from the
+            datamodule, then from the module, at setup (e.g. the paper's centred data, (-mean, 1 - mean)).
         threshold: memorization ratio threshold (the paper: 1/3).
         fid: :class:`~lightning_memwatch.FID` settings, or None for no FID.
         seed: base seed of the per-sample noise (same noise at every evaluation).
@@ -122,7 +123,7 @@ class MemWatch(Callback):
         sample_batch_size: int = 250,
         schedule: EvalSchedule | int | str | Sequence[int] = 500,
         sample_fn: Callable[..., Tensor] | None = None,
-        data_range: tuple[float, float] = (-1.0, 1.0),
+        data_range: tuple[float, float] | None = (-1.0, 1.0),
         threshold: float = 1 / 3,
         fid: FID | None = None,
         seed: int = 0,
@@ -141,15 +142,12 @@ class MemWatch(Callback):
             )
         if not 0 < threshold <= 1:
             raise ValueError(f"threshold must lie in (0, 1] (the paper uses 1/3); got {threshold}.")
-        lo, hi = (float(v) for v in data_range)
-        if not hi > lo:
-            raise ValueError(f"data_range must be (low, high) with high > low; got {data_range}.")
+        self.data_range: tuple[float, float] | None = None if data_range is None else _check_range_arg(data_range)
         self.train_data = train_data
         self.num_samples = int(num_samples)
         self.sample_batch_size = int(sample_batch_size)
         self.schedule = EvalSchedule.coerce(schedule)
         self.sample_fn = sample_fn
-        self.data_range = (lo, hi)
         self.threshold = float(threshold)
         self.fid = fid
         self.seed = int(seed)
@@ -242,10 +240,23 @@ class MemWatch(Callback):
             )
         return loader
 
+    @staticmethod
+    def _find_data_range(trainer: Trainer, pl_module: LightningModule) -> tuple[float, float]:
+        for owner in (getattr(trainer, "datamodule", None), pl_module):
+            value = getattr(owner, "data_range", None)
+            if value is not None:
+                return _check_range_arg(value)
+        raise ValueError(
+            "MemWatch(data_range=None) found no `data_range` on the datamodule or the module: pass "
+            "`data_range=(low, high)`, the range of your training images and samples."
+        )
+
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage != "fit":
             return
         self._sampler(pl_module)  # fail early when there is no sampler
+        if self.data_range is None:
+            self.data_range = self._find_data_range(trainer, pl_module)
         device = trainer.strategy.root_device
         train: Tensor | None = None
         if self._sample_shape is None:
@@ -447,6 +458,13 @@ class MemWatch(Callback):
                 self._fid_evaluator.load_state_dict(fid_state)
             else:
                 self._pending_fid_state = fid_state
+
+
+def _check_range_arg(data_range: Sequence[float]) -> tuple[float, float]:
+    lo, hi = (float(v) for v in data_range)
+    if not hi > lo:
+        raise ValueError(f"data_range must be (low, high) with high > low; got {tuple(data_range)}.")
+    return lo, hi
 
 
 def _drop_first_parameter(fn: Callable[..., Any]) -> Any:

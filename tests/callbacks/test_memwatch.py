@@ -239,3 +239,61 @@ def test_ddp_two_ranks_equal_single_process(tmp_path):
     keys = ("step", "f_mem", "f_mem_ci_low", "f_mem_ci_high", "ratio_median", "num_samples")
     assert [[r[k] for k in keys] for r in rank0] == [[r[k] for k in keys] for r in single]
     assert [r["f_mem"] for r in single] == [0.0, 1.0]
+
+
+class TinyFeatures(torch.nn.Module):
+    """A frozen conv feature extractor: images (N, 1, 8, 8) -> (N, 8)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = torch.nn.Conv2d(1, 8, 3)
+        self.requires_grad_(False)
+
+    def forward(self, x):
+        return self.conv(x).mean(dim=(2, 3))
+
+
+def test_fid_from_the_same_sampling_pass(tmp_path):
+    from lightning_memwatch import FID
+    from lightning_memwatch.log import FID_KEY
+
+    reference = toy_images(48, seed=1)
+    fid = FID(reference=reference, feature_extractor=TinyFeatures(), num_samples=48, cache_dir=tmp_path / "cache")
+    watch = make_watch(fid=fid)
+    model = ToyDiffusion(TRAIN, memorize_from=20)
+    make_trainer(tmp_path, [watch], max_steps=20).fit(model, toy_loader(TRAIN))
+    assert model.sample_calls == 2 * 6  # 48 samples in batches of 8, once per evaluation, for both metrics
+    assert [r["num_samples"] for r in watch.history] == [32, 32]
+    assert [r["fid_num_samples"] for r in watch.history] == [48, 48]
+    fids = [r["fid"] for r in watch.history]
+    assert all(f > 0 for f in fids) and fids[0] != fids[1]
+    assert watch._fid_evaluator.num_reference_forward_passes > 0
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(tmp_path / "tb" / "version_0"))
+    acc.Reload()
+    assert [round(e.value, 4) for e in acc.Scalars(FID_KEY)] == [round(f, 4) for f in fids]
+
+
+def test_missing_inception_weights_fail_before_training(tmp_path, monkeypatch):
+    from lightning_memwatch import FID
+
+    monkeypatch.delenv("LIGHTNING_MEMWATCH_INCEPTION_WEIGHTS", raising=False)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+    watch = make_watch(fid=FID(reference=TRAIN, cache_dir=tmp_path))
+    model = ToyDiffusion(TRAIN)
+    with pytest.raises(FileNotFoundError, match="LIGHTNING_MEMWATCH_INCEPTION_WEIGHTS"):
+        make_trainer(tmp_path, [watch], logger=False).fit(model, toy_loader(TRAIN))
+    assert model.global_step == 0 and model.sample_calls == 0
+
+
+def test_data_range_none_is_read_from_the_module(tmp_path):
+    model = ToyDiffusion(TRAIN)
+    model.data_range = (-2.0, 2.0)
+    watch = make_watch(data_range=None)
+    make_trainer(tmp_path, [watch], max_steps=10, logger=False).fit(model, toy_loader(TRAIN))
+    assert watch.data_range == (-2.0, 2.0) and len(watch.history) == 1
+    with pytest.raises(ValueError, match="found no `data_range`"):
+        make_trainer(tmp_path, [make_watch(data_range=None)], logger=False).fit(ToyDiffusion(TRAIN), toy_loader(TRAIN))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+import pickle
 import warnings
 
 import pytest
@@ -99,15 +101,29 @@ def test_uncertified_rows_fall_back_to_float64() -> None:
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_exact_ties_go_to_the_lower_row(backend: str) -> None:
+    # 2 x 16 rows at exactly distance 1 from the origin, shuffled, plus far rows: every query at the origin has
+    # 32 tied neighbours; the widened pass must return the two lowest row numbers.
+    dim = 16
+    ring = torch.cat([torch.eye(dim), -torch.eye(dim)])
+    train = torch.cat([ring[torch.randperm(2 * dim, generator=torch.Generator().manual_seed(9))], 500 * ring[:2]])
+    index = NearestNeighbourIndex(train, backend=backend, database_block_size=5)
+    distances, indices = index.search(torch.zeros(2, dim), k=3)
+    assert distances.tolist() == [[1.0, 1.0, 1.0]] * 2
+    assert indices.tolist() == [[0, 1, 2]] * 2
+    assert index.num_fallback == 2
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_blocked_equals_one_shot(data, backend: str) -> None:
     train, queries = data
     one_shot = NearestNeighbourIndex(train, backend=backend, block_size=10_000, database_block_size=10_000)
     want_d, want_i = one_shot.search(queries)
-    for block, db_block in [(1, 1), (7, 3), (64, 100), (149, 399)]:
+    for block, db_block, rows in [(1, 97, 150), (13, 1, 26), (7, 3, 150), (64, 100, 150), (149, 399, 150)]:
         index = NearestNeighbourIndex(train, backend=backend, block_size=block, database_block_size=db_block)
-        d, i = index.search(queries)
-        assert torch.equal(i, want_i), (block, db_block)
-        assert torch.equal(d, want_d), (block, db_block)
+        d, i = index.search(queries[:rows])
+        assert torch.equal(i, want_i[:rows]), (block, db_block)
+        assert torch.equal(d, want_d[:rows]), (block, db_block)
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
@@ -192,6 +208,17 @@ def test_inputs_are_never_modified_and_the_index_owns_its_rows(data) -> None:
         got = index.search(queries)
         assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
     assert torch.equal(train, train_before) and torch.equal(queries, queries_before)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_index_survives_pickle_and_deepcopy(data, backend: str) -> None:
+    train, queries = data
+    index = NearestNeighbourIndex(train, backend=backend)
+    want = index.search(queries)
+    for other in (pickle.loads(pickle.dumps(index)), copy.deepcopy(index)):
+        assert other.backend == backend
+        got = other.search(queries)
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
 
 
 def test_float64_and_grad_inputs_are_accepted() -> None:

@@ -223,6 +223,9 @@ def test_metric_two_updates_equal_one_call(train: torch.Tensor, planted) -> None
     metric.update(generated[37:])
     assert int(metric.total) == 100 and int(metric.memorized) == 35
     assert float(metric.compute()) == pytest.approx(memorization_fraction(generated, train).fraction)
+    clone = metric.clone()  # deep copy, index included
+    clone.update(generated[:10])
+    assert int(clone.total) == 110 and int(metric.total) == 100
     metric.reset()
     with pytest.raises(RuntimeError, match="call update"):
         metric.compute()

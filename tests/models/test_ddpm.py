@@ -143,3 +143,12 @@ def test_ema_tracks_the_weights_and_is_sampled() -> None:
     from_ema = module.sample(4, noise=noise, num_steps=3)
     from_raw = DDPM(module.denoiser).sample(4, noise=noise, num_steps=3)
     assert not torch.equal(from_ema, from_raw)
+
+
+def test_sample_works_under_inference_mode_as_memwatch_calls_it() -> None:
+    module = DDPM(ResidualMLP(4), sample_shape=(4,), sample_steps=3)
+    noise = torch.randn(5, 4)
+    expected = module.sample(5, noise=noise)
+    with torch.inference_mode():
+        got = module.sample(5, noise=noise, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(got, expected)  # eta = 0: the generator adds nothing once noise is given

@@ -105,3 +105,12 @@ def test_bad_configuration_and_input_errors_name_the_fix() -> None:
         UNet(base_width=8)(torch.randn(1, 1, 30, 30), torch.tensor([1]))
     with pytest.raises(ValueError, match=r"\(B, 1, H, W\)"):
         UNet(base_width=8)(torch.randn(1, 3, 32, 32), torch.tensor([1]))
+
+
+def test_attention_equals_nn_multihead_attention() -> None:
+    block = SelfAttention2d(16, num_heads=4).eval()
+    x = torch.randn(2, 16, 8, 8)
+    seq = block.norm(x).reshape(2, 16, 64).transpose(1, 2)
+    reference, _ = block.attn(seq, seq, seq, need_weights=False)
+    expected = x + reference.transpose(1, 2).reshape(2, 16, 8, 8)
+    assert torch.allclose(block(x), expected, atol=1e-5)

@@ -1,0 +1,18 @@
+"""Everything a training script imports from lightning_memwatch."""
+
+from lightning_memwatch import (  # noqa: F401 (the list is the point)
+    FID,  # FID settings, passed as MemWatch(fid=FID(...))
+    EvalSchedule,  # when to evaluate: every N steps, log-spaced, the paper's grid, explicit steps
+    MemorizationEarlyStopping,  # stop at tau_mem, keep the best weights of [tau_gen, tau_mem)
+    MemorizationFraction,  # torchmetrics Metric: f_mem summed over update() calls and DDP ranks
+    MemorizationResult,  # what memorization_fraction returns
+    MemWatch,  # the callback
+    NearestNeighbourIndex,  # exact k-NN over the training set (FAISS GPU/CPU or torch)
+    TimescaleDetector,  # the tau_gen / tau_mem rules
+    TimescaleEvent,  # one flag: step, rule, reason
+    detect_timescales,  # the same rules over a finished history
+    forecast_tau_mem,  # fit tau_mem = slope * n over runs at several n
+    memorization_fraction,  # f_mem and its confidence interval for one batch of samples
+    memorization_ratios,  # d1 / d2 per sample
+)
+from lightning_memwatch.log import F_MEM, FID_KEY, TAU_GEN, TAU_MEM  # noqa: F401 (logged keys, for monitor=...)

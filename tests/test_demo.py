@@ -1,0 +1,129 @@
+"""`memwatch demo --quick` end to end (logs, summary.json, plots), plus the demo's small pieces."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from lightning_memwatch import log as mwlog
+from lightning_memwatch.demo import (
+    CLASSIFIER_FILENAME,
+    DemoConfig,
+    DigitFeatureNet,
+    build_parser,
+    classifier_accuracy,
+    classifier_frechet_distance,
+    config_from_args,
+    ema_warmup_decay,
+    main,
+    train_digit_classifier,
+)
+from lightning_memwatch.report import PLOT_NAMES, RUN_METADATA, read_event_records
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo") / "out"
+    import contextlib
+    import io
+
+    buffer = io.StringIO()
+    with contextlib.redirect_stdout(buffer):
+        code = main(["--quick", "--out", str(out)])
+    return out, code, buffer.getvalue()
+
+
+def test_quick_demo_writes_summary_plots_and_logs(quick_run):
+    out, code, printed = quick_run
+    assert code == 0
+    config = DemoConfig.quick()
+    summary = json.loads((out / "summary.json").read_text())
+    assert [r["n"] for r in summary["runs"]] == list(config.ns)
+    for run in summary["runs"]:
+        for key in ("tau_gen", "tau_mem"):
+            assert run[key] is None or (isinstance(run[key], int) and run[key] >= 0)
+        assert 0.0 <= run["final_f_mem"] <= 1.0
+        assert math.isfinite(run["best_fid"]) and run["best_fid"] >= 0
+        assert run["detector"]["mem_rule"] == "threshold" and run["detector"]["f0"] == config.mem_threshold
+    assert set(summary["fit"]) >= {"slope", "intercept", "r2", "exponent"}
+    # the offline flags of the report equal the ones MemWatch raised during training
+    online = {r["n"]: (r["tau_gen_online"], r["tau_mem_online"]) for r in summary["demo"]["runs"]}
+    assert {r["n"]: (r["tau_gen"], r["tau_mem"]) for r in summary["runs"]} == online
+    for name in PLOT_NAMES:
+        data = (out / "plots" / name).read_bytes()
+        assert data.startswith(PNG_MAGIC) and len(data) > 5000, name
+    assert "tau_gen" in printed and "tensorboard --logdir" in printed and "memwatch report:" in printed
+
+
+def test_quick_demo_tensorboard_logs_hold_every_evaluation(quick_run):
+    out, _, _ = quick_run
+    config = DemoConfig.quick()
+    for n in config.ns:
+        run_dir = out / "logs" / f"n{n}"
+        meta = json.loads((run_dir / RUN_METADATA).read_text())
+        assert meta["n"] == n and meta["detector"]["floor"] == config.gen_threshold
+        assert meta["result"]["steps"] == config.max_steps(n) or meta["result"]["stopped_early"]
+        records = read_event_records([run_dir])
+        steps = [r["step"] for r in records]
+        period = config.eval_period(n)
+        assert steps == list(range(0, meta["result"]["steps"] + 1, period))
+        assert all(0.0 <= r["f_mem"] <= 1.0 and r["fid"] is not None and r["fid"] > 0 for r in records)
+        assert all(r["f_mem_ci_low"] <= r["f_mem"] <= r["f_mem_ci_high"] for r in records)
+        assert any(p.name.startswith("events.out.tfevents") for p in run_dir.iterdir())
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(out / "logs" / f"n{config.ns[0]}"), size_guidance={"images": 0})
+    acc.Reload()
+    assert mwlog.SAMPLES_IMAGE in acc.Tags()["images"]
+    net = DigitFeatureNet()
+    net.load_state_dict(torch.load(out / CLASSIFIER_FILENAME, weights_only=True))
+
+
+def test_digit_classifier_features_separate_digits_from_noise():
+    from lightning_memwatch.data import DigitsDataModule
+
+    data = DigitsDataModule(n=256, num_heldout=1285)
+    data.setup("fit")
+    net = train_digit_classifier(data.heldout_images(), data.heldout_labels(), epochs=150, seed=1)
+    assert not any(p.requires_grad for p in net.parameters()) and not net.training
+    assert classifier_accuracy(net, data.train_images(), data.train_labels()) > 0.9  # unseen digits
+    assert net(data.train_images()).shape == (256, DigitFeatureNet.num_features)
+    real = classifier_frechet_distance(net, data.train_images(), data.heldout_images())
+    noise = torch.rand(256, 1, 8, 8, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    assert real * 10 < classifier_frechet_distance(net, noise, data.heldout_images())
+
+
+def test_ema_warmup_decay():
+    assert ema_warmup_decay(0, 0.999) == pytest.approx(0.1)
+    assert ema_warmup_decay(90, 0.999) == pytest.approx(0.91)
+    assert ema_warmup_decay(100_000, 0.999) == 0.999
+    assert all(ema_warmup_decay(t, 0.999) <= ema_warmup_decay(t + 1, 0.999) for t in range(0, 20_000, 7))
+
+
+def test_config_from_command_line():
+    config = config_from_args(build_parser().parse_args(["--n", "32", "64", "--ema", "0", "--out", "x"]))
+    assert config.ns == (32, 64) and config.ema_decay is None and str(config.out) == "x"
+    assert config.num_samples == DemoConfig().num_samples
+    quick = config_from_args(build_parser().parse_args(["--quick", "--mem-threshold", "0.1"]))
+    assert quick.mem_threshold == 0.1 and quick.ns == DemoConfig.quick().ns
+    assert DemoConfig().eval_period(256) == 128 and DemoConfig().eval_period(64) == 100
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"ns": (64, 64)}, "distinct"),
+        ({"ns": (1300,)}, "non-held-out"),
+        ({"ema_decay": 1.0}, "ema_decay"),
+        ({"workers": 0}, "workers"),
+        ({"mem_threshold": 1.5}, "mem_threshold"),
+    ],
+)
+def test_bad_settings_name_the_fix(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        DemoConfig(**kwargs)

@@ -1,0 +1,532 @@
+"""The documentation cannot drift from the code.
+
+* Every ```python block in docs/ is an include of a file in docs/snippets/ (pymdownx.snippets ``--8<--``) or is
+  explicitly marked ``<!-- not-runnable: reason -->``; every included snippet is run by a test below.
+* The snippets run here at tiny sizes (CPU, a few optimizer steps, temporary directories).
+* Facts the pages state about the code are checked against it: logged keys, the confidence-interval numbers of
+  the concepts page, the command lines of bash blocks, the printed line formats of the recorded tutorial run.
+
+The full-size tutorial run (about two minutes) is opt-in: ``MEMWATCH_DOCS_FULL=1 pytest tests/test_docs.py``.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import re
+import runpy
+import shlex
+import shutil
+import subprocess
+import sys
+from contextlib import redirect_stdout
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+import lightning_memwatch.log as mwlog
+from lightning_memwatch import EvalSchedule, MemWatch
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCS = ROOT / "docs"
+SNIPPETS = DOCS / "snippets"
+if str(SNIPPETS) not in sys.path:  # the snippets import each other by plain name, as users' files do
+    sys.path.insert(0, str(SNIPPETS))
+
+FENCE = re.compile(r"^(?P<indent>[ \t]*)```(?P<lang>[\w+-]*)[^\n]*\n(?P<body>.*?)^(?P=indent)```[ \t]*$", re.M | re.S)
+PYTHON_LANGS = {"python", "py", "python3", "pycon"}
+INCLUDE = re.compile(r'^\s*--8<--\s+"(?P<target>[^"]+)"\s*$')
+NOT_RUNNABLE = re.compile(r"<!--\s*not-runnable:\s*\S.*?-->\s*$")
+
+# Every snippet file a page may include, and the test that runs it.
+TESTED_SNIPPETS = {
+    "tutorial_module.py": "test_tutorial_runs_and_logs_every_documented_key",
+    "tutorial_train.py": "test_tutorial_runs_and_logs_every_documented_key",
+    "standalone_metric.py": "test_standalone_metric_prints_what_the_concepts_page_says",
+    "stock_callbacks.py": "test_stock_callbacks_act_on_memwatch_keys",
+    "sample_fn.py": "test_sample_fn_adapter",
+    "ema_callback.py": "test_ema_sampler_evaluates_the_averaged_weights",
+    "ddp.py": "test_ddp_trainer_is_built_as_documented",
+    "feature_space.py": "test_feature_fn_puts_the_index_in_feature_space",
+    "public_api.py": "test_public_api_snippet_imports",
+    "offline_fid.py": "test_offline_fid_fails_at_build_with_the_documented_fix",
+}
+
+
+def doc_pages() -> list[Path]:
+    return sorted(p for p in DOCS.rglob("*.md") if SNIPPETS not in p.parents and DOCS / "tools" not in p.parents)
+
+
+def fences(path: Path) -> list[tuple[str, str, int]]:
+    """(language, body, line number) of every fenced block of a page."""
+    text = path.read_text()
+    return [(m["lang"], m["body"], text.count("\n", 0, m.start()) + 1) for m in FENCE.finditer(text)]
+
+
+def includes(body: str) -> list[str] | None:
+    """The targets of a block made only of snippet includes, or None if it holds anything else."""
+    lines = [line for line in body.splitlines() if line.strip()]
+    found = [INCLUDE.match(line) for line in lines]
+    if not lines or not all(found):
+        return None
+    return [m["target"] for m in found]  # type: ignore[index]
+
+
+def snippet_path(target: str) -> tuple[Path, str | None]:
+    name, _, section = target.partition(":")
+    for base in (SNIPPETS, ROOT):
+        if (base / name).is_file():
+            return base / name, section or None
+    raise AssertionError(f"included file {name!r} exists neither in docs/snippets/ nor in the repository root")
+
+
+# ------------------------------------------------------------------------------------------------ doc structure
+
+
+def test_every_python_block_is_a_tested_snippet_or_marked_not_runnable():
+    problems, included = [], set()
+    for page in doc_pages():
+        lines = page.read_text().splitlines()
+        for lang, body, line in fences(page):
+            if lang.lower() not in PYTHON_LANGS:
+                continue
+            targets = includes(body)
+            if targets is None:
+                previous = lines[line - 2] if line >= 2 else ""
+                if not NOT_RUNNABLE.search(previous):
+                    problems.append(
+                        f"{page.relative_to(ROOT)}:{line}: python block is neither an include of "
+                        "docs/snippets/ nor marked <!-- not-runnable: reason -->"
+                    )
+                continue
+            for target in targets:
+                path, section = snippet_path(target)
+                if section is not None:
+                    text = path.read_text()
+                    assert f"--8<-- [start:{section}]" in text and f"--8<-- [end:{section}]" in text, (
+                        f"{page.relative_to(ROOT)}:{line}: section {section!r} missing in {path.name}"
+                    )
+                if path.parent == SNIPPETS:
+                    included.add(path.name)
+    assert not problems, "\n".join(problems)
+    untested = included - set(TESTED_SNIPPETS)
+    assert not untested, f"snippets included in the docs but run by no test: {sorted(untested)}"
+    for name, test in TESTED_SNIPPETS.items():
+        assert (SNIPPETS / name).is_file(), name
+        assert callable(globals().get(test)), test
+
+
+def test_every_snippet_file_is_used_by_a_page():
+    used = set()
+    for page in doc_pages():
+        for _, body, _ in fences(page):
+            used.update(target.partition(":")[0] for target in includes(body) or [])
+    orphans = {p.name for p in SNIPPETS.glob("*.py")} - used
+    assert not orphans, f"snippets no page includes (stale files): {sorted(orphans)}"
+
+
+def test_not_runnable_blocks_compile_and_import_real_names():
+    """Blocks marked not-runnable still have to be valid Python whose imports exist."""
+    import ast
+
+    for page in doc_pages():
+        lines = page.read_text().splitlines()
+        for lang, body, line in fences(page):
+            if lang.lower() not in PYTHON_LANGS or includes(body) is not None:
+                continue
+            tree = ast.parse(body, filename=f"{page.name}:{line}")
+            imports = [node for node in tree.body if isinstance(node, (ast.Import, ast.ImportFrom))]
+            exec(compile(ast.Module(body=imports, type_ignores=[]), f"{page.name}:{line}", "exec"), {})
+            assert NOT_RUNNABLE.search(lines[line - 2])
+
+
+def test_tensorboard_table_lists_exactly_the_logged_keys():
+    text = (DOCS / "tutorial.md").read_text()
+    table = text[text.index("### In TensorBoard") : text.index("### Stock Lightning callbacks")]
+    documented = set(re.findall(r"`(memwatch/[a-z_]+)`", table))
+    constants = {name: getattr(mwlog, name) for name in mwlog.__all__ if isinstance(getattr(mwlog, name), str)}
+    assert set(constants.values()) <= documented, set(constants.values()) - documented
+    assert documented - set(constants.values()) == set(), "the table names keys log.py does not define"
+    for name in constants:  # each constant's Python name appears next to its key
+        assert f"`{name}`" in table, name
+
+
+def test_bash_blocks_use_real_commands_and_options():
+    from lightning_memwatch.demo import build_parser
+
+    demo_parser = build_parser()
+    pages = doc_pages() + [ROOT / "recipes" / "README.md", ROOT / "README.md"]
+    for page in (p for p in pages if p.is_file()):
+        for lang, body, line in fences(page):
+            if lang != "bash":
+                continue
+            for raw in body.replace("\\\n", " ").splitlines():
+                command = raw.split("#", 1)[0].strip()
+                if not command.startswith("memwatch "):
+                    continue
+                words = shlex.split(command)
+                where = f"{page.relative_to(ROOT)}:{line}: {command}"
+                assert words[1] in {"fit", "sweep", "demo", "report"}, where
+                if words[1] == "demo" and not {"-h", "--help"} & set(words):
+                    try:
+                        demo_parser.parse_args(words[2:])
+                    except SystemExit:
+                        pytest.fail(f"{where}: `memwatch demo` rejects these options")
+                if "--config" in words:
+                    config = words[words.index("--config") + 1]
+                    assert (ROOT / config).is_file(), where
+
+
+def test_quickstart_states_the_demo_defaults():
+    from lightning_memwatch.demo import DemoConfig
+
+    defaults = DemoConfig()
+    text = (DOCS / "quickstart.md").read_text()
+    sizes = ", ".join(map(str, defaults.ns[:-1])) + f" and {defaults.ns[-1]}"
+    assert f"training sets of n = {sizes} digits" in text, f"the demo's default n are now {defaults.ns}"
+    assert f"from {defaults.num_samples} fixed noises" in text
+    assert defaults.workers == 2 and defaults.threads_per_worker == 1  # "two runs side by side, one thread each"
+    assert "two runs train side by side, one thread each" in text
+    assert defaults.ema_decay is not None and "with EMA weights" in text
+
+
+# ------------------------------------------------------------------------------------------------ snippets
+
+
+@pytest.fixture(autouse=True)
+def _isolated(monkeypatch, tmp_path):
+    """One CPU thread, caches and working directory under tmp_path."""
+    monkeypatch.setenv("LIGHTNING_MEMWATCH_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.chdir(tmp_path)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def digits16():
+    from tutorial_train import digits
+
+    train, heldout, labels = digits(16)
+    return train, heldout[:64], labels[:64]
+
+
+def loader_of(images: torch.Tensor) -> DataLoader:
+    return DataLoader(TensorDataset(images), batch_size=len(images), shuffle=True)
+
+
+def quiet_trainer_kwargs(tmp_path: Path) -> dict:
+    return dict(
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=str(tmp_path),
+    )
+
+
+def memwatch_lines(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.getMessage().startswith("MemWatch step ")]
+
+
+def shape(line: str) -> str:
+    """A printed line with every number replaced by '#', to compare formats."""
+    return re.sub(r"\d+(\.\d+)?", "#", line)
+
+
+def test_tutorial_runs_and_logs_every_documented_key(tmp_path, caplog):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tutorial_train import main
+
+    caplog.set_level(logging.INFO)
+    with redirect_stdout(io.StringIO()) as out:
+        watch, stopper, model = main(
+            n=32,
+            max_steps=40,
+            eval_every=20,
+            num_samples=32,
+            log_dir=str(tmp_path / "tb"),
+            enable_progress_bar=False,
+            enable_model_summary=False,
+        )
+    assert [r["step"] for r in watch.history] == [0, 20, 40]
+    assert all(r["fid"] is not None and 0.0 <= r["f_mem"] <= 1.0 for r in watch.history)
+    assert watch.history[-1]["fid"] < watch.history[0]["fid"]  # the EMA weights moved and samples improved
+    assert "TensorBoard: tensorboard --logdir" in out.getvalue()
+
+    events = EventAccumulator(
+        str(next((tmp_path / "tb").rglob("events.out.tfevents.*")).parent),
+        size_guidance={"images": 0, "histograms": 0, "scalars": 0},
+    )
+    events.Reload()
+    tags = events.Tags()
+    for key in (
+        mwlog.F_MEM,
+        mwlog.F_MEM_CI_LOW,
+        mwlog.F_MEM_CI_HIGH,
+        mwlog.RATIO_MEDIAN,
+        mwlog.FID_KEY,
+        mwlog.FID_NUM_SAMPLES,
+    ):
+        assert [e.step for e in events.Scalars(key)] == [0, 20, 40], key
+    assert {mwlog.SAMPLES_IMAGE, mwlog.PAIRS_IMAGE} <= set(tags["images"])
+    assert mwlog.RATIO_HISTOGRAM in tags["histograms"]
+
+    # the recorded run on the tutorial page prints lines of the same format as this run
+    recorded = [line for line in (DOCS / "tutorial.md").read_text().splitlines() if line.startswith("MemWatch step 0:")]
+    assert recorded and shape(recorded[0]) == shape(memwatch_lines(caplog)[0])
+
+
+@pytest.mark.skipif(os.environ.get("MEMWATCH_DOCS_FULL") != "1", reason="full tutorial run: set MEMWATCH_DOCS_FULL=1")
+def test_full_tutorial_stops_inside_the_window(tmp_path):
+    from tutorial_train import main
+
+    watch, stopper, model = main(log_dir=str(tmp_path / "tb"), enable_progress_bar=False)
+    assert watch.tau_gen is not None and watch.tau_mem is not None and watch.tau_gen < watch.tau_mem
+    assert stopper.stopped_step == watch.tau_mem
+    assert watch.tau_gen <= stopper.restored_step < watch.tau_mem
+
+
+def test_standalone_metric_prints_what_the_concepts_page_says():
+    with redirect_stdout(io.StringIO()) as out:
+        runpy.run_path(str(SNIPPETS / "standalone_metric.py"), run_name="__main__")
+    first = out.getvalue().splitlines()[0]
+    assert first == "f_mem = 0.0040, 95% CI [0.0010, 0.0080]"
+    assert f"It prints `{first}`" in (DOCS / "concepts.md").read_text()
+    assert "memorized samples: [996, 997, 998, 999]" in out.getvalue()
+
+
+def test_concepts_confidence_interval_numbers():
+    """Four memorized samples lift the interval's lower bound above 0 at every m the page names; the upper
+    bounds at zero copies are the ones it quotes."""
+    from lightning_memwatch.metrics.memorization import _fraction_interval
+
+    def interval(count, m):
+        return _fraction_interval(count, m, bootstrap=1000, seed=0, confidence=0.95)
+
+    for m in (256, 512, 1000, 10_000):
+        assert interval(3, m)[0] == 0.0 and interval(4, m)[0] > 0.0, m
+    assert round(100 * interval(0, 256)[1], 1) == 1.4
+    assert round(100 * interval(0, 1000)[1], 2) == 0.37
+    text = (DOCS / "concepts.md").read_text()
+    assert "tau_mem fires once 4 samples are memorized" in text and "1.4% at m = 256, 0.37% at m = 1000" in text
+
+
+@pytest.fixture(scope="module")
+def random_inception_weights(tmp_path_factory):
+    """A randomly initialised torch-fidelity Inception state dict (the real file is 91 MB and offline here)."""
+    from torch_fidelity import feature_extractor_inceptionv3 as tf_inception
+
+    cls = tf_inception.FeatureExtractorInceptionV3
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(tf_inception, "load_state_dict_from_url", lambda *a, **k: {})
+        mp.setattr(cls, "load_state_dict", lambda self, state, strict=True: None)
+        torch.manual_seed(0)
+        network = cls("inception-v3-compat", ["2048"])
+    for module in network.modules():
+        if isinstance(module, nn.Conv2d):
+            nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
+    path = tmp_path_factory.mktemp("weights") / "weights-inception-2015-12-05-6726825d.pth"
+    torch.save(network.state_dict(), path)
+    return path
+
+
+def test_stock_callbacks_act_on_memwatch_keys(tmp_path, monkeypatch, digits16, random_inception_weights):
+    from stock_callbacks import stock_callbacks
+    from tutorial_module import TinyDiffusion
+
+    from lightning_memwatch.metrics.features import INCEPTION_WEIGHTS_ENV
+
+    monkeypatch.setenv(INCEPTION_WEIGHTS_ENV, str(random_inception_weights))  # the offline page's variable
+    train, heldout, _ = digits16
+    with pytest.warns(UserWarning):  # FID from 8 samples: rank-deficient covariance, warned
+        trainer, watch, best_fid, stop = stock_callbacks(
+            heldout[:8], eval_every=2, max_steps=4, num_samples=8, sample_batch_size=8, verbose=False
+        )
+        trainer.fit(TinyDiffusion(), loader_of(train))
+    assert [r["step"] for r in watch.history] == [0, 2, 4]
+    best = min(watch.history[1:], key=lambda r: r["fid"])  # checkpoints are taken at steps 2 and 4
+    assert float(best_fid.best_model_score) == pytest.approx(best["fid"], rel=1e-6)
+    assert f"step={best['step']}" in Path(best_fid.best_model_path).name
+    assert stop.monitor == mwlog.F_MEM and trainer.global_step == 4  # no copies: nothing stopped
+
+
+def test_sample_fn_adapter(tmp_path, digits16):
+    import lightning as L
+    import sample_fn as snippet
+
+    assert snippet.watch.sample_fn is snippet.sample_fn  # the documented construction
+    train, _, _ = digits16
+    model = snippet.PipelineModel()
+    watch = MemWatch(
+        sample_fn=snippet.sample_fn,
+        num_samples=8,
+        sample_batch_size=4,
+        schedule=EvalSchedule.at([2]),
+        bootstrap=50,
+        verbose=False,
+    )
+    L.Trainer(max_steps=2, callbacks=[watch], **quiet_trainer_kwargs(tmp_path)).fit(model, loader_of(train))
+    assert [r["step"] for r in watch.history] == [2]
+    noise = torch.randn(3, 1, 8, 8)
+    model.eval()
+    adapted = snippet.sample_fn(model, 3, noise=noise)
+    assert torch.allclose(adapted, model.sample(3, noise=noise), atol=1e-6)  # back in [-1, 1], same images
+    assert float(model.generate(noise).min()) >= 0.0
+
+
+def test_ema_sampler_evaluates_the_averaged_weights(tmp_path, digits16):
+    import ema_callback as snippet
+    import lightning as L
+    from lightning.pytorch.callbacks import EMAWeightAveraging
+    from tutorial_module import TinyDiffusion
+
+    assert snippet.trainer.callbacks.index(snippet.ema) < snippet.trainer.callbacks.index(snippet.watch)
+    train, _, _ = digits16
+    ema = EMAWeightAveraging(decay=0.5)
+    watch = MemWatch(
+        sample_fn=snippet.ema_sampler(ema),
+        num_samples=8,
+        sample_batch_size=8,
+        schedule=EvalSchedule.at([3, 6]),
+        bootstrap=50,
+        verbose=False,
+    )
+    seen = []
+
+    def check(trainer, module, record):
+        noise = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+        averaged = ema._average_model.module  # the private attribute the snippet relies on
+        assert isinstance(averaged, TinyDiffusion) and averaged is not module
+        via_watch = watch.sample_fn(module, 4, noise=noise)
+        assert torch.equal(via_watch, averaged.sample(4, noise=noise))
+        module.eval()
+        assert not torch.allclose(via_watch, module.sample(4, noise=noise))  # the raw weights differ
+        module.train()
+        seen.append(record["step"])
+
+    watch.add_listener(check)
+    model = TinyDiffusion(ema_decay=None)
+    L.Trainer(max_steps=6, callbacks=[ema, watch], **quiet_trainer_kwargs(tmp_path)).fit(model, loader_of(train))
+    assert seen == [3, 6]
+
+
+def test_ddp_trainer_is_built_as_documented(tmp_path):
+    from ddp import ddp_trainer
+    from lightning.pytorch.strategies import DDPStrategy
+
+    trainer, watch, stopper = ddp_trainer(accelerator="cpu", devices=1, max_steps=10)
+    assert isinstance(trainer.strategy, DDPStrategy)
+    assert watch in trainer.callbacks and stopper in trainer.callbacks and stopper.watch is watch
+    assert len(watch.schedule.steps) == 81 and watch.num_samples == 10_000
+    assert stopper.dirpath == "checkpoints/memwatch"
+
+
+def test_feature_fn_puts_the_index_in_feature_space(tmp_path, digits16):
+    import lightning as L
+    from feature_space import FrozenEncoder, LatentModel, make_watch
+
+    train, _, _ = digits16
+    encoder = FrozenEncoder()
+    watch = make_watch(
+        encoder, num_samples=8, sample_batch_size=8, schedule=EvalSchedule.at([2]), bootstrap=50, verbose=False
+    )
+    L.Trainer(max_steps=2, callbacks=[watch], **quiet_trainer_kwargs(tmp_path)).fit(LatentModel(), loader_of(train))
+    assert len(watch.history) == 1
+    assert watch._index.dim == 16  # the encoder's features, not the 64 pixels
+    copies = train[:4]
+    distances, indices = watch._index.search(copies)
+    assert indices[:, 0].tolist() == [0, 1, 2, 3] and float(distances[:, 0].max()) == 0.0
+
+
+def test_public_api_snippet_imports():
+    namespace = runpy.run_path(str(SNIPPETS / "public_api.py"))
+    import lightning_memwatch
+
+    exported = {name for name in lightning_memwatch.__all__}
+    assert exported <= set(namespace), exported - set(namespace)
+
+
+def test_offline_fid_fails_at_build_with_the_documented_fix(digits16, monkeypatch, tmp_path):
+    from offline_fid import offline_watch
+
+    from lightning_memwatch.metrics import features
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))  # an empty hub cache
+    watch = offline_watch(digits16[1])
+    assert watch.fid.weights_path.endswith(features.INCEPTION_WEIGHTS_FILENAME)
+    with pytest.raises(features.InceptionWeightsNotFoundError) as error:
+        watch.fid.build(data_range=(-1.0, 1.0), device="cpu")
+    message = str(error.value)
+    assert features.INCEPTION_WEIGHTS_URL in message and features.INCEPTION_WEIGHTS_ENV in message
+
+
+def test_offline_page_names_the_real_files_and_variables(monkeypatch, tmp_path):
+    from lightning_memwatch import cache
+    from lightning_memwatch.metrics import features
+
+    text = (DOCS / "offline.md").read_text()
+    for fact in (
+        features.INCEPTION_WEIGHTS_URL,
+        features.INCEPTION_WEIGHTS_FILENAME,
+        features.INCEPTION_WEIGHTS_ENV,
+        cache.CACHE_DIR_ENV,
+        "`~/.cache/lightning_memwatch`",
+        "fid-ref-<key>.pt",
+    ):
+        assert fact in text, fact
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "th"))
+    hub = tmp_path / "th" / "hub" / "checkpoints" / features.INCEPTION_WEIGHTS_FILENAME
+    assert features.hub_inception_weights_path() == hub
+    monkeypatch.setenv(cache.CACHE_DIR_ENV, str(tmp_path / "c"))
+    assert cache.default_cache_dir() == tmp_path / "c"
+    monkeypatch.delenv(cache.CACHE_DIR_ENV)
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+    assert cache.default_cache_dir() == Path.home() / ".cache" / "lightning_memwatch"
+
+
+# ------------------------------------------------------------------------------------------------ tooling
+
+
+@pytest.mark.skipif(
+    not any(shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome")),
+    reason="no Chromium installed (apt-get install chromium)",
+)
+def test_screenshot_tool_shoots_a_memwatch_run(tmp_path, digits16):
+    import lightning as L
+    from lightning.pytorch.loggers import TensorBoardLogger
+    from tutorial_module import TinyDiffusion
+
+    train, _, _ = digits16
+    watch = MemWatch(num_samples=8, sample_batch_size=8, schedule=EvalSchedule.every(2), bootstrap=50, verbose=False)
+    kwargs = quiet_trainer_kwargs(tmp_path) | {"logger": TensorBoardLogger(str(tmp_path / "logs"), name="run")}
+    L.Trainer(max_steps=4, callbacks=[watch], **kwargs).fit(TinyDiffusion(), loader_of(train))
+    out = tmp_path / "shot.png"
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(DOCS / "tools" / "screenshot.py"),
+            "--logdir",
+            str(tmp_path / "logs"),
+            "--out",
+            str(out),
+            "--width",
+            "800",
+            "--height",
+            "600",
+            "--render-ms",
+            "5000",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 10_000
