@@ -246,6 +246,7 @@ def test_tutorial_runs_and_logs_every_documented_key(tmp_path, caplog):
     from tutorial_train import main
 
     caplog.set_level(logging.INFO)
+    caplog.set_level(logging.INFO, logger="lightning.pytorch")  # other tests may have quietened Lightning
     with redirect_stdout(io.StringIO()) as out:
         watch, stopper, model = main(
             n=32,

@@ -37,6 +37,7 @@ import warnings
 from collections.abc import Callable
 from typing import Any, Literal
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -386,9 +387,7 @@ class NearestNeighbourIndex:
         out = torch.empty(len(pair_q), dtype=torch.float64, device=self.device)
         step = 64 * _RERANK_CHUNK
         for i in range(0, len(pair_q), step):
-            diff = self._rows[pair_t[i : i + step]].to(torch.float64)
-            diff -= q[pair_q[i : i + step]].to(torch.float64)
-            out[i : i + step] = (diff * diff).sum(dim=1)
+            out[i : i + step] = self._exact_sq(q[pair_q[i : i + step]], pair_t[i : i + step, None])[:, 0]
         return out
 
     def _fast_topc(self, q: Tensor, c: int) -> tuple[Tensor, Tensor]:
@@ -429,17 +428,29 @@ class NearestNeighbourIndex:
         return dist.to(torch.float64), cand
 
     def _rerank(self, q: Tensor, cand: Tensor) -> tuple[Tensor, Tensor]:
-        """Exact squared distances (float64 differences) of the candidates, sorted; ties by lower row."""
+        """Exact squared distances of the candidates, sorted; ties by lower row."""
         cand, _ = cand.sort(dim=1)
-        exact = torch.empty(cand.shape, dtype=torch.float64, device=self.device)
-        # On CPU, small chunks stay in cache (several times faster than one shot); on GPU, fewer launches.
-        step = _RERANK_CHUNK if self.device.type == "cpu" else 64 * _RERANK_CHUNK
+        exact, order = self._exact_sq(q, cand).sort(dim=1, stable=True)
+        return exact, torch.gather(cand, 1, order)
+
+    def _exact_sq(self, q: Tensor, cand: Tensor) -> Tensor:
+        """``||q[i] - rows[cand[i, j]]||^2`` from float64 differences of the float32 rows, ``(b, c)`` float64."""
+        out = torch.empty(cand.shape, dtype=torch.float64, device=self.device)
+        if self.device.type == "cpu":
+            # numpy, single-threaded, in cache-sized chunks: many small OpenMP regions cost more than the work
+            # itself when the cores are shared (a training job's data loaders, other processes).
+            rows, q_np, cand_np, out_np = self._rows.numpy(), q.numpy(), cand.numpy(), out.numpy()
+            for i in range(0, len(q), _RERANK_CHUNK):
+                diff = rows[cand_np[i : i + _RERANK_CHUNK]].astype(np.float64)
+                diff -= q_np[i : i + _RERANK_CHUNK, None, :]
+                out_np[i : i + _RERANK_CHUNK] = np.einsum("ijk,ijk->ij", diff, diff)
+            return out
+        step = 64 * _RERANK_CHUNK
         for i in range(0, len(q), step):
             diff = self._rows[cand[i : i + step]].to(torch.float64)
             diff -= q[i : i + step, None, :].to(torch.float64)
-            exact[i : i + step] = (diff * diff).sum(dim=2)
-        exact, order = exact.sort(dim=1, stable=True)
-        return exact, torch.gather(cand, 1, order)
+            out[i : i + step] = (diff * diff).sum(dim=2)
+        return out
 
 
 def _positive_int(value: object, name: str) -> int:
