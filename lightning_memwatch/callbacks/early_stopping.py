@@ -165,7 +165,8 @@ class MemorizationEarlyStopping(Callback):
             )
         self._monitor_checked = False
         watch_metrics = getattr(self.watch, "metrics", {}) or {}
-        if self.monitor == "fid" and hasattr(self.watch, "fid") and self.watch.fid is None and "fid" not in watch_metrics:
+        fid_off = hasattr(self.watch, "fid") and self.watch.fid is None and "fid" not in watch_metrics
+        if self.monitor == "fid" and fid_off:
             # FID is known to be off before training starts: fail (or warn) now rather than at the first evaluation
             self._check_monitor({"step": trainer.global_step})
         self.watch.add_listener(self._on_evaluation)
