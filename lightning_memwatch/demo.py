@@ -34,6 +34,7 @@ Open the logs with ``tensorboard --logdir runs/demo/logs``.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -43,7 +44,7 @@ import os
 import sys
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -318,8 +319,12 @@ def _ema_warmup_callback(decay: float) -> Any:
 # one run (in a worker process)
 
 
+_LIGHTNING_LOGGERS = ("lightning.pytorch", "lightning.fabric", "lightning", "pytorch_lightning")
+
+
 def _quiet_lightning() -> None:
-    for name in ("lightning.pytorch", "lightning.fabric", "lightning", "pytorch_lightning"):
+    """Silence Lightning's banners and the warnings that do not apply to the demo (process-wide: workers)."""
+    for name in _LIGHTNING_LOGGERS:
         logging.getLogger(name).setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
     warnings.filterwarnings("ignore", message=".*smaller than the logging interval.*")
@@ -341,6 +346,19 @@ def _say(text: str) -> None:
     print(text, flush=True)
 
 
+@contextlib.contextmanager
+def _quieted() -> Iterator[None]:
+    """:func:`_quiet_lightning` for the duration of a block: warning filters and logger levels restored after."""
+    levels = {name: logging.getLogger(name).level for name in _LIGHTNING_LOGGERS}
+    with warnings.catch_warnings():
+        _quiet_lightning()
+        try:
+            yield
+        finally:
+            for name, level in levels.items():
+                logging.getLogger(name).setLevel(level)
+
+
 def train_one(config: DemoConfig, n: int, classifier_state: dict[str, Tensor]) -> dict[str, Any]:
     """Train the run with ``n`` training digits until shortly after tau_mem (or the step cap).
 
@@ -355,7 +373,6 @@ def train_one(config: DemoConfig, n: int, classifier_state: dict[str, Tensor]) -
     from lightning_memwatch.models import DDPM, ResidualMLP
     from lightning_memwatch.report import write_run_metadata
 
-    _quiet_lightning()
     start = time.perf_counter()
     L.seed_everything(config.seed + n, verbose=False)
     datamodule = DigitsDataModule(
@@ -517,10 +534,13 @@ def run_demo(config: DemoConfig | None = None, *, echo: Callable[[str], None] = 
         The ``summary.json`` content (:func:`lightning_memwatch.report.report`), plus ``"demo"``: timings and
         the online results of each run.
     """
+    with _quieted():
+        return _run_demo(config or DemoConfig(), echo)
+
+
+def _run_demo(config: DemoConfig, echo: Callable[[str], None]) -> dict[str, Any]:
     from lightning_memwatch.report import report
 
-    config = config or DemoConfig()
-    _quiet_lightning()
     start = time.perf_counter()
     out = config.out
     out.mkdir(parents=True, exist_ok=True)

@@ -127,3 +127,21 @@ def test_config_from_command_line():
 def test_bad_settings_name_the_fix(kwargs, match):
     with pytest.raises(ValueError, match=match):
         DemoConfig(**kwargs)
+
+
+def test_in_process_run_leaves_warning_filters_and_loggers_alone(tmp_path):
+    import logging
+    import warnings
+
+    from lightning_memwatch.demo import run_demo
+
+    filters_before = list(warnings.filters)
+    level_before = logging.getLogger("lightning.pytorch").level
+    config = DemoConfig.quick(out=tmp_path / "one", ns=(8, 16), workers=1, max_steps_extra=50, plots=False)
+    lines: list[str] = []
+    summary = run_demo(config, echo=lines.append)
+    assert [r["n"] for r in summary["runs"]] == [8, 16] and summary["plots"] == []
+    assert [r["steps"] for r in summary["demo"]["runs"]] == [50, 50]
+    assert any("memwatch report: 2 run(s)" in line for line in lines)
+    assert warnings.filters == filters_before
+    assert logging.getLogger("lightning.pytorch").level == level_before
