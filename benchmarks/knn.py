@@ -44,6 +44,7 @@ except ImportError:  # pragma: no cover
 CHECK_QUERIES = 200
 CDIST_BLOCK = 1024
 TARGET_PEAK, TARGET_CDIST = 0.80, 1.5
+SETTLE_SECONDS = 0.5
 
 
 @dataclass
@@ -165,6 +166,7 @@ def run_shape(m: int, n: int, d: int, repeats: int, device: torch.device, seed: 
         method.run()
     for _ in range(repeats):  # interleaved, so that background load hits every method alike
         for method in methods:
+            time.sleep(SETTLE_SECONDS)  # let the previous method's BLAS/OpenMP threads stop spinning
             method.times.append(_time(method.run, device))
     rate = {x.name: x.flops / min(x.times) / 1e9 for x in methods}
     peak = max(rate[x.name] for x in methods if x.is_gemm)

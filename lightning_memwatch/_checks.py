@@ -27,7 +27,9 @@ def check_float_tensor(x: object, name: str) -> Tensor:
 
 def check_finite(x: Tensor, name: str) -> None:
     """Raise if ``x`` holds NaN or Inf, with the count of bad entries."""
-    bad = ~torch.isfinite(x)
+    if x.numel() == 0 or bool(torch.isfinite(x.sum())):  # one cheap reduction in the common case
+        return
+    bad = ~torch.isfinite(x)  # the sum may also overflow: look at every entry
     if bool(bad.any()):
         rows = bad.reshape(len(x), -1).any(dim=1) if x.ndim > 0 and len(x) > 0 else bad
         raise ValueError(

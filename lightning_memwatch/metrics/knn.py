@@ -55,8 +55,9 @@ _CANDIDATE_SLACK = 4
 # Safety factor on the rounding-error bound of the float32 expansion.
 _BOUND_SAFETY = 1.25
 _UNIT_FP32 = 2.0**-24
-# Queries per chunk of the exact re-ranking.
+# Queries per chunk of the exact re-ranking, and whether CPU re-ranking runs in numpy (see `_exact_sq`).
 _RERANK_CHUNK = 64
+_NUMPY_ON_CPU = True
 
 
 def _import_faiss() -> Any | None:
@@ -436,7 +437,7 @@ class NearestNeighbourIndex:
     def _exact_sq(self, q: Tensor, cand: Tensor) -> Tensor:
         """``||q[i] - rows[cand[i, j]]||^2`` from float64 differences of the float32 rows, ``(b, c)`` float64."""
         out = torch.empty(cand.shape, dtype=torch.float64, device=self.device)
-        if self.device.type == "cpu":
+        if self.device.type == "cpu" and _NUMPY_ON_CPU:
             # numpy, single-threaded, in cache-sized chunks: many small OpenMP regions cost more than the work
             # itself when the cores are shared (a training job's data loaders, other processes).
             rows, q_np, cand_np, out_np = self._rows.numpy(), q.numpy(), cand.numpy(), out.numpy()

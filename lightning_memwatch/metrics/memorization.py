@@ -84,7 +84,8 @@ def _as_index(index_or_train: NearestNeighbourIndex | Tensor) -> NearestNeighbou
 
 def _neighbours(generated: Tensor, index_or_train: NearestNeighbourIndex | Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """Ratios, distances and nn indices, on ``generated``'s device."""
-    generated = check_batch(generated, "generated")
+    if not isinstance(index_or_train, NearestNeighbourIndex):
+        check_batch(generated, "generated")  # fail before building an index; the search checks it otherwise
     index = _as_index(index_or_train)
     distances, nn_indices = index._search(generated, 2, "generated")
     d1, d2 = distances[:, 0], distances[:, 1]

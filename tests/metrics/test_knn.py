@@ -100,6 +100,34 @@ def test_uncertified_rows_fall_back_to_float64() -> None:
         torch.testing.assert_close(distances.double(), want_d, rtol=1e-7, atol=0)
 
 
+def test_torch_reranking_path_matches_numpy(data, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The GPU code path of the exact re-ranking, exercised on CPU.
+    train, queries = data
+    want = NearestNeighbourIndex(train, backend="torch").search(queries)
+    monkeypatch.setattr(knn_module, "_NUMPY_ON_CPU", False)
+    got = NearestNeighbourIndex(train, backend="torch").search(queries)
+    assert torch.equal(got[1], want[1])
+    torch.testing.assert_close(got[0], want[0], rtol=1e-7, atol=0)
+
+
+@pytest.mark.parametrize("precision", ["high", "medium"])
+def test_reduced_matmul_precision_widens_the_bound_and_stays_exact(data, precision: str) -> None:
+    # TF32/bfloat16 matmuls may be enabled by the user (Lightning suggests it): the bound grows, more rows take
+    # the widened pass (in float64 then), and results stay exact.
+    train, queries = data
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision(precision)
+    try:
+        index = NearestNeighbourIndex(train * 30.0, backend="torch")
+        distances, indices = index.search(queries * 30.0)
+    finally:
+        torch.set_float32_matmul_precision(previous)
+    want_d, want_i = brute_force(queries * 30.0, train * 30.0, 2)
+    assert index.num_fallback > 0 or precision == "high"
+    assert torch.equal(indices, want_i)
+    torch.testing.assert_close(distances.double(), want_d, rtol=1e-6, atol=1e-6)
+
+
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_exact_ties_go_to_the_lower_row(backend: str) -> None:
     # 2 x 16 rows at exactly distance 1 from the origin, shuffled, plus far rows: every query at the origin has
