@@ -53,32 +53,12 @@ _SHORT_NAMES = {"n": "n", "base_width": "W", "dim": "d"}
 
 
 # ---------------------------------------------------------------------------------------------- fit
-class SyncDataRange(L.Callback):
-    """Give each MemWatch callback the datamodule's ``data_range`` at setup (after the data is loaded).
-
-    Placed first in ``trainer.callbacks`` by ``memwatch fit``; Lightning sets the datamodule up before the
-    callbacks, so the range (e.g. ``(-mean, 1 - mean)`` for centred CelebA) is known here.
-    """
-
-    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        value = getattr(getattr(trainer, "datamodule", None), "data_range", None)
-        if value is None:
-            return
-        data_range = (float(value[0]), float(value[1]))
-        from lightning_memwatch.callbacks.memwatch import MemWatch
-
-        for callback in trainer.callbacks:  # type: ignore[attr-defined]
-            if isinstance(callback, MemWatch) and tuple(callback.data_range) != data_range:
-                callback.data_range = data_range
-                if trainer.is_global_zero:
-                    print(f"memwatch fit: MemWatch data_range set to the datamodule's {data_range}.")
-
-
 class RecipeCLI(LightningCLI):
-    """LightningCLI for the recipes: any module/datamodule by ``class_path``; see :class:`SyncDataRange`."""
+    """LightningCLI for the recipes: any module/datamodule by ``class_path``.
 
-    def before_fit(self) -> None:
-        self.trainer.callbacks.insert(0, SyncDataRange())  # type: ignore[attr-defined]
+    Recipes give MemWatch ``data_range: null``: it then reads the datamodule's ``data_range`` at setup (e.g.
+    ``(-mean, 1 - mean)`` for the paper's centred CelebA, known only once the data is loaded).
+    """
 
 
 def run_fit(argv: Sequence[str] | None) -> int:

@@ -122,7 +122,7 @@ def _tiny_config(source: str, tmp_path: Path, **data_args: object) -> Path:
     return path
 
 
-def test_fit_saves_config_next_to_logs_and_syncs_data_range(tmp_path: Path) -> None:
+def test_fit_saves_config_next_to_logs_and_reads_data_range(tmp_path: Path) -> None:
     config = _tiny_config("quick_unet_digits.yaml", tmp_path, n=8, num_heldout=64)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
