@@ -5,8 +5,32 @@ Nothing here modifies its input in place; conversions return new tensors.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 from torch import Tensor
+
+IMAGE_KEYS = ("image", "images", "img", "x", "input")
+
+
+def images_of_batch(batch: object, name: str = "a batch") -> Tensor:
+    """Images from a dataset item or loader batch: the tensor itself, the first tensor of a tuple/list, or an
+    image-like entry of a dict (keys ``IMAGE_KEYS``, else its first tensor value). Labels are dropped."""
+    if isinstance(batch, Tensor):
+        return batch
+    if isinstance(batch, Mapping):
+        for key in IMAGE_KEYS:
+            if isinstance(batch.get(key), Tensor):
+                return batch[key]
+        batch = list(batch.values())
+    if isinstance(batch, (tuple, list)):
+        for item in batch:
+            if isinstance(item, Tensor):
+                return item
+    raise TypeError(
+        f"Cannot find images in {name} of type {type(batch).__name__}: yield tensors, (images, labels) tuples, "
+        f"or dicts with an 'image' key, or pass the images as one tensor."
+    )
 
 
 def check_float_tensor(x: object, name: str) -> Tensor:

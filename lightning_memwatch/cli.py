@@ -9,9 +9,9 @@ Usage::
 
 ``fit`` is Lightning's ``LightningCLI`` (any LightningModule / LightningDataModule by ``class_path``); it
 saves the resolved configuration as ``config.yaml`` next to the TensorBoard logs (``trainer.log_dir``).
-Before training it gives every :class:`~lightning_memwatch.MemWatch` callback the datamodule's
-``data_range`` when the datamodule declares one: the paper's centred CelebA lies in ``(-mean, 1 - mean)``
-with the mean of the training subset, known only once the data is loaded.
+The recipes give :class:`~lightning_memwatch.MemWatch` ``data_range: null``, so it reads the datamodule's
+``data_range`` at setup: the paper's centred CelebA lies in ``(-mean, 1 - mean)`` with the mean of the
+training subset, known only once the data is loaded.
 
 ``sweep`` runs ``memwatch fit`` once per value (sequentially, one process each; with several GPUs, one
 process per GPU at a time), each run under ``OUT/<name>/`` (TensorBoard logs in

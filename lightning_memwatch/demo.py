@@ -560,7 +560,7 @@ def _run_demo(config: DemoConfig, echo: Callable[[str], None]) -> dict[str, Any]
         f"  detector: tau_gen when Frechet distance <= {config.gen_threshold:g}; tau_mem when f_mem > "
         f"{config.mem_threshold:g}"
         + (f" at {config.mem_patience} evaluations in a row" if config.mem_patience > 1 else "")
-        + f"; early stopping {config.stop_patience} evaluations after tau_mem"
+        + f"; early stopping at the {config.stop_patience}th consecutive evaluation past the threshold"
     )
     echo(f"  TimescaleDetector({', '.join(f'{k}={v!r}' for k, v in detector.items())})")
     classifier, info = _prepare_classifier(config)

@@ -81,8 +81,6 @@ def to_unit_range(images: Tensor, data_range: Sequence[float]) -> Tensor:
 def _grid(images: Tensor, nrow: int) -> Tensor:
     from torchvision.utils import make_grid
 
-    if images.ndim == 2:  # vectors: nothing to draw
-        raise ValueError("vectors")
     return make_grid(images.cpu(), nrow=nrow, padding=1, pad_value=1.0)
 
 

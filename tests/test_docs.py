@@ -29,7 +29,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import lightning_memwatch.log as mwlog
-from lightning_memwatch import EvalSchedule, MemWatch
+from lightning_memwatch import FID, EvalSchedule, MemWatch
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
@@ -351,7 +351,7 @@ def test_stock_callbacks_act_on_memwatch_keys(tmp_path, monkeypatch, digits16, r
         trainer, watch, best_fid, stop = stock_callbacks(
             heldout[:8], eval_every=2, max_steps=4, num_samples=8, sample_batch_size=8, verbose=False
         )
-        trainer.fit(TinyDiffusion(), loader_of(train))
+        trainer.fit(TinyDiffusion(ema_decay=None), loader_of(train))
     assert [r["step"] for r in watch.history] == [0, 2, 4]
     best = min(watch.history[1:], key=lambda r: r["fid"])  # checkpoints are taken at steps 2 and 4
     assert float(best_fid.best_model_score) == pytest.approx(best["fid"], rel=1e-6)
@@ -419,15 +419,33 @@ def test_ema_sampler_evaluates_the_averaged_weights(tmp_path, digits16):
     assert seen == [3, 6]
 
 
-def test_ddp_trainer_is_built_as_documented(tmp_path):
+def test_ddp_trainer_is_built_as_documented(tmp_path, digits16, monkeypatch):
     from ddp import ddp_trainer
     from lightning.pytorch.strategies import DDPStrategy
+    from tutorial_module import TinyDiffusion
 
-    trainer, watch, stopper = ddp_trainer(accelerator="cpu", devices=1, max_steps=10)
+    train, heldout, _ = digits16
+    trainer, watch, stopper = ddp_trainer(heldout, accelerator="cpu", devices=1, max_steps=10)
     assert isinstance(trainer.strategy, DDPStrategy)
     assert watch in trainer.callbacks and stopper in trainer.callbacks and stopper.watch is watch
-    assert len(watch.schedule.steps) == 81 and watch.num_samples == 10_000
+    assert len(watch.schedule.steps) == 81 and watch.num_samples == 10_000 and watch.fid is not None
     assert stopper.dirpath == "checkpoints/memwatch"
+
+    # the same callbacks train (one CPU process, DDP strategy), with a small feature extractor for FID
+    monkeypatch.chdir(tmp_path)
+    features = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(train[0].numel(), 8)).requires_grad_(False)
+    small_fid = FID(reference=heldout, feature_extractor=features, cache=False)
+    trainer, watch, stopper = ddp_trainer(
+        heldout,
+        accelerator="cpu",
+        devices=1,
+        max_steps=4,
+        schedule=EvalSchedule.at([2, 4]),
+        fid=small_fid,
+        num_samples=16,
+    )
+    trainer.fit(TinyDiffusion(ema_decay=None), loader_of(train))
+    assert [r["step"] for r in watch.history] == [2, 4] and watch.history[0]["fid"] is not None
 
 
 def test_feature_fn_puts_the_index_in_feature_space(tmp_path, digits16):

@@ -2,14 +2,19 @@
 
 import lightning as L
 
-from lightning_memwatch import EvalSchedule, MemorizationEarlyStopping, MemWatch
+from lightning_memwatch import FID, EvalSchedule, MemorizationEarlyStopping, MemWatch
 
 
-def ddp_trainer(accelerator="gpu", devices=4, max_steps=2_000_000):
+def ddp_trainer(
+    heldout, accelerator="gpu", devices=4, max_steps=2_000_000, schedule=None, fid=None, num_samples=10_000
+):
+    fid = fid if fid is not None else FID(reference=heldout)  # Inception FID against held-out images
+    schedule = schedule if schedule is not None else EvalSchedule.paper()
     # --8<-- [start:ddp]
-    watch = MemWatch(num_samples=10_000, sample_batch_size=500, schedule=EvalSchedule.paper())
+    watch = MemWatch(num_samples=num_samples, sample_batch_size=500, schedule=schedule, fid=fid)
     stopper = MemorizationEarlyStopping(watch, dirpath="checkpoints/memwatch")  # a folder every rank can read
-    trainer = L.Trainer(accelerator=accelerator, devices=devices, strategy="ddp", max_steps=max_steps,
-                        callbacks=[watch, stopper])
+    trainer = L.Trainer(
+        accelerator=accelerator, devices=devices, strategy="ddp", max_steps=max_steps, callbacks=[watch, stopper]
+    )
     # --8<-- [end:ddp]
     return trainer, watch, stopper

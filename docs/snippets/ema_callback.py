@@ -18,7 +18,7 @@ def ema_sampler(ema: EMAWeightAveraging):
 
     def sample_fn(module, num_samples, generator=None, noise=None):
         averaged = ema._average_model.module  # a copy of your LightningModule, with averaged weights
-        averaged.eval()
+        averaged.to(module.device).eval()  # WeightAveraging may have created it before the module moved to GPU
         return averaged.sample(num_samples, generator=generator, noise=noise)
 
     return sample_fn

@@ -35,7 +35,7 @@ def make_watch(encoder, **kwargs):
     @torch.no_grad()
     def feature_fn(images):
         """Training images and samples (N, C, H, W) -> features (N, D). Deterministic: use the encoder's mean."""
-        return encoder(images).flatten(1)
+        return encoder(images.to(next(encoder.parameters()).device)).flatten(1)
 
     watch = MemWatch(
         feature_fn=feature_fn,  # nearest neighbours and the ratio test in the encoder's space

@@ -19,7 +19,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from lightning_memwatch import log as mwlog
-from lightning_memwatch._checks import check_batch, check_range
+from lightning_memwatch._checks import check_batch, check_range, images_of_batch
 from lightning_memwatch.detection import TimescaleDetector, TimescaleEvent
 from lightning_memwatch.metrics.fid import FID, FIDEvaluator
 from lightning_memwatch.metrics.knn import NearestNeighbourIndex
@@ -32,25 +32,6 @@ __all__ = ["MemWatch", "collect_images"]
 ImageSource = Tensor | Dataset | DataLoader
 Listener = Callable[[Trainer, LightningModule, dict], None]
 _QUANTILES = {"ratio_q05": 0.05, "ratio_q25": 0.25, "ratio_median": 0.5, "ratio_q75": 0.75, "ratio_q95": 0.95}
-
-
-def _first_tensor(batch: Any) -> Tensor:
-    """Images from a batch: the tensor itself, the first tensor of a tuple/list, or an image-like dict entry."""
-    if isinstance(batch, Tensor):
-        return batch
-    if isinstance(batch, Mapping):
-        for key in ("image", "images", "img", "x", "input"):
-            if isinstance(batch.get(key), Tensor):
-                return batch[key]
-        batch = list(batch.values())
-    if isinstance(batch, (tuple, list)):
-        for item in batch:
-            if isinstance(item, Tensor):
-                return item
-    raise TypeError(
-        f"Cannot find images in a batch of type {type(batch).__name__}: yield tensors, (images, labels) "
-        "tuples, or dicts with an 'image' key, or pass `train_data=` explicitly."
-    )
 
 
 def collect_images(source: ImageSource, name: str = "train_data", batch_size: int = 512) -> Tensor:
@@ -69,7 +50,7 @@ def collect_images(source: ImageSource, name: str = "train_data", batch_size: in
         else:
             raise TypeError(f"{name} must be a Tensor, Dataset or DataLoader; got {type(source).__name__}.")
         loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate)  # type: ignore[arg-type]
-        chunks = [_first_tensor(batch).detach() for batch in loader]
+        chunks = [images_of_batch(batch, name).detach() for batch in loader]
         if not chunks:
             raise ValueError(f"{name} is empty: MemWatch needs the training images to search for copies.")
         images = torch.cat(chunks)
@@ -263,13 +244,8 @@ class MemWatch(Callback):
             train = collect_images(self._find_train_data(trainer))
             check_range(train, "train_data", self.data_range)
             self._sample_shape = tuple(train.shape[1:])
-            if trainer.is_global_zero:  # metrics are computed once, on rank 0
+            if trainer.is_global_zero:  # metrics are computed once, on rank 0; the index is built in on_fit_start
                 self._train_images = train
-                self._index = NearestNeighbourIndex(
-                    train.to(device),
-                    backend=self.knn_backend,
-                    feature_fn=self.feature_fn,  # type: ignore[arg-type]
-                )
         if self.fid is not None and self._fid_evaluator is None:
             if train is None:
                 train = self._train_images
@@ -287,6 +263,16 @@ class MemWatch(Callback):
             if self._pending_fid_state is not None:
                 self._fid_evaluator.load_state_dict(self._pending_fid_state)
                 self._pending_fid_state = None
+
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # Built here, not in setup: the module is on its device now, so a feature_fn using its submodules
+        # (e.g. a VAE encoder) runs where its weights are. Once per fit, never on the training step.
+        if trainer.is_global_zero and self._index is None and self._train_images is not None:
+            self._index = NearestNeighbourIndex(
+                self._train_images.to(trainer.strategy.root_device),
+                backend=self.knn_backend,  # type: ignore[arg-type]
+                feature_fn=self.feature_fn,
+            )
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self._fid_evaluator is not None and trainer.is_global_zero:
@@ -321,6 +307,7 @@ class MemWatch(Callback):
         sampler = self._sampler(pl_module)
         was_training = pl_module.training
         pl_module.eval()
+        failure: BaseException | None = None
         try:
             with torch.inference_mode():
                 local = draw_samples(
@@ -335,8 +322,15 @@ class MemWatch(Callback):
                     if self.sample_fn is not None
                     else f"{type(pl_module).__name__}.sample",
                 )
+        except (TypeError, ValueError, AttributeError) as err:  # a bad sampler: every rank must learn of it
+            failure = err
         finally:
             pl_module.train(was_training)
+        if world > 1 and trainer.strategy.reduce_boolean_decision(failure is not None, all=False):
+            if failure is None:  # another rank's sampler failed: stop here too rather than hang in all_gather
+                raise RuntimeError("MemWatch: the sampler failed on another rank; see that rank's error.")
+        if failure is not None:
+            raise failure
         if world == 1:
             return local
         longest = len(rank_slice(total, 0, world))
@@ -376,10 +370,10 @@ class MemWatch(Callback):
             record["fid_num_samples"] = int(min(fid_n, len(generated)))
         for name, fn in self.metrics.items():
             record[name] = float(fn(generated))
-        record["metric_seconds"] = time.perf_counter() - start
         if self.log_images and self._train_images is not None:
             nearest = self._train_images[result.nn_indices[:, 0].cpu()]
             mwlog.log_images(trainer, step, generated[: self.num_samples], ratios, nearest, self.data_range)
+        record["metric_seconds"] = time.perf_counter() - start
         return record
 
     def _evaluate(self, trainer: Trainer, pl_module: LightningModule, step: int, *, can_log: bool) -> None:

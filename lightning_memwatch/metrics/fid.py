@@ -37,7 +37,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
-from lightning_memwatch._checks import check_batch, check_finite, check_range
+from lightning_memwatch._checks import check_batch, check_finite, check_range, images_of_batch
 from lightning_memwatch.cache import RowSetFingerprint, TensorCache, default_cache_dir, make_key
 from lightning_memwatch.metrics.features import (
     INCEPTION_FEATURE_LAYERS,
@@ -211,24 +211,6 @@ def frechet_distance(
 # image sources
 
 
-def _images_of(batch: object) -> Tensor:
-    """The image tensor of a dataset item / loader batch: the tensor itself, the first element of a
-    tuple/list, or the ``"image"``/``"images"`` entry of a mapping."""
-    if isinstance(batch, Tensor):
-        return batch
-    if isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], Tensor):
-        return batch[0]
-    if isinstance(batch, Mapping):
-        for key in ("image", "images"):
-            if isinstance(batch.get(key), Tensor):
-                return batch[key]
-    raise TypeError(
-        f"cannot find images in a reference batch of type {type(batch).__name__}: expected a tensor, a tuple "
-        "whose first element is the image tensor, or a dict with an 'image' key. Pass FID(reference=<image "
-        "tensor>)."
-    )
-
-
 def _num_rows(source: ImageSource) -> int | None:
     if isinstance(source, Tensor):
         return len(source)
@@ -252,7 +234,7 @@ def _image_batches(source: ImageSource, batch_size: int) -> Iterator[Tensor]:
     pending: list[Tensor] = []
     num_pending = 0
     for batch in loader:
-        images = _images_of(batch)
+        images = images_of_batch(batch, "a reference batch")
         while len(images):
             take = min(batch_size - num_pending, len(images))
             pending.append(images[:take])
@@ -466,6 +448,7 @@ class FIDEvaluator:
         self._stats_origin: str | None = None  # "computed" | "cache" | "state"
         self._loaded: dict[str, object] | None = None
         self._warned_rank = False
+        self._warned_out_of_range = False
 
     # ---- properties ----------------------------------------------------------------------------------------
 
@@ -641,10 +624,18 @@ class FIDEvaluator:
     def _encode(self, batch: Tensor, name: str) -> Tensor:
         batch = check_batch(batch, name)
         # Reference images must lie in data_range (a wrong scale would silently wreck every FID). Generated
-        # samples may overshoot early in training: within one range width they are clamped by the uint8
-        # conversion, as the paper's PNG export clamps them; beyond it (e.g. [0, 255] vs [-1, 1]) they are refused.
+        # samples may overshoot early in training (an untrained DDIM can be far off): the uint8 conversion
+        # clamps them, as the paper's PNG export does; far off, a one-time warning says so (never an error
+        # that would stop training; a wrong scale of the data itself is refused on the training images).
         if isinstance(self.extractor, InceptionFeatureExtractor):
-            check_range(batch, name, self.data_range, tolerance=0.05 if name == "reference" else 1.0)
+            if name == "reference":
+                check_range(batch, name, self.data_range)
+            elif not self._warned_out_of_range:
+                try:
+                    check_range(batch, name, self.data_range, tolerance=1.0)
+                except ValueError as err:
+                    self._warned_out_of_range = True
+                    warnings.warn(f"{err} They are clamped to data_range for FID.", stacklevel=3)
         return self.extractor.encode(batch)
 
     # ---- evaluation ----------------------------------------------------------------------------------------

@@ -574,9 +574,16 @@ def test_inception_on_cpu_with_many_samples_warns(inception_weights: Path, offli
 
 
 @pytest.mark.filterwarnings("ignore:FID from")
-def test_inception_refuses_out_of_range_images(inception_weights: Path, offline: Path) -> None:
+def test_inception_refuses_out_of_range_reference_and_clamps_generated(inception_weights: Path, offline: Path) -> None:
+    evaluator = FID(
+        reference=_gray32(3, 0) * 127.5 + 127.5, weights_path=inception_weights, feature_layer=64, cache=False
+    ).build(data_range=(-1.0, 1.0), device="cpu")
+    with pytest.raises(ValueError, match="data_range"):
+        evaluator.prepare_reference()
     evaluator = FID(
         reference=_gray32(3, 0), weights_path=inception_weights, feature_layer=64, cache=False
     ).build(data_range=(-1.0, 1.0), device="cpu")
-    with pytest.raises(ValueError, match="data_range"):
-        evaluator.compute(_gray32(3, 1) * 127.5 + 127.5)
+    far_off = _gray32(3, 1) * 100  # an untrained sampler overshooting: training must go on
+    with pytest.warns(UserWarning, match="clamped to data_range"):
+        value = evaluator.compute(far_off)
+    assert value == pytest.approx(evaluator.compute(far_off.clamp(-1, 1)), rel=1e-6)
