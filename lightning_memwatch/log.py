@@ -60,9 +60,13 @@ SCALAR_KEYS: dict[str, str] = {
 _warned_no_tensorboard: set[int] = set()
 
 
+def _writers(trainer: Trainer) -> list[object]:
+    return [lg.experiment for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)]
+
+
 def tensorboard_writers(trainer: Trainer) -> list[object]:
     """SummaryWriters of the trainer's TensorBoard loggers; a one-time note when there are other loggers only."""
-    writers = [lg.experiment for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)]
+    writers = _writers(trainer)
     if not writers and trainer.loggers and id(trainer) not in _warned_no_tensorboard:
         _warned_no_tensorboard.add(id(trainer))
         rank_zero_info(
@@ -123,6 +127,6 @@ def log_images(
 
 def log_text(trainer: Trainer, tag: str, text: str, step: int) -> None:
     """A text event in TensorBoard (no-op for other loggers)."""
-    for writer in [lg.experiment for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)]:
+    for writer in _writers(trainer):
         writer.add_text(tag, text, global_step=step)
         writer.flush()
