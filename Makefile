@@ -33,8 +33,10 @@ lint: $(VENV)/.installed
 docs: $(VENV)/.installed
 	$(BIN)/mkdocs build --strict --site-dir site
 
+# The suite runs in random order (pytest-randomly, dev extra); the last lines print the seed: rerun that
+# order with `$(BIN)/python -m pytest -p randomly --randomly-seed=N`.
 test: lint $(VENV)/.installed
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -p randomly
 	$(BIN)/mkdocs build --strict --site-dir site
 
 bench: $(VENV)/.installed

@@ -98,19 +98,25 @@ def test_one_optimizer_step_then_one_ddim_sample(name: str, make) -> None:
 
 
 def test_sample_is_deterministic_and_takes_memwatch_noise() -> None:
+    torch.manual_seed(0)  # the UNet's weights: never the global RNG state other tests left behind
     module = DDPM(UNet(8), sample_shape=(1, 32, 32), sample_steps=4)
     module.train()  # dropout must not leak into sampling
     gen = lambda: torch.Generator().manual_seed(3)  # noqa: E731
     a, b = module.sample(2, generator=gen()), module.sample(2, generator=gen())
+    # bit-exact by construction: the same weights, noise and batch size run the same kernels
     assert torch.equal(a, b) and a.shape == (2, 1, 32, 32)
     assert module.training and module.denoiser.training
     noise = torch.randn(2, 1, 32, 32, generator=gen())
     kept = noise.clone()
     from_noise = module.sample(2, noise=noise)
     assert torch.equal(noise, kept)
-    assert torch.equal(from_noise, a)  # same noise as the generator draws
-    # per-sample: sample i depends only on noise row i
-    assert torch.allclose(module.sample(1, noise=noise[1:]), from_noise[1:], rtol=1e-4, atol=1e-4)
+    assert torch.equal(from_noise, a)  # same noise as the generator draws, same batch size 2: same kernels
+    # per-sample: sample i depends only on noise row i. Batch 1 and batch 2 run other GEMM blockings, so the
+    # bits differ (3e-7 of the largest |x|, which reaches ~700 for this untrained, unclamped UNet, on an
+    # AVX-512/AMX Xeon): compare with a tolerance scaled to the samples' magnitude.
+    alone = module.sample(1, noise=noise[1:])
+    scale = float(from_noise.abs().max())
+    assert float((alone - from_noise[1:]).abs().max()) <= 1e-5 * scale
     with pytest.raises(ValueError, match="num_samples"):
         module.sample(3, noise=noise)
 
