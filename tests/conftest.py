@@ -8,7 +8,9 @@ weights in any order. Tests still seed what they build themselves; this is the s
 
 from __future__ import annotations
 
+import os
 import random
+from collections.abc import Iterator
 
 import numpy as np
 import pytest
@@ -22,6 +24,27 @@ def _seed_every_test() -> None:
     random.seed(SUITE_SEED)
     np.random.seed(SUITE_SEED)
     torch.manual_seed(SUITE_SEED)
+
+
+@pytest.fixture(autouse=True)
+def _no_leaked_process_state() -> Iterator[None]:
+    """Undo what an in-process fit leaves behind for the tests after it.
+
+    A fit with a DDP strategy in this process (even ``devices=1``) sets ``MASTER_PORT`` & co. in
+    ``os.environ`` and keeps a process group whose store listens on that port: a later test's DDP subprocess
+    would inherit the variable and fail with EADDRINUSE. Environment, process group and thread count are
+    restored after every test.
+    """
+    environ = dict(os.environ)
+    threads = torch.get_num_threads()
+    yield
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+    if dict(os.environ) != environ:
+        os.environ.clear()
+        os.environ.update(environ)
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter, config: pytest.Config) -> None:

@@ -1,6 +1,6 @@
 import json
 import os
-import socket
+import re
 import subprocess
 import sys
 import time
@@ -77,48 +77,58 @@ def test_step_zero_evaluation_and_non_tensorboard_logger(tmp_path):
     assert F_MEM in logged.splitlines()[0]
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _serve_tensorboard(logdir: Path, stderr_path: Path) -> tuple[subprocess.Popen, str]:
+    """Start TensorBoard on a port the OS picks (``--port 0``: no free-port race) and return it with its URL.
+
+    Waits for the "TensorBoard ... at http://..." line on stderr; fails at once, with that stderr, if the server
+    exits, and after 180 s (TensorBoard starts in ~5 s on an idle machine, several times that on a loaded one).
+    """
+    exe = Path(sys.executable).with_name("tensorboard")
+    with stderr_path.open("wb") as stderr:
+        proc = subprocess.Popen(
+            [str(exe), "--logdir", str(logdir), "--host", "127.0.0.1", "--port", "0", "--load_fast=false"],
+            stdout=subprocess.DEVNULL,
+            stderr=stderr,
+        )
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        found = re.search(r"http://127\.0\.0\.1:(\d+)/", stderr_path.read_text(errors="replace"))
+        if found:
+            return proc, f"http://127.0.0.1:{found[1]}"
+        if proc.poll() is not None:
+            break
+        time.sleep(0.2)
+    proc.kill()
+    proc.wait(timeout=20)
+    raise AssertionError(f"tensorboard did not start (exit code {proc.returncode}):\n{stderr_path.read_text()}")
 
 
 def test_fmem_read_back_through_tensorboard_http_api(tmp_path):
     watch = make_watch()
     make_trainer(tmp_path, [watch], max_steps=20).fit(ToyDiffusion(TRAIN), toy_loader(TRAIN))
-    port = _free_port()
-    exe = Path(sys.executable).with_name("tensorboard")
-    proc = subprocess.Popen(
-        [
-            str(exe),
-            "--logdir",
-            str(tmp_path / "tb"),
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--load_fast=false",
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    proc, base = _serve_tensorboard(tmp_path / "tb", tmp_path / "tensorboard.stderr")
     try:
-        url = f"http://127.0.0.1:{port}/data/plugin/scalars/scalars?run=version_0&tag={F_MEM}"
-        deadline, points = time.time() + 60, None
-        while time.time() < deadline:
+        url = f"{base}/data/plugin/scalars/scalars?run=version_0&tag={F_MEM}"
+        # the server is up; its first load of the (complete) event file may still be running
+        deadline, points = time.monotonic() + 120, None
+        while time.monotonic() < deadline and proc.poll() is None:
             try:
-                with urllib.request.urlopen(url, timeout=5) as response:
+                with urllib.request.urlopen(url, timeout=10) as response:
                     points = json.loads(response.read())
-                if points:
+                if len(points) >= 2:
                     break
-            except Exception:
+            except (OSError, ValueError):  # 400 until the run is loaded; connection errors; partial JSON
                 pass
             time.sleep(0.5)
-        assert points, "tensorboard served no memwatch/f_mem points"
+        assert points, f"tensorboard served no memwatch/f_mem points:\n{(tmp_path / 'tensorboard.stderr').read_text()}"
         assert [(p[1], p[2]) for p in points] == [(10, 0.0), (20, 1.0)]
     finally:
         proc.terminate()
-        proc.wait(timeout=20)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=20)
 
 
 def test_stock_early_stopping_and_checkpoint_monitor_fmem(tmp_path):
