@@ -5,8 +5,11 @@ Nothing here modifies its input in place; conversions return new tensors.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import math
+import numbers
+from collections.abc import Mapping, Sequence
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -86,3 +89,92 @@ def check_range(x: Tensor, name: str, data_range: tuple[float, float], *, tolera
             f"{name} spans [{x_min:.3g}, {x_max:.3g}] but data_range is ({lo}, {hi}). Pass the range your "
             "images really use as `data_range=`, or rescale them to it."
         )
+
+
+# ------------------------------------------------------------------------------------ argument validation
+# Numbers from configs and arrays arrive as Python, numpy or torch scalars: all are accepted when they hold the
+# right kind of value. A wrong type and a value out of range get different messages.
+
+
+def _scalar(value: object) -> object:
+    """A Python number from a numpy/torch scalar or one-element 0-d array/tensor; anything else as given."""
+    if isinstance(value, (Tensor, np.ndarray)) and value.ndim == 0:
+        return value.item()
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+def check_int(value: object, name: str, *, minimum: int | None = None, unit: str = "") -> int:
+    """``value`` as a Python int: an int, a numpy/torch integer, or an integral float (``4.0``); at least
+    ``minimum``. Bools and non-integral numbers (``4.5``, never truncated) are refused.
+
+    Args:
+        value: the argument received.
+        name: its name, for the message.
+        minimum: smallest allowed value, or None.
+        unit: what it counts (e.g. ``"optimizer steps"``), for the message.
+    """
+    raw = _scalar(value)
+    what = "a positive int" if minimum == 1 else f"an int{f' >= {minimum}' if minimum is not None else ''}"
+    what += f" ({unit})" if unit else ""
+    if isinstance(raw, bool) or not isinstance(raw, (numbers.Integral, numbers.Real)):
+        raise TypeError(f"{name} must be {what}; got {type(value).__name__} {value!r}.")
+    if not isinstance(raw, numbers.Integral):
+        if not math.isfinite(raw) or raw != int(raw):
+            raise ValueError(f"{name} must be {what}; got the non-integral number {value!r}, not truncated.")
+    out = int(raw)
+    if minimum is not None and out < minimum:
+        raise ValueError(f"{name} must be {what}; got {out}.")
+    return out
+
+
+def check_float(
+    value: object,
+    name: str,
+    *,
+    low: float | None = None,
+    high: float | None = None,
+    low_open: bool = False,
+    high_open: bool = False,
+    hint: str = "",
+) -> float:
+    """``value`` as a finite Python float (a Python, numpy or torch real; not a bool) within ``[low, high]``
+    (open ends where ``low_open`` / ``high_open``). ``hint`` is appended to the range message."""
+    raw = _scalar(value)
+    lo_b, hi_b = ("(" if low_open else "["), (")" if high_open else "]")
+    interval = f"{lo_b}{'-inf' if low is None else low}, {'inf' if high is None else high}{hi_b}"
+    what = f"a number in {interval}" if low is not None or high is not None else "a finite number"
+    what += f" ({hint})" if hint else ""
+    if isinstance(raw, bool) or not isinstance(raw, numbers.Real):
+        raise TypeError(f"{name} must be {what}; got {type(value).__name__} {value!r}.")
+    out = float(raw)
+    below = low is not None and (out <= low if low_open else out < low)
+    above = high is not None and (out >= high if high_open else out > high)
+    if not math.isfinite(out) or below or above:
+        raise ValueError(f"{name} must be {what}; got {out}.")
+    return out
+
+
+def check_data_range(data_range: object, name: str = "data_range") -> tuple[float, float]:
+    """``(low, high)`` as two finite floats with ``high > low``: the range of the images, e.g. ``(-1.0, 1.0)``."""
+    if isinstance(data_range, (str, bytes)) or not isinstance(data_range, (Sequence, Tensor, np.ndarray)):
+        raise TypeError(
+            f"{name} must be a pair (low, high) such as (-1.0, 1.0) or (0.0, 1.0); got {type(data_range).__name__} "
+            f"{data_range!r}."
+        )
+    values = list(data_range)
+    if len(values) != 2:
+        raise ValueError(
+            f"{name} must be a pair (low, high) such as (-1.0, 1.0); got {len(values)} values {tuple(values)!r}."
+        )
+    scalars = [_scalar(v) for v in values]
+    lo, hi = (float(v) if isinstance(v, numbers.Real) and not isinstance(v, bool) else v for v in scalars)
+    if not all(isinstance(v, float) and math.isfinite(v) for v in (lo, hi)):
+        raise ValueError(
+            f"{name} must be two finite numbers (low, high), the range the images really span, such as "
+            f"(-1.0, 1.0); got {tuple(values)!r}."
+        )
+    if not hi > lo:
+        raise ValueError(f"{name} must be (low, high) with high > low; got {(lo, hi)}.")
+    return lo, hi

@@ -7,7 +7,13 @@ from __future__ import annotations
 
 import bisect
 import math
+import numbers
 from collections.abc import Iterable
+
+import numpy as np
+from torch import Tensor
+
+from lightning_memwatch._checks import check_int
 
 __all__ = ["EvalSchedule", "paper_grid"]
 
@@ -67,18 +73,23 @@ class EvalSchedule:
         stop: int | None = None,
         include_zero: bool = False,
     ) -> None:
-        explicit = sorted({int(s) for s in steps})
-        if explicit and explicit[0] < 0:
-            raise ValueError(f"EvalSchedule steps must be >= 0; got {explicit[0]}.")
-        if every_n_train_steps is not None and int(every_n_train_steps) < 1:
-            raise ValueError(
-                f"every_n_train_steps must be a positive number of optimizer steps; got {every_n_train_steps}."
+        if isinstance(steps, (str, bytes)) or not isinstance(steps, Iterable):
+            raise TypeError(
+                f"EvalSchedule steps must be a list of optimizer steps such as [100, 1000]; got "
+                f"{type(steps).__name__} {steps!r}. For every N steps use EvalSchedule.every(N)."
             )
-        if start < 0 or (stop is not None and stop < start):
+        explicit = sorted({check_int(s, "EvalSchedule steps", minimum=0, unit="optimizer steps") for s in steps})
+        if every_n_train_steps is not None:
+            every_n_train_steps = check_int(
+                every_n_train_steps, "every_n_train_steps", minimum=1, unit="optimizer steps"
+            )
+        start = check_int(start, "start", minimum=0, unit="optimizer steps")
+        stop = None if stop is None else check_int(stop, "stop", minimum=0, unit="optimizer steps")
+        if stop is not None and stop < start:
             raise ValueError(f"Need 0 <= start <= stop; got start={start}, stop={stop}.")
-        self.every_n_train_steps = None if every_n_train_steps is None else int(every_n_train_steps)
-        self.start = int(start)
-        self.stop = None if stop is None else int(stop)
+        self.every_n_train_steps = every_n_train_steps
+        self.start = start
+        self.stop = stop
         self.include_zero = bool(include_zero)
         if self.include_zero and self.every_n_train_steps is not None:
             explicit = sorted({*explicit, self.start})
@@ -128,16 +139,18 @@ class EvalSchedule:
         """Accept a schedule, an int (every N steps), ``"paper"``, or a list of steps (config files)."""
         if isinstance(spec, EvalSchedule):
             return spec
-        if isinstance(spec, bool):
-            raise TypeError(
-                "schedule must be an EvalSchedule, an int, 'paper' or a list of steps; got a bool."
-            )
-        if isinstance(spec, int):
-            return cls.every(spec)
         if isinstance(spec, str):
             if spec == "paper":
                 return cls.paper()
             raise ValueError(f"Unknown schedule name {spec!r}; the only named schedule is 'paper'.")
+        scalar = spec.item() if isinstance(spec, (Tensor, np.ndarray, np.generic)) and np.ndim(spec) == 0 else spec
+        if isinstance(scalar, bool) or not isinstance(scalar, (numbers.Real, Iterable)):
+            raise TypeError(
+                "schedule must be an EvalSchedule, an int (every N optimizer steps), 'paper' or a list of steps; "
+                f"got {type(spec).__name__} {spec!r}."
+            )
+        if isinstance(scalar, numbers.Real):  # 500, 500.0, np.int64(500): every N steps; 4.5 is refused
+            return cls.every(check_int(scalar, "schedule", minimum=1, unit="every N optimizer steps"))
         return cls.at(spec)
 
     # -- queries -------------------------------------------------------------------------------------

@@ -62,3 +62,40 @@ def test_bad_schedules(kwargs, message):
         EvalSchedule(**kwargs)
     with pytest.raises(ValueError, match="only named schedule"):
         EvalSchedule.coerce("weekly")
+
+
+def test_numpy_torch_and_integral_float_steps_are_accepted():
+    np = pytest.importorskip("numpy")
+    import torch
+
+    assert EvalSchedule.at([np.int64(10), torch.tensor(20), 30.0]).steps == (10, 20, 30)
+    assert EvalSchedule.every(np.int32(5)).next_after(0) == 5
+    assert EvalSchedule.coerce(4.0).next_after(0) == 4  # was "'float' object is not iterable"
+    assert EvalSchedule.coerce(np.int64(4)).next_after(4) == 8
+    assert EvalSchedule.coerce(torch.tensor(4)).next_after(0) == 4
+    assert EvalSchedule.coerce(np.array([3, 6])).steps == (3, 6)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: EvalSchedule.at([4.5]),  # was silently truncated to step 4
+        lambda: EvalSchedule.coerce([10, 4.5]),
+        lambda: EvalSchedule.coerce(4.5),
+        lambda: EvalSchedule.every(2.5),
+    ],
+)
+def test_non_integral_steps_are_refused_not_truncated(make):
+    with pytest.raises(ValueError, match="non-integral number 4.5|non-integral number 2.5"):
+        make()
+
+
+def test_wrong_types_name_the_accepted_forms():
+    with pytest.raises(TypeError, match="an int \\(every N optimizer steps\\), 'paper' or a list of steps"):
+        EvalSchedule.coerce(True)
+    with pytest.raises(TypeError, match="an int \\(every N optimizer steps\\), 'paper' or a list of steps"):
+        EvalSchedule.coerce(None)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="list of optimizer steps"):
+        EvalSchedule.at(10)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="EvalSchedule steps must be an int"):
+        EvalSchedule.at(["10"])  # type: ignore[list-item]
