@@ -24,6 +24,7 @@ _EXPORTS = {
     "TimescaleEvent": "lightning_memwatch.detection",
     "detect_timescales": "lightning_memwatch.detection",
     "forecast_tau_mem": "lightning_memwatch.detection",
+    "ModuleEMA": "lightning_memwatch.weights",
 }
 
 __all__ = sorted(_EXPORTS)
@@ -46,6 +47,7 @@ if TYPE_CHECKING:  # pragma: no cover
         memorization_ratios,
     )
     from lightning_memwatch.schedule import EvalSchedule
+    from lightning_memwatch.weights import ModuleEMA
 
 
 def __getattr__(name: str) -> Any:

@@ -284,6 +284,11 @@ class TimescaleDetector:
         }
 
     @property
+    def run_length(self) -> int:
+        """Consecutive evaluations, up to the last record, that met the tau_mem condition (evaluations)."""
+        return self._mem.run_length
+
+    @property
     def required_consecutive(self) -> int:
         """Consecutive evaluations meeting the tau_mem condition needed to flag it: ``max(1, patience)``."""
         return max(1, self.patience)

@@ -386,37 +386,41 @@ def test_sample_fn_adapter(tmp_path, digits16):
 def test_ema_sampler_evaluates_the_averaged_weights(tmp_path, digits16):
     import ema_callback as snippet
     import lightning as L
+    from lightning.pytorch import Callback
     from lightning.pytorch.callbacks import EMAWeightAveraging
     from tutorial_module import TinyDiffusion
 
-    assert snippet.trainer.callbacks.index(snippet.ema) < snippet.trainer.callbacks.index(snippet.watch)
+    cbs = snippet.trainer.callbacks
+    assert cbs.index(snippet.ema) < cbs.index(snippet.watch) and snippet.watch.weights == "auto"
     train, _, _ = digits16
-    ema = EMAWeightAveraging(decay=0.5)
-    watch = MemWatch(
-        sample_fn=snippet.ema_sampler(ema),
-        num_samples=8,
-        sample_batch_size=8,
-        schedule=EvalSchedule.at([3, 6]),
-        bootstrap=50,
-        verbose=False,
-    )
+    decay = 0.5
+
+    class OwnAverage(Callback):  # the average EMAWeightAveraging(decay) keeps, from the raw weights
+        average: dict | None = None
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            raw = {k: v.detach().clone() for k, v in pl_module.named_parameters()}
+            self.raw = raw
+            self.average = raw if self.average is None else {
+                k: decay * self.average[k] + (1 - decay) * raw[k] for k in raw
+            }
+
+    own = OwnAverage()
+    ema = EMAWeightAveraging(decay=decay)
+    watch = MemWatch(num_samples=8, sample_batch_size=8, schedule=EvalSchedule.at([3, 6]), bootstrap=50,
+                     verbose=False)
     seen = []
 
-    def check(trainer, module, record):
-        noise = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(1))
-        averaged = ema._average_model.module  # the private attribute the snippet relies on
-        assert isinstance(averaged, TinyDiffusion) and averaged is not module
-        via_watch = watch.sample_fn(module, 4, noise=noise)
-        assert torch.equal(via_watch, averaged.sample(4, noise=noise))
-        module.eval()
-        assert not torch.allclose(via_watch, module.sample(4, noise=noise))  # the raw weights differ
-        module.train()
+    def check(trainer, module, record):  # during the evaluation the module holds the averaged weights
+        params = dict(module.named_parameters())
+        assert all(torch.allclose(params[k], own.average[k], atol=1e-6) for k in params)
+        assert not all(torch.equal(params[k], own.raw[k]) for k in params)  # the raw weights differ
         seen.append(record["step"])
 
     watch.add_listener(check)
     model = TinyDiffusion(ema_decay=None)
-    L.Trainer(max_steps=6, callbacks=[ema, watch], **quiet_trainer_kwargs(tmp_path)).fit(model, loader_of(train))
-    assert seen == [3, 6]
+    L.Trainer(max_steps=6, callbacks=[own, ema, watch], **quiet_trainer_kwargs(tmp_path)).fit(model, loader_of(train))
+    assert seen == [3, 6] and watch.scored_weights.name == "averaged"
 
 
 def test_ddp_trainer_is_built_as_documented(tmp_path, digits16, monkeypatch):

@@ -1,14 +1,17 @@
-"""MemorizationEarlyStopping: stop training at tau_mem and keep the best weights of the generalization window.
+"""MemorizationEarlyStopping: stop training at tau_mem and keep the best weights from before the onset.
 
 The paper's window [tau_gen, tau_mem) is where a diffusion model generates good samples without copying its
 training set. This callback listens to a :class:`~lightning_memwatch.MemWatch` (no sampling of its own), keeps
-the best weights by sample quality (FID by default) among the evaluations inside the window, stops training
-when tau_mem is flagged, and puts the kept weights back into the module when training ends.
+the best weights by sample quality (FID by default) among the evaluations before the memorization onset whose
+f_mem is not significant (inside the window when tau_gen came first; also when copying begins while quality
+is still improving), stops training when tau_mem is flagged, and puts the kept weights back into the module
+when training ends.
 """
 
 from __future__ import annotations
 
 import os
+import warnings
 from enum import Enum
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -19,6 +22,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor
 
+from lightning_memwatch import log as mwlog
 from lightning_memwatch.detection import _finite_float
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -28,6 +32,8 @@ __all__ = ["MemorizationEarlyStopping", "MemorizationStoppingReason"]
 
 _MODES = ("min", "max")
 BEST_FILENAME = "memwatch_best_in_window.pt"
+STOPPING_TEXT = "memwatch/early_stopping"
+"""TensorBoard text tag of the stop message."""
 
 
 class MemorizationStoppingReason(Enum):
@@ -38,24 +44,35 @@ class MemorizationStoppingReason(Enum):
 
 
 class MemorizationEarlyStopping(Callback):
-    """Stop at tau_mem and end fit with the best weights of the generalization window [tau_gen, tau_mem).
+    """Stop at tau_mem and end fit with the best weights from before the memorization onset.
 
     Add it next to the :class:`~lightning_memwatch.MemWatch` it listens to. After every evaluation of the
     watch (on every rank, once the watch's detector has consumed the record) it:
 
-    1. keeps a copy of the module's weights when the evaluation lies in the window (tau_gen flagged at or
-       before it, tau_mem not flagged, f_mem not significant at this evaluation) and its quality ``monitor``
-       beats the best so far;
-    2. signals ``trainer.should_stop`` once tau_mem is flagged and the memorization condition has held for
-       ``patience`` consecutive evaluations (0 or 1: at the evaluation that flags tau_mem). The decision is
-       reduced across ranks with ``trainer.strategy.reduce_boolean_decision`` (any rank stops all). The
-       Trainer's own ``min_steps`` is honoured by Lightning: training continues until it is reached.
+    1. keeps a copy of the scored weights (the ones MemWatch sampled with: raw, EMA or averaged, see
+       :mod:`lightning_memwatch.weights`) when tau_mem is not flagged yet, f_mem is not significant at this
+       evaluation (the detector's ``is_memorizing`` is False) and its quality ``monitor`` beats the best so
+       far; with no quality value at all, the latest such evaluation is kept. Whether tau_gen was flagged does
+       not matter: when copying begins while quality is still improving, the last good weights before the
+       onset are the ones to keep. Evaluations from the onset on are never kept (with the detector's
+       ``patience``, the onset is the first evaluation of the run that confirmed it, and every evaluation of
+       that run meets the memorization condition);
+    2. signals ``trainer.should_stop`` once the watch's detector flags tau_mem. The decision is reduced
+       across ranks with ``trainer.strategy.reduce_boolean_decision`` (any rank stops all). The Trainer's own
+       ``min_steps`` is honoured by Lightning: training continues until it is reached.
 
     When training ends (``on_train_end``) after tau_mem was flagged, ``restore_best`` loads the kept weights
-    into the module, so the module returned by ``trainer.fit`` is the best in-window model. If tau_mem never
-    fires nothing stops and the final weights stay. If no evaluation fell in the window (tau_gen never
-    flagged, or tau_mem came first: the model memorizes before it generalizes) a warning says so and the
-    weights stay.
+    into the module, so the module returned by ``trainer.fit`` is the best pre-onset model (also under a
+    Lightning ``WeightAveraging`` callback, whose own end-of-fit copy is made to agree). If tau_mem never
+    fires nothing stops and the final weights stay. If no evaluation came before the onset (the model copies
+    from the first evaluation on) a warning says so and the weights stay. When tau_gen had not been flagged
+    before the onset, the stop message and a TensorBoard text entry (``memwatch/early_stopping``) say that
+    quality was still improving when copying began.
+
+    The kept weights belong to the watch's history: after a resume where the watch could not restore its
+    state (other settings, or none in the checkpoint), the stopper drops its kept weights with a warning
+    instead of restoring weights of a history the watch no longer has. Resuming from a checkpoint of a run
+    that already stopped stops again at once.
 
     Example:
         >>> from lightning_memwatch import MemWatch, MemorizationEarlyStopping
@@ -67,16 +84,15 @@ class MemorizationEarlyStopping(Callback):
     Args:
         watch: the :class:`~lightning_memwatch.MemWatch` whose flags drive the callback; it must also be in
             ``Trainer(callbacks=...)``.
-        patience: consecutive evaluations at which the tau_mem condition (the watch detector's
-            ``is_memorizing``) must hold before stopping, counting the one that flags tau_mem; 0 and 1 stop at
-            that evaluation, as in Lightning's ``EarlyStopping``. It does not move tau_mem itself (set the
-            detector's own ``patience`` for that) nor the window of kept weights.
-        restore_best: load the best in-window weights into the module when training ends after tau_mem.
+        patience: deprecated; set ``TimescaleDetector(patience=N)`` on the watch instead (patience lives in
+            the detector, which dates tau_mem at the onset and confirms it after N consecutive evaluations).
+            A value > 1 given here is moved to the watch's detector with a ``DeprecationWarning``.
+        restore_best: load the best pre-onset weights into the module when training ends after tau_mem.
         verbose: log a line on rank 0 at each new best, at the stop and at the restore.
-        strict: raise when the first evaluation's record has no ``monitor`` value (e.g. FID off and no quality
-            metric given), since no best weights could be kept; with ``strict=False`` warn once and only stop
-            at tau_mem.
-        dirpath: directory for the best in-window weights, written by global rank 0 as
+        strict: raise when the watch's records will not hold ``monitor`` (e.g. FID off and no quality metric
+            given), at setup when it can be known there; with ``strict=False`` warn once, keep the latest
+            pre-onset weights and stop at tau_mem.
+        dirpath: directory for the kept weights, written atomically by global rank 0 as
             ``memwatch_best_in_window.pt`` (``torch.save`` of ``{"state_dict", "step", "score", "monitor"}``)
             and read back by every rank (so it must be visible to all ranks, as for ``ModelCheckpoint``). None
             keeps a CPU copy in memory on each rank instead, which is also saved in this callback's
@@ -86,20 +102,20 @@ class MemorizationEarlyStopping(Callback):
         mode: ``"min"`` (lower is better) or ``"max"``; default the detector's ``quality_mode`` (``"min"``).
 
     Attributes:
-        best_step: step (optimizer steps) of the best in-window evaluation, or None.
-        best_score: its ``monitor`` value, or None.
+        best_step: step (optimizer steps) of the kept evaluation, or None.
+        best_score: its ``monitor`` value, or None (also when kept without a quality value).
+        best_f_mem: its f_mem, or None.
         best_model_path: path of the weights file when ``dirpath`` is set, else None.
         stopped_step: step at which the stop was signalled, or None.
         stopping_reason: a :class:`MemorizationStoppingReason`.
         stopping_reason_message: a human-readable explanation of the stop, or None.
         restored_step: step of the weights loaded by ``restore_best`` at the end of fit, or None.
-        wait_count: consecutive evaluations so far at which the memorization condition held.
     """
 
     def __init__(
         self,
         watch: MemWatch,
-        patience: int = 0,
+        patience: int | None = None,
         restore_best: bool = True,
         verbose: bool = False,
         strict: bool = True,
@@ -114,13 +130,27 @@ class MemorizationEarlyStopping(Callback):
                 f"watch must be the MemWatch callback this early stopping listens to (also passed to "
                 f"Trainer(callbacks=[watch, stopper])); got {type(watch).__name__}."
             )
-        if isinstance(patience, bool) or not isinstance(patience, int) or patience < 0:
-            raise MisconfigurationException(f"`patience` must be an int >= 0 (evaluations), got {patience!r}")
+        if patience is not None:
+            if isinstance(patience, bool) or not isinstance(patience, int) or patience < 0:
+                raise MisconfigurationException(f"`patience` must be an int >= 0 (evaluations), got {patience!r}")
+            if patience > max(1, detector.patience):
+                if detector.num_records:
+                    raise MisconfigurationException(
+                        "MemorizationEarlyStopping(patience=...) is deprecated and the watch's detector has "
+                        "already consumed records: pass `TimescaleDetector(patience=N)` to the MemWatch instead."
+                    )
+                warnings.warn(
+                    f"MemorizationEarlyStopping(patience={patience}) is deprecated: patience lives in the "
+                    f"detector; it is moved there (`TimescaleDetector(patience={patience})`), so tau_mem is "
+                    "dated at the onset and confirmed after that many consecutive evaluations.",
+                    DeprecationWarning,
+                    stacklevel=2,
+                )
+                detector.patience = patience
         mode = mode if mode is not None else getattr(detector, "quality_mode", "min")
         if mode not in _MODES:
             raise MisconfigurationException(f"`mode` can be {', '.join(_MODES)}; got {mode!r}.")
         self.watch = watch
-        self.patience = patience
         self.restore_best = bool(restore_best)
         self.verbose = bool(verbose)
         self.strict = bool(strict)
@@ -128,9 +158,9 @@ class MemorizationEarlyStopping(Callback):
         self.monitor: str = monitor if monitor is not None else getattr(detector, "quality_key", "fid")
         self.mode: str = mode
 
-        self.wait_count = 0
         self.best_step: int | None = None
         self.best_score: float | None = None
+        self.best_f_mem: float | None = None
         self.best_model_path: str | None = None
         self.stopped_step: int | None = None
         self.stopping_reason = MemorizationStoppingReason.NOT_STOPPED
@@ -138,6 +168,7 @@ class MemorizationEarlyStopping(Callback):
         self.restored_step: int | None = None
         self._best_weights: dict[str, Tensor] | None = None
         self._monitor_checked = False
+        self._saved_watch: dict[str, Any] | None = None  # the watch's position when the loaded state was saved
 
     # -- Lightning vocabulary --------------------------------------------------------------------------
     @property
@@ -150,8 +181,18 @@ class MemorizationEarlyStopping(Callback):
         return self.stopping_reason
 
     @property
+    def patience(self) -> int:
+        """The watch detector's ``patience`` (evaluations); kept for compatibility, set it on the detector."""
+        return int(self.watch.detector.patience)
+
+    @property
+    def wait_count(self) -> int:
+        """Consecutive evaluations so far meeting the memorization condition (the detector's ``run_length``)."""
+        return int(getattr(self.watch.detector, "run_length", 0))
+
+    @property
     def best_weights(self) -> dict[str, Tensor] | None:
-        """The kept in-window weights (CPU copies) when ``dirpath`` is None, else None (read the file)."""
+        """The kept weights (CPU copies) when ``dirpath`` is None, else None (read the file)."""
         return self._best_weights
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
@@ -164,12 +205,29 @@ class MemorizationEarlyStopping(Callback):
                 "`Trainer(callbacks=[watch, MemorizationEarlyStopping(watch)])`."
             )
         self._monitor_checked = False
-        watch_metrics = getattr(self.watch, "metrics", {}) or {}
-        fid_off = hasattr(self.watch, "fid") and self.watch.fid is None and "fid" not in watch_metrics
-        if self.monitor == "fid" and fid_off:
-            # FID is known to be off before training starts: fail (or warn) now rather than at the first evaluation
-            self._check_monitor({"step": trainer.global_step})
+        self._lineage_checked = False
+        keys = getattr(self.watch, "record_keys", None)
+        if keys is not None:
+            produced = self.monitor in keys
+        else:  # a watch that does not announce its record keys: only FID can be known to be off
+            watch_metrics = getattr(self.watch, "metrics", {}) or {}
+            produced = not (
+                self.monitor == "fid" and hasattr(self.watch, "fid") and self.watch.fid is None
+                and "fid" not in watch_metrics
+            )
+        if not produced:  # known before training starts: fail (or warn) now, not after the first sampling pass
+            self._check_monitor({"step": trainer.global_step}, at_setup=True)
         self.watch.add_listener(self._on_evaluation)
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._check_lineage()
+        if self.stopping_reason is not MemorizationStoppingReason.NOT_STOPPED:
+            # resumed from a checkpoint of a run that already stopped: stop again before another step
+            self._info(
+                f"MemorizationEarlyStopping: the checkpoint's run already stopped at step {self.stopped_step} "
+                "(tau_mem); stopping at once."
+            )
+            trainer.should_stop = True
 
     # -- after each evaluation ---------------------------------------------------------------------------
     def _better(self, score: float) -> bool:
@@ -177,110 +235,172 @@ class MemorizationEarlyStopping(Callback):
             return True
         return score < self.best_score if self.mode == "min" else score > self.best_score
 
-    def _check_monitor(self, record: dict[str, Any]) -> None:
+    def _check_monitor(self, record: dict[str, Any], at_setup: bool = False) -> None:
         self._monitor_checked = True
         if record.get(self.monitor) is not None:
             return
-        available = ", ".join(f"`{k}`" for k in record if k != "step")
+        keys = getattr(self.watch, "record_keys", None)
+        listed = keys if at_setup and keys is not None else [k for k in record if k != "step"]
+        available = ", ".join(f"`{k}`" for k in listed)
+        when = "will not hold" if at_setup else f"do not hold (step {record.get('step')})"
         message = (
-            f"MemorizationEarlyStopping picks the best in-window weights by `{self.monitor}`, which the "
-            f"MemWatch records do not hold (step {record.get('step')}). Turn FID on with "
+            f"MemorizationEarlyStopping picks the best pre-onset weights by `{self.monitor}`, which the "
+            f"MemWatch records {when}. Turn FID on with "
             "`MemWatch(fid=FID(...))`, or log a quality metric with `MemWatch(metrics={'name': fn})` and "
             "pass `monitor='name'` here and `TimescaleDetector(quality_key='name')` to the watch, or pass "
-            f"`strict=False` to only stop at tau_mem. Record keys: {available}."
+            f"`strict=False` to keep the latest pre-onset weights and stop at tau_mem. Record keys: {available}."
         )
         if self.strict:
+            if at_setup:
+                raise MisconfigurationException(message)
             raise RuntimeError(message)
         rank_zero_warn(message, category=RuntimeWarning)
 
     def _on_evaluation(self, trainer: Trainer, pl_module: LightningModule, record: dict[str, Any]) -> None:
+        self._check_lineage(evaluating=True)  # the watch has appended this record to its history already
         if not self._monitor_checked:
             self._check_monitor(record)
         detector = self.watch.detector
         step = int(record["step"])
-        memorizing = bool(detector.is_memorizing(record))
-        if memorizing:
-            self.wait_count += 1
-        elif detector.memorization_value(record) is not None:  # a record without f_mem leaves the count as is
-            self.wait_count = 0
-
         tau_gen, tau_mem = detector.tau_gen, detector.tau_mem
-        in_window = tau_gen is not None and tau_gen.step <= step and tau_mem is None and not memorizing
-        score = _finite_float(record.get(self.monitor))
-        if in_window and score is not None and self._better(score):
-            self._keep(trainer, pl_module, step, score)
+        f_mem = detector.memorization_value(record)
+        if tau_mem is None and f_mem is not None and not detector.is_memorizing(record):
+            score = _finite_float(record.get(self.monitor))
+            if score is not None and self._better(score):
+                self._keep(trainer, pl_module, step, score, record)
+            elif score is None and self.best_score is None:  # no quality signal: the latest such evaluation
+                self._keep(trainer, pl_module, step, None, record)
 
-        should_stop = tau_mem is not None and self.wait_count >= max(1, self.patience)
-        should_stop = trainer.strategy.reduce_boolean_decision(should_stop, all=False)
+        should_stop = trainer.strategy.reduce_boolean_decision(tau_mem is not None, all=False)
         if should_stop and self.stopping_reason is MemorizationStoppingReason.NOT_STOPPED:
             self.stopped_step = step
             self.stopping_reason = MemorizationStoppingReason.MEMORIZATION
-            onset = "on another rank" if tau_mem is None else f"tau_mem = {tau_mem.step}: {tau_mem.reason}"
-            best = (
-                f"best in-window {self.monitor} = {self.best_score:.4g} at step {self.best_step}"
-                if self.best_step is not None
-                else "no in-window evaluation was kept"
-            )
-            self.stopping_reason_message = (
-                f"Memorization detected ({onset}); "
-                f"stopping at step {step}; {best}. Signaling Trainer to stop."
-            )
-            self._info(self.stopping_reason_message)
+            self.stopping_reason_message = self._stop_message(step, tau_gen, tau_mem)
+            if self._still_improving(tau_gen, tau_mem) and self.best_score is not None:
+                rank_zero_warn(self.stopping_reason_message)
+            else:
+                self._info(self.stopping_reason_message)
+            if trainer.is_global_zero and getattr(trainer, "loggers", None):
+                mwlog.log_text(trainer, STOPPING_TEXT, self.stopping_reason_message, step)
         if should_stop:
             trainer.should_stop = True
 
-    def _keep(self, trainer: Trainer, pl_module: LightningModule, step: int, score: float) -> None:
+    @staticmethod
+    def _still_improving(tau_gen: Any, tau_mem: Any) -> bool:
+        """tau_mem flagged while tau_gen was not flagged before the onset."""
+        return tau_mem is not None and (tau_gen is None or tau_gen.step >= tau_mem.step)
+
+    def _stop_message(self, step: int, tau_gen: Any, tau_mem: Any) -> str:
+        onset = "on another rank" if tau_mem is None else f"tau_mem = {tau_mem.step}: {tau_mem.reason}"
+        head = f"Memorization detected ({onset}); stopping at step {step}"
+        if self.best_step is None:
+            return f"{head}; no evaluation before the onset had a non-significant f_mem, so no weights were kept."
+        fmem = "n/a" if self.best_f_mem is None else f"{self.best_f_mem:.4g}"
+        verb = "restored" if self.restore_best else "best pre-onset"
+        if self.best_score is None:
+            return (
+                f"{head}; the records hold no `{self.monitor}`, so the latest evaluation before the onset is kept: "
+                f"{verb} step {self.best_step}, f_mem {fmem}."
+            )
+        kept = f"{verb} step {self.best_step}, {self.monitor} {self.best_score:.4g}, f_mem {fmem}"
+        if self._still_improving(tau_gen, tau_mem):
+            return (
+                f"{head}: quality was still improving when copying began (tau_gen not flagged before the onset); "
+                f"{kept}."
+            )
+        return f"{head}; tau_gen = {tau_gen.step if tau_gen is not None else 'n/a'}; {kept}."
+
+    def _keep(
+        self, trainer: Trainer, pl_module: LightningModule, step: int, score: float | None, record: dict[str, Any]
+    ) -> None:
         previous = self.best_score
         self.best_step, self.best_score = step, score
+        self.best_f_mem = _finite_float(record.get("f_mem"))
         if self.dirpath is not None:
             path = Path(self.dirpath) / BEST_FILENAME
             if trainer.is_global_zero:
                 path.parent.mkdir(parents=True, exist_ok=True)
-                tmp = path.with_suffix(".tmp")
+                tmp = path.with_name(f".{path.name}.tmp")
                 payload = {"state_dict": _cpu_copy(pl_module), "step": step, "score": score}
-                torch.save({**payload, "monitor": self.monitor}, tmp)
+                with open(tmp, "wb") as handle:  # written aside, then renamed: never a half-written file
+                    torch.save({**payload, "monitor": self.monitor}, handle)
+                    handle.flush()
+                    os.fsync(handle.fileno())
                 os.replace(tmp, path)
             self.best_model_path = str(path)
         elif self.restore_best:
             self._best_weights = _cpu_copy(pl_module)
         if self.verbose:
+            now = "no quality value" if score is None else f"{self.monitor} = {score:.4g}"
             was = "" if previous is None else f" (was {previous:.4g})"
-            self._info(
-                f"MemorizationEarlyStopping: new best in-window {self.monitor} = {score:.4g}{was} "
-                f"at step {step}."
-            )
+            self._info(f"MemorizationEarlyStopping: kept the weights of step {step} ({now}{was}).")
+
+    # -- the watch's history -----------------------------------------------------------------------------
+    def _watch_position(self, evaluating: bool = False) -> dict[str, Any] | None:
+        history = getattr(self.watch, "history", None)
+        if history is None:
+            return None
+        if evaluating:
+            history = history[:-1]
+        return {"num_records": len(history), "last_step": int(history[-1]["step"]) if history else None}
+
+    def _check_lineage(self, evaluating: bool = False) -> None:
+        """Drop kept state that belongs to a watch history the watch no longer has (state not restored)."""
+        if getattr(self, "_lineage_checked", False):
+            return
+        self._lineage_checked = True
+        saved, now = self._saved_watch, self._watch_position(evaluating)
+        self._saved_watch = None
+        if saved is None or now is None or saved == now:
+            return
+        rank_zero_warn(
+            f"MemorizationEarlyStopping: its checkpoint state belongs to a MemWatch history of "
+            f"{saved['num_records']} evaluation(s) up to step {saved['last_step']}, but the watch now holds "
+            f"{now['num_records']} (its state was not restored from the checkpoint; see MemWatch's warning). "
+            f"The kept weights (step {self.best_step}) and the stop state are dropped; both start afresh."
+        )
+        self._reset()
+
+    def _reset(self) -> None:
+        self.best_step = self.best_score = self.best_f_mem = None
+        self.best_model_path = None
+        self._best_weights = None
+        self.stopped_step = None
+        self.stopping_reason = MemorizationStoppingReason.NOT_STOPPED
+        self.stopping_reason_message = None
 
     # -- end of training ------------------------------------------------------------------------------
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if not self.restore_best or self.watch.detector.tau_mem is None:
+        tau_mem = self.watch.detector.tau_mem
+        if not self.restore_best or tau_mem is None:
             return
         if self.best_step is None:
-            tau_gen = self.watch.detector.tau_gen
-            why = (
-                "tau_gen was never flagged"
-                if tau_gen is None
-                else f"no evaluation in [tau_gen = {tau_gen.step}, tau_mem) had a finite `{self.monitor}`"
-            )
             rank_zero_warn(
-                f"MemorizationEarlyStopping: {why}, so there are no in-window weights to restore; the module "
+                f"MemorizationEarlyStopping: no evaluation before the memorization onset (tau_mem = "
+                f"{tau_mem.step}) had a non-significant f_mem, so there are no weights to restore; the module "
                 f"keeps its weights of step {trainer.global_step}."
             )
             return
         weights = self._load_kept(trainer)
         if weights is None:
             return
-        pl_module.load_state_dict(weights)
+        scored = getattr(self.watch, "scored_weights", None)
+        if scored is not None:
+            scored.restore(trainer, pl_module, weights)
+        else:
+            pl_module.load_state_dict(weights)
         self.restored_step = self.best_step
+        quality = "" if self.best_score is None else f" ({self.monitor} = {self.best_score:.4g})"
         self._info(
-            f"MemorizationEarlyStopping: restored the weights of step {self.best_step} "
-            f"({self.monitor} = {self.best_score:.4g}), the best evaluation in [tau_gen, tau_mem)."
+            f"MemorizationEarlyStopping: restored the weights of step {self.best_step}{quality}, the best "
+            f"evaluation before the memorization onset (step {tau_mem.step})."
         )
 
     def _load_kept(self, trainer: Trainer) -> dict[str, Tensor] | None:
         if self.best_model_path is None:
             if self._best_weights is None:
                 rank_zero_warn(
-                    "MemorizationEarlyStopping: the best in-window weights were not kept (restore_best was "
+                    "MemorizationEarlyStopping: the best pre-onset weights were not kept (restore_best was "
                     "off when they were seen); the module keeps its final weights."
                 )
             return self._best_weights
@@ -291,8 +411,18 @@ class MemorizationEarlyStopping(Callback):
                 "machine); the module keeps its final weights. Use a `dirpath` every rank can read."
             )
             return None
-        saved = torch.load(self.best_model_path, map_location="cpu", weights_only=True)
-        return saved["state_dict"]
+        try:
+            saved = torch.load(self.best_model_path, map_location="cpu", weights_only=True)
+            weights = saved["state_dict"]
+            if int(saved["step"]) != self.best_step:
+                raise ValueError(f"it holds step {saved['step']}, not {self.best_step}")
+        except Exception as err:  # truncated, corrupt or foreign file: keep training's result, say why
+            rank_zero_warn(
+                f"MemorizationEarlyStopping: could not read {self.best_model_path} ({type(err).__name__}: "
+                f"{err}); the module keeps its final weights."
+            )
+            return None
+        return weights
 
     def _info(self, message: str) -> None:
         if self.verbose:
@@ -301,22 +431,21 @@ class MemorizationEarlyStopping(Callback):
     # -- state -----------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         return {
-            "wait_count": self.wait_count,
-            "patience": self.patience,
             "best_step": self.best_step,
             "best_score": self.best_score,
+            "best_f_mem": self.best_f_mem,
             "best_model_path": self.best_model_path,
             "best_weights": self._best_weights,
             "stopped_step": self.stopped_step,
             "stopping_reason": self.stopping_reason.value,
             "stopping_reason_message": self.stopping_reason_message,
+            "watch": self._watch_position(),
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.wait_count = int(state_dict["wait_count"])
-        self.patience = int(state_dict.get("patience", self.patience))
         self.best_step = state_dict["best_step"]
         self.best_score = state_dict["best_score"]
+        self.best_f_mem = state_dict.get("best_f_mem")
         self.best_model_path = state_dict.get("best_model_path")
         weights = state_dict.get("best_weights")
         self._best_weights = None if weights is None else dict(weights)
@@ -325,6 +454,8 @@ class MemorizationEarlyStopping(Callback):
             state_dict.get("stopping_reason", MemorizationStoppingReason.NOT_STOPPED.value)
         )
         self.stopping_reason_message = state_dict.get("stopping_reason_message")
+        self._saved_watch = state_dict.get("watch")
+        self._lineage_checked = False
 
 
 def _cpu_copy(pl_module: LightningModule) -> dict[str, Tensor]:

@@ -26,6 +26,7 @@ from lightning_memwatch.metrics.knn import NearestNeighbourIndex
 from lightning_memwatch.metrics.memorization import memorization_fraction
 from lightning_memwatch.sampling import draw_samples, rank_slice
 from lightning_memwatch.schedule import EvalSchedule
+from lightning_memwatch.weights import ScoredWeights, WeightsChoice, resolve_weights
 
 __all__ = ["MemWatch", "collect_images"]
 
@@ -95,6 +96,11 @@ class MemWatch(Callback):
         bootstrap: bootstrap resamples for the f_mem confidence interval.
         log_images: log sample grids, nearest-neighbour pairs and ratio histograms (TensorBoard).
         verbose: print one line per evaluation (rank 0).
+        weights: which weights are scored (see :mod:`lightning_memwatch.weights`): ``"auto"`` (the average of
+            a Lightning ``WeightAveraging``/``EMAWeightAveraging`` callback when one is among the trainer's
+            callbacks, else the raw weights), ``"averaged"``, ``"raw"``, or ``ModuleEMA("ema", target="net")``
+            for an EMA copy the module keeps itself. The module holds the scored weights during the whole
+            evaluation (sampling and listeners, e.g. the early stopping's copy).
     """
 
     def __init__(
@@ -116,6 +122,7 @@ class MemWatch(Callback):
         bootstrap: int = 1000,
         log_images: bool = True,
         verbose: bool = True,
+        weights: WeightsChoice = "auto",
     ) -> None:
         if num_samples < 2 or sample_batch_size < 1:
             raise ValueError(
@@ -140,6 +147,8 @@ class MemWatch(Callback):
         self.bootstrap = int(bootstrap)
         self.log_images = log_images
         self.verbose = verbose
+        self.weights = weights
+        self.scored_weights: ScoredWeights | None = None  # resolved at setup
 
         self.history: list[dict[str, Any]] = []
         self._listeners: list[Listener] = []
@@ -173,6 +182,14 @@ class MemWatch(Callback):
         """Samples drawn per evaluation: the larger of f_mem's and FID's counts (images)."""
         fid_n = self.fid.num_samples if self.fid is not None and self.fid.num_samples else 0
         return max(self.num_samples, fid_n)
+
+    @property
+    def record_keys(self) -> list[str]:
+        """Keys every history record holds a value for (FID only when it is on; user metrics by name)."""
+        keys = ["step", "num_samples", "f_mem", "f_mem_ci_low", "f_mem_ci_high", *_QUANTILES]
+        if self.fid is not None:
+            keys += ["fid", "fid_num_samples"]
+        return keys + list(self.metrics) + ["metric_seconds", "sample_seconds"]
 
     def add_listener(self, fn: Listener) -> None:
         """Call ``fn(trainer, pl_module, record)`` on every rank after each evaluation (detector updated)."""
@@ -236,6 +253,7 @@ class MemWatch(Callback):
         if stage != "fit":
             return
         self._sampler(pl_module)  # fail early when there is no sampler
+        self.scored_weights = resolve_weights(self.weights, trainer, pl_module)
         if self.data_range is None:
             self.data_range = self._find_data_range(trainer, pl_module)
         device = trainer.strategy.root_device
@@ -377,6 +395,12 @@ class MemWatch(Callback):
         return record
 
     def _evaluate(self, trainer: Trainer, pl_module: LightningModule, step: int, *, can_log: bool) -> None:
+        # the scored weights (raw, EMA or averaged) stay in the module until every listener has seen them
+        scored = self.scored_weights if self.scored_weights is not None else ScoredWeights()
+        with scored.applied(trainer, pl_module):
+            self._evaluate_scored(trainer, pl_module, step, can_log=can_log)
+
+    def _evaluate_scored(self, trainer: Trainer, pl_module: LightningModule, step: int, *, can_log: bool) -> None:
         start = time.perf_counter()
         generated = self._generate(trainer, pl_module)
         sample_seconds = time.perf_counter() - start

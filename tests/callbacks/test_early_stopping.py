@@ -123,9 +123,9 @@ def test_stops_at_the_evaluation_where_fmem_jumps_and_restores_the_best_in_windo
     assert trainer.strategy.calls == [(False, False)] * 6 + [(True, False)]
 
 
-def test_evaluations_before_tau_gen_and_unconfirmed_memorization_are_never_kept():
-    # plateau rule: tau_gen at step 800; step 400 has the lowest FID before it, steps 1000-1100 memorize with
-    # low FIDs, but tau_mem (detector patience 3) is confirmed only at 1200, dated 1000
+def test_the_best_pre_onset_evaluation_is_kept_and_unconfirmed_memorization_never():
+    # plateau rule: tau_gen at step 800; step 400 has the lowest FID before the onset, steps 1000-1100 memorize
+    # with low FIDs, but tau_mem (detector patience 3) is confirmed only at 1200, dated 1000
     fids = [300.0, 100.0, 25.0, 20.0, 22.0, 21.5, 21.8, 21.0, 20.5, 15.0, 14.0, 13.0]
     ci = [0.0] * 9 + [0.1, 0.2, 0.3]
     history = [rec(100 * (i + 1), f, c) for i, (f, c) in enumerate(zip(fids, ci, strict=True))]
@@ -133,22 +133,27 @@ def test_evaluations_before_tau_gen_and_unconfirmed_memorization_are_never_kept(
     train(watch, stopper, trainer, module, history)
     assert watch.tau_gen == 800 and watch.tau_mem == 1000
     assert watch.detector.tau_mem.confirmed_step == 1200 and stopper.stopped_step == 1200
-    assert (stopper.best_step, stopper.best_score) == (900, 20.5)
-    assert weights_step(module) == 900.0
+    # the best quality before the onset, although it came before tau_gen; never 1000-1100 (after the onset)
+    assert (stopper.best_step, stopper.best_score) == (400, 20.0)
+    assert weights_step(module) == 400.0
 
 
-def test_patience_counts_consecutive_memorizing_evaluations_after_tau_mem():
+def test_stopper_patience_is_deprecated_and_lives_in_the_detector():
     later = [(70, 18.0, 0.3), (80, 17.0, 0.0), (90, 16.0, 0.2), (100, 15.0, 0.4), (110, 14.0, 0.6)]
     history = FLOOR_RUN[:6] + [rec(*args) for args in later]
-    watch, stopper, trainer, module = make(patience=2)
+    with pytest.warns(DeprecationWarning, match=r"TimescaleDetector\(patience=2\)"):
+        watch, stopper, trainer, module = make(patience=2)
+    assert watch.detector.patience == 2 == stopper.patience
     train(watch, stopper, trainer, module, history)
-    assert watch.tau_mem == 70  # flagged at once by the detector, but the blip at 80 resets the count
+    # one counter, the detector's: the blip at 80 breaks the run, which restarts at 90 and is confirmed at 100
+    assert watch.tau_mem == 90 and watch.detector.tau_mem.confirmed_step == 100
     assert stopper.stopped_step == 100 and trainer.global_step == 100 and stopper.wait_count == 2
-    assert stopper.best_step == 40 and weights_step(module) == 40.0  # step 80 lies after tau_mem: not kept
+    # 80 comes before the onset and its f_mem is not significant: the best pre-onset quality (17.0)
+    assert stopper.best_step == 80 and weights_step(module) == 80.0
     for patience in (0, 1):
         watch, stopper, trainer, module = make(patience=patience)
         train(watch, stopper, trainer, module, history)
-        assert stopper.stopped_step == 70
+        assert stopper.stopped_step == 70 and stopper.best_step == 40
 
 
 def test_a_record_without_fmem_neither_extends_nor_breaks_the_count():
@@ -169,12 +174,12 @@ def test_never_memorizing_run_is_not_stopped_and_keeps_its_final_weights():
     assert weights_step(module) == 60.0
 
 
-def test_memorizing_before_generalizing_warns_and_keeps_the_weights():
-    history = [rec(10, 300.0), rec(20, 100.0, 0.2), rec(30, 21.0, 0.4)]
+def test_copying_from_the_first_evaluation_warns_and_keeps_the_weights():
+    history = [rec(10, 300.0, 0.1), rec(20, 100.0, 0.2), rec(30, 21.0, 0.4)]
     watch, stopper, trainer, module = make()
-    with pytest.warns(UserWarning, match="tau_gen was never flagged"):
+    with pytest.warns(UserWarning, match="no evaluation before the memorization onset"):
         train(watch, stopper, trainer, module, history)
-    assert stopper.stopped_step == 20 and stopper.best_step is None and weights_step(module) == 20.0
+    assert stopper.stopped_step == 10 and stopper.best_step is None and weights_step(module) == 10.0
 
 
 def test_strict_requires_the_quality_signal():
@@ -186,8 +191,10 @@ def test_strict_requires_the_quality_signal():
     with pytest.warns(RuntimeWarning, match="`fid`"):
         train(watch, stopper, trainer, module, history, end=False)
     assert stopper.stopped_step == 30  # still stops at tau_mem
-    with pytest.warns(UserWarning, match="tau_gen was never flagged"):
-        stopper.on_train_end(trainer, module)
+    # no quality signal: the latest evaluation before the onset is kept and restored
+    assert "latest evaluation before the onset" in stopper.stopping_reason_message
+    stopper.on_train_end(trainer, module)
+    assert stopper.restored_step == 20 and stopper.best_score is None and weights_step(module) == 20.0
 
 
 def test_a_user_quality_metric_and_max_mode_come_from_the_detector():
@@ -248,6 +255,7 @@ def test_state_dict_round_trip_resumes_to_the_same_result(tmp_path, split):
     detector = TimescaleDetector(floor=20.0)
     detector.load_state_dict(state["detector"])
     watch2, stopper2, trainer2, module2 = make(ScriptedWatch(detector))
+    watch2.history = list(watch.history)  # the watch's own history is restored with it
     stopper2.load_state_dict(state["stopper"])
     assert stopper2.state_dict().keys() == stopper.state_dict().keys()
     train(watch2, stopper2, trainer2, module2, FLOOR_RUN[split:])
@@ -282,7 +290,7 @@ def test_verbose_messages(caplog):
     with caplog.at_level(logging.INFO):
         train(watch, stopper, trainer, module, FLOOR_RUN)
     text = caplog.text
-    assert "new best in-window fid = 20.8 (was 21.5) at step 40" in text
+    assert "kept the weights of step 40 (fid = 20.8 (was 21.5))" in text
     assert "Memorization detected" in text and "restored the weights of step 40" in text
 
 
@@ -419,3 +427,93 @@ def test_ddp_two_ranks_stop_at_the_same_step(tmp_path):
         "best_step": 25, "restored_step": 25, "weights_are_step_25": True, "stopping_reason": 1,
     }
     assert (tmp_path / "best" / BEST_FILENAME).exists()
+
+
+# -- copying before the quality plateau (issue 10, item 2) -------------------------------------------------
+def test_copying_before_the_quality_plateau_restores_the_best_pre_onset_weights(monkeypatch):
+    # FID still falls when f_mem becomes significant at step 60: tau_gen never fires (default plateau rule)
+    history = [rec(10, 300.0), rec(20, 150.0), rec(30, 80.0), rec(40, 50.0), rec(50, 35.0),
+               rec(60, 30.0, 0.3), rec(70, 28.0, 0.5)]
+    texts = []
+    monkeypatch.setattr(
+        "lightning_memwatch.callbacks.early_stopping.mwlog.log_text",
+        lambda trainer, tag, text, step: texts.append((tag, text, step)),
+    )
+    watch, stopper, trainer, module = make(ScriptedWatch())
+    trainer.loggers = [object()]
+    with pytest.warns(UserWarning, match="quality was still improving when copying began"):
+        train(watch, stopper, trainer, module, history)
+    assert watch.tau_gen is None and watch.tau_mem == 60 and stopper.stopped_step == 60
+    assert (stopper.best_step, stopper.best_score, stopper.restored_step) == (50, 35.0, 50)
+    assert weights_step(module) == 50.0  # not the copying weights of step 60
+    assert "restored step 50, fid 35, f_mem 0" in stopper.stopping_reason_message
+    assert texts == [("memwatch/early_stopping", stopper.stopping_reason_message, 60)]
+
+
+# -- EMA / WeightAveraging (issue 10, item 4) --------------------------------------------------------------
+class OwnEMA:
+    """Recomputes EMAWeightAveraging's average from the raw weights (public hooks only), to check MemWatch."""
+
+    def __init__(self, decay):
+        from lightning.pytorch import Callback
+
+        self.decay, self.average, self.raw = decay, None, {}
+        outer = self
+
+        class Recorder(Callback):
+            def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+                raw = {k: v.detach().clone() for k, v in pl_module.state_dict().items()}
+                outer.raw[trainer.global_step] = raw
+                if outer.average is None:
+                    outer.average = raw
+                else:
+                    outer.average = {
+                        k: outer.decay * outer.average[k] + (1 - outer.decay) * raw[k]
+                        if raw[k].is_floating_point() else raw[k] for k in raw
+                    }
+
+        self.callback = Recorder()
+
+
+@pytest.mark.parametrize("ema_last", [False, True])
+def test_under_an_averaging_callback_the_restored_weights_are_the_scored_ones(tmp_path, ema_last):
+    from lightning.pytorch.callbacks import EMAWeightAveraging
+
+    model = CopyingToy()
+    watch, scored, averages = real_watch(model), {}, {}
+    own = OwnEMA(0.5)
+    watch.add_listener(snapshot_listener(scored))
+    watch.add_listener(lambda trainer, pl_module, record: averages.setdefault(record["step"], own.average))
+    stopper = MemorizationEarlyStopping(watch, verbose=True)
+    ema = EMAWeightAveraging(decay=0.5)
+    # ema_last: EMA's own on_train_end (copying its final average in) runs after the stopper's restore
+    callbacks = [own.callback, watch, stopper, ema] if ema_last else [own.callback, ema, watch, stopper]
+    from lightning.pytorch import Trainer
+
+    Trainer(
+        max_steps=100, callbacks=callbacks, logger=False, accelerator="cpu", devices=1, enable_progress_bar=False,
+        enable_model_summary=False, default_root_dir=str(tmp_path), enable_checkpointing=False,
+    ).fit(model, loader())
+    assert watch.scored_weights.name == "averaged" and stopper.restored_step == 25
+    if not ema_last:  # EMA updated before MemWatch evaluated: the scored weights are the average of this step
+        assert all(torch.allclose(scored[25][k], averages[25][k], atol=1e-6) for k in scored[25])
+    assert not same_weights(scored[25], own.raw[25])  # the average, not the raw weights of step 25
+    assert same_weights(model.state_dict(), scored[25])  # exactly the weights that were scored
+
+
+def test_module_ema_copy_is_scored_and_the_raw_weights_come_back():
+    from lightning_memwatch.weights import ModuleEMA, resolve_weights
+
+    module = Tiny()
+    module.ema = torch.nn.Linear(3, 1)
+    with torch.no_grad():
+        module.layer.weight.fill_(1.0)
+        module.ema.weight.fill_(2.0)
+    scored = resolve_weights(ModuleEMA("ema", target="layer"), SimpleNamespace(callbacks=[]), module)
+    with scored.applied(None, module):
+        assert float(module.layer.weight.detach().unique()) == 2.0
+    assert float(module.layer.weight.detach().unique()) == 1.0
+    with pytest.raises(MisconfigurationException, match="no module attribute `nope`"):
+        resolve_weights(ModuleEMA("nope"), SimpleNamespace(callbacks=[]), module)
+    with pytest.raises(MisconfigurationException, match="WeightAveraging"):
+        resolve_weights("averaged", SimpleNamespace(callbacks=[]), module)

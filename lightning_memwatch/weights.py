@@ -1,0 +1,198 @@
+"""Which weights MemWatch scores: the raw weights, a module's own EMA copy, or Lightning's averaged weights.
+
+One argument, ``MemWatch(weights=...)``, chooses them:
+
+* ``"auto"`` (default): the average of a Lightning
+  :class:`~lightning.pytorch.callbacks.WeightAveraging` callback (e.g. ``EMAWeightAveraging``) when one is
+  among the trainer's callbacks, else the raw weights.
+* ``"averaged"``: the average of that callback; setup fails when there is none.
+* ``"raw"``: the weights the optimizer updates, even when an averaging callback is present.
+* :class:`ModuleEMA` ``(attribute, target)``: an EMA copy the module keeps itself (``pl_module.<attribute>``,
+  a module or a ``torch.optim.swa_utils.AveragedModel``) of its submodule ``target`` (None: the whole module).
+
+During each evaluation the chosen weights are put into the module (sampling and every listener, e.g.
+:class:`~lightning_memwatch.MemorizationEarlyStopping`'s copy, see them) and the raw weights are put back
+afterwards, so ``module.state_dict()`` read by a listener is exactly what was scored. At the end of fit,
+:meth:`ScoredWeights.restore` loads a kept state dict so that the module returned by ``trainer.fit`` holds it,
+whatever the order of the ``on_train_end`` calls (the averaging callback copies its average into the module
+there: the kept weights are loaded into the average too).
+
+Lightning's averaging callback has no public accessor for its averaged model; its public hooks
+``on_validation_epoch_start``/``on_validation_epoch_end`` swap the averaged and the current weights (that is
+how Lightning validates with the average), and this module calls those hooks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.callbacks import WeightAveraging
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from torch import Tensor, nn
+
+__all__ = ["ModuleEMA", "ScoredWeights", "WeightsChoice", "find_weight_averaging", "resolve_weights"]
+
+
+@dataclass(frozen=True)
+class ModuleEMA:
+    """An EMA copy kept by the module itself: ``pl_module.<attribute>`` mirrors ``pl_module.<target>``.
+
+    Args:
+        attribute: attribute name of the EMA copy on the LightningModule (e.g. ``"ema"``); a module, or a
+            ``torch.optim.swa_utils.AveragedModel`` (its ``.module`` is used).
+        target: dotted name of the submodule the copy mirrors (e.g. ``"unet"``); None when it mirrors the whole
+            LightningModule (same state-dict keys).
+    """
+
+    attribute: str
+    target: str | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.attribute, str) or not self.attribute:
+            raise ValueError(f"ModuleEMA.attribute must be an attribute name, e.g. 'ema'; got {self.attribute!r}.")
+
+
+WeightsChoice = Literal["auto", "raw", "averaged"] | ModuleEMA
+_CHOICES = ("auto", "raw", "averaged")
+
+
+def find_weight_averaging(trainer: Trainer) -> WeightAveraging | None:
+    """The trainer's :class:`~lightning.pytorch.callbacks.WeightAveraging` callback (e.g. EMA), or None."""
+    found = [cb for cb in getattr(trainer, "callbacks", []) if isinstance(cb, WeightAveraging)]
+    if len(found) > 1:
+        raise MisconfigurationException(
+            f"MemWatch found {len(found)} WeightAveraging callbacks; keep one, or pass MemWatch(weights='raw')."
+        )
+    return found[0] if found else None
+
+
+class ScoredWeights:
+    """The raw weights: nothing to swap in (the base of the other choices).
+
+    Attributes:
+        name: ``"raw"``, ``"averaged"`` or ``"module_ema"``.
+    """
+
+    name = "raw"
+
+    @contextlib.contextmanager
+    def applied(self, trainer: Trainer, pl_module: LightningModule) -> Iterator[None]:
+        """Inside the block the module holds the scored weights; the raw weights come back on exit."""
+        yield
+
+    def restore(self, trainer: Trainer, pl_module: LightningModule, state_dict: dict[str, Tensor]) -> None:
+        """Load kept weights (a state dict read inside :meth:`applied`) so that fit ends with them."""
+        pl_module.load_state_dict(state_dict)
+
+    def describe(self) -> str:
+        return "raw weights"
+
+
+class _Averaged(ScoredWeights):
+    name = "averaged"
+
+    def __init__(self, callback: WeightAveraging) -> None:
+        self.callback = callback
+
+    @contextlib.contextmanager
+    def applied(self, trainer: Trainer, pl_module: LightningModule) -> Iterator[None]:
+        self.callback.on_validation_epoch_start(trainer, pl_module)  # swap: the module gets the average
+        try:
+            yield
+        finally:
+            self.callback.on_validation_epoch_end(trainer, pl_module)  # swap back
+
+    def restore(self, trainer: Trainer, pl_module: LightningModule, state_dict: dict[str, Tensor]) -> None:
+        # The callback copies its average into the module in its own on_train_end, which may come after ours:
+        # put the kept weights into the average as well, so both orders end with them.
+        pl_module.load_state_dict(state_dict)
+        self.callback.on_validation_epoch_start(trainer, pl_module)  # the average now holds the kept weights
+        pl_module.load_state_dict(state_dict)
+
+    def describe(self) -> str:
+        return f"averaged weights of {type(self.callback).__name__}"
+
+
+class _ModuleEMA(ScoredWeights):
+    name = "module_ema"
+
+    def __init__(self, spec: ModuleEMA, pl_module: LightningModule) -> None:
+        self.spec = spec
+        self._ema(pl_module)
+        self._target(pl_module)
+
+    def _ema(self, pl_module: LightningModule) -> nn.Module:
+        ema = getattr(pl_module, self.spec.attribute, None)
+        if isinstance(ema, torch.optim.swa_utils.AveragedModel):
+            ema = ema.module
+        if not isinstance(ema, nn.Module):
+            raise MisconfigurationException(
+                f"MemWatch(weights=ModuleEMA({self.spec.attribute!r})): {type(pl_module).__name__} has no module "
+                f"attribute `{self.spec.attribute}` (got {type(ema).__name__}). Name the attribute that holds the "
+                "EMA copy, or pass weights='raw'."
+            )
+        return ema
+
+    def _target(self, pl_module: LightningModule) -> nn.Module:
+        if self.spec.target is None:
+            return pl_module
+        try:
+            return pl_module.get_submodule(self.spec.target)
+        except AttributeError as err:
+            raise MisconfigurationException(
+                f"MemWatch(weights=ModuleEMA(target={self.spec.target!r})): {err}. Name the submodule the EMA "
+                "copy mirrors (e.g. 'unet'), or target=None when it mirrors the whole module."
+            ) from None
+
+    @contextlib.contextmanager
+    def applied(self, trainer: Trainer, pl_module: LightningModule) -> Iterator[None]:
+        target = self._target(pl_module)
+        raw = {k: v.detach().clone() for k, v in target.state_dict().items()}
+        ema_state = self._ema(pl_module).state_dict()
+        try:
+            target.load_state_dict(ema_state)
+        except RuntimeError as err:
+            raise MisconfigurationException(
+                f"MemWatch(weights={self.spec!r}): the EMA copy's weights do not fit the target ({err})."
+            ) from None
+        try:
+            yield
+        finally:
+            target.load_state_dict(raw)
+
+    def describe(self) -> str:
+        where = "the module" if self.spec.target is None else f"`{self.spec.target}`"
+        return f"EMA copy `{self.spec.attribute}` of {where}"
+
+
+def resolve_weights(choice: Any, trainer: Trainer, pl_module: LightningModule) -> ScoredWeights:
+    """The :class:`ScoredWeights` for ``choice`` (see the module docstring), checked at setup.
+
+    Raises:
+        MisconfigurationException: an unknown choice, ``"averaged"`` without an averaging callback, or a
+            :class:`ModuleEMA` naming no module.
+    """
+    if isinstance(choice, ModuleEMA):
+        return _ModuleEMA(choice, pl_module)
+    if choice not in _CHOICES:
+        raise MisconfigurationException(
+            f"MemWatch(weights=...) must be one of {', '.join(repr(c) for c in _CHOICES)} or a ModuleEMA(...); "
+            f"got {choice!r}."
+        )
+    if choice == "raw":
+        return ScoredWeights()
+    callback = find_weight_averaging(trainer)
+    if callback is None:
+        if choice == "averaged":
+            raise MisconfigurationException(
+                "MemWatch(weights='averaged') needs a WeightAveraging callback (e.g. "
+                "`lightning.pytorch.callbacks.EMAWeightAveraging()`) among the Trainer's callbacks; add one, or "
+                "pass weights='raw' (or ModuleEMA('attribute') for an EMA copy the module keeps)."
+            )
+        return ScoredWeights()
+    return _Averaged(callback)
