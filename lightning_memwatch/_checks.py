@@ -79,6 +79,69 @@ def check_batch(x: object, name: str, *, min_rows: int = 1) -> Tensor:
     return x
 
 
+SAMPLE_TOLERANCE = 0.05
+"""Samples may overshoot data_range by this fraction of its width without a word."""
+MOSTLY_OUTSIDE = 0.4
+"""Samples with more than this fraction of values outside data_range (beyond the tolerance) raise."""
+FAR_OUTSIDE = 0.01
+"""Samples with more than this fraction of values over one data_range width outside it raise (diverged or
+another scale, e.g. [0, 255])."""
+HALF_SPAN_OUTSIDE = 0.1
+"""Samples with more than this fraction of values over half a width outside raise (another span, e.g.
+[-1, 1] samples for [0, 1] data)."""
+SMALL_USE = 0.6
+"""Training images spanning less than this fraction of data_range warn at setup."""
+
+
+def check_sample_range(x: Tensor, name: str, data_range: tuple[float, float]) -> str | None:
+    """Check generated samples against ``data_range`` at an evaluation.
+
+    Returns None when they lie in the range (up to :data:`SAMPLE_TOLERANCE` of its width), a warning message
+    for a small overshoot, and raises when they are mostly outside, on another span (e.g. [-1, 1] samples for
+    [0, 1] data) or diverged (e.g. values near 1e6): f_mem of such samples is 0 whatever the model does.
+    """
+    lo, hi = data_range
+    span = hi - lo
+    values = x.detach().float().reshape(-1)
+    x_min, x_max = float(values.min()), float(values.max())
+    slack = SAMPLE_TOLERANCE * span
+    if x_min >= lo - slack and x_max <= hi + slack:
+        return None
+
+    def beyond(width: float) -> float:
+        return float(((values < lo - width) | (values > hi + width)).float().mean())
+
+    outside, half, far = beyond(slack), beyond(0.5 * span), beyond(span)
+    stats = (
+        f"{name} span [{x_min:.4g}, {x_max:.4g}] but data_range is ({lo:g}, {hi:g}): {100 * outside:.1f}% of "
+        f"their values lie outside it"
+    )
+    if outside > MOSTLY_OUTSIDE or half > HALF_SPAN_OUTSIDE or far > FAR_OUTSIDE:
+        raise ValueError(
+            f"{stats} ({100 * far:.1f}% by more than the range's width). Nearest-neighbour ratios of such samples "
+            "are all near 1, so f_mem would read 0 whatever the model does. Make the sampler return images in "
+            f"data_range ({lo:g}, {hi:g}) (e.g. map [-1, 1] to [0, 1] with `(x + 1) / 2`, or clamp), or pass the "
+            "range your training images and samples really use as `MemWatch(data_range=...)`; if the model "
+            "diverged (a too-large learning rate), fix the training first."
+        )
+    return f"{stats} (a small overshoot); they are clamped to data_range for FID, and f_mem uses them as they are."
+
+
+def check_range_use(x: Tensor, name: str, data_range: tuple[float, float]) -> str | None:
+    """A warning message when ``x`` spans less than :data:`SMALL_USE` of ``data_range`` (e.g. [0, 1] images
+    declared as (-1, 1)), else None."""
+    lo, hi = data_range
+    x_min, x_max = float(x.min()), float(x.max())
+    used = (x_max - x_min) / (hi - lo)
+    if used >= SMALL_USE:
+        return None
+    return (
+        f"{name} span [{x_min:.4g}, {x_max:.4g}], only {100 * used:.0f}% of data_range ({lo:g}, {hi:g}). If that "
+        "is not the range your images use, pass the real one as `data_range=` (FID maps data_range to pixel "
+        "values, and samples are checked against it)."
+    )
+
+
 def check_range(x: Tensor, name: str, data_range: tuple[float, float], *, tolerance: float = 0.05) -> None:
     """Raise if ``x`` lies far outside ``data_range`` (a sign of a wrong scale, e.g. [0, 255] vs [-1, 1])."""
     lo, hi = data_range

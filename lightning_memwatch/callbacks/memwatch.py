@@ -19,7 +19,13 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from lightning_memwatch import log as mwlog
-from lightning_memwatch._checks import check_batch, check_range, images_of_batch
+from lightning_memwatch._checks import (
+    check_batch,
+    check_range,
+    check_range_use,
+    check_sample_range,
+    images_of_batch,
+)
 from lightning_memwatch.detection import TimescaleDetector, TimescaleEvent
 from lightning_memwatch.metrics.fid import FID, FIDEvaluator
 from lightning_memwatch.metrics.knn import NearestNeighbourIndex
@@ -159,6 +165,7 @@ class MemWatch(Callback):
         self._pending_fid_state: dict | None = None
         self._last_evaluated_step: int | None = None
         self._moved_device_warned = False
+        self._overshoot_warned = False
 
     # -- public read-only views -------------------------------------------------------------------------
     @property
@@ -261,6 +268,9 @@ class MemWatch(Callback):
         if self._sample_shape is None:
             train = collect_images(self._find_train_data(trainer))
             check_range(train, "train_data", self.data_range)
+            small_use = check_range_use(train, "train_data", self.data_range)
+            if small_use is not None:
+                rank_zero_warn(f"MemWatch: {small_use}")
             self._sample_shape = tuple(train.shape[1:])
             if trainer.is_global_zero:  # metrics are computed once, on rank 0; the index is built in on_fit_start
                 self._train_images = train
@@ -404,6 +414,12 @@ class MemWatch(Callback):
         start = time.perf_counter()
         generated = self._generate(trainer, pl_module)
         sample_seconds = time.perf_counter() - start
+        assert self.data_range is not None
+        # on every rank (each holds all the samples), so a raise never leaves the others waiting
+        overshoot = check_sample_range(generated, f"MemWatch samples at step {step}", self.data_range)
+        if overshoot is not None and not self._overshoot_warned:
+            self._overshoot_warned = True
+            rank_zero_warn(overshoot)
         record = None
         if trainer.is_global_zero:
             record = self._measure(trainer, generated, step)

@@ -44,6 +44,7 @@ from lightning_memwatch.metrics.features import (
     RESIZE_MODES,
     FeatureExtractor,
     InceptionFeatureExtractor,
+    InceptionWeightsNotFoundError,
     ModuleFeatureExtractor,
     ResizeMode,
     resolve_inception_weights,
@@ -369,7 +370,14 @@ class FID:
         if isinstance(self.feature_extractor, nn.Module):
             extractor: FeatureExtractor = ModuleFeatureExtractor(self.feature_extractor, device=device)
         else:
-            weights = resolve_inception_weights(self.weights_path, download=self.download)
+            try:
+                weights = resolve_inception_weights(self.weights_path, download=self.download)
+            except InceptionWeightsNotFoundError as err:
+                raise InceptionWeightsNotFoundError(
+                    f"{err}\nOr use another feature space with FID(feature_extractor=<a torch.nn.Module mapping "
+                    "images to feature vectors>), or turn FID off with MemWatch(fid=None) (then give "
+                    "MemorizationEarlyStopping a quality metric, or strict=False)."
+                ) from None
             extractor = InceptionFeatureExtractor(
                 weights,
                 data_range=data_range,

@@ -82,10 +82,37 @@ def _as_index(index_or_train: NearestNeighbourIndex | Tensor) -> NearestNeighbou
     )
 
 
-def _neighbours(generated: Tensor, index_or_train: NearestNeighbourIndex | Tensor) -> tuple[Tensor, Tensor, Tensor]:
+def _sample_shape(index_or_train: NearestNeighbourIndex | Tensor) -> tuple[int, ...] | None:
+    """Per-sample shape of the training images, when known (the index may record it)."""
+    if isinstance(index_or_train, Tensor):
+        return tuple(index_or_train.shape[1:])
+    shape = getattr(index_or_train, "sample_shape", None)
+    return None if shape is None else tuple(shape)
+
+
+def check_sample_shape(generated: Tensor, shape: tuple[int, ...] | None) -> None:
+    """Raise unless each generated sample has the training images' shape (not only their size)."""
+    if shape is None or not isinstance(generated, Tensor) or generated.ndim < 1:
+        return
+    if tuple(generated.shape[1:]) != tuple(shape):
+        hint = ""
+        if sorted(generated.shape[1:]) == sorted(shape):
+            hint = " (the same values in another layout, e.g. channels-last: permute them back, e.g. " \
+                   "`x.permute(0, 3, 1, 2)`)"
+        raise ValueError(
+            f"generated samples have shape {tuple(generated.shape[1:])} per sample but the training images "
+            f"{tuple(shape)}{hint}. Pass samples shaped like the training images: flattened pixels of another "
+            "layout would be compared with the wrong pixels."
+        )
+
+
+def _neighbours(
+    generated: Tensor, index_or_train: NearestNeighbourIndex | Tensor, shape: tuple[int, ...] | None = None
+) -> tuple[Tensor, Tensor, Tensor]:
     """Ratios, distances and nn indices, on ``generated``'s device."""
     if not isinstance(index_or_train, NearestNeighbourIndex):
         check_batch(generated, "generated")  # fail before building an index; the search checks it otherwise
+    check_sample_shape(generated, shape if shape is not None else _sample_shape(index_or_train))
     index = _as_index(index_or_train)
     distances, nn_indices = index._search(generated, 2, "generated")
     d1, d2 = distances[:, 0], distances[:, 1]
@@ -211,6 +238,7 @@ class MemorizationFraction(torchmetrics.Metric):
         super().__init__(**kwargs)
         if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0 < threshold <= 1:
             raise ValueError(f"threshold must be a number in (0, 1] (the paper uses 1/3); got {threshold!r}.")
+        self.sample_shape = _sample_shape(index_or_train)
         self.index = _as_index(index_or_train)
         self.threshold = float(threshold)
         self.add_state("memorized", default=torch.tensor(0, dtype=torch.int64), dist_reduce_fx="sum")
@@ -218,7 +246,7 @@ class MemorizationFraction(torchmetrics.Metric):
 
     def update(self, generated: Tensor) -> None:
         """Add a batch of generated samples ``(m, ...)``, shaped like the training images."""
-        ratios = memorization_ratios(generated, self.index)
+        ratios = _neighbours(generated, self.index, self.sample_shape)[0]
         self.memorized += (ratios < self.threshold).sum().to(self.memorized.device)
         self.total += len(ratios)
 

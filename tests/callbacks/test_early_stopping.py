@@ -517,3 +517,17 @@ def test_module_ema_copy_is_scored_and_the_raw_weights_come_back():
         resolve_weights(ModuleEMA("nope"), SimpleNamespace(callbacks=[]), module)
     with pytest.raises(MisconfigurationException, match="WeightAveraging"):
         resolve_weights("averaged", SimpleNamespace(callbacks=[]), module)
+
+
+# -- setup-time errors (issue 10, item 6) -------------------------------------------------------------------
+def test_fid_off_or_a_missing_monitor_fails_at_setup_with_a_strict_stopper(tmp_path):
+    from lightning_memwatch import MemWatch
+
+    for watch, monitor in ((MemWatch(fid=None), None), (MemWatch(metrics={"quality": lambda g: 0.0}), "val")):
+        stopper = MemorizationEarlyStopping(watch, monitor=monitor)
+        trainer = SimpleNamespace(callbacks=[watch, stopper], strategy=FakeStrategy(), global_step=0)
+        with pytest.raises(MisconfigurationException, match=r"will not hold.*strict=False"):
+            stopper.setup(trainer, Tiny(), "fit")
+    watch = MemWatch(metrics={"val": lambda g: 0.0})
+    stopper = MemorizationEarlyStopping(watch, monitor="val")
+    stopper.setup(SimpleNamespace(callbacks=[watch, stopper], strategy=FakeStrategy(), global_step=0), Tiny(), "fit")

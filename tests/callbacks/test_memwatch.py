@@ -294,8 +294,9 @@ def test_missing_inception_weights_fail_before_training(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
     watch = make_watch(fid=FID(reference=TRAIN, cache_dir=tmp_path))
     model = ToyDiffusion(TRAIN)
-    with pytest.raises(FileNotFoundError, match="LIGHTNING_MEMWATCH_INCEPTION_WEIGHTS"):
+    with pytest.raises(FileNotFoundError, match="LIGHTNING_MEMWATCH_INCEPTION_WEIGHTS") as info:
         make_trainer(tmp_path, [watch], logger=False).fit(model, toy_loader(TRAIN))
+    assert r"FID(feature_extractor=" in str(info.value) and "MemWatch(fid=None)" in str(info.value)
     assert model.global_step == 0 and model.sample_calls == 0
 
 
@@ -307,3 +308,51 @@ def test_data_range_none_is_read_from_the_module(tmp_path):
     assert watch.data_range == (-2.0, 2.0) and len(watch.history) == 1
     with pytest.raises(ValueError, match="found no `data_range`"):
         make_trainer(tmp_path, [make_watch(data_range=None)], logger=False).fit(ToyDiffusion(TRAIN), toy_loader(TRAIN))
+
+
+# -- samples against data_range (issue 10, item 1) -----------------------------------------------------
+TRAIN01 = (TRAIN + 1) / 2  # training images in [0, 1]
+
+
+class RangeToy(ToyDiffusion):
+    """Samples = per-sample noise mapped by ``fn`` (far from the training images, in whatever range fn says)."""
+
+    def __init__(self, train, fn):
+        super().__init__(train)
+        self.fn = fn
+
+    def sample(self, num_samples, generator=None, noise=None):
+        return self.fn(noise)
+
+
+@pytest.mark.parametrize(
+    "fn, match",
+    [
+        (lambda z: torch.tanh(z) * 0.999, r"\(x \+ 1\) / 2"),  # [-1, 1] samples for [0, 1] data
+        (lambda z: 1e6 * torch.sigmoid(z), "diverged"),  # a diverged but finite model
+    ],
+)
+def test_samples_outside_data_range_raise_at_the_first_evaluation(tmp_path, fn, match):
+    model = RangeToy(TRAIN01, fn)
+    watch = make_watch(data_range=(0.0, 1.0), schedule=EvalSchedule.at([0, 10]))
+    with pytest.raises(ValueError, match=r"data_range is \(0, 1\)") as info:
+        make_trainer(tmp_path, [watch], logger=False).fit(model, toy_loader(TRAIN01))
+    assert match is None or __import__("re").search(match, str(info.value))
+    assert watch.history == [] and model.global_step == 0  # at the first evaluation (step 0)
+
+
+def test_a_small_overshoot_warns_once(tmp_path, recwarn):
+    model = RangeToy(TRAIN01, lambda z: torch.sigmoid(z) * 1.12)  # up to ~1.1 for data in [0, 1]
+    watch = make_watch(data_range=(0.0, 1.0), schedule=EvalSchedule.at([0, 10, 20]))
+    make_trainer(tmp_path, [watch], max_steps=20, logger=False).fit(model, toy_loader(TRAIN01))
+    assert len(watch.history) == 3
+    overshoot = [w for w in recwarn if "small overshoot" in str(w.message)]
+    assert len(overshoot) == 1 and "data_range is (0, 1)" in str(overshoot[0].message)
+
+
+def test_training_images_using_a_small_part_of_data_range_warn_at_setup(tmp_path):
+    quarter = TRAIN01 / 2  # in [0, 0.5]: a quarter of (-1, 1)
+    watch = make_watch(data_range=(-1.0, 1.0), schedule=EvalSchedule.at([5]))
+    with pytest.warns(UserWarning, match=r"only 25% of data_range \(-1, 1\)"):
+        make_trainer(tmp_path, [watch], max_steps=1, logger=False).fit(ToyDiffusion(quarter), toy_loader(quarter))
+    assert watch.history == []  # a warning at setup, before any evaluation

@@ -263,3 +263,20 @@ def test_metric_sums_counts_across_two_ranks(train: torch.Tensor, planted) -> No
 def test_metric_rejects_a_bad_threshold(train: torch.Tensor) -> None:
     with pytest.raises(ValueError, match="threshold"):
         MemorizationFraction(train, threshold=2.0)
+
+
+def test_channels_last_copies_raise_in_the_public_functions():
+    from lightning_memwatch import MemorizationFraction, memorization_fraction, memorization_ratios
+
+    gen = torch.Generator().manual_seed(0)
+    train = torch.rand((10, 3, 4, 5), generator=gen)
+    copies = train[:4].permute(0, 2, 3, 1).contiguous()  # the same images, channels-last: same flattened size
+    for call in (
+        lambda: memorization_ratios(copies, train),
+        lambda: memorization_fraction(copies, train),
+        lambda: MemorizationFraction(train).update(copies),
+    ):
+        expected = r"\(4, 5, 3\) per sample but the training images \(3, 4, 5\).*channels-last"
+        with pytest.raises(ValueError, match=expected):
+            call()
+    assert float(MemorizationFraction(train).forward(train[:4])) == 1.0  # the right layout: copies found
