@@ -23,7 +23,14 @@ Rules and their defaults (times are the ``step`` of an evaluation, in optimizer 
   ``window_factor=1.5`` or use the floor rule for a tighter flag). The improvement requirement keeps a
   signal that is flat from the start (a model that has not started learning, FID stuck near 300) from being
   called "generating well": such a signal never flags tau_gen. If your schedule starts after the plateau,
-  pass ``min_improvement=0`` (or use the floor rule).
+  pass ``min_improvement=0`` (or use the floor rule). The event's ``step`` is the onset of the plateau (the
+  first evaluation whose quality is within ``rel_tol`` of the plateau's level); ``confirmed_step`` is the
+  evaluation at which the causal rule confirmed it.
+* **reference level** (default rule, when given by :meth:`TimescaleDetector.set_reference_floor`; MemWatch
+  gives FID(training images, reference) when FID is on, logged as ``memwatch/fid_train_floor``): the plateau
+  rule then measures gains relative to the distance above this level, so a feature space with an offset
+  (a custom FID feature extractor) has a scale, and quality within ``eps`` of the training images' own level
+  flags tau_gen at once. ``floor="train"`` uses the same level for the floor rule.
 * **tau_gen, rule "floor"** (default when ``floor`` is given): the first evaluation whose quality is within
   ``eps=0.1`` (relative) of a reference floor, e.g. FID(train, test): ``quality <= (1 + eps) * floor``. This
   is the rule of a third-party reproduction of the paper (tol 0.1 to 0.5); 0.1 is the strict end.
@@ -48,8 +55,10 @@ Example:
     ...            for s, f, q in [(0, 0.0, 300.0), (500, 0.0, 60.0), (1000, 0.0, 20.0), (1500, 0.0, 19.5),
     ...                            (2000, 0.0, 19.4), (2500, 0.0, 19.6), (3000, 0.2, 19.0)]]
     >>> tau_gen, tau_mem = detect_timescales(history)
-    >>> tau_gen.step, tau_mem.step  # FID(2000) = 19.4 is within 5% of the best up to step 1000 (20.0)
+    >>> tau_gen.confirmed_step, tau_mem.step  # FID(2000) = 19.4 is within 5% of the best up to step 1000
     (2000, 3000)
+    >>> tau_gen.step  # the plateau began at step 1000: FID 20.0 is within 5% of its level (19.4)
+    1000
 """
 
 from __future__ import annotations
@@ -91,7 +100,8 @@ class TimescaleEvent:
         value: the tested value at ``step`` (the quality signal for tau_gen; ``f_mem_ci_low`` or ``f_mem``
             for tau_mem).
         confirmed_step: the step of the evaluation at which the flag was raised (``>= step``; equal to
-            ``step`` except for tau_mem with ``patience > 1``). Defaults to ``step``.
+            ``step`` except for tau_mem with ``patience > 1`` and tau_gen's plateau rule, whose ``step`` is
+            the first evaluation of the plateau). Defaults to ``step``.
     """
 
     name: str
@@ -159,6 +169,8 @@ class _GenState:
     first: float | None = None  # first quality value (oriented: lower is better)
     best_before: float | None = None  # best value at steps <= t / window_factor
     recent: list[list[float]] = field(default_factory=list)  # [step, value] of the evaluations after that
+    seen: list[list[float]] = field(default_factory=list)  # [step, value] of every usable evaluation
+    status: str = ""  # where the tau_gen rule stands after the last record
 
 
 @dataclass
@@ -184,7 +196,8 @@ class TimescaleDetector:
             less than this fraction.
         min_improvement: the plateau rule needs the best quality so far to have improved on the first
             evaluation's by at least this fraction (0 disables the requirement).
-        floor: reference quality for the floor rule (e.g. FID(train, test)), in the signal's units.
+        floor: reference quality for the floor rule (e.g. FID(train, test)), in the signal's units, or
+            ``"train"``: the FID of the training images against the reference, computed by MemWatch at setup.
         eps: the floor rule fires at ``quality <= (1 + eps) * floor`` (``>= (1 - eps) * floor`` in max mode).
         mem_rule: ``"ci"`` (``f_mem_ci_low > f0``) or ``"threshold"`` (``f_mem > f0``).
         f0: memorized fraction that counts as "zero" (in [0, 1); the paper's strict criterion is 0).
@@ -215,7 +228,7 @@ class TimescaleDetector:
         window_factor: float = 2.0,
         rel_tol: float = 0.05,
         min_improvement: float = 0.2,
-        floor: float | None = None,
+        floor: float | Literal["train"] | None = None,
         eps: float = 0.1,
         mem_rule: MemRule = "ci",
         f0: float = 0.0,
@@ -226,8 +239,13 @@ class TimescaleDetector:
         self.quality_key = quality_key
         self.quality_mode = _choice(quality_mode, _MODES, "quality_mode")
         _choice(gen_rule, _GEN_RULES, "gen_rule")
-        if floor is not None and _finite_float(floor) is None:
-            raise ValueError(f"floor must be a finite number (e.g. FID(train, test)) or None; got {floor!r}.")
+        self.floor_source: str | None = "train" if floor == "train" else None
+        if floor == "train":
+            floor = math.nan  # set by MemWatch at setup (FID of the training images against the reference)
+        elif floor is not None and _finite_float(floor) is None:
+            raise ValueError(
+                f"floor must be a finite number (e.g. FID(train, test)), 'train' or None; got {floor!r}."
+            )
         if gen_rule == "floor" and floor is None:
             raise ValueError(
                 "gen_rule='floor' needs a reference floor: pass floor=<quality of real data, e.g. "
@@ -239,6 +257,8 @@ class TimescaleDetector:
                 "or drop floor."
             )
         self.gen_rule: str = ("floor" if floor is not None else "plateau") if gen_rule == "auto" else gen_rule
+        self._auto = gen_rule == "auto" and floor is None  # the plateau rule may take a reference floor later
+        self.reference_floor: float | None = None
         window_factor = float(window_factor)
         if not 1.0 < window_factor < math.inf:
             raise ValueError(
@@ -248,7 +268,7 @@ class TimescaleDetector:
         self.window_factor = window_factor
         self.rel_tol = _non_negative(rel_tol, "rel_tol")
         self.min_improvement = _non_negative(min_improvement, "min_improvement")
-        self.floor = None if floor is None else float(floor)
+        self.floor: float | None = None if floor is None or self.floor_source else float(floor)
         self.eps = _non_negative(eps, "eps")
         self.mem_rule = _choice(mem_rule, _MEM_RULES, "mem_rule")
         f0 = float(f0)
@@ -276,12 +296,37 @@ class TimescaleDetector:
             "window_factor": self.window_factor,
             "rel_tol": self.rel_tol,
             "min_improvement": self.min_improvement,
-            "floor": self.floor,
+            "floor": self.floor_source or self.floor,
             "eps": self.eps,
             "mem_rule": self.mem_rule,
             "f0": self.f0,
             "patience": self.patience,
         }
+
+    def set_reference_floor(self, value: float | None) -> None:
+        """Give the detector the quality of real data, e.g. FID(train images, reference) (MemWatch does, at setup).
+
+        With ``floor="train"`` it becomes the floor rule's floor. With the default rule (``gen_rule="auto"``
+        and no floor) it gives the plateau rule a scale: gains count relative to the distance above this
+        level (``best - floor``) rather than to the quality value itself, so an offset of the feature space
+        does not make a falling curve look flat, and reaching ``(1 + eps) x`` the level flags tau_gen too.
+        Other settings ignore it. None or a non-finite value clears it.
+        """
+        value = _finite_float(value)
+        self.reference_floor = value
+        if self.floor_source == "train":
+            self.floor = value
+
+    @property
+    def status(self) -> str:
+        """Where each rule stands after the last record, e.g. for a verbose evaluation line."""
+        gen = f"tau_gen at step {self.tau_gen.step}" if self.tau_gen is not None else (self._gen.status or "tau_gen: -")
+        if self.tau_mem is not None:
+            mem = f"tau_mem at step {self.tau_mem.step}"
+        else:
+            tested = _MEM_KEYS[self.mem_rule]
+            mem = f"tau_mem: {tested} > {self.f0:g} for {self._mem.run_length}/{self.required_consecutive} evaluations"
+        return f"{gen}; {mem}"
 
     @property
     def run_length(self) -> int:
@@ -370,41 +415,68 @@ class TimescaleDetector:
         if state.first is None:
             state.first = q
         state.recent.append([float(step), q])
+        state.seen.append([float(step), q])
         boundary = step / self.window_factor
         while state.recent and state.recent[0][0] <= boundary:
             dropped = state.recent.pop(0)[1]
             state.best_before = dropped if state.best_before is None else min(state.best_before, dropped)
         key = self.quality_key
-        if self.gen_rule == "floor":
-            assert self.floor is not None
-            floor = self._oriented(self.floor)
+        side, sign = ("<=", "+") if self.quality_mode == "min" else (">=", "-")
+        floor_raw = self.floor if self.gen_rule == "floor" else (self.reference_floor if self._auto else None)
+        if floor_raw is not None:
+            floor = self._oriented(floor_raw)
             limit = floor + self.eps * abs(floor)
+            which = "the training images' level" if self.floor_source == "train" or self._auto else "floor"
             if q <= limit:
-                side, sign = ("<=", "+") if self.quality_mode == "min" else (">=", "-")
                 return TimescaleEvent(
                     "tau_gen", step, "floor",
-                    f"{key} = {raw:.4g} {side} (1 {sign} {self.eps:g}) x floor {self.floor:.4g} "
+                    f"{key} = {raw:.4g} {side} (1 {sign} {self.eps:g}) x {which} {floor_raw:.4g} "
                     f"= {self._oriented(limit):.4g}",
                     raw,
                 )
+            state.status = f"tau_gen: {key} {raw:.4g}, needs {side} {self._oriented(limit):.4g}"
+        elif self.gen_rule == "floor":
+            state.status = "tau_gen: waiting for the train floor"
+        if self.gen_rule == "floor":
             return None
         if state.best_before is None or not state.recent:  # nothing before the window, or nothing in it
+            state.status = state.status or f"tau_gen: no evaluation at or before step {boundary:.6g} yet"
             return None
         best_recent = min(value for _, value in state.recent)
-        gain = _relative_gain(state.best_before, best_recent)
-        total = _relative_gain(state.first, min(state.best_before, best_recent))
-        if gain < self.rel_tol and total >= self.min_improvement:
-            recent_raw, before_raw = self._oriented(best_recent), self._oriented(state.best_before)
-            return TimescaleEvent(
-                "tau_gen", step, "plateau",
-                f"{key}: best over steps ({boundary:.6g}, {step}] ({recent_raw:.4g}) improves on the best up "
-                f"to step {boundary:.6g} ({before_raw:.4g}) by {100 * gain:.2f}% < rel_tol "
-                f"{100 * self.rel_tol:g}%, "
-                f"after a {100 * total:.1f}% improvement since the first evaluation "
-                f"(>= min_improvement {100 * self.min_improvement:g}%)",
-                raw,
-            )
-        return None
+        best = min(state.best_before, best_recent)
+        if floor_raw is not None:  # gains relative to the distance above the reference level
+            ref = self._oriented(floor_raw)
+            gain = _relative_gain(state.best_before - ref, best_recent - ref)
+            total = _relative_gain(state.first - ref, best - ref)
+            scale, per = best - ref, "of the distance to the training images' level "
+        else:
+            gain = _relative_gain(state.best_before, best_recent)
+            total = _relative_gain(state.first, best)
+            scale, per = abs(best), ""
+        plateau = gain < self.rel_tol and total >= self.min_improvement
+        status = (
+            f"plateau: {100 * gain:.1f}% gained over ({boundary:.6g}, {step}] (fires < {100 * self.rel_tol:g}%), "
+            f"{100 * total:.0f}% since the first (needs >= {100 * self.min_improvement:g}%)"
+        )
+        state.status = f"{state.status}; {status}" if floor_raw is not None else f"tau_gen {status}"
+        if not plateau:
+            return None
+        # the onset: the first evaluation already within rel_tol of the plateau's level
+        onset_step, onset_q = next(
+            (int(s_), v) for s_, v in state.seen if v <= best + self.rel_tol * max(scale, 0.0)
+        )
+        recent_raw, before_raw = self._oriented(best_recent), self._oriented(state.best_before)
+        return TimescaleEvent(
+            "tau_gen", onset_step, "plateau",
+            f"{key}: best over steps ({boundary:.6g}, {step}] ({recent_raw:.4g}) improves on the best up "
+            f"to step {boundary:.6g} ({before_raw:.4g}) by {100 * gain:.2f}% {per}< rel_tol "
+            f"{100 * self.rel_tol:g}%, "
+            f"after a {100 * total:.1f}% improvement since the first evaluation "
+            f"(>= min_improvement {100 * self.min_improvement:g}%); the plateau began at step {onset_step} "
+            f"({key} = {self._oriented(onset_q):.4g}), confirmed at step {step}",
+            self._oriented(onset_q),
+            step,
+        )
 
     def _update_mem(self, record: Mapping[str, object], step: int) -> TimescaleEvent | None:
         value = self.memorization_value(record)
@@ -443,7 +515,10 @@ class TimescaleDetector:
                 "first": self._gen.first,
                 "best_before": self._gen.best_before,
                 "recent": [list(pair) for pair in self._gen.recent],
+                "seen": [list(pair) for pair in self._gen.seen],
+                "status": self._gen.status,
             },
+            "reference_floor": self.reference_floor,
             "mem": {
                 "run_start": self._mem.run_start,
                 "run_value": self._mem.run_value,
@@ -483,7 +558,11 @@ class TimescaleDetector:
             first=gen["first"],
             best_before=gen["best_before"],
             recent=[[float(s), float(v)] for s, v in gen["recent"]],
+            seen=[[float(s), float(v)] for s, v in gen.get("seen", gen["recent"])],
+            status=str(gen.get("status", "")),
         )
+        if state_dict.get("reference_floor") is not None and self.reference_floor is None:
+            self.set_reference_floor(state_dict["reference_floor"])
         self._mem = _MemState(
             run_start=mem["run_start"], run_value=mem["run_value"], run_length=int(mem["run_length"])
         )

@@ -128,10 +128,11 @@ def test_plateau_rule_on_a_clean_curve():
     tau_gen, _ = detect_timescales(records(steps, fid=fid))
     # at step 5 the best over steps (2.5, 5] (20.2) improves on the best up to step 2.5 (40) by far; at step 6
     # the best over (3, 6] (20.2) improves on the best up to step 3 (21) by 3.8% < 5%
-    assert (tau_gen.step, tau_gen.rule, tau_gen.value) == (6, "plateau", 20.4)
-    assert "3.81%" in tau_gen.reason
+    # confirmed at step 6; the plateau began at step 3, the first FID within 5% of its level (20.2 x 1.05)
+    assert (tau_gen.step, tau_gen.confirmed_step, tau_gen.rule, tau_gen.value) == (3, 6, "plateau", 21.0)
+    assert "3.81%" in tau_gen.reason and "began at step 3" in tau_gen.reason
     # window (3.33, 5] at step 5: 20.2 vs 21
-    assert detect_timescales(records(steps, fid=fid), window_factor=1.5)[0].step == 5
+    assert detect_timescales(records(steps, fid=fid), window_factor=1.5)[0].confirmed_step == 5
     assert detect_timescales(records(steps, fid=fid), rel_tol=0.001)[0] is None
 
 
@@ -143,11 +144,14 @@ def test_plateau_flag_does_not_depend_on_the_evaluation_grid():
     # noiseless: FID(t / 2) is within 5% of FID(t) from t ~ 22300 on
     linear, _ = detect_timescales(records(LINEAR_GRID, fid=fid_curve(LINEAR_GRID)))
     log, _ = detect_timescales(records(LOG_GRID, fid=fid_curve(LOG_GRID)))
-    assert 22250 <= linear.step <= 23000
+    assert 22250 <= linear.confirmed_step <= 23000
     # the coarser grid (a factor 1.26 between points) quantizes both t and t / 2: within two grid steps
-    assert linear.step <= log.step <= linear.step * 1.26**2
+    assert linear.confirmed_step <= log.confirmed_step <= linear.confirmed_step * 1.26**2
+    # the onset: the first FID within 5% of the plateau's level, about half the confirmation (the window)
+    assert linear.step <= linear.confirmed_step / 2 and log.step == pytest.approx(linear.step, rel=0.26)
     # a faster-learning model (curves collapse under t -> 4 t) is flagged 4 times earlier
     faster, _ = detect_timescales(records(LINEAR_GRID, fid=fid_curve(LINEAR_GRID, tc=500.0)))
+    assert faster.confirmed_step == pytest.approx(linear.confirmed_step / 4, abs=500)
     assert faster.step == pytest.approx(linear.step / 4, abs=500)
 
 
@@ -158,7 +162,8 @@ def test_plateau_rule_on_noisy_fid_fires_after_the_descent_not_during_it(seed, g
     tau_gen, _ = detect_timescales(records(grid, fid=fid))
     assert tau_gen is not None
     # 1% noise moves the measured gain by about +-2%: the flag lands where the true gain is 3% to 7%
-    assert 18000 <= tau_gen.step <= 32000
+    assert 18000 <= tau_gen.confirmed_step <= 32000
+    assert tau_gen.step <= tau_gen.confirmed_step / 2 + 1000 and tau_gen.step >= 8000  # onset: on the plateau
 
 
 def test_flat_from_start_signal_never_flags_unless_asked():
@@ -166,7 +171,8 @@ def test_flat_from_start_signal_never_flags_unless_asked():
     flat = [300.0 + (i % 2) for i in steps]
     assert detect_timescales(records(steps, fid=flat))[0] is None
     tau_gen, _ = detect_timescales(records(steps, fid=flat), min_improvement=0.0)
-    assert tau_gen.step == 1  # the first evaluation with another one at or before half its step
+    assert tau_gen.confirmed_step == 1  # the first evaluation with another one at or before half its step
+    assert tau_gen.step == 0
     # a run whose schedule starts after the plateau: same story
     late = [20.0, 19.9, 20.1, 19.8, 20.0]
     assert detect_timescales(records(range(5), fid=late))[0] is None
@@ -188,7 +194,7 @@ def test_max_mode_quality_signal():
     steps = list(range(8))
     score = [1.0, 3.0, 6.0, 8.0, 8.1, 8.2, 8.15, 8.2]  # higher is better (e.g. an Inception score)
     tau_gen, _ = detect_timescales(records(steps, isc=score), quality_key="isc", quality_mode="max")
-    assert tau_gen.step == 6 and tau_gen.value == 8.15
+    assert tau_gen.confirmed_step == 6 and (tau_gen.step, tau_gen.value) == (3, 8.0)
     history = records(steps, isc=score)
     tau_gen, _ = detect_timescales(history, quality_key="isc", quality_mode="max", floor=8.5)
     assert tau_gen.step == 3  # 8.0 >= (1 - 0.1) * 8.5 = 7.65
@@ -203,7 +209,7 @@ def test_missing_quality_never_crashes_and_a_user_signal_replaces_fid():
     assert detect_timescales(history)[0] is None  # FID off: no tau_gen, no error
     assert detect_timescales(history, quality_key="absent")[0] is None
     tau_gen, _ = detect_timescales(history, quality_key="val_loss")
-    assert tau_gen.step == 600 and tau_gen.rule == "plateau"
+    assert (tau_gen.step, tau_gen.confirmed_step, tau_gen.rule) == (300, 600, "plateau")
 
 
 def test_unusable_quality_values_are_skipped_not_counted():
@@ -212,7 +218,8 @@ def test_unusable_quality_values_are_skipped_not_counted():
     clean = [(i, q) for i, q in enumerate(fid) if isinstance(q, float) and math.isfinite(q)]
     expected, _ = detect_timescales(records([i for i, _ in clean], fid=[q for _, q in clean]))
     tau_gen, _ = detect_timescales(history)
-    assert tau_gen is not None and tau_gen.step == expected.step == 12
+    assert tau_gen is not None and tau_gen.confirmed_step == expected.confirmed_step == 12
+    assert tau_gen.step == expected.step == 6
 
 
 # -- state, equality of online and offline ---------------------------------------------------------------
@@ -342,7 +349,8 @@ def test_online_with_resumes_equals_offline_equals_the_definitions(history, kwar
         online.update(rec)
     assert (online.tau_gen, online.tau_mem) == offline
     ref_gen, ref_mem = reference_timescales(history, **kwargs)
-    assert (offline[0].step if offline[0] else None) == ref_gen
+    assert (offline[0].confirmed_step if offline[0] else None) == ref_gen  # tau_gen: dated at the onset
+    assert offline[0] is None or offline[0].step <= offline[0].confirmed_step
     assert (offline[1].step if offline[1] else None) == ref_mem
 
 
@@ -442,3 +450,38 @@ def test_fit_summary_for_the_demo():
     assert fit_summary([1000, 2000], [30000, None]) == empty
     with pytest.raises(ValueError, match="one entry per run"):
         fit_summary([1000], [1, 2])
+
+
+# -- the reference level (FID of the training images) ------------------------------------------------------
+def test_a_reference_floor_measures_gains_against_the_distance_to_real_data():
+    # FID creeping from 300 towards 25 while real data reaches 20: relative to FID itself the curve looks flat
+    # (5% per doubling) long before it is, relative to the distance above 20 it does not
+    curve = [25.0 + 275.0 * math.exp(-t / 2000.0) for t in LINEAR_GRID]
+    plain, _ = detect_timescales(records(LINEAR_GRID, fid=curve))
+    det = TimescaleDetector()
+    det.set_reference_floor(20.0)  # e.g. FID(train, reference), logged as memwatch/fid_train_floor
+    for r in records(LINEAR_GRID, fid=curve):
+        det.update(r)
+    scaled = det.tau_gen
+    assert plain is not None and scaled is not None and scaled.rule == "plateau"
+    assert scaled.confirmed_step > plain.confirmed_step + 2000
+    assert "distance to the training images' level" in scaled.reason
+    # reaching (1 + eps) x the level flags at once, with the floor rule
+    det = TimescaleDetector()
+    det.set_reference_floor(20.0)
+    fired = [e.name for r in records([0, 100], fid=[300.0, 21.5]) for e in det.update(r)]
+    assert fired == ["tau_gen"] and det.tau_gen.rule == "floor" and det.tau_gen.step == 100
+
+
+def test_floor_train_waits_for_the_training_images_level_and_round_trips():
+    det = TimescaleDetector(floor="train")
+    assert det.gen_rule == "floor" and det.config()["floor"] == "train"
+    assert det.update({"step": 0, "f_mem": 0.0, "f_mem_ci_low": 0.0, "fid": 10.0}) == []  # no level yet
+    assert "waiting for the train floor" in det.status
+    det.set_reference_floor(10.0)
+    again = TimescaleDetector(floor="train")
+    again.load_state_dict(json.loads(json.dumps(det.state_dict())))
+    assert again.floor == 10.0
+    assert [e.name for e in again.update({"step": 1, "f_mem": 0.0, "f_mem_ci_low": 0.0, "fid": 10.5})] == [
+        "tau_gen"
+    ]

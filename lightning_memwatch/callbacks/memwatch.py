@@ -34,7 +34,10 @@ from lightning_memwatch.sampling import draw_samples, rank_slice
 from lightning_memwatch.schedule import EvalSchedule
 from lightning_memwatch.weights import ScoredWeights, WeightsChoice, resolve_weights
 
-__all__ = ["MemWatch", "collect_images"]
+__all__ = ["FID_TRAIN_FLOOR", "MemWatch", "collect_images"]
+
+FID_TRAIN_FLOOR = "memwatch/fid_train_floor"
+"""Logged once at setup: FID of the training images against the reference (the level of real data)."""
 
 ImageSource = Tensor | Dataset | DataLoader
 Listener = Callable[[Trainer, LightningModule, dict], None]
@@ -166,6 +169,7 @@ class MemWatch(Callback):
         self._last_evaluated_step: int | None = None
         self._moved_device_warned = False
         self._overshoot_warned = False
+        self.fid_train_floor: float | None = None
 
     # -- public read-only views -------------------------------------------------------------------------
     @property
@@ -307,6 +311,8 @@ class MemWatch(Callback):
             self._fid_evaluator.prepare_reference()  # after load_state_dict: a resumed run reuses its stats
             for lg in trainer.loggers:
                 lg.log_hyperparams({f"memwatch/fid_{k}": v for k, v in self._fid_evaluator.hparams().items()})
+        if self._fid_evaluator is not None:
+            self._set_train_floor(trainer)
         step = trainer.global_step
         if self._last_evaluated_step is not None:
             missed = self.schedule.between(self._last_evaluated_step, step)
@@ -317,6 +323,24 @@ class MemWatch(Callback):
                 )
         if step in self.schedule and step != self._last_evaluated_step:
             self._evaluate(trainer, pl_module, step, can_log=False)
+
+    def _set_train_floor(self, trainer: Trainer) -> None:
+        """FID of the training images against the reference, once per run (rank 0, broadcast), to the detector."""
+        evaluator = self._fid_evaluator
+        assert evaluator is not None
+        if self.fid_train_floor is None and evaluator.reference_source != "train":
+            value = None
+            if trainer.is_global_zero and self._train_images is not None:
+                fid_n = self.fid.num_samples or self.num_samples  # type: ignore[union-attr]
+                value = evaluator.train_floor(self._train_images[:fid_n])  # the same count as the samples'
+            value = trainer.strategy.broadcast(value, src=0)
+            self.fid_train_floor = value
+            if value is not None and trainer.is_global_zero:
+                for lg in trainer.loggers:
+                    lg.log_metrics({FID_TRAIN_FLOOR: value}, step=trainer.global_step)
+                rank_zero_info(f"MemWatch: FID of the training images against the reference = {value:.4g}")
+        if self.fid_train_floor is not None and self.detector.quality_key == "fid":
+            self.detector.set_reference_floor(self.fid_train_floor)
 
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
@@ -430,7 +454,7 @@ class MemWatch(Callback):
         events = self.detector.update(record)
         self._log_scalars(trainer, pl_module, record, events, can_log)
         if self.verbose:
-            rank_zero_info(_describe(record))
+            rank_zero_info(f"{_describe(record)}; {self.detector.status}")
         for event in events:
             rank_zero_info(f"MemWatch: {event.name} flagged at step {event.step}: {event.reason}")
             if trainer.is_global_zero:
@@ -480,12 +504,15 @@ class MemWatch(Callback):
             "last_evaluated_step": self._last_evaluated_step,
             "detector": self.detector.state_dict(),
             "fid": fid_state,
+            "fid_train_floor": self.fid_train_floor,
+            "weights": getattr(self.scored_weights, "name", None),
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.history = [dict(r) for r in state_dict["history"]]
         self._last_evaluated_step = state_dict["last_evaluated_step"]
         self.detector.load_state_dict(state_dict["detector"])
+        self.fid_train_floor = state_dict.get("fid_train_floor")
         fid_state = state_dict.get("fid")
         if fid_state is not None:
             if self._fid_evaluator is not None:

@@ -648,20 +648,26 @@ class FIDEvaluator:
 
     # ---- evaluation ----------------------------------------------------------------------------------------
 
-    def compute(self, generated: Tensor) -> float:
+    def train_floor(self, train: Tensor) -> float:
+        """FID of (a share of) the training images against the reference: the level real data reaches with
+        this many images, a floor for the FID of generated samples of the same count. Not counted in
+        :attr:`num_generated_forward_passes`."""
+        return self.compute(train, name="train")
+
+    def compute(self, generated: Tensor, *, name: str = "generated") -> float:
         """FID of ``generated`` (N >= 2 images in ``data_range``, any device) against the reference
         statistics.
 
         Encodes in batches of ``batch_size`` on :attr:`device`; prepares the reference first if needed. Warns
         once when N is below the feature dimension.
         """
-        generated = check_batch(generated, "generated", min_rows=2)
+        generated = check_batch(generated, name, min_rows=2)
         self.prepare_reference()
         mean_r, cov_r = self.reference_statistics
         moments = RunningMoments()
         for start in range(0, len(generated), self.batch_size):
-            moments.update(self._encode(generated[start : start + self.batch_size], "generated"))
-            self.num_generated_forward_passes += 1
+            moments.update(self._encode(generated[start : start + self.batch_size], name))
+            self.num_generated_forward_passes += name == "generated"
         mean_g, cov_g = moments.statistics()
         if mean_g.shape != mean_r.shape:
             raise ValueError(f"generated features have dimension {len(mean_g)}, reference {len(mean_r)}.")
@@ -669,7 +675,8 @@ class FIDEvaluator:
         if n < d and not self._warned_rank:
             warnings.warn(self._rank_message(n, d, "generated"), UserWarning, stacklevel=2)
             self._warned_rank = True
-        self.last_num_samples = n
+        if name == "generated":
+            self.last_num_samples = n
         value = float(frechet_distance(mean_g, cov_g, mean_r, cov_r, sqrt_cov2=self._sqrt_cov))
         if not math.isfinite(value):  # pragma: no cover - inputs are checked finite
             raise FloatingPointError(

@@ -131,7 +131,7 @@ def test_the_best_pre_onset_evaluation_is_kept_and_unconfirmed_memorization_neve
     history = [rec(100 * (i + 1), f, c) for i, (f, c) in enumerate(zip(fids, ci, strict=True))]
     watch, stopper, trainer, module = make(ScriptedWatch(TimescaleDetector(patience=3)))
     train(watch, stopper, trainer, module, history)
-    assert watch.tau_gen == 800 and watch.tau_mem == 1000
+    assert watch.tau_gen == 400 and watch.detector.tau_gen.confirmed_step == 800 and watch.tau_mem == 1000
     assert watch.detector.tau_mem.confirmed_step == 1200 and stopper.stopped_step == 1200
     # the best quality before the onset, although it came before tau_gen; never 1000-1100 (after the onset)
     assert (stopper.best_step, stopper.best_score) == (400, 20.0)

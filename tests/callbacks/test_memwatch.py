@@ -285,6 +285,11 @@ def test_fid_from_the_same_sampling_pass(tmp_path):
     acc = EventAccumulator(str(tmp_path / "tb" / "version_0"))
     acc.Reload()
     assert [round(e.value, 4) for e in acc.Scalars(FID_KEY)] == [round(f, 4) for f in fids]
+    # the training images' own FID against the reference, once, with as many images as the samples (48)
+    floor = watch._fid_evaluator.train_floor(TRAIN[:48])
+    assert watch.fid_train_floor == pytest.approx(floor, rel=1e-6, abs=1e-9) and floor > 0
+    assert [e.step for e in acc.Scalars("memwatch/fid_train_floor")] == [0]
+    assert watch.detector.reference_floor == watch.fid_train_floor  # the default rule's scale
 
 
 def test_missing_inception_weights_fail_before_training(tmp_path, monkeypatch):
@@ -356,3 +361,14 @@ def test_training_images_using_a_small_part_of_data_range_warn_at_setup(tmp_path
     with pytest.warns(UserWarning, match=r"only 25% of data_range \(-1, 1\)"):
         make_trainer(tmp_path, [watch], max_steps=1, logger=False).fit(ToyDiffusion(quarter), toy_loader(quarter))
     assert watch.history == []  # a warning at setup, before any evaluation
+
+
+def test_verbose_lines_say_where_each_rule_stands(tmp_path, caplog):
+    import logging
+
+    watch = make_watch(verbose=True)
+    with caplog.at_level(logging.INFO):
+        make_trainer(tmp_path, [watch], max_steps=20, logger=False).fit(ToyDiffusion(TRAIN), toy_loader(TRAIN))
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("MemWatch step")]
+    assert len(lines) == 2 and "tau_mem: f_mem_ci_low > 0 for 0/1 evaluations" in lines[0]
+    assert "tau_gen" in lines[0] and "tau_mem at step 20" in lines[1]
