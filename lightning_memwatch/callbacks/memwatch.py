@@ -16,7 +16,7 @@ import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 
 from lightning_memwatch import log as mwlog
 from lightning_memwatch._checks import (
@@ -44,17 +44,62 @@ Listener = Callable[[Trainer, LightningModule, dict], None]
 _QUANTILES = {"ratio_q05": 0.05, "ratio_q25": 0.25, "ratio_median": 0.5, "ratio_q75": 0.75, "ratio_q95": 0.95}
 
 
+def _sampler_rows(loader: DataLoader, name: str) -> list[int] | None:
+    """Dataset rows the loader's sampler can draw (sorted), or None for all of them.
+
+    Sequential, random and distributed samplers draw every row; ``SubsetRandomSampler`` (and any sampler
+    with ``indices``) its indices; ``WeightedRandomSampler`` the rows of positive weight. Other samplers
+    cannot be read without drawing from them: the error asks for ``train_data``.
+    """
+    from torch.utils.data import (
+        DistributedSampler,
+        RandomSampler,
+        SequentialSampler,
+        SubsetRandomSampler,
+        WeightedRandomSampler,
+    )
+    from torch.utils.data.dataloader import _InfiniteConstantSampler
+
+    sampler: Any = loader.sampler
+    batch_sampler = loader.batch_sampler
+    if batch_sampler is not None and type(batch_sampler).__name__ != "BatchSampler":
+        sampler = None  # a custom batch sampler: which rows it yields is its own business
+    elif batch_sampler is not None:
+        sampler = getattr(batch_sampler, "sampler", sampler)
+    if isinstance(sampler, (SequentialSampler, RandomSampler, DistributedSampler, _InfiniteConstantSampler)):
+        return None
+    if isinstance(sampler, SubsetRandomSampler) or (
+        sampler is not None and isinstance(getattr(sampler, "indices", None), (list, tuple, range, Tensor))
+    ):
+        return sorted({int(i) for i in sampler.indices})
+    if isinstance(sampler, WeightedRandomSampler):
+        weights = torch.as_tensor(sampler.weights)
+        return [int(i) for i in torch.nonzero(weights > 0).flatten()]
+    what = type(sampler if sampler is not None else batch_sampler).__name__
+    raise ValueError(
+        f"{name}: the DataLoader draws its rows with a {what}, which MemWatch cannot read without drawing from "
+        "it, and the dataset may hold rows it never trains on (a held-out split would count as training "
+        "images, and copies of them as memorized). Pass the training images explicitly: "
+        "`MemWatch(train_data=<tensor or Dataset of exactly the rows you train on>)`."
+    )
+
+
 def collect_images(source: ImageSource, name: str = "train_data", batch_size: int = 512) -> Tensor:
     """All images of a tensor, Dataset or DataLoader as one float tensor, in dataset order, labels dropped.
 
-    A DataLoader is read through its dataset with a sequential loader (same collate_fn), so shuffling,
-    ``drop_last`` and samplers neither reorder nor drop images. The source is never modified.
+    A DataLoader is read through its dataset with a sequential loader (same collate_fn), so shuffling and
+    ``drop_last`` neither reorder nor drop images; rows its sampler can never draw (e.g. the held-out rows of
+    a ``SubsetRandomSampler`` split) are left out, and a sampler that cannot be read raises, asking for
+    ``train_data``. The source is never modified.
     """
     if isinstance(source, Tensor):
         images = source.detach()
     else:
         if isinstance(source, DataLoader):
             dataset, collate = source.dataset, source.collate_fn
+            rows = _sampler_rows(source, name)
+            if rows is not None:
+                dataset = Subset(dataset, rows)
         elif isinstance(source, Dataset):
             dataset, collate = source, None
         else:
@@ -174,9 +219,7 @@ class MemWatch(Callback):
     # -- public read-only views -------------------------------------------------------------------------
     @property
     def state_key(self) -> str:
-        return self._generate_state_key(
-            num_samples=self.num_samples, seed=self.seed, threshold=self.threshold
-        )
+        return self._generate_state_key(**self._state_settings())
 
     @property
     def tau_gen(self) -> int | None:
@@ -495,6 +538,38 @@ class MemWatch(Callback):
                 trainer.callback_metrics[key] = torch.tensor(float(value))
 
     # -- state ----------------------------------------------------------------------------------------
+    def on_load_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
+        """Say by name what is not restored when the checkpoint holds no state for this watch's settings.
+
+        Lightning restores a callback's state only under its ``state_key`` (``num_samples``, ``seed``,
+        ``threshold``); otherwise it drops it with a generic warning. Here the watch says which settings
+        differ and what starts afresh (its :class:`MemorizationEarlyStopping` then drops its kept weights too).
+        """
+        states = checkpoint.get("callbacks") or {}
+        if self.state_key in states:
+            return
+        mine = self._state_settings()
+        others = [k for k in states if isinstance(k, str) and k.startswith(type(self).__name__ + "{")]
+        if others:
+            parts = []
+            for key in others:
+                saved = _settings_of(key)
+                diff = ", ".join(f"{k}: {saved.get(k)!r} -> {v!r}" for k, v in mine.items() if saved.get(k) != v)
+                n = len((states[key] or {}).get("history", []))
+                parts.append(f"a MemWatch state of {n} evaluation(s) saved with other settings ({diff})")
+            found = "; ".join(parts)
+        else:
+            found = "no MemWatch state"
+        rank_zero_warn(
+            f"MemWatch: the checkpoint holds {found}, so this watch restored nothing: not its history, the "
+            "detector's tau_gen/tau_mem flags and rule state, the FID reference statistics, nor the train "
+            f"floor. It starts a new history at step {trainer.global_step}. To continue the old history, resume "
+            f"with the settings it was saved with."
+        )
+
+    def _state_settings(self) -> dict[str, Any]:
+        return {"num_samples": self.num_samples, "seed": self.seed, "threshold": self.threshold}
+
     def state_dict(self) -> dict[str, Any]:
         fid_state = (
             self._fid_evaluator.state_dict() if self._fid_evaluator is not None else self._pending_fid_state
@@ -526,6 +601,17 @@ def _check_range_arg(data_range: Sequence[float]) -> tuple[float, float]:
     if not hi > lo:
         raise ValueError(f"data_range must be (low, high) with high > low; got {tuple(data_range)}.")
     return lo, hi
+
+
+def _settings_of(state_key: str) -> dict[str, Any]:
+    """The settings dict of a ``Name{...}`` state key (empty when it cannot be read)."""
+    import ast
+
+    try:
+        value = ast.literal_eval(state_key[state_key.index("{") :])
+    except (ValueError, SyntaxError):
+        return {}
+    return value if isinstance(value, dict) else {}
 
 
 def _drop_first_parameter(fn: Callable[..., Any]) -> Any:

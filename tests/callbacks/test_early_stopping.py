@@ -531,3 +531,65 @@ def test_fid_off_or_a_missing_monitor_fails_at_setup_with_a_strict_stopper(tmp_p
     watch = MemWatch(metrics={"val": lambda g: 0.0})
     stopper = MemorizationEarlyStopping(watch, monitor="val")
     stopper.setup(SimpleNamespace(callbacks=[watch, stopper], strategy=FakeStrategy(), global_step=0), Tiny(), "fit")
+
+
+# -- faults and resume (issue 11) ------------------------------------------------------------------------
+def test_a_truncated_best_weights_file_warns_and_keeps_the_final_weights(tmp_path):
+    watch, stopper, trainer, module = make(dirpath=tmp_path)
+    train(watch, stopper, trainer, module, FLOOR_RUN, end=False)
+    path = tmp_path / BEST_FILENAME
+    assert stopper.best_model_path == str(path) and not list(tmp_path.glob("*.tmp"))  # written aside, renamed
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.warns(UserWarning, match="could not read .*keeps its final weights"):
+        stopper.on_train_end(trainer, module)
+    assert weights_step(module) == 70.0 and stopper.restored_step is None
+
+
+def test_resuming_a_run_that_already_stopped_stops_at_once(tmp_path):
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    first = CopyingToy()
+    watch, snapshots = real_watch(first), {}
+    watch.add_listener(snapshot_listener(snapshots))
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=5, save_top_k=-1)
+    fit(tmp_path / "a", first, watch, MemorizationEarlyStopping(watch), extra=[ckpt])
+    path = next((tmp_path / "ckpt").glob(f"*step={MEMORIZE_FROM}*.ckpt"))
+
+    model = CopyingToy()
+    resumed = real_watch(model)
+    stopper = MemorizationEarlyStopping(resumed)
+    trainer = fit(tmp_path / "b", model, resumed, stopper, ckpt_path=str(path))
+    assert trainer.global_step == MEMORIZE_FROM and resumed.history[-1]["step"] == MEMORIZE_FROM  # no more steps
+    assert stopper.stopped_step == MEMORIZE_FROM and stopper.restored_step == 25
+    assert same_weights(model.state_dict(), snapshots[25])
+
+
+def test_a_watch_that_restored_nothing_says_so_and_the_stopper_drops_its_kept_weights(tmp_path):
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from lightning_memwatch import EvalSchedule, MemWatch
+
+    first = CopyingToy()
+    watch = real_watch(first)
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=30, save_top_k=-1)
+    fit(tmp_path / "a", first, watch, MemorizationEarlyStopping(watch), max_steps=30, extra=[ckpt])
+    path = next((tmp_path / "ckpt").glob("*step=30*.ckpt"))
+
+    model = CopyingToy()
+    other = MemWatch(  # another num_samples: Lightning has no state for this watch's state_key
+        num_samples=12, sample_batch_size=12, schedule=EvalSchedule.every(5), bootstrap=100, verbose=False,
+        log_images=False, metrics={"quality": lambda generated: QUALITY[model.global_step]},
+        detector=TimescaleDetector(quality_key="quality", floor=1.0),
+    )
+    stopper = MemorizationEarlyStopping(other)
+    snapshots = {}
+    other.add_listener(snapshot_listener(snapshots))
+    with pytest.warns(UserWarning) as caught:
+        fit(tmp_path / "b", model, other, stopper, ckpt_path=str(path))
+    text = "\n".join(str(w.message) for w in caught)
+    assert "num_samples: 24 -> 12" in text and "restored nothing" in text and "6 evaluation(s)" in text
+    assert "kept weights (step 25)" in text and "dropped" in text
+    # a new history from the resume step: the best before the onset at 40 is 35, never the old history's 25
+    assert [r["step"] for r in other.history] == [30, 35, 40] and stopper.restored_step == 35
+    assert same_weights(model.state_dict(), snapshots[35])

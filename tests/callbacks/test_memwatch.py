@@ -372,3 +372,27 @@ def test_verbose_lines_say_where_each_rule_stands(tmp_path, caplog):
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("MemWatch step")]
     assert len(lines) == 2 and "tau_mem: f_mem_ci_low > 0 for 0/1 evaluations" in lines[0]
     assert "tau_gen" in lines[0] and "tau_mem at step 20" in lines[1]
+
+
+# -- collect_images and the loader's sampler (issue 11) -----------------------------------------------------
+def test_collect_images_indexes_exactly_the_rows_the_sampler_can_draw():
+    from torch.utils.data import DataLoader, Sampler, SubsetRandomSampler, TensorDataset, WeightedRandomSampler
+
+    data = TensorDataset(TRAIN, torch.zeros(len(TRAIN)))
+    train_rows = list(range(0, 64, 2))  # a split of one dataset: the odd rows are held out
+    loader = DataLoader(data, batch_size=8, sampler=SubsetRandomSampler(train_rows))
+    assert torch.equal(collect_images(loader), TRAIN[train_rows])
+    weights = torch.ones(64)
+    weights[:10] = 0.0
+    weighted = DataLoader(data, batch_size=8, sampler=WeightedRandomSampler(weights, num_samples=64))
+    assert torch.equal(collect_images(weighted), TRAIN[10:])
+
+    class EveryThird(Sampler):
+        def __iter__(self):
+            return iter(range(0, 64, 3))
+
+        def __len__(self):
+            return 22
+
+    with pytest.raises(ValueError, match=r"EveryThird.*MemWatch\(train_data="):
+        collect_images(DataLoader(data, batch_size=8, sampler=EveryThird()))
