@@ -3,10 +3,11 @@
 from lightning_memwatch import (  # noqa: F401 (the list is the point)
     FID,  # FID settings, passed as MemWatch(fid=FID(...))
     EvalSchedule,  # when to evaluate: every N steps, log-spaced, the paper's grid, explicit steps
-    MemorizationEarlyStopping,  # stop at tau_mem, keep the best weights of [tau_gen, tau_mem)
+    MemorizationEarlyStopping,  # stop at tau_mem, keep the best weights from before the onset
     MemorizationFraction,  # torchmetrics Metric: f_mem summed over update() calls and DDP ranks
     MemorizationResult,  # what memorization_fraction returns
     MemWatch,  # the callback
+    ModuleEMA,  # MemWatch(weights=ModuleEMA("ema", target="net")): score an EMA copy the module keeps
     NearestNeighbourIndex,  # exact k-NN over the training set (FAISS GPU/CPU or torch)
     TimescaleDetector,  # the tau_gen / tau_mem rules
     TimescaleEvent,  # one flag: step, rule, reason
