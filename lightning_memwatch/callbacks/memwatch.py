@@ -32,7 +32,7 @@ from lightning_memwatch.metrics.knn import NearestNeighbourIndex
 from lightning_memwatch.metrics.memorization import memorization_fraction
 from lightning_memwatch.sampling import draw_samples, rank_slice
 from lightning_memwatch.schedule import EvalSchedule
-from lightning_memwatch.weights import ScoredWeights, WeightsChoice, resolve_weights
+from lightning_memwatch.weights import ModuleEMA, ScoredWeights, WeightsChoice, resolve_weights
 
 __all__ = ["FID_TRAIN_FLOOR", "MemWatch", "collect_images"]
 
@@ -201,6 +201,11 @@ class MemWatch(Callback):
         self.bootstrap = int(bootstrap)
         self.log_images = log_images
         self.verbose = verbose
+        if not isinstance(weights, ModuleEMA) and weights not in ("auto", "raw", "averaged"):
+            raise ValueError(
+                "weights must be 'auto', 'raw', 'averaged' or ModuleEMA('attribute', target=...); "
+                f"got {weights!r}."
+            )
         self.weights = weights
         self.scored_weights: ScoredWeights | None = None  # resolved at setup
 

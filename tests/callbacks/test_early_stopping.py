@@ -517,6 +517,10 @@ def test_module_ema_copy_is_scored_and_the_raw_weights_come_back():
         resolve_weights(ModuleEMA("nope"), SimpleNamespace(callbacks=[]), module)
     with pytest.raises(MisconfigurationException, match="WeightAveraging"):
         resolve_weights("averaged", SimpleNamespace(callbacks=[]), module)
+    from lightning_memwatch import MemWatch
+
+    with pytest.raises(ValueError, match=r"'auto', 'raw', 'averaged' or ModuleEMA.*got 'ema'"):
+        MemWatch(weights="ema")
 
 
 # -- setup-time errors (issue 10, item 6) -------------------------------------------------------------------
