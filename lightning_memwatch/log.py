@@ -1,16 +1,30 @@
-"""Logged keys (constants) and TensorBoard images, histograms and text, with a fallback note for other loggers.
+"""Logged keys (constants), and the images, histograms, text and settings MemWatch sends to each logger.
 
-Scalars are logged by MemWatch through ``pl_module.log`` so stock ``EarlyStopping``/``ModelCheckpoint``
-can monitor them; everything here runs on global rank 0 only.
+Scalars go to every logger (``logger.log_metrics``) and through ``pl_module.log`` so stock
+``EarlyStopping``/``ModelCheckpoint`` can monitor them. Images go through each logger's own image API where it
+has one:
+
+| logger | sample grid, pair grid | ratio histogram | timescale text |
+|---|---|---|---|
+| ``TensorBoardLogger`` | ``add_image`` | ``add_histogram`` | ``add_text`` |
+| ``WandbLogger`` | ``log_image`` | ``wandb.Histogram`` | run summary |
+| ``MLFlowLogger`` | ``MlflowClient.log_image`` (key and step) | (none) | run tag |
+| others (``CSVLogger``, ...) | (none: a one-time note) | (none) | (none) |
+
+MemWatch's settings join the run's one hparams session (:func:`join_hparams_session`). Everything here runs
+on global rank 0 only.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import math
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
+import numpy as np
 import torch
 from lightning.pytorch import Trainer
-from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.loggers import Logger, MLFlowLogger, TensorBoardLogger, WandbLogger
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
@@ -28,8 +42,11 @@ __all__ = [
     "RATIO_HISTOGRAM",
     "TIMESCALE_TEXT",
     "SCALAR_KEYS",
+    "join_hparams_session",
     "log_images",
     "log_text",
+    "pair_grid",
+    "sample_grid",
     "tensorboard_writers",
 ]
 
@@ -57,23 +74,31 @@ SCALAR_KEYS: dict[str, str] = {
     "fid_num_samples": FID_NUM_SAMPLES,
 }
 
-_warned_no_tensorboard: set[int] = set()
+_noted: set[tuple[int, str]] = set()
+_PAIRS_PER_ROW = 8
+_MIN_TILE_PX = 64  # small images are upscaled (nearest neighbour, no smoothing) to at least this size
+_LABEL_PX = 14
+_MEMORIZED_RGB = (200, 0, 0)
 
 
-def _writers(trainer: Trainer) -> list[object]:
+def _note_once(trainer: Trainer, what: str, text: str) -> None:
+    key = (id(trainer), what)
+    if key not in _noted:
+        _noted.add(key)
+        rank_zero_info(text)
+
+
+def _writers(trainer: Trainer) -> list[Any]:
     return [lg.experiment for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)]
 
 
-def tensorboard_writers(trainer: Trainer) -> list[object]:
-    """SummaryWriters of the trainer's TensorBoard loggers; a one-time note when there are other loggers only."""
-    writers = _writers(trainer)
-    if not writers and trainer.loggers and id(trainer) not in _warned_no_tensorboard:
-        _warned_no_tensorboard.add(id(trainer))
-        rank_zero_info(
-            "MemWatch: scalars go to every logger, but sample grids, nearest-neighbour pairs and ratio "
-            "histograms need a TensorBoardLogger (add `lightning.pytorch.loggers.TensorBoardLogger`)."
-        )
-    return writers
+def _has_image_api(lg: Logger) -> bool:
+    return isinstance(lg, (TensorBoardLogger, WandbLogger, MLFlowLogger))
+
+
+def tensorboard_writers(trainer: Trainer) -> list[Any]:
+    """SummaryWriters of the trainer's TensorBoard loggers."""
+    return _writers(trainer)
 
 
 def to_unit_range(images: Tensor, data_range: Sequence[float]) -> Tensor:
@@ -82,10 +107,94 @@ def to_unit_range(images: Tensor, data_range: Sequence[float]) -> Tensor:
     return ((images.float() - lo) / (hi - lo)).clamp(0.0, 1.0)
 
 
-def _grid(images: Tensor, nrow: int) -> Tensor:
-    from torchvision.utils import make_grid
+def _upscale_factor(height: int, width: int, min_px: int = _MIN_TILE_PX) -> int:
+    return max(1, math.ceil(min_px / max(1, max(height, width))))
 
-    return make_grid(images.cpu(), nrow=nrow, padding=1, pad_value=1.0)
+
+def _to_rgb_uint8(images: Tensor) -> np.ndarray:
+    """(N, C, H, W) in [0, 1], C in (1, 3) -> (N, H, W, 3) uint8."""
+    images = images.detach().float().cpu()
+    if images.shape[1] == 1:
+        images = images.expand(-1, 3, -1, -1)
+    return (images.permute(0, 2, 3, 1).numpy() * 255.0).round().clip(0, 255).astype(np.uint8)
+
+
+def _upscaled(tiles: np.ndarray, factor: int) -> np.ndarray:
+    """Nearest-neighbour upscaling of (N, H, W, 3) by an integer factor: every pixel becomes a block."""
+    return tiles.repeat(factor, axis=1).repeat(factor, axis=2) if factor > 1 else tiles
+
+
+def sample_grid(images: Tensor, max_images: int = 64) -> np.ndarray:
+    """A square-ish grid (H, W, 3) uint8 of the first ``max_images`` images (N, C, H, W) in [0, 1].
+
+    Images smaller than 64 pixels are upscaled by an integer factor without smoothing, so an 8x8 digit shows
+    its pixels rather than a blur or a dot.
+    """
+    shown = images[:max_images]
+    tiles = _to_rgb_uint8(shown)
+    tiles = _upscaled(tiles, _upscale_factor(*shown.shape[2:]))
+    n, th, tw, _ = tiles.shape
+    cols = max(1, int(math.ceil(math.sqrt(n))))
+    rows = int(math.ceil(n / cols))
+    pad = 2
+    canvas = np.full((rows * (th + pad) + pad, cols * (tw + pad) + pad, 3), 255, dtype=np.uint8)
+    for i in range(n):
+        r, c = divmod(i, cols)
+        y, x = pad + r * (th + pad), pad + c * (tw + pad)
+        canvas[y : y + th, x : x + tw] = tiles[i]
+    return canvas
+
+
+def pair_grid(
+    generated: Tensor, nearest_train: Tensor, ratios: Tensor, threshold: float | None = None
+) -> np.ndarray:
+    """Generated samples over their nearest training images, each pair labelled with its ratio d1/d2.
+
+    Pairs are shown in the order given (MemWatch passes them most-memorized first, lowest ratio first), eight
+    per row: the generated sample on top, its nearest training image under it, and ``d1/d2`` below the pair
+    (in red, with "copy", when it is under ``threshold``). Images smaller than 64 pixels are upscaled by an
+    integer factor without smoothing.
+
+    Args:
+        generated: (K, C, H, W) samples in [0, 1], C in (1, 3).
+        nearest_train: (K, C, H, W) their nearest training images, same order.
+        ratios: (K,) nearest-neighbour ratios d1/d2 of the samples.
+        threshold: memorization threshold; pairs below it are marked.
+
+    Returns:
+        (H, W, 3) uint8 image.
+    """
+    from PIL import Image, ImageDraw
+
+    k = len(generated)
+    gen, train = _to_rgb_uint8(generated), _to_rgb_uint8(nearest_train)
+    factor = _upscale_factor(*generated.shape[2:])
+    gen, train = _upscaled(gen, factor), _upscaled(train, factor)
+    th, tw = gen.shape[1:3]
+    pad, gap = 6, 2
+    cell_w, cell_h = tw + pad, 2 * th + gap + _LABEL_PX + pad
+    cols = max(1, min(_PAIRS_PER_ROW, k))
+    rows = max(1, int(math.ceil(k / cols)))
+    canvas = Image.new("RGB", (cols * cell_w + pad, rows * cell_h + pad), (255, 255, 255))
+    draw = ImageDraw.Draw(canvas)
+    values = ratios.detach().double().cpu().tolist()
+    for i in range(k):
+        r, c = divmod(i, cols)
+        x, y = pad + c * cell_w, pad + r * cell_h
+        canvas.paste(Image.fromarray(gen[i]), (x, y))
+        canvas.paste(Image.fromarray(train[i]), (x, y + th + gap))
+        copy = threshold is not None and values[i] < threshold
+        label = f"{values[i]:.2f}" + (" copy" if copy else "")
+        draw.text((x, y + 2 * th + gap + 1), label, fill=_MEMORIZED_RGB if copy else (0, 0, 0))
+    return np.asarray(canvas)
+
+
+def _pair_caption(k: int, threshold: float | None) -> str:
+    mark = f"; red 'copy': d1/d2 < {threshold:.3g}" if threshold is not None else ""
+    return (
+        f"{k} most-memorized samples (lowest d1/d2 first): generated on top, nearest training image below, "
+        f"ratio d1/d2 under each pair{mark}"
+    )
 
 
 def log_images(
@@ -98,35 +207,142 @@ def log_images(
     *,
     max_images: int = 64,
     max_pairs: int = 16,
+    threshold: float | None = None,
 ) -> None:
-    """Sample grid, generated-vs-nearest-train pairs (lowest ratios first) and the ratio histogram.
+    """Sample grid, generated-vs-nearest-train pairs (lowest ratios first) and the ratio histogram, to every
+    logger with an image API (TensorBoard, Weights & Biases, MLflow); a one-time note for the others.
 
     ``nearest_train`` holds, for each generated sample, its nearest training image (same order).
     """
-    writers = tensorboard_writers(trainer)
-    if not writers:
+    loggers = list(trainer.loggers)
+    others = [type(lg).__name__ for lg in loggers if not _has_image_api(lg)]
+    if others:
+        _note_once(
+            trainer,
+            "no-image-api",
+            f"MemWatch: scalars go to every logger; {', '.join(sorted(set(others)))} has no image API, so sample "
+            "grids, nearest-neighbour pairs and ratio histograms go only to TensorBoard, Weights & Biases or "
+            "MLflow loggers (add one to the Trainer's `logger=[...]` to see them).",
+        )
+    targets = [lg for lg in loggers if _has_image_api(lg)]
+    if not targets:
         return
     ratios = ratios.detach().float().cpu()
-    can_draw = generated.ndim == 4 and generated.shape[1] in (1, 3)
     grid = pairs = None
-    if can_draw:
-        shown = to_unit_range(generated[:max_images], data_range)
-        grid = _grid(shown, nrow=int(max(1, len(shown) ** 0.5)))
-        order = torch.argsort(ratios)[:max_pairs]
-        gen_sel = to_unit_range(generated[order.to(generated.device)], data_range)
-        train_sel = to_unit_range(nearest_train[order.to(nearest_train.device)], data_range)
-        # Column pairs: generated on the top row, its nearest training image under it.
-        pairs = _grid(torch.cat([gen_sel.cpu(), train_sel.cpu()]), nrow=len(order))
-    for writer in writers:
-        if grid is not None:
-            writer.add_image(SAMPLES_IMAGE, grid, global_step=step)
-            writer.add_image(PAIRS_IMAGE, pairs, global_step=step)
-        writer.add_histogram(RATIO_HISTOGRAM, ratios.numpy(), global_step=step)
-        writer.flush()
+    if generated.ndim == 4 and generated.shape[1] in (1, 3):
+        grid = sample_grid(to_unit_range(generated[:max_images], data_range), max_images)
+        order = torch.argsort(ratios, stable=True)[:max_pairs]
+        pairs = pair_grid(
+            to_unit_range(generated[order.to(generated.device)], data_range),
+            to_unit_range(nearest_train[order.to(nearest_train.device)], data_range),
+            ratios[order],
+            threshold,
+        )
+    caption = _pair_caption(0 if pairs is None else min(max_pairs, len(ratios)), threshold)
+    for lg in targets:
+        if isinstance(lg, TensorBoardLogger):
+            writer = lg.experiment
+            if grid is not None:
+                writer.add_image(SAMPLES_IMAGE, grid, global_step=step, dataformats="HWC")
+                writer.add_image(PAIRS_IMAGE, pairs, global_step=step, dataformats="HWC")
+            writer.add_histogram(RATIO_HISTOGRAM, ratios.numpy(), global_step=step)
+            writer.flush()
+        elif isinstance(lg, WandbLogger):
+            import wandb
+
+            if grid is not None:
+                lg.log_image(key=SAMPLES_IMAGE, images=[grid], step=step, caption=[f"step {step}"])
+                lg.log_image(key=PAIRS_IMAGE, images=[pairs], step=step, caption=[caption])
+            lg.log_metrics({RATIO_HISTOGRAM: wandb.Histogram(ratios.numpy())}, step=step)  # type: ignore[dict-item]
+        elif isinstance(lg, MLFlowLogger) and grid is not None:
+            client = lg.experiment
+            client.log_image(lg.run_id, grid, key=SAMPLES_IMAGE, step=step)
+            client.log_image(lg.run_id, pairs, key=PAIRS_IMAGE, step=step)
 
 
 def log_text(trainer: Trainer, tag: str, text: str, step: int) -> None:
-    """A text event in TensorBoard (no-op for other loggers)."""
-    for writer in _writers(trainer):
-        writer.add_text(tag, text, global_step=step)
-        writer.flush()
+    """A text event: TensorBoard text, a Weights & Biases summary entry, an MLflow run tag (others: no-op).
+
+    W&B and MLflow keep one value per key, so successive texts are appended, one line each.
+    """
+    for lg in trainer.loggers:
+        if isinstance(lg, TensorBoardLogger):
+            lg.experiment.add_text(tag, text, global_step=step)
+            lg.experiment.flush()
+        elif isinstance(lg, WandbLogger):
+            summary = lg.experiment.summary
+            previous = summary.get(tag)
+            summary[tag] = f"{previous}\n{text}" if previous else text
+        elif isinstance(lg, MLFlowLogger):
+            client = lg.experiment
+            previous = client.get_run(lg.run_id).data.tags.get(tag)
+            client.set_tag(lg.run_id, tag, f"{previous}\n{text}" if previous else text)
+
+
+# ------------------------------------------------------------------------------------------------- settings
+
+_pending_hparams: dict[int, Logger] = {}
+
+
+def _as_dict(params: Any) -> dict[str, Any]:
+    return dict(vars(params)) if hasattr(params, "__dict__") and not isinstance(params, Mapping) else dict(params)
+
+
+def join_hparams_session(trainer: Trainer, settings: Callable[[], Mapping[str, Any]]) -> None:
+    """Make ``settings()`` part of the hyperparameters the trainer logs next, in the same call.
+
+    Lightning logs the module's (and datamodule's) hparams once per fit, right after ``on_fit_start``; a
+    second ``log_hyperparams`` call writes a second TensorBoard hparams session, which the HPARAMS view does
+    not show, and a second ``hp_metric``. No public hook adds entries to Lightning's call, so this wraps each
+    logger's ``log_hyperparams`` for that one call (the instance attribute is removed again inside it).
+    Call it from ``on_fit_start`` on rank 0, then :func:`flush_hparams` from ``on_train_start`` for runs
+    where Lightning logged nothing (``Trainer(enable_autolog_hparams=False)``).
+    """
+    for lg in trainer.loggers:
+        if id(lg) in _pending_hparams:
+            continue
+        original = lg.log_hyperparams
+
+        def joined(params: Any, *args: Any, _lg: Logger = lg, _original: Any = original, **kwargs: Any) -> Any:
+            _release(_lg)
+            return _original({**_as_dict(params), **dict(settings())}, *args, **kwargs)
+
+        lg.log_hyperparams = joined  # type: ignore[method-assign]
+        _pending_hparams[id(lg)] = lg
+
+
+def _release(lg: Logger) -> None:
+    if _pending_hparams.pop(id(lg), None) is not None and "log_hyperparams" in vars(lg):
+        del lg.log_hyperparams  # type: ignore[attr-defined]
+
+
+def flush_hparams(trainer: Trainer, settings: Callable[[], Mapping[str, Any]]) -> None:
+    """Log ``settings()`` to the loggers whose wrapped call never came (Lightning did not log hparams)."""
+    for lg in trainer.loggers:
+        if id(lg) in _pending_hparams:
+            _release(lg)
+            lg.log_hyperparams(dict(settings()))
+
+
+def memwatch_settings(watch: Any, trainer: Trainer | None = None) -> dict[str, Any]:
+    """MemWatch's settings as hparams: ``memwatch/<name>`` and, with FID, ``memwatch/fid_<name>``."""
+    index = getattr(watch, "_index", None)
+    values: dict[str, Any] = {
+        "num_samples": watch.num_samples,
+        "sample_batch_size": watch.sample_batch_size,
+        "threshold": watch.threshold,
+        "schedule": repr(watch.schedule),
+        "seed": watch.seed,
+        "data_range": None if watch.data_range is None else str(tuple(watch.data_range)),
+        "knn_backend": index.backend if index is not None else watch.knn_backend,
+        "feature_fn": None if watch.feature_fn is None else getattr(watch.feature_fn, "__name__", "custom"),
+        "num_train": None if index is None else index.num_train,
+    }
+    out = {f"{PREFIX}{k}": v for k, v in values.items() if v is not None}
+    detector = getattr(watch, "detector", None)
+    if detector is not None and hasattr(detector, "config"):
+        out.update({f"{PREFIX}detector_{k}": v for k, v in detector.config().items() if v is not None})
+    fid = getattr(watch, "_fid_evaluator", None)
+    if fid is not None:
+        out.update({f"{PREFIX}fid_{k}": v for k, v in fid.hparams().items()})
+    return out

@@ -84,10 +84,12 @@ def draw_samples(
     noise_shape: Sequence[int] | None,
     sample_shape: Sequence[int] | None,
     where: str = "pl_module.sample",
+    on_batch: Callable[[int], None] | None = None,
 ) -> Tensor:
     """Call ``sampler(count, generator=..., [noise=...])`` batch by batch over ``indices``; check each batch.
 
-    Returns the samples of ``indices`` in order, on ``device``, float32.
+    Returns the samples of ``indices`` in order, on ``device``, float32. ``on_batch(count)``, when given, is
+    called after each checked batch with its number of images (progress display).
 
     Raises:
         ValueError / TypeError: a batch of the wrong count, shape, dtype, or holding NaN/Inf, with the fix.
@@ -101,6 +103,8 @@ def draw_samples(
             kwargs["noise"] = per_sample_noise(chunk, noise_shape, seed, device)  # type: ignore[arg-type]
         batch = sampler(len(chunk), **kwargs)
         out.append(check_sampler_output(batch, len(chunk), sample_shape, where).to(device, torch.float32))
+        if on_batch is not None:  # i14: progress hook
+            on_batch(len(chunk))
     if not out:
         shape = tuple(sample_shape) if sample_shape is not None else (0,)
         return torch.empty((0, *shape), device=device)

@@ -30,6 +30,7 @@ from lightning_memwatch.detection import TimescaleDetector, TimescaleEvent
 from lightning_memwatch.metrics.fid import FID, FIDEvaluator
 from lightning_memwatch.metrics.knn import NearestNeighbourIndex
 from lightning_memwatch.metrics.memorization import memorization_fraction
+from lightning_memwatch.progress import EvalProgress, setup_summary
 from lightning_memwatch.sampling import draw_samples, rank_slice
 from lightning_memwatch.schedule import EvalSchedule
 from lightning_memwatch.weights import ModuleEMA, ScoredWeights, WeightsChoice, resolve_weights
@@ -148,7 +149,8 @@ class MemWatch(Callback):
         feature_fn: optional map images -> features for feature-space nearest neighbours (latent models).
         knn_backend: ``"auto"``, ``"faiss-gpu"``, ``"faiss-cpu"`` or ``"torch"``.
         bootstrap: bootstrap resamples for the f_mem confidence interval.
-        log_images: log sample grids, nearest-neighbour pairs and ratio histograms (TensorBoard).
+        log_images: log sample grids, nearest-neighbour pairs and ratio histograms to the loggers with an image
+            API (TensorBoard, Weights & Biases, MLflow; see :mod:`lightning_memwatch.log`).
         verbose: print one line per evaluation (rank 0).
         weights: which weights are scored (see :mod:`lightning_memwatch.weights`): ``"auto"`` (the average of
             a Lightning ``WeightAveraging``/``EMAWeightAveraging`` callback when one is among the trainer's
@@ -353,15 +355,22 @@ class MemWatch(Callback):
                 backend=self.knn_backend,  # type: ignore[arg-type]
                 feature_fn=self.feature_fn,
             )
+        # i14: MemWatch's settings join the hparams session Lightning logs right after this hook (one session)
+        if trainer.is_global_zero:
+            if self._fid_evaluator is not None and not trainer.strategy.restore_checkpoint_after_setup:
+                self._fid_evaluator.prepare_reference()  # idempotent; its origin (cache hit/miss) goes in hparams
+            mwlog.join_hparams_session(trainer, lambda: mwlog.memwatch_settings(self))
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self._fid_evaluator is not None and trainer.is_global_zero:
             self._fid_evaluator.prepare_reference()  # after load_state_dict: a resumed run reuses its stats
-            for lg in trainer.loggers:
-                lg.log_hyperparams({f"memwatch/fid_{k}": v for k, v in self._fid_evaluator.hparams().items()})
         if self._fid_evaluator is not None:
             self._set_train_floor(trainer)
         step = trainer.global_step
+        if trainer.is_global_zero:  # i14: settings (when Lightning logged no hparams) and the setup summary
+            mwlog.flush_hparams(trainer, lambda: mwlog.memwatch_settings(self))
+            if self.verbose:
+                rank_zero_info(self._setup_summary(trainer, step))
         if self._last_evaluated_step is not None:
             missed = self.schedule.between(self._last_evaluated_step, step)
             if missed:
@@ -397,8 +406,31 @@ class MemWatch(Callback):
         if step != self._last_evaluated_step and step in self.schedule:
             self._evaluate(trainer, pl_module, step, can_log=True)
 
+    def _setup_summary(self, trainer: Trainer, step: int) -> str:
+        """i14: the one line printed per fit (what was indexed, backend, FID reference, next evaluation)."""
+        pending = step in self.schedule and step != self._last_evaluated_step
+        next_step = step if pending else self.schedule.next_after(step)
+        if next_step is not None and trainer.max_steps is not None and 0 <= trainer.max_steps < next_step:
+            next_step = None
+        last = self.history[-1] if self.history else None
+        index = self._index
+        return setup_summary(
+            num_train=index.num_train if index is not None else 0,
+            image_shape=self._sample_shape or (),
+            backend=index.backend if index is not None else None,
+            feature_dim=index.dim if index is not None and self.feature_fn is not None else None,
+            fid=self._fid_evaluator.hparams() if self._fid_evaluator is not None else None,
+            next_step=next_step,
+            num_samples=self.num_generated,
+            sample_batch_size=self.sample_batch_size,
+            world_size=trainer.world_size,
+            last_seconds=None if last is None else last.get("sample_seconds", 0.0) + last.get("metric_seconds", 0.0),
+        )
+
     # -- one evaluation -------------------------------------------------------------------------------
-    def _generate(self, trainer: Trainer, pl_module: LightningModule) -> Tensor:
+    def _generate(
+        self, trainer: Trainer, pl_module: LightningModule, progress: EvalProgress | None = None
+    ) -> Tensor:
         """Draw this rank's share of the samples, then gather all of them (in index order) on every rank."""
         world, rank = trainer.world_size, trainer.global_rank
         total = self.num_generated
@@ -421,6 +453,7 @@ class MemWatch(Callback):
                     where="MemWatch.sample_fn"
                     if self.sample_fn is not None
                     else f"{type(pl_module).__name__}.sample",
+                    on_batch=None if progress is None else progress.advance,  # i14: progress bar
                 )
         except (TypeError, ValueError, AttributeError) as err:  # a bad sampler: every rank must learn of it
             failure = err
@@ -472,7 +505,10 @@ class MemWatch(Callback):
             record[name] = float(fn(generated))
         if self.log_images and self._train_images is not None:
             nearest = self._train_images[result.nn_indices[:, 0].cpu()]
-            mwlog.log_images(trainer, step, generated[: self.num_samples], ratios, nearest, self.data_range)
+            mwlog.log_images(
+                trainer, step, generated[: self.num_samples], ratios, nearest, self.data_range,
+                threshold=self.threshold,
+            )
         record["metric_seconds"] = time.perf_counter() - start
         return record
 
@@ -484,18 +520,22 @@ class MemWatch(Callback):
 
     def _evaluate_scored(self, trainer: Trainer, pl_module: LightningModule, step: int, *, can_log: bool) -> None:
         start = time.perf_counter()
-        generated = self._generate(trainer, pl_module)
-        sample_seconds = time.perf_counter() - start
-        assert self.data_range is not None
-        # on every rank (each holds all the samples), so a raise never leaves the others waiting
-        overshoot = check_sample_range(generated, f"MemWatch samples at step {step}", self.data_range)
-        if overshoot is not None and not self._overshoot_warned:
-            self._overshoot_warned = True
-            rank_zero_warn(overshoot)
-        record = None
-        if trainer.is_global_zero:
-            record = self._measure(trainer, generated, step)
-            record["sample_seconds"] = sample_seconds  # rank 0's, so every rank holds the same record
+        # i14: progress of the evaluation inside the trainer's progress bar (silent without one)
+        mine = len(rank_slice(self.num_generated, trainer.global_rank, trainer.world_size))
+        with EvalProgress(trainer, mine, step) as progress:
+            generated = self._generate(trainer, pl_module, progress)
+            sample_seconds = time.perf_counter() - start
+            assert self.data_range is not None
+            # on every rank (each holds all the samples), so a raise never leaves the others waiting
+            overshoot = check_sample_range(generated, f"MemWatch samples at step {step}", self.data_range)
+            if overshoot is not None and not self._overshoot_warned:
+                self._overshoot_warned = True
+                rank_zero_warn(overshoot)
+            record = None
+            if trainer.is_global_zero:
+                progress.phase("nearest neighbours" + (" and FID" if self._fid_evaluator is not None else ""))
+                record = self._measure(trainer, generated, step)
+                record["sample_seconds"] = sample_seconds  # rank 0's, so every rank holds the same record
         record = trainer.strategy.broadcast(record, src=0)
         self.history.append(record)
         self._last_evaluated_step = step
