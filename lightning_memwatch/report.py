@@ -41,6 +41,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -203,16 +204,36 @@ class RunHistory:
 
     @property
     def label(self) -> str:
-        """Legend text: the metadata's ``label``, else ``n=<n>``, else the directory name."""
+        """Legend text: the metadata's ``label``, else ``n=<n>``, else the run's name: the directory name, with
+        Lightning's ``lightning_logs/version_<k>`` levels replaced by the experiment's name (``v<k>`` added
+        when k > 0), so runs never show as ``version_0``."""
         label = self.metadata.get("label")
         if label:
             return str(label)
-        return f"n={self.n}" if self.n is not None else self.run_dir.name
+        return f"n={self.n}" if self.n is not None else run_name(self.run_dir)
 
     @property
     def quality_label(self) -> str:
         """What the ``fid`` field holds (axis label): the metadata's ``quality_label``, else ``"FID"``."""
         return str(self.metadata.get("quality_label") or "FID")
+
+
+_VERSION_DIR = re.compile(r"^version_(\d+)$")
+
+
+def run_name(run_dir: str | os.PathLike[str]) -> str:
+    """A readable name of a run directory: ``exp/version_0`` -> ``exp``, ``exp/version_2`` -> ``exp v2``,
+    ``sweep/n64/lightning_logs/version_0`` -> ``n64``; any other directory keeps its name."""
+    parts = list(Path(run_dir).resolve().parts)
+    version = None
+    if parts and (m := _VERSION_DIR.match(parts[-1])):
+        version = int(m.group(1))
+        parts.pop()
+        if parts and parts[-1] == "lightning_logs":
+            parts.pop()
+    if version is None or not parts or parts[-1] in ("", "/"):
+        return Path(run_dir).name
+    return parts[-1] + (f" v{version}" if version else "")
 
 
 def find_runs(logdir: str | os.PathLike[str]) -> list[Path]:
@@ -549,6 +570,8 @@ def _plot_f_mem(
     runs: Sequence[RunHistory], entries: Sequence[Mapping[str, Any]], path: Path, *, per_n: bool
 ) -> None:
     fig, (ax,) = _new_figure()
+    any_band = any_tau = False
+    thresholds: set[tuple[str, float]] = set()
     for run, entry, color in zip(runs, entries, _colors(len(runs)), strict=True):
         scale = float(run.n) if per_n and run.n else 1.0
         steps, values = _series(run, "f_mem")
@@ -561,27 +584,38 @@ def _plot_f_mem(
         band = {s: (a, b) for s, a, b in zip(lo[0], lo[1], hi[1], strict=False)} if lo[0] == hi[0] else {}
         if band and all(s in band for s in steps):
             ax.fill_between(x, [band[s][0] for s in steps], [band[s][1] for s in steps], color=color, alpha=0.15,
-                            lw=0)
+                            lw=0, label="_band")
+            any_band = True
         if entry["tau_mem"] is not None:
             ax.axvline(entry["tau_mem"] / scale, color=color, ls=":", lw=1)
+            any_tau = True
         detector = entry["detector"]
-        if detector.get("mem_rule") == "threshold" and detector.get("f0"):
-            ax.axhline(detector["f0"], color="grey", ls="--", lw=0.8)
+        if detector.get("f0") is not None and detector.get("mem_rule") in ("threshold", "ci"):
+            thresholds.add((detector["mem_rule"], float(detector["f0"])))
+    for rule, f0 in sorted(thresholds):
+        what = "f_mem" if rule == "threshold" else "the interval's lower end"
+        ax.axhline(f0, color="grey", ls="--", lw=0.8, label=f"tau_mem threshold: {what} > {f0:g}")
+    if any_band:
+        ax.fill_between([], [], [], color="grey", alpha=0.15, lw=0, label="95% bootstrap interval of f_mem")
+    if any_tau:
+        ax.plot([], [], color="grey", ls=":", lw=1, label="tau_mem of the run (its colour)")
     if per_n:
         ax.set_xlabel("optimizer steps / n (training images)")
-        ax.set_title("f_mem vs step / n (collapse if tau_mem is proportional to n)")
+        ax.set_title("f_mem vs step / n (curves collapse if tau_mem is proportional to n)")
         ax.set_xscale("log")
     else:
         ax.set_xlabel("optimizer steps")
-        ax.set_title("memorized fraction f_mem (dotted: tau_mem)")
+        ax.set_title("memorized fraction f_mem")
     ax.set_ylabel("f_mem (fraction of samples with d1/d2 < 1/3)")
-    ax.legend(fontsize=8)
+    handles, labels = ax.get_legend_handles_labels()
+    ax.legend([h for h, t in zip(handles, labels) if t != "_band"], [t for t in labels if t != "_band"], fontsize=8)
     fig.savefig(path, dpi=110)
 
 
 def _plot_quality(runs: Sequence[RunHistory], entries: Sequence[Mapping[str, Any]], path: Path) -> None:
     fig, (ax,) = _new_figure()
     any_values = False
+    marks: set[str] = set()
     for run, entry, color in zip(runs, entries, _colors(len(runs)), strict=True):
         steps, values = _series(run, "fid")
         if not values:
@@ -590,12 +624,18 @@ def _plot_quality(runs: Sequence[RunHistory], entries: Sequence[Mapping[str, Any
         ax.plot(steps, values, "-o", ms=2.5, color=color, label=run.label)
         if entry["tau_gen"] is not None:
             ax.axvline(entry["tau_gen"], color=color, ls=":", lw=1)
+            marks.add("gen")
         if entry["tau_mem"] is not None:
-            ax.axvline(entry["tau_mem"], color=color, ls="--", lw=0.8)
+            ax.axvline(entry["tau_mem"], color=color, ls="-.", lw=0.8)
+            marks.add("mem")
     detector = entries[0]["detector"] if entries else {}
     if detector.get("gen_rule") == "floor" and detector.get("floor") is not None:
         limit = float(detector["floor"]) * (1.0 + float(detector.get("eps", 0.0)))
-        ax.axhline(limit, color="grey", ls="--", lw=0.8, label=f"tau_gen threshold {limit:.3g}")
+        ax.axhline(limit, color="grey", ls="--", lw=0.8, label=f"tau_gen threshold: quality <= {limit:.3g}")
+    if "gen" in marks:
+        ax.plot([], [], color="grey", ls=":", lw=1, label="tau_gen of the run (its colour)")
+    if "mem" in marks:
+        ax.plot([], [], color="grey", ls="-.", lw=0.8, label="tau_mem of the run (its colour)")
     if any_values:
         if min(v for r in runs for v in _series(r, "fid")[1]) > 0:
             ax.set_yscale("log")
@@ -604,7 +644,7 @@ def _plot_quality(runs: Sequence[RunHistory], entries: Sequence[Mapping[str, Any
         ax.text(0.5, 0.5, "no quality values (FID off)", ha="center", va="center", transform=ax.transAxes)
     ax.set_xlabel("optimizer steps")
     ax.set_ylabel(runs[0].quality_label if runs else "FID")
-    ax.set_title("sample quality (dotted: tau_gen, dashed: tau_mem)")
+    ax.set_title("sample quality (lower is better)")
     fig.savefig(path, dpi=110)
 
 

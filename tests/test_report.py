@@ -205,3 +205,46 @@ def test_command_line(logdir, capsys):
     slope = (100 * 1200 + 200 * 2200 + 400 * 4200) / (100**2 + 200**2 + 400**2)  # least squares through 0
     assert math.isclose(saved["fit"]["slope"], slope, rel_tol=1e-9)
     assert "memwatch report: 3 run(s)" in capsys.readouterr().out
+
+
+def test_plot_legends_name_every_line_and_band(logdir, monkeypatch):
+    import lightning_memwatch.report as report_module
+
+    figures = []
+    original = report_module._new_figure
+
+    def recording(ncols=1):
+        fig, axes = original(ncols)
+        figures.append(fig)
+        return fig, axes
+
+    monkeypatch.setattr(report_module, "_new_figure", recording)
+    report(logdir, plots=True, write=True, echo=None)
+    f_mem, f_mem_per_n, quality = (fig.axes[0] for fig in figures[:3])
+    for ax in (f_mem, f_mem_per_n):
+        labels = [t.get_text() for t in ax.get_legend().get_texts()]
+        assert "95% bootstrap interval of f_mem" in labels
+        assert any(t.startswith("tau_mem threshold") for t in labels)
+        assert "tau_mem of the run (its colour)" in labels
+    title = quality.get_title()
+    assert "dashed" not in title and "dotted" not in title  # the legend says which line is which
+    labels = [t.get_text() for t in quality.get_legend().get_texts()]
+    styles = {t.get_text(): h.get_linestyle() for t, h in zip(quality.get_legend().get_texts(),
+                                                               quality.get_legend().legend_handles)}
+    assert "tau_gen of the run (its colour)" in labels and "tau_mem of the run (its colour)" in labels
+    # three different line styles: tau_gen, tau_mem and the threshold are never confused
+    marks = [styles[k] for k in labels if k.startswith("tau_")]
+    assert len(set(marks)) == len(marks)
+
+
+def test_runs_without_labels_are_named_after_their_experiment(tmp_path):
+    from lightning_memwatch.report import run_name
+
+    assert run_name(tmp_path / "baseline" / "version_0") == "baseline"
+    assert run_name(tmp_path / "baseline" / "version_3") == "baseline v3"
+    assert run_name(tmp_path / "sweep" / "n64" / "lightning_logs" / "version_0") == "n64"
+    assert run_name(tmp_path / "my_run") == "my_run"
+    from lightning_memwatch.report import load_run
+
+    write_run(tmp_path / "logs" / "baseline" / "version_0", planted_history(100, 500, 1000, 1500), metadata=False)
+    assert load_run(tmp_path / "logs" / "baseline" / "version_0").label == "baseline"  # the legend's text
