@@ -206,6 +206,13 @@ class DemoConfig:
         return data
 
 
+def ordinal(k: int) -> str:
+    """``1st``, ``2nd``, ``3rd``, ``4th``, ..., ``11th``, ``12th``, ``13th``, ``21st``, ..."""
+    k = int(k)
+    suffix = "th" if 10 <= k % 100 <= 20 else {1: "st", 2: "nd", 3: "rd"}.get(k % 10, "th")
+    return f"{k}{suffix}"
+
+
 # ------------------------------------------------------------------------------------------------------------
 # the feature network of the Frechet distance
 
@@ -560,7 +567,7 @@ def _run_demo(config: DemoConfig, echo: Callable[[str], None]) -> dict[str, Any]
         f"  detector: tau_gen when Frechet distance <= {config.gen_threshold:g}; tau_mem when f_mem > "
         f"{config.mem_threshold:g}"
         + (f" at {config.mem_patience} evaluations in a row" if config.mem_patience > 1 else "")
-        + f"; early stopping at the {config.stop_patience}th consecutive evaluation past the threshold"
+        + f"; early stopping at the {ordinal(config.stop_patience)} consecutive evaluation past the threshold"
     )
     echo(f"  TimescaleDetector({', '.join(f'{k}={v!r}' for k, v in detector.items())})")
     classifier, info = _prepare_classifier(config)

@@ -145,3 +145,11 @@ def test_in_process_run_leaves_warning_filters_and_loggers_alone(tmp_path):
     assert any("memwatch report: 2 run(s)" in line for line in lines)
     assert warnings.filters == filters_before
     assert logging.getLogger("lightning.pytorch").level == level_before
+
+
+def test_ordinals_in_the_printed_settings():
+    from lightning_memwatch.demo import ordinal
+
+    assert [ordinal(k) for k in (1, 2, 3, 4, 11, 12, 13, 21, 22, 23, 101, 111)] == [
+        "1st", "2nd", "3rd", "4th", "11th", "12th", "13th", "21st", "22nd", "23rd", "101st", "111th"
+    ]

@@ -1,7 +1,8 @@
 """The documentation cannot drift from the code.
 
-* Every ```python block in docs/ is an include of a file in docs/snippets/ (pymdownx.snippets ``--8<--``) or is
-  explicitly marked ``<!-- not-runnable: reason -->``; every included snippet is run by a test below.
+* Every ```python block in docs/ is the text of a file in docs/snippets/ (marked ``<!-- snippet: FILE -->`` and
+  kept equal to the file by ``python docs/tools/sync_docs.py``, so a code host shows the code too) or is
+  explicitly marked ``<!-- not-runnable: reason -->``; every shown snippet is run by a test below.
 * The snippets run here at tiny sizes (CPU, a few optimizer steps, temporary directories).
 * Facts the pages state about the code are checked against it: logged keys, the confidence-interval numbers of
   the concepts page, the command lines of bash blocks, the printed line formats of the recorded tutorial run.
@@ -39,7 +40,7 @@ if str(SNIPPETS) not in sys.path:  # the snippets import each other by plain nam
 
 FENCE = re.compile(r"^(?P<indent>[ \t]*)```(?P<lang>[\w+-]*)[^\n]*\n(?P<body>.*?)^(?P=indent)```[ \t]*$", re.M | re.S)
 PYTHON_LANGS = {"python", "py", "python3", "pycon"}
-INCLUDE = re.compile(r'^\s*--8<--\s+"(?P<target>[^"]+)"\s*$')
+SNIPPET_MARK = re.compile(r"^\s*<!--\s*snippet:\s*(?P<target>\S+)\s*-->\s*$")
 NOT_RUNNABLE = re.compile(r"<!--\s*not-runnable:\s*\S.*?-->\s*$")
 
 # Every snippet file a page may include, and the test that runs it.
@@ -67,13 +68,10 @@ def fences(path: Path) -> list[tuple[str, str, int]]:
     return [(m["lang"], m["body"], text.count("\n", 0, m.start()) + 1) for m in FENCE.finditer(text)]
 
 
-def includes(body: str) -> list[str] | None:
-    """The targets of a block made only of snippet includes, or None if it holds anything else."""
-    lines = [line for line in body.splitlines() if line.strip()]
-    found = [INCLUDE.match(line) for line in lines]
-    if not lines or not all(found):
-        return None
-    return [m["target"] for m in found]  # type: ignore[index]
+def snippet_target(page_lines: list[str], line: int) -> str | None:
+    """The ``FILE[:SECTION]`` of the ``<!-- snippet: ... -->`` mark right above the block at ``line`` (1-based)."""
+    m = SNIPPET_MARK.match(page_lines[line - 2]) if line >= 2 else None
+    return m["target"] if m else None
 
 
 def snippet_path(target: str) -> tuple[Path, str | None]:
@@ -91,27 +89,26 @@ def test_every_python_block_is_a_tested_snippet_or_marked_not_runnable():
     problems, included = [], set()
     for page in doc_pages():
         lines = page.read_text().splitlines()
-        for lang, body, line in fences(page):
+        for lang, _body, line in fences(page):
             if lang.lower() not in PYTHON_LANGS:
                 continue
-            targets = includes(body)
-            if targets is None:
+            target = snippet_target(lines, line)
+            if target is None:
                 previous = lines[line - 2] if line >= 2 else ""
                 if not NOT_RUNNABLE.search(previous):
                     problems.append(
-                        f"{page.relative_to(ROOT)}:{line}: python block is neither an include of "
-                        "docs/snippets/ nor marked <!-- not-runnable: reason -->"
+                        f"{page.relative_to(ROOT)}:{line}: python block is neither a snippet of "
+                        "docs/snippets/ (<!-- snippet: FILE -->) nor marked <!-- not-runnable: reason -->"
                     )
                 continue
-            for target in targets:
-                path, section = snippet_path(target)
-                if section is not None:
-                    text = path.read_text()
-                    assert f"--8<-- [start:{section}]" in text and f"--8<-- [end:{section}]" in text, (
-                        f"{page.relative_to(ROOT)}:{line}: section {section!r} missing in {path.name}"
-                    )
-                if path.parent == SNIPPETS:
-                    included.add(path.name)
+            path, section = snippet_path(target)
+            if section is not None:
+                text = path.read_text()
+                assert f"--8<-- [start:{section}]" in text and f"--8<-- [end:{section}]" in text, (
+                    f"{page.relative_to(ROOT)}:{line}: section {section!r} missing in {path.name}"
+                )
+            if path.parent == SNIPPETS:
+                included.add(path.name)
     assert not problems, "\n".join(problems)
     untested = included - set(TESTED_SNIPPETS)
     assert not untested, f"snippets included in the docs but run by no test: {sorted(untested)}"
@@ -123,8 +120,11 @@ def test_every_python_block_is_a_tested_snippet_or_marked_not_runnable():
 def test_every_snippet_file_is_used_by_a_page():
     used = set()
     for page in doc_pages():
-        for _, body, _ in fences(page):
-            used.update(target.partition(":")[0] for target in includes(body) or [])
+        lines = page.read_text().splitlines()
+        for _, _, line in fences(page):
+            target = snippet_target(lines, line)
+            if target is not None:
+                used.add(target.partition(":")[0])
     orphans = {p.name for p in SNIPPETS.glob("*.py")} - used
     assert not orphans, f"snippets no page includes (stale files): {sorted(orphans)}"
 
@@ -136,12 +136,50 @@ def test_not_runnable_blocks_compile_and_import_real_names():
     for page in doc_pages():
         lines = page.read_text().splitlines()
         for lang, body, line in fences(page):
-            if lang.lower() not in PYTHON_LANGS or includes(body) is not None:
+            if lang.lower() not in PYTHON_LANGS or snippet_target(lines, line) is not None:
                 continue
             tree = ast.parse(body, filename=f"{page.name}:{line}")
             imports = [node for node in tree.body if isinstance(node, (ast.Import, ast.ImportFrom))]
             exec(compile(ast.Module(body=imports, type_ignores=[]), f"{page.name}:{line}", "exec"), {})
             assert NOT_RUNNABLE.search(lines[line - 2])
+
+
+def _sync_docs():
+    tools = str(DOCS / "tools")
+    if tools not in sys.path:
+        sys.path.insert(0, tools)
+    import sync_docs
+
+    return sync_docs
+
+
+def test_pages_show_the_current_snippets_recipes_and_signatures():
+    """What a code host shows equals what the site shows: snippet code, recipes/README.md, API summaries."""
+    sync_docs = _sync_docs()
+    stale = [str(p.relative_to(ROOT)) for p in sync_docs.doc_pages() if sync_docs.synced(p) != p.read_text()]
+    assert not stale, f"out of date (run `python docs/tools/sync_docs.py`): {stale}"
+
+
+def test_no_page_is_only_markers_on_a_code_host():
+    """No bare pymdownx include lines; every API page says in plain Markdown what its objects are."""
+    for page in doc_pages():
+        text = page.read_text()
+        bare = [line for line in text.splitlines() if line.strip().startswith("--8<--")]
+        assert not bare, f"{page.relative_to(ROOT)} shows include markers on a code host: {bare}"
+        if any(line.startswith("::: ") for line in text.splitlines()):
+            region = text.split("<!-- api-summary -->", 1)[-1].split("<!-- end api-summary -->", 1)[0]
+            names = re.findall(r"^::: ([\w.]+)", text, re.M)
+            assert "<!-- api-summary -->" in text, f"{page.relative_to(ROOT)}: no API summary"
+            for name in names:
+                assert f"`{name.rsplit('.', 1)[-1]}`" in region or f"`{name}`" in region, (page.name, name)
+
+
+def test_snippet_sections_are_shown_dedented_without_markers():
+    sync_docs = _sync_docs()
+    text = sync_docs.snippet_text("ddp.py:ddp")
+    assert "--8<--" not in text and not text.startswith(" ") and text.endswith("\n")
+    converted = sync_docs.sync_snippets('```python\n--8<-- "ddp.py:ddp"\n```\n')
+    assert converted == "<!-- snippet: ddp.py:ddp -->\n```python\n" + text + "```\n"
 
 
 def test_tensorboard_table_lists_exactly_the_logged_keys():
