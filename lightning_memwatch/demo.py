@@ -29,7 +29,7 @@ Outputs, under ``--out`` (default ``runs/demo``)::
     logs/n<n>/              one TensorBoard run per n (events file, memwatch_run.json)
     digit_classifier.pt     the feature network of the Frechet distance
 
-Open the logs with ``tensorboard --logdir runs/demo/logs``.
+Open the logs with ``tensorboard --logdir runs/demo/logs --host 127.0.0.1``.
 """
 
 from __future__ import annotations
@@ -598,7 +598,7 @@ def _run_demo(config: DemoConfig, echo: Callable[[str], None]) -> dict[str, Any]
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
     echo(f"  wall time: {total:.0f} s ({train_seconds:.0f} s of training runs)")
-    echo(f"  TensorBoard: tensorboard --logdir {out / 'logs'}")
+    echo(f"  TensorBoard: tensorboard --logdir {out / 'logs'} --host 127.0.0.1   (then open http://127.0.0.1:6006)")
     return summary
 
 

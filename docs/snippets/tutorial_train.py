@@ -70,7 +70,7 @@ def main(n=256, max_steps=20_000, eval_every=250, num_samples=256, log_dir="runs
 
     print(f"tau_gen = {watch.tau_gen}, tau_mem = {watch.tau_mem} (optimizer steps)")
     print(f"stopped at step {stopper.stopped_step}; weights of step {stopper.restored_step} restored")
-    print(f"TensorBoard: tensorboard --logdir {log_dir}")
+    print(f"TensorBoard: tensorboard --logdir {log_dir} --host 127.0.0.1")
     return watch, stopper, model
 
 
