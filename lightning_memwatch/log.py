@@ -42,7 +42,9 @@ __all__ = [
     "RATIO_HISTOGRAM",
     "TIMESCALE_TEXT",
     "SCALAR_KEYS",
+    "flush_hparams",
     "join_hparams_session",
+    "memwatch_settings",
     "log_images",
     "log_text",
     "pair_grid",
@@ -324,7 +326,7 @@ def flush_hparams(trainer: Trainer, settings: Callable[[], Mapping[str, Any]]) -
             lg.log_hyperparams(dict(settings()))
 
 
-def memwatch_settings(watch: Any, trainer: Trainer | None = None) -> dict[str, Any]:
+def memwatch_settings(watch: Any) -> dict[str, Any]:
     """MemWatch's settings as hparams: ``memwatch/<name>`` and, with FID, ``memwatch/fid_<name>``."""
     index = getattr(watch, "_index", None)
     values: dict[str, Any] = {

@@ -136,7 +136,27 @@ def _resolve(name: str) -> object:
     raise ImportError(name)
 
 
-def _first_line(obj: object) -> str:
+def _attribute_comment(name: str) -> str:
+    """The ``#:`` comment above a module-level assignment ``NAME = ...`` (how mkdocstrings documents data)."""
+    module_name, _, attr = name.rpartition(".")
+    try:
+        lines = inspect.getsource(importlib.import_module(module_name)).splitlines()
+    except (ImportError, OSError, TypeError):
+        return ""
+    for i, line in enumerate(lines):
+        if re.match(rf"^{re.escape(attr)}\s*(:[^=]*)?=", line):
+            comments = []
+            for previous in reversed(lines[:i]):
+                if not previous.startswith("#:"):
+                    break
+                comments.insert(0, previous[2:].strip())
+            return " ".join(comments)
+    return ""
+
+
+def _first_line(obj: object, name: str = "") -> str:
+    if not (inspect.ismodule(obj) or inspect.isclass(obj) or callable(obj)):
+        return _attribute_comment(name).replace("|", "\\|")
     doc = inspect.getdoc(obj) or ""
     first = doc.strip().split("\n\n")[0].replace("\n", " ").strip()
     return first.replace("|", "\\|")
@@ -173,7 +193,7 @@ def api_summary(page_text: str) -> str:
         obj = _resolve(name)
         kind = "module" if inspect.ismodule(obj) else "class" if inspect.isclass(obj) else ""
         label = f"`{name.rsplit('.', 1)[-1] if kind != 'module' else name}`" + (f" ({kind})" if kind else "")
-        rows.append(f"| {label} | {_arguments(obj) or '-'} | {_first_line(obj)} |")
+        rows.append(f"| {label} | {_arguments(obj) or '-'} | {_first_line(obj, name)} |")
     return "\n".join(rows)
 
 
