@@ -186,6 +186,8 @@ def test_scalars_everywhere_images_through_each_image_api(tmp_path, offline_logg
     acc.Reload()
     assert {mwlog.SAMPLES_IMAGE, mwlog.PAIRS_IMAGE} <= set(acc.Tags()["images"])
     assert [e.step for e in acc.Histograms(mwlog.RATIO_HISTOGRAM)] == [5, 10]
+    pairs = acc.Images(mwlog.PAIRS_IMAGE)[-1]
+    assert pairs.height >= 2 * 64 and pairs.width >= 8 * 64  # 8x8 digits shown at 64 px, not a strip of pixels
 
 
 # ---------------------------------------------------------------------------------------------- pair grid
