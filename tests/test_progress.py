@@ -101,7 +101,7 @@ def test_one_setup_summary_line_per_fit(tmp_path, caplog):
     ]
     # the evaluation line keeps its timings
     evals = [r.getMessage() for r in caplog.records if r.getMessage().startswith("MemWatch step 5:")]
-    assert len(evals) == 1 and re.search(r"\(sampling \d+\.\d s, metrics \d+\.\d\d s\)$", evals[0])
+    assert len(evals) == 1 and re.search(r"\(sampling \d+\.\d s, metrics \d+\.\d\d s\)", evals[0])
 
 
 def test_setup_summary_wording():
