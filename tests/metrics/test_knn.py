@@ -267,8 +267,11 @@ def test_k_one_and_k_equal_to_num_train() -> None:
 
 def test_auto_backend_choice(monkeypatch: pytest.MonkeyPatch) -> None:
     train = torch.randn(10, 4)
-    expected = "faiss-cpu" if "faiss-cpu" in CPU_BACKENDS else "torch"
-    assert NearestNeighbourIndex(train).backend == expected
+    monkeypatch.setattr(knn_module, "_cpu_flags", lambda: frozenset({"avx512f", "amx_bf16"}))
+    assert NearestNeighbourIndex(train).backend == "torch-bf16"  # AMX: the screen
+    monkeypatch.setattr(knn_module, "_cpu_flags", lambda: frozenset({"avx512f", "avx512_bf16"}))
+    expected = "faiss-cpu" if "faiss" in str(CPU_BACKENDS) else "torch"
+    assert NearestNeighbourIndex(train).backend == expected  # no AMX: today's path
     monkeypatch.setattr(knn_module, "_import_faiss", lambda: None)
     assert NearestNeighbourIndex(train).backend == "torch"
     with pytest.raises(ImportError, match="pip install faiss-cpu"):
@@ -317,7 +320,7 @@ def test_bad_inputs_get_errors_that_name_the_fix() -> None:
         index.search(torch.randn(48))
     with pytest.raises(ValueError, match=r"k must be an int in \[1, num_train=20\]"):
         index.search(train, k=21)
-    with pytest.raises(ValueError, match=r"backend must be one of \['auto', 'faiss-gpu', 'faiss-cpu', 'torch'\]"):
+    with pytest.raises(ValueError, match=r"backend must be one of \['auto', 'faiss-gpu', 'faiss-cpu', 'torch', 'torch-bf16'\]"):
         NearestNeighbourIndex(train, backend="sklearn")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="block_size must be a positive int"):
         NearestNeighbourIndex(train, block_size=0)
