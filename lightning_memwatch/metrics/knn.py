@@ -422,6 +422,10 @@ class NearestNeighbourIndex:
                 norms[self._dropped.to(norms.device)] = torch.inf
             self._norms64 = norms
             self._norms32 = norms.to(torch.float32)
+            # rows whose squared norm overflows float32 (|x| > ~1e19) are invisible to float32 passes: then no
+            # float32 result certifies, and the widened pass runs in float64
+            kept_norms = norms if self._dropped is None else norms[~self._dropped.to(norms.device)]
+            self._overflow = bool((~torch.isfinite(kept_norms.to(torch.float32))).any())
             finite = norms[torch.isfinite(norms)]
             self._max_norm = float(finite.max().sqrt()) if len(finite) else 0.0
             self._screen: Tensor | None = None
@@ -611,7 +615,7 @@ class NearestNeighbourIndex:
         # true distance is at most `bound` lower: certified when that still exceeds the exact k-th distance.
         # Written so that NaN or inf anywhere (an overflowing query) leaves the row uncertified.
         bound = self._bound(q_norms, unit_in, _UNIT_FP32)
-        certified = (approx.max(dim=1).values - bound > d2[:, -1]) & torch.isfinite(bound)
+        certified = (approx.max(dim=1).values - bound > d2[:, -1]) & torch.isfinite(bound) & (not self._overflow)
         return d2, idx, (~certified).nonzero().flatten()
 
     def _bound(self, q_norms: Tensor, unit_in: float, unit: float) -> Tensor:
@@ -648,7 +652,9 @@ class NearestNeighbourIndex:
         best: tuple[Tensor, Tensor] | None = None
         for j in range(0, self._n, step):
             rows = self._fast_block(j, min(j + step, self._n)).contiguous()
-            cc = min(c, len(rows))
+            dropped = None if self._dropped is None else self._dropped[j : j + len(rows)]
+            extra = 0 if dropped is None else int(dropped.sum())  # masked duplicates faiss may still return
+            cc = min(c + extra, len(rows))
             dist = torch.empty(len(q), cc, dtype=torch.float32)
             cand = torch.empty(len(q), cc, dtype=torch.int64)
             norms = self._norms32[j : j + len(rows)].contiguous()
@@ -663,6 +669,9 @@ class NearestNeighbourIndex:
                 faiss.swig_ptr(cand.numpy()),
                 faiss.swig_ptr(norms.numpy()),
             )
+            if extra:
+                assert dropped is not None
+                dist[dropped[cand.clamp_min(0)]] = torch.inf
             best = _merge_topc(best, dist, c, j, cand)
         assert best is not None
         return best[0].to(torch.float64), best[1]
@@ -719,7 +728,7 @@ class NearestNeighbourIndex:
         out_c = best_s.min(dim=1).values.to(torch.float64)
         unit = _UNIT_BF16 / (1 - _UNIT_BF16)
         lower = 2 * (-out_c) * (1 - unit) - 2 * self._screen_error(q_norms)
-        certified = (out_c <= 0) & (lower > d2[:, -1]) & torch.isfinite(lower)
+        certified = (out_c <= 0) & (lower > d2[:, -1]) & torch.isfinite(lower) & (not self._overflow)
         unsure = (~certified).nonzero().flatten()
         if len(unsure) == 0:
             return d2, idx, unsure
@@ -747,7 +756,9 @@ class NearestNeighbourIndex:
         TF32/bfloat16), blocked over the database.
         """
         unit_in = _matmul_input_unit(self.device)
-        dtype, unit = (torch.float32, _UNIT_FP32) if unit_in == 0.0 else (torch.float64, 2.0**-53)
+        q_big = bool((self._centred(q).abs().amax() > 1e18).item()) if len(q) else False
+        fp32 = unit_in == 0.0 and not self._overflow and not q_big
+        dtype, unit = (torch.float32, _UNIT_FP32) if fp32 else (torch.float64, 2.0**-53)
         norms = self._norms32 if dtype == torch.float32 else self._norms64
         best_d2 = torch.full((len(q), k), torch.inf, dtype=torch.float64, device=self.device)
         best_idx = torch.zeros(len(q), k, dtype=torch.int64, device=self.device)
@@ -762,7 +773,8 @@ class NearestNeighbourIndex:
                 rows = self._fast_block(j, min(j + self.database_block_size, self._n)).to(dtype)
                 scores = torch.addmm(norms[j : j + len(rows)], q_fast, rows.T, beta=1, alpha=-2)
                 keep = (scores.to(torch.float64) <= limit[:, None]) | everything[:, None]
-                keep &= torch.isfinite(norms[j : j + len(rows)])[None, :]  # dropped duplicates (streamed)
+                if self._dropped is not None:  # duplicates in streamed rows are masked, not removed
+                    keep &= ~self._dropped[j : j + len(rows)].to(keep.device)[None, :]
                 pair_q, pair_t = keep.nonzero(as_tuple=True)
                 if len(pair_q) == 0:
                     continue

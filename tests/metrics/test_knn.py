@@ -320,7 +320,9 @@ def test_bad_inputs_get_errors_that_name_the_fix() -> None:
         index.search(torch.randn(48))
     with pytest.raises(ValueError, match=r"k must be an int in \[1, num_train=20\]"):
         index.search(train, k=21)
-    with pytest.raises(ValueError, match=r"backend must be one of \['auto', 'faiss-gpu', 'faiss-cpu', 'torch', 'torch-bf16'\]"):
+    with pytest.raises(
+        ValueError, match=r"backend must be one of \['auto', 'faiss-gpu', 'faiss-cpu', 'torch', 'torch-bf16'\]"
+    ):
         NearestNeighbourIndex(train, backend="sklearn")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="block_size must be a positive int"):
         NearestNeighbourIndex(train, block_size=0)
