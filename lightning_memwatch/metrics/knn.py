@@ -79,6 +79,8 @@ BACKENDS: tuple[str, ...] = ("auto", "faiss-gpu", "faiss-cpu", "torch", "torch-b
 _CANDIDATE_SLACK = 4
 # The split-bf16 screen's bound is wider (its output is rounded to bfloat16): more candidates, same idea.
 _SCREEN_SLACK = 8
+# Candidates of the second screen, for the rows the first one could not certify.
+_SCREEN_WIDE = 64
 # Safety factor on the rounding-error bounds.
 _BOUND_SAFETY = 1.25
 _UNIT_FP32 = 2.0**-24
@@ -438,7 +440,8 @@ class NearestNeighbourIndex:
         # Counters, for tests and benchmarks.
         self.num_searched = 0
         self.num_fallback = 0
-        self.num_screen_fallback = 0
+        self.num_screen_fallback = 0  # rows screened a second time, with more candidates
+        self.num_screen_float32 = 0  # rows neither screen certified: the float32 path
 
     def _attach_faiss(self) -> None:
         """(Re)create the faiss handles, which are neither picklable nor copyable."""
@@ -702,18 +705,34 @@ class NearestNeighbourIndex:
         return out
 
     def _screened(self, q: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
-        """Split-bf16 screen, exact re-ranking and its certificate; the rows it cannot certify go through the
-        float32 path (:meth:`_fast_and_exact`), whose own uncertified rows are returned for the widened pass."""
-        c = min(k + _SCREEN_SLACK, self.num_train)
+        """Split-bf16 screen, exact re-ranking and its certificate. Rows it cannot certify are screened again
+        with more candidates, then go through the float32 path (:meth:`_fast_and_exact`), whose own
+        uncertified rows are returned for the widened pass."""
         q_fast = self._centred(q)
         q_norms = (q_fast.to(torch.float64) ** 2).sum(dim=1)
         qs = self._screen_queries(q_fast, q_norms)
+        d2, idx, unsure = self._screen_pass(q, qs, q_norms, k, k + _SCREEN_SLACK)
+        if len(unsure):
+            self.num_screen_fallback += len(unsure)
+            d2_w, idx_w, still = self._screen_pass(q[unsure], qs[unsure], q_norms[unsure], k, k + _SCREEN_WIDE)
+            d2[unsure], idx[unsure] = d2_w, idx_w
+            unsure = unsure[still]
+        if len(unsure) == 0:
+            return d2, idx, unsure
+        self.num_screen_float32 += len(unsure)
+        d2_f, idx_f, unsure_f = self._fast_and_exact(q[unsure], k)
+        d2[unsure], idx[unsure] = d2_f, idx_f
+        return d2, idx, unsure[unsure_f]
+
+    def _screen_pass(self, q: Tensor, qs: Tensor, q_norms: Tensor, k: int, c: int) -> tuple[Tensor, Tensor, Tensor]:
+        """Top-``c`` screen over the database, exact re-ranking, and the rows the bound cannot certify."""
+        c = min(c, self.num_train)
         step, bs = self.database_block_size, self.block_size
         best: list[tuple[Tensor, Tensor] | None] = [None] * len(range(0, len(q), bs))
         for j in range(0, self._n, step):
             stop = min(j + step, self._n)
             rows = self._screen[j:stop] if self._screen is not None else self._screen_rows(j, stop)
-            if self._dropped is not None:
+            if self._dropped is not None:  # streamed rows: never the cached copy
                 rows[self._dropped[j:stop].to(rows.device), 3 * self.dim] = -torch.inf
             for b, i in enumerate(range(0, len(q), bs)):
                 out = torch.mm(qs[i : i + bs], rows.T)  # ~ -d^2/2, bfloat16 (one rounding of a float32 sum)
@@ -724,18 +743,12 @@ class NearestNeighbourIndex:
         if c == self.num_train:
             return d2, idx, torch.empty(0, dtype=torch.int64, device=self.device)
         # Rows outside the candidates have out <= out_c (the c-th largest); if out_c <= 0, their true squared
-        # distance is >= 2 |out_c| (1 - u) - 2 E (see the module notes).
+        # distance is >= 2 |out_c| (1 - u) - 2 E (see the module notes). NaN/inf never certify.
         out_c = best_s.min(dim=1).values.to(torch.float64)
         unit = _UNIT_BF16 / (1 - _UNIT_BF16)
         lower = 2 * (-out_c) * (1 - unit) - 2 * self._screen_error(q_norms)
         certified = (out_c <= 0) & (lower > d2[:, -1]) & torch.isfinite(lower) & (not self._overflow)
-        unsure = (~certified).nonzero().flatten()
-        if len(unsure) == 0:
-            return d2, idx, unsure
-        self.num_screen_fallback += len(unsure)
-        d2_f, idx_f, unsure_f = self._fast_and_exact(q[unsure], k)
-        d2[unsure], idx[unsure] = d2_f, idx_f
-        return d2, idx, unsure[unsure_f]
+        return d2, idx, (~certified).nonzero().flatten()
 
     def _screen_error(self, q_norms: Tensor) -> Tensor:
         """``E`` of the module notes: bound on |screen sum - (-d^2/2)| before its rounding to bfloat16."""

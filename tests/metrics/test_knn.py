@@ -95,7 +95,7 @@ def test_uncertified_rows_fall_back_to_float64() -> None:
         index = NearestNeighbourIndex(train, backend=backend)
         distances, indices = index.search(queries, k=2)
         want_d, want_i = brute_force(queries, train, 2)
-        assert index.num_fallback > 0, backend
+        assert index.num_fallback + index.num_screen_fallback > 0, backend  # the screen re-screens first
         assert torch.equal(indices, want_i), backend
         torch.testing.assert_close(distances.double(), want_d, rtol=1e-7, atol=0)
 
@@ -139,7 +139,7 @@ def test_exact_ties_go_to_the_lower_row(backend: str) -> None:
     distances, indices = index.search(torch.zeros(2, dim), k=3)
     assert distances.tolist() == [[1.0, 1.0, 1.0]] * 2
     assert indices.tolist() == [[0, 1, 2]] * 2
-    assert index.num_fallback == 2
+    assert index.num_fallback + index.num_screen_fallback == 2  # torch-bf16: its wider second screen
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
