@@ -355,6 +355,9 @@ class MemWatch(Callback):
                 backend=self.knn_backend,  # type: ignore[arg-type]
                 feature_fn=self.feature_fn,
             )
+            # i15: one copy of the training images: the nearest-image pairs read rows from the index
+            if self._index.holds_images:
+                self._train_images = None
         # i14: MemWatch's settings join the hparams session Lightning logs right after this hook (one session)
         if trainer.is_global_zero:
             if self._fid_evaluator is not None and not trainer.strategy.restore_checkpoint_after_setup:
@@ -503,8 +506,11 @@ class MemWatch(Callback):
             record["fid_num_samples"] = int(min(fid_n, len(generated)))
         for name, fn in self.metrics.items():
             record[name] = float(fn(generated))
-        if self.log_images and self._train_images is not None:
-            nearest = self._train_images[result.nn_indices[:, 0].cpu()]
+        if self.log_images and (self._train_images is not None or self._index.holds_images):
+            if self._train_images is not None:  # feature_fn indexes hold features, not images
+                nearest = self._train_images[result.nn_indices[:, 0].cpu()]
+            else:  # i15: read from the index, which holds the one copy
+                nearest = self._index.train_images(result.nn_indices[:, 0]).cpu()
             mwlog.log_images(
                 trainer, step, generated[: self.num_samples], ratios, nearest, self.data_range,
                 threshold=self.threshold,
