@@ -77,6 +77,9 @@ BACKENDS: tuple[str, ...] = ("auto", "faiss-gpu", "faiss-cpu", "torch", "torch-b
 # image-like data (n=32768, D=1024) needed the widened pass (~20-60 ms each time it runs); with 4, none did, for
 # a few ms more of re-ranking per 1000 queries.
 _CANDIDATE_SLACK = 4
+_CANDIDATE_SLACK_HIGH_DIM = 16
+# Auto uses the bf16 screen up to this dimension: its bound grows with the 3 D-long sum (see the module notes).
+_SCREEN_MAX_AUTO_DIM = 4096
 # The split-bf16 screen's bound is wider (its output is rounded to bfloat16): more candidates, same idea.
 _SCREEN_SLACK = 8
 # Candidates of the second screen, for the rows the first one could not certify.
@@ -91,7 +94,7 @@ _NUMPY_ON_CPU = True
 # faiss-cpu searches centred or streamed rows in database blocks of at least this many rows.
 _FAISS_DB_BLOCK = 16384
 # Bytes of scratch per block when hashing rows and computing norms at build time.
-_BUILD_SCRATCH = 32 * 2**20
+_BUILD_SCRATCH = 4 * 2**20
 
 
 def _import_faiss() -> Any | None:
@@ -156,13 +159,13 @@ def available_backends(device: torch.device | str = "cpu") -> list[str]:
     return found
 
 
-def _resolve_backend(backend: str, device: torch.device) -> tuple[str, torch.device]:
+def _resolve_backend(backend: str, device: torch.device, *, screen: bool = True) -> tuple[str, torch.device]:
     """The backend actually used and the device the index lives on."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {list(BACKENDS)}; got {backend!r}.")
     faiss = _import_faiss()
     if backend == "auto":
-        if has_fast_bfloat16(device):
+        if screen and has_fast_bfloat16(device):
             return "torch-bf16", device
         if device.type == "cuda" and _faiss_num_gpus(faiss) > 0:
             return "faiss-gpu", device
@@ -362,10 +365,10 @@ class NearestNeighbourIndex:
         cuda = self.device.type == "cuda"
         if block_size is None:
             block_size = 4096 if cuda else 1024
-        if database_block_size is None:
-            database_block_size = 16384 if cuda else 4096
         self.block_size = _positive_int(block_size, "block_size")
-        self.database_block_size = _positive_int(database_block_size, "database_block_size")
+        if database_block_size is not None:
+            _positive_int(database_block_size, "database_block_size")
+        self.database_block_size = 0  # set once the dimension is known
         self.feature_fn = feature_fn
         self._feature_shape: tuple[int, ...] | None = None
         self.streamed = streamed is not None
@@ -379,6 +382,11 @@ class NearestNeighbourIndex:
                 source = streamed
             self._source = source
             n, self.dim = source.n, source.dim
+            if database_block_size is None:  # 4096 rows on CPU (16384 on CUDA), at most ~64 MiB of float32
+                database_block_size = max(256, min(16384 if cuda else 4096, 2**24 // max(self.dim, 1)))
+            self.database_block_size = database_block_size
+            if backend == "auto" and self.backend == "torch-bf16" and self.dim > _SCREEN_MAX_AUTO_DIM:
+                self.backend, self.device = _resolve_backend("auto", data_device, screen=False)
             self.num_duplicates = 0
             self._row_ids: Tensor | None = None  # original row of each held row, when rows were dropped
             self._dropped: Tensor | None = None  # streamed rows: mask of dropped duplicates
@@ -433,8 +441,9 @@ class NearestNeighbourIndex:
             self._screen: Tensor | None = None
             if self.backend == "torch-bf16" and source.held and self._n:
                 self._screen = torch.empty(self._n, _screen_width(self.dim), dtype=torch.bfloat16, device=self.device)
-                for j in range(0, self._n, self.database_block_size):
-                    stop = min(j + self.database_block_size, self._n)
+                step = _build_block(self.dim)  # small blocks: the split makes several temporaries
+                for j in range(0, self._n, step):
+                    stop = min(j + step, self._n)
                     self._screen[j:stop] = self._screen_rows(j, stop)
         self._attach_faiss()
         # Counters, for tests and benchmarks.
@@ -600,7 +609,7 @@ class NearestNeighbourIndex:
 
     def _fast_and_exact(self, q: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
         """float32 fast pass (torch or faiss), exact re-ranking and certificate for all prepared queries."""
-        c = min(k + _CANDIDATE_SLACK, self.num_train)
+        c = min(k + _candidate_slack(self.dim), self.num_train)
         q_fast = self._centred(q)
         q_norms = (q_fast * q_fast).sum(dim=1).to(torch.float64)
         if self.backend in ("torch", "torch-bf16"):
@@ -830,6 +839,13 @@ class NearestNeighbourIndex:
             diff -= q[i : i + step, None, :].to(torch.float64)
             out[i : i + step] = (diff * diff).sum(dim=2)
         return out
+
+
+def _candidate_slack(dim: int) -> int:
+    """Extra float32 candidates: the bound grows with ``dim`` while distances concentrate, so high-dimensional
+    rows need more of them to certify (d = 12,288: 15.6% of queries took the widened pass with 4, see
+    ``benchmarks/memory.py``)."""
+    return _CANDIDATE_SLACK if dim <= 2048 else _CANDIDATE_SLACK_HIGH_DIM
 
 
 def _concat_best(best: list[tuple[Tensor, Tensor] | None]) -> tuple[Tensor, Tensor]:
