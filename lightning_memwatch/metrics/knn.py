@@ -56,10 +56,11 @@ Decisions, in one place:
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Literal
 
 import numpy as np
@@ -736,16 +737,10 @@ class NearestNeighbourIndex:
     def _screen_pass(self, q: Tensor, qs: Tensor, q_norms: Tensor, k: int, c: int) -> tuple[Tensor, Tensor, Tensor]:
         """Top-``c`` screen over the database, exact re-ranking, and the rows the bound cannot certify."""
         c = min(c, self.num_train)
-        step, bs = self.database_block_size, self.block_size
+        bs = self.block_size
         best: list[tuple[Tensor, Tensor] | None] = [None] * len(range(0, len(q), bs))
-        for j in range(0, self._n, step):
-            stop = min(j + step, self._n)
-            rows = self._screen[j:stop] if self._screen is not None else self._screen_rows(j, stop)
-            if self._dropped is not None:  # streamed rows: never the cached copy
-                rows[self._dropped[j:stop].to(rows.device), 3 * self.dim] = -torch.inf
-            for b, i in enumerate(range(0, len(q), bs)):
-                out = torch.mm(qs[i : i + bs], rows.T)  # ~ -d^2/2, bfloat16 (one rounding of a float32 sum)
-                best[b] = _merge_topc(best[b], out, c, j, largest=True)
+        with _float32_accumulation(self.device):
+            self._screen_blocks(qs, c, best)
         best_s, best_i = _concat_best(best)
         exact, cand = self._rerank(q, best_i)
         d2, idx = exact[:, :k].contiguous(), cand[:, :k].contiguous()
@@ -758,6 +753,17 @@ class NearestNeighbourIndex:
         lower = 2 * (-out_c) * (1 - unit) - 2 * self._screen_error(q_norms)
         certified = (out_c <= 0) & (lower > d2[:, -1]) & torch.isfinite(lower) & (not self._overflow)
         return d2, idx, (~certified).nonzero().flatten()
+
+    def _screen_blocks(self, qs: Tensor, c: int, best: list[tuple[Tensor, Tensor] | None]) -> None:
+        step, bs = self.database_block_size, self.block_size
+        for j in range(0, self._n, step):
+            stop = min(j + step, self._n)
+            rows = self._screen[j:stop] if self._screen is not None else self._screen_rows(j, stop)
+            if self._dropped is not None:  # streamed rows: never the cached copy
+                rows[self._dropped[j:stop].to(rows.device), 3 * self.dim] = -torch.inf
+            for b, i in enumerate(range(0, len(qs), bs)):
+                out = torch.mm(qs[i : i + bs], rows.T)  # ~ -d^2/2, bfloat16 (one rounding of a float32 sum)
+                best[b] = _merge_topc(best[b], out, c, j, largest=True)
 
     def _screen_error(self, q_norms: Tensor) -> Tensor:
         """``E`` of the module notes: bound on |screen sum - (-d^2/2)| before its rounding to bfloat16."""
@@ -839,6 +845,20 @@ class NearestNeighbourIndex:
             diff -= q[i : i + step, None, :].to(torch.float64)
             out[i : i + step] = (diff * diff).sum(dim=2)
         return out
+
+
+@contextlib.contextmanager
+def _float32_accumulation(device: torch.device) -> Iterator[None]:
+    """On CUDA, forbid cuBLAS' reduced-precision (bfloat16) reductions, which the screen's bound excludes."""
+    if device.type != "cuda":
+        yield
+        return
+    flag = torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction
+    torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction = flag
 
 
 def _candidate_slack(dim: int) -> int:
