@@ -356,7 +356,7 @@ class MemWatch(Callback):
                 feature_fn=self.feature_fn,
             )
             # i15: one copy of the training images: the nearest-image pairs read rows from the index
-            if self._index.holds_images:
+            if self._index.holds_images and self._index.num_duplicates == 0:
                 self._train_images = None
         # i14: MemWatch's settings join the hparams session Lightning logs right after this hook (one session)
         if trainer.is_global_zero:
@@ -384,15 +384,23 @@ class MemWatch(Callback):
         if step in self.schedule and step != self._last_evaluated_step:
             self._evaluate(trainer, pl_module, step, can_log=False)
 
+    def _first_train_images(self, count: int) -> Tensor:
+        """i15: the first ``count`` training images, from MemWatch's copy or, when only the index holds them, the
+        index (dropped only when it has no duplicates, so its rows are the original ones)."""
+        if self._train_images is not None:
+            return self._train_images[:count]
+        assert self._index is not None
+        return self._index.train_images(torch.arange(min(count, self._index.num_train)))
+
     def _set_train_floor(self, trainer: Trainer) -> None:
         """FID of the training images against the reference, once per run (rank 0, broadcast), to the detector."""
         evaluator = self._fid_evaluator
         assert evaluator is not None
         if self.fid_train_floor is None and evaluator.reference_source != "train":
             value = None
-            if trainer.is_global_zero and self._train_images is not None:
+            if trainer.is_global_zero and (self._train_images is not None or self._index is not None):
                 fid_n = self.fid.num_samples or self.num_samples  # type: ignore[union-attr]
-                value = evaluator.train_floor(self._train_images[:fid_n])  # the same count as the samples'
+                value = evaluator.train_floor(self._first_train_images(fid_n))  # the same count as the samples'
             value = trainer.strategy.broadcast(value, src=0)
             self.fid_train_floor = value
             if value is not None and trainer.is_global_zero:
