@@ -95,6 +95,7 @@ def main() -> None:
 
     model = CopyingToy()
     watch = MemWatch(
+        train_data=TRAIN,  # the loader's custom sampler: MemWatch asks for the rows explicitly
         num_samples=24, sample_batch_size=12, schedule=EvalSchedule.every(5), bootstrap=100, verbose=False,
         log_images=False, metrics={"quality": lambda generated: QUALITY[model.global_step]},
         detector=TimescaleDetector(quality_key="quality", floor=1.0),
