@@ -275,9 +275,9 @@ class TimescaleDetector:
         if not 0.0 <= f0 < 1.0:
             raise ValueError(f"f0 must lie in [0, 1) (a memorized fraction; the paper uses 0); got {f0}.")
         self.f0 = f0
-        if isinstance(patience, bool) or not isinstance(patience, int) or patience < 0:
-            raise ValueError(f"patience must be an int >= 0 (evaluations); got {patience!r}.")
-        self.patience = patience
+        from lightning_memwatch._checks import check_int  # local: this module imports no torch at load
+
+        self.patience = check_int(patience, "patience", minimum=0, unit="evaluations")
 
         self.tau_gen: TimescaleEvent | None = None
         self.tau_mem: TimescaleEvent | None = None

@@ -7,10 +7,11 @@ omit ``noise``; MemWatch inspects the signature:
 * ``noise`` accepted: MemWatch hands it the initial noise, shape ``(num_samples, *noise_shape)``, where
   row ``i`` is drawn from a generator seeded by ``(seed, i)`` alone. Sample ``i`` is then the same image
   whatever the batch size or the number of DDP ranks (given a deterministic sampler such as DDIM, eta=0).
-* always: ``generator``, a ``torch.Generator`` on the module's device seeded by ``(seed, first index of the
-  batch)``, for any other randomness (ancestral samplers, or samplers that draw their own noise). With the
-  plain form ``sample(num_samples, generator=...)`` results are reproducible from one evaluation to the
-  next for a fixed ``sample_batch_size`` and world size.
+* ``generator`` accepted (or ``**kwargs``): a ``torch.Generator`` on the module's device seeded by ``(seed,
+  first index of the batch)``, for any other randomness (ancestral samplers, or samplers that draw their own
+  noise). With the plain form ``sample(num_samples, generator=...)`` results are reproducible from one
+  evaluation to the next for a fixed ``sample_batch_size`` and world size. A sampler taking ``noise`` but not
+  ``generator`` is called without it; one taking neither is refused with the contract in the message.
 """
 
 from __future__ import annotations
@@ -25,7 +26,16 @@ from torch import Tensor
 
 from lightning_memwatch._checks import check_finite
 
-__all__ = ["Sampler", "accepts_noise", "per_sample_noise", "batch_generator", "rank_slice", "draw_samples"]
+__all__ = [
+    "Sampler",
+    "accepts_generator",
+    "accepts_noise",
+    "batch_generator",
+    "check_sampler_signature",
+    "draw_samples",
+    "per_sample_noise",
+    "rank_slice",
+]
 
 Sampler = Callable[..., Tensor]
 
@@ -44,6 +54,37 @@ def accepts_noise(fn: Callable[..., Any]) -> bool:
     except (TypeError, ValueError):
         return False
     return "noise" in params
+
+
+def accepts_generator(fn: Callable[..., Any]) -> bool:
+    """True when ``fn`` takes a ``generator`` keyword (or ``**kwargs``), or its signature cannot be read."""
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return True  # a builtin or C extension: pass it, as the contract says
+    return "generator" in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+
+
+def check_sampler_signature(sampler: Callable[..., Any], where: str, *, takes_noise: bool) -> bool:
+    """Whether to pass ``generator`` to ``sampler``; raise if it can take neither ``generator`` nor ``noise``.
+
+    A sampler taking ``noise`` but no ``generator`` is deterministic given its noise (e.g. DDIM, eta = 0): it is
+    called without ``generator``. One taking neither has no way to receive MemWatch's seeds.
+    """
+    if accepts_generator(sampler):
+        return True
+    if takes_noise:
+        return False
+    try:
+        shown = f"{where}{inspect.signature(sampler)}"
+    except (TypeError, ValueError):
+        shown = where
+    raise TypeError(
+        f"{shown} takes neither `generator` nor `noise`, so MemWatch cannot seed its samples. The sampler "
+        "contract is `sample(num_samples, generator=None, noise=None)` (or `sample_fn(pl_module, num_samples, "
+        "generator=None, noise=None)`): accept `generator` (a torch.Generator for all of its randomness) and/or "
+        "`noise` (the initial noise), e.g. `def sample(self, num_samples, generator=None): ...`."
+    )
 
 
 def per_sample_noise(
@@ -95,10 +136,11 @@ def draw_samples(
         ValueError / TypeError: a batch of the wrong count, shape, dtype, or holding NaN/Inf, with the fix.
     """
     use_noise = accepts_noise(sampler) and noise_shape is not None
+    use_generator = check_sampler_signature(sampler, where, takes_noise=use_noise)
     out: list[Tensor] = []
     for start in range(indices.start, indices.stop, batch_size):
         chunk = range(start, min(start + batch_size, indices.stop))
-        kwargs: dict[str, Any] = {"generator": batch_generator(seed, start, device)}
+        kwargs: dict[str, Any] = {"generator": batch_generator(seed, start, device)} if use_generator else {}
         if use_noise:
             kwargs["noise"] = per_sample_noise(chunk, noise_shape, seed, device)  # type: ignore[arg-type]
         batch = sampler(len(chunk), **kwargs)

@@ -185,6 +185,26 @@ class EvalSchedule:
                 candidates.append(periodic)
         return min(candidates) if candidates else None
 
+    def next_within(self, step: int, max_steps: int | None) -> int | None:
+        """The first scheduled step ``s`` with ``step <= s <= max_steps`` (``max_steps`` None or negative:
+        no end, as ``Trainer(max_steps=-1)``), or None when the schedule has none there."""
+        s = step if step in self else self.next_after(step)
+        if s is None or (max_steps is not None and 0 <= max_steps < s):
+            return None
+        return s
+
+    def unreachable_warning(self, step: int, max_steps: int | None) -> str | None:
+        """A warning when no scheduled step lies in ``[step, max_steps]`` (optimizer steps), else None."""
+        if self.next_within(step, max_steps) is not None:
+            return None
+        first = self.next_after(step - 1)
+        where = f"its first step from {step} is {first}" if first is not None else f"it has no step from {step} on"
+        return (
+            f"MemWatch's schedule {self!r} never fires in this fit: {where}, beyond Trainer(max_steps={max_steps}). "
+            "No evaluation will run and MemWatch.history stays empty; pass a schedule with steps <= max_steps, "
+            f"e.g. schedule=EvalSchedule.every({max(1, (max_steps or 10) // 10)})."
+        )
+
     def between(self, after: int, before: int) -> list[int]:
         """Scheduled steps s with ``after < s < before`` (used to report evaluations missed at resume)."""
         out, s = [], self.next_after(after)

@@ -25,6 +25,8 @@ def draw(sampler, n, batch_size, indices=None):
 
 
 def test_per_sample_noise_independent_of_batching_and_ranks():
+    # bit-exact across batch sizes by construction: the noise rows are drawn one by one and the sampler is
+    # elementwise (no reduction or GEMM whose blocking depends on the batch)
     full = draw(deterministic_sampler, 10, batch_size=10)
     assert torch.equal(full, draw(deterministic_sampler, 10, batch_size=1))
     assert torch.equal(full, draw(deterministic_sampler, 10, batch_size=3))
@@ -36,7 +38,7 @@ def test_per_sample_noise_independent_of_batching_and_ranks():
 def test_generator_form_reproducible_for_fixed_batching():
     a = draw(generator_sampler, 8, batch_size=4)
     b = draw(generator_sampler, 8, batch_size=4)
-    assert torch.equal(a, b)
+    assert torch.equal(a, b)  # bit-exact: one batch size on both sides, so the same generators and draws
     assert not torch.equal(a[:4], a[4:])
 
 
@@ -74,3 +76,30 @@ def test_accepts_noise():
 def test_bad_sampler_outputs(sampler, error, message):
     with pytest.raises(error, match=message):
         draw(sampler, 2, batch_size=2)
+
+
+def test_sampler_taking_noise_but_no_generator_is_called_without_it():
+    def noise_only(num_samples, noise=None):  # was: TypeError "unexpected keyword argument 'generator'"
+        return torch.tanh(noise * 0.5)
+
+    # the same per-sample noise reaches it as deterministic_sampler (which also takes a generator)
+    assert torch.equal(draw(noise_only, 4, batch_size=2), draw(deterministic_sampler, 4, batch_size=2))
+
+
+def test_sampler_taking_kwargs_gets_the_generator():
+    seen = []
+
+    def forwarding(num_samples, **kwargs):
+        seen.append(sorted(kwargs))
+        return torch.zeros(num_samples, 1, 4, 4)
+
+    draw(forwarding, 2, batch_size=2)
+    assert seen == [["generator"]]  # **kwargs is not taken as accepting noise: only the named keyword is
+
+
+def test_sampler_taking_neither_generator_nor_noise_names_the_contract():
+    def unseeded(num_samples):
+        return torch.rand(num_samples, 1, 4, 4)
+
+    with pytest.raises(TypeError, match=r"takes neither `generator` nor `noise`.*sample\(num_samples, generator=None"):
+        draw(unseeded, 2, batch_size=2)

@@ -23,6 +23,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor
 
 from lightning_memwatch import log as mwlog
+from lightning_memwatch._checks import check_int
 from lightning_memwatch.detection import _finite_float
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -131,8 +132,10 @@ class MemorizationEarlyStopping(Callback):
                 f"Trainer(callbacks=[watch, stopper])); got {type(watch).__name__}."
             )
         if patience is not None:
-            if isinstance(patience, bool) or not isinstance(patience, int) or patience < 0:
-                raise MisconfigurationException(f"`patience` must be an int >= 0 (evaluations), got {patience!r}")
+            try:
+                patience = check_int(patience, "`patience`", minimum=0, unit="evaluations")
+            except (TypeError, ValueError) as error:
+                raise MisconfigurationException(str(error)) from None
             if patience > max(1, detector.patience):
                 if detector.num_records:
                     raise MisconfigurationException(

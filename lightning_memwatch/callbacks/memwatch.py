@@ -18,6 +18,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from lightning_memwatch import _checks
 from lightning_memwatch import log as mwlog
 from lightning_memwatch._checks import (
     check_batch,
@@ -180,12 +181,11 @@ class MemWatch(Callback):
         verbose: bool = True,
         weights: WeightsChoice = "auto",
     ) -> None:
-        if num_samples < 2 or sample_batch_size < 1:
-            raise ValueError(
-                f"num_samples must be >= 2 and sample_batch_size >= 1; got {num_samples}, {sample_batch_size}."
-            )
-        if not 0 < threshold <= 1:
-            raise ValueError(f"threshold must lie in (0, 1] (the paper uses 1/3); got {threshold}.")
+        num_samples = _checks.check_int(num_samples, "num_samples", minimum=2, unit="images")
+        sample_batch_size = _checks.check_int(sample_batch_size, "sample_batch_size", minimum=1, unit="images")
+        threshold = _checks.check_float(threshold, "threshold", low=0, low_open=True, high=1, hint="the paper uses 1/3")
+        seed = _checks.check_int(seed, "seed")
+        bootstrap = _checks.check_int(bootstrap, "bootstrap", minimum=1, unit="number of resamples, e.g. 1000")
         self.data_range: tuple[float, float] | None = None if data_range is None else _check_range_arg(data_range)
         self.train_data = train_data
         self.num_samples = int(num_samples)
@@ -374,6 +374,8 @@ class MemWatch(Callback):
             mwlog.flush_hparams(trainer, lambda: mwlog.memwatch_settings(self))
             if self.verbose:
                 rank_zero_info(self._setup_summary(trainer, step))
+        if not self.history and (unreachable := self.schedule.unreachable_warning(step, trainer.max_steps)):
+            rank_zero_warn(unreachable)
         if self._last_evaluated_step is not None:
             missed = self.schedule.between(self._last_evaluated_step, step)
             if missed:
@@ -656,10 +658,7 @@ class MemWatch(Callback):
 
 
 def _check_range_arg(data_range: Sequence[float]) -> tuple[float, float]:
-    lo, hi = (float(v) for v in data_range)
-    if not hi > lo:
-        raise ValueError(f"data_range must be (low, high) with high > low; got {tuple(data_range)}.")
-    return lo, hi
+    return _checks.check_data_range(data_range)
 
 
 def _settings_of(state_key: str) -> dict[str, Any]:

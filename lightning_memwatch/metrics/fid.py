@@ -37,7 +37,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
-from lightning_memwatch._checks import check_batch, check_finite, check_range, images_of_batch
+from lightning_memwatch._checks import check_batch, check_finite, check_int, check_range, images_of_batch
 from lightning_memwatch.cache import RowSetFingerprint, TensorCache, default_cache_dir, make_key
 from lightning_memwatch.metrics.features import (
     INCEPTION_FEATURE_LAYERS,
@@ -315,12 +315,9 @@ class FID:
                 "reference must be a tensor, Dataset or DataLoader of images (or None); got "
                 f"{type(self.reference).__name__}."
             )
-        if not isinstance(self.batch_size, int) or self.batch_size < 1:
-            raise ValueError(
-                f"batch_size must be a positive int (images per forward pass); got {self.batch_size!r}."
-            )
-        if self.num_samples is not None and (not isinstance(self.num_samples, int) or self.num_samples < 2):
-            raise ValueError(f"num_samples must be None or an int >= 2 (images); got {self.num_samples!r}.")
+        self.batch_size = check_int(self.batch_size, "batch_size", minimum=1, unit="images per forward pass")
+        if self.num_samples is not None:
+            self.num_samples = check_int(self.num_samples, "num_samples", minimum=2, unit="images; or None")
         if self.resize not in RESIZE_MODES:
             raise ValueError(f"resize must be one of {RESIZE_MODES}; got {self.resize!r}.")
         if self.feature_layer not in INCEPTION_FEATURE_LAYERS:

@@ -67,7 +67,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from lightning_memwatch._checks import check_batch, check_float_tensor
+from lightning_memwatch._checks import check_batch, check_float_tensor, check_int
 
 __all__ = ["BACKENDS", "NearestNeighbourIndex", "available_backends", "has_fast_bfloat16"]
 
@@ -888,9 +888,7 @@ def _split3(v: Tensor) -> Tensor:
 
 
 def _positive_int(value: object, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive int; got {value!r}.")
-    return value
+    return check_int(value, name, minimum=1)
 
 
 def _check_enough_rows(n: int, name: str, *, after_dedupe: bool) -> None:

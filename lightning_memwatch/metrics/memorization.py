@@ -28,7 +28,7 @@ import torch
 import torchmetrics
 from torch import Tensor
 
-from lightning_memwatch._checks import check_batch
+from lightning_memwatch._checks import check_batch, check_float, check_int
 from lightning_memwatch.metrics.knn import NearestNeighbourIndex
 
 __all__ = ["MemorizationFraction", "MemorizationResult", "memorization_fraction", "memorization_ratios"]
@@ -167,10 +167,8 @@ def memorization_fraction(
         >>> result.fraction, result.memorized.tolist()
         (0.5, [True, False])
     """
-    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0 < threshold <= 1:
-        raise ValueError(f"threshold must be a number in (0, 1] (the paper uses 1/3); got {threshold!r}.")
-    if isinstance(bootstrap, bool) or not isinstance(bootstrap, int) or bootstrap < 1:
-        raise ValueError(f"bootstrap must be a positive int (number of resamples, e.g. 1000); got {bootstrap!r}.")
+    threshold = check_float(threshold, "threshold", low=0, low_open=True, high=1, hint="the paper uses 1/3")
+    bootstrap = check_int(bootstrap, "bootstrap", minimum=1, unit="number of resamples, e.g. 1000")
     if not 0 < confidence < 1:
         raise ValueError(f"confidence must lie in (0, 1), e.g. 0.95; got {confidence!r}.")
     ratios, distances, nn_indices = _neighbours(generated, index_or_train)
@@ -236,8 +234,7 @@ class MemorizationFraction(torchmetrics.Metric):
         **kwargs: object,
     ) -> None:
         super().__init__(**kwargs)
-        if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0 < threshold <= 1:
-            raise ValueError(f"threshold must be a number in (0, 1] (the paper uses 1/3); got {threshold!r}.")
+        threshold = check_float(threshold, "threshold", low=0, low_open=True, high=1, hint="the paper uses 1/3")
         self.sample_shape = _sample_shape(index_or_train)
         self.index = _as_index(index_or_train)
         self.threshold = float(threshold)
