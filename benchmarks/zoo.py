@@ -49,6 +49,7 @@ from lightning_memwatch import FID, MemorizationEarlyStopping, MemWatch
 from lightning_memwatch.data import DigitsDataModule
 
 NUM_HELDOUT = 512
+SAMPLER_STEPS = 20  # each model's own evaluation sampler: DDIM with 20 steps (CPU budget; the paper uses 100)
 
 
 # ------------------------------------------------------------------------------------------------ models
@@ -67,10 +68,10 @@ class DiffusersUNet(L.LightningModule):
             sample_size=image_size,
             in_channels=1,
             out_channels=1,
-            block_out_channels=(32, 64),
+            block_out_channels=(16, 32),
             layers_per_block=1,
-            down_block_types=("DownBlock2D", "AttnDownBlock2D"),
-            up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+            down_block_types=("DownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "UpBlock2D"),
             norm_num_groups=8,
         )
         self.noise_scheduler = DDPMScheduler(num_train_timesteps=1000)
@@ -96,8 +97,8 @@ class Lucidrains(L.LightningModule):
         super().__init__()
         from denoising_diffusion_pytorch import GaussianDiffusion, Unet
 
-        net = Unet(dim=16, dim_mults=(1, 2), channels=1)
-        self.diffusion = GaussianDiffusion(net, image_size=image_size, timesteps=1000, sampling_timesteps=50)
+        net = Unet(dim=16, dim_mults=(1, 2), channels=1, attn_heads=2, attn_dim_head=16)
+        self.diffusion = GaussianDiffusion(net, image_size=image_size, timesteps=1000, sampling_timesteps=SAMPLER_STEPS)
         self.lr = lr
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
@@ -156,7 +157,7 @@ def _diffusers() -> tuple[L.LightningModule, Any]:
     from lightning_memwatch.adapters import DiffusersSampler
 
     module = DiffusersUNet()
-    return module, DiffusersSampler(DDIMScheduler(num_train_timesteps=1000), num_inference_steps=50)
+    return module, DiffusersSampler(DDIMScheduler(num_train_timesteps=1000), num_inference_steps=SAMPLER_STEPS)
 
 
 def _lucidrains() -> tuple[L.LightningModule, Any]:
@@ -168,13 +169,13 @@ def _lucidrains() -> tuple[L.LightningModule, Any]:
 def _paper_unet() -> tuple[L.LightningModule, Any]:
     from lightning_memwatch.models import DDPM, UNet
 
-    return DDPM(UNet(base_width=8), optimizer="adam", lr=1e-3), None
+    return DDPM(UNet(base_width=8), optimizer="adam", lr=1e-3, sample_steps=SAMPLER_STEPS), None
 
 
 def _mlp() -> tuple[L.LightningModule, Any]:
     from lightning_memwatch.models import DDPM
 
-    return DDPM(MLPDenoiser(), optimizer="adam", lr=1e-3), None
+    return DDPM(MLPDenoiser(), optimizer="adam", lr=1e-3, sample_steps=SAMPLER_STEPS), None
 
 
 SETUPS = {
@@ -219,7 +220,12 @@ def run_setup(setup: Setup, classifier: nn.Module, *, n: int, max_steps: int, se
     start = time.perf_counter()
     L.seed_everything(seed, verbose=False)
     dm = DigitsDataModule(
-        n=n, num_heldout=NUM_HELDOUT, image_size=setup.image_size, normalization=setup.normalization, full_batch=True
+        n=n,
+        num_heldout=NUM_HELDOUT,
+        image_size=setup.image_size,
+        normalization=setup.normalization,
+        full_batch=True,
+        passes_per_epoch=50,  # fewer Lightning epoch boundaries; one batch is still one optimizer step
     )
     dm.setup("fit")
     low, high = dm.data_range
@@ -238,6 +244,13 @@ def run_setup(setup: Setup, classifier: nn.Module, *, n: int, max_steps: int, se
         )
 
     live = watch()
+    live.add_listener(
+        lambda trainer, module, r: print(
+            f"  [{setup.name}] step {r['step']}: f_mem {r['f_mem']:.3f} [{r['f_mem_ci_low']:.3f}, "
+            f"{r['f_mem_ci_high']:.3f}], FD {r['fid']:.2f} ({time.perf_counter() - start:.0f} s)",
+            flush=True,
+        )
+    )
     stopper = MemorizationEarlyStopping(live)
     callbacks: list = []
     if setup.ema:
@@ -346,13 +359,18 @@ def table(rows: list[dict]) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--setups", nargs="+", default=list(SETUPS), choices=list(SETUPS))
-    parser.add_argument("--n", type=int, default=32, help="training images (digits)")
-    parser.add_argument("--max-steps", type=int, default=4000, help="optimizer steps if tau_mem never stops fit")
-    parser.add_argument("--threads", type=int, default=2, help="torch threads")
+    parser.add_argument("--n", type=int, default=16, help="training images (digits)")
+    parser.add_argument("--max-steps", type=int, default=3000, help="optimizer steps if tau_mem never stops fit")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per setup")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", default=None, help="write the rows (and each evaluation) to this file")
     parser.add_argument("--root", default="/tmp/memwatch_zoo", help="Lightning's default_root_dir")
+    parser.add_argument("--table-from", nargs="+", default=None, help="print the table of earlier --json files")
     args = parser.parse_args(argv)
+    if args.table_from:
+        rows = [row for path in args.table_from for row in json.load(open(path))]
+        print(table(rows))
+        return 0
     torch.set_num_threads(args.threads)
     for name in ("lightning.pytorch", "lightning.fabric", "lightning"):
         logging.getLogger(name).setLevel(logging.ERROR)
