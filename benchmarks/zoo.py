@@ -60,7 +60,7 @@ def _images(batch: Any) -> Tensor:
 class DiffusersUNet(L.LightningModule):
     """A diffusers ``UNet2DModel`` trained the way diffusers' unconditional example trains it (epsilon MSE)."""
 
-    def __init__(self, image_size: int = 8, lr: float = 1e-3) -> None:
+    def __init__(self, image_size: int = 8, lr: float = 2e-3) -> None:
         super().__init__()
         from diffusers import DDPMScheduler, UNet2DModel
 
@@ -93,7 +93,7 @@ class DiffusersUNet(L.LightningModule):
 class Lucidrains(L.LightningModule):
     """lucidrains' ``GaussianDiffusion`` around its ``Unet``; it takes images in [0, 1] (its ``auto_normalize``)."""
 
-    def __init__(self, image_size: int = 8, lr: float = 1e-3) -> None:
+    def __init__(self, image_size: int = 8, lr: float = 2e-3) -> None:
         super().__init__()
         from denoising_diffusion_pytorch import GaussianDiffusion, Unet
 
@@ -169,13 +169,13 @@ def _lucidrains() -> tuple[L.LightningModule, Any]:
 def _paper_unet() -> tuple[L.LightningModule, Any]:
     from lightning_memwatch.models import DDPM, UNet
 
-    return DDPM(UNet(base_width=8), optimizer="adam", lr=1e-3, sample_steps=SAMPLER_STEPS), None
+    return DDPM(UNet(base_width=8), optimizer="adam", lr=2e-3, sample_steps=SAMPLER_STEPS), None
 
 
 def _mlp() -> tuple[L.LightningModule, Any]:
     from lightning_memwatch.models import DDPM
 
-    return DDPM(MLPDenoiser(), optimizer="adam", lr=1e-3, sample_steps=SAMPLER_STEPS), None
+    return DDPM(MLPDenoiser(), optimizer="adam", lr=2e-3, sample_steps=SAMPLER_STEPS), None
 
 
 SETUPS = {
@@ -360,7 +360,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--setups", nargs="+", default=list(SETUPS), choices=list(SETUPS))
     parser.add_argument("--n", type=int, default=16, help="training images (digits)")
-    parser.add_argument("--max-steps", type=int, default=3000, help="optimizer steps if tau_mem never stops fit")
+    parser.add_argument("--max-steps", type=int, default=2500, help="optimizer steps if tau_mem never stops fit")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per setup")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", default=None, help="write the rows (and each evaluation) to this file")
