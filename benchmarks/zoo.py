@@ -238,6 +238,7 @@ def run_setup(setup: Setup, classifier: nn.Module, *, n: int, max_steps: int, se
 
     def watch() -> MemWatch:
         return MemWatch(
+            train_data=dm.train_images(),  # the datamodule's repeating sampler hides its rows from MemWatch
             sample_fn=sample_fn,
             data_range=None,
             fid=FID(feature_extractor=feat, cache=False),

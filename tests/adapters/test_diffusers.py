@@ -68,3 +68,11 @@ def test_pipeline_sampler_drives_memwatch_and_is_independent_of_batch_size(tmp_p
     parts = torch.cat([sample_fn(module, 2, noise=noise[:2]), sample_fn(module, 3, noise=noise[2:])])
     assert whole.shape == (5, 1, 8, 8) and whole.min() >= -1.0 and whole.max() <= 1.0
     torch.testing.assert_close(parts, whole, atol=1e-4, rtol=0)  # one generator per sample, seeded from its noise
+
+
+def test_a_forgotten_data_range_is_caught_by_memwatchs_range_check(tmp_path):
+    """diffusers' [-1, 1] samples for [0, 1] data: the adapter maps only when told; MemWatch raises otherwise."""
+    train = images(16, 0.0, 1.0)
+    forgot = DiffusersSampler(DDIMScheduler(num_train_timesteps=1000), 3)  # data_range left at diffusers' (-1, 1)
+    with pytest.raises(ValueError, match=r"data_range \(0, 1\)"):
+        one_evaluation(tmp_path, Holder("unet", tiny_unet()), forgot, train, (0.0, 1.0))
