@@ -6,8 +6,8 @@ within a few thousand steps) on CPU, each with DEFAULT ``MemWatch``, ``Timescale
 extractor and reference):
 
 * ``diffusers-ddim``: a diffusers ``UNet2DModel`` trained with ``DDPMScheduler``, sampled with ``DDIMScheduler``
-  (50 steps) through :class:`~lightning_memwatch.adapters.DiffusersSampler`;
-* ``lucidrains-ddim``: lucidrains' ``Unet`` + ``GaussianDiffusion`` (its [0, 1] convention, its DDIM with 50
+  (20 steps) through :class:`~lightning_memwatch.adapters.DiffusersSampler`;
+* ``lucidrains-ddim``: lucidrains' ``Unet`` + ``GaussianDiffusion`` (its [0, 1] convention, its DDIM with 20
   steps) through :class:`~lightning_memwatch.adapters.LucidrainsSampler`;
 * ``diffusers-ema``: ``diffusers-ddim`` under Lightning's ``EMAWeightAveraging`` (its default decay);
 * ``paper-unet-16``: the paper's U-Net recipe (``lightning_memwatch.models``, width 8) on 16x16 digits;
@@ -24,7 +24,8 @@ MemWatch after ``fit`` (same seeds). Targets: the final weights are from before 
 0); the re-evaluation reproduces the restored evaluation; tau_gen comes before tau_mem where quality plateaus
 before copying begins.
 
-Run: ``python benchmarks/zoo.py`` (all setups, ~2-4 min each on 2 cores), ``--setups mlp lucidrains-ddim``,
+Run: ``python benchmarks/zoo.py`` (all setups in turn; measured 4-16 min each on a loaded 2-core VM, see
+docs/integrations.md), ``--setups mlp lucidrains-ddim``,
 ``--json out.json``.
 """
 
