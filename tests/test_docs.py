@@ -653,3 +653,126 @@ def test_browser_check_fails_rather_than_skips_under_ci(monkeypatch):
     monkeypatch.delenv("CI")
     with pytest.raises(pytest.skip.Exception):
         require_chromium()
+# ------------------------------------------------------------------------------------------------ integrations page
+# (docs/integrations.md: the adapters' snippets; owned with lightning_memwatch/adapters/)
+
+TESTED_SNIPPETS.update(
+    {
+        "integrations_diffusers.py": "test_integrations_diffusers_snippets_drive_memwatch",
+        "integrations_lucidrains.py": "test_integrations_lucidrains_snippet_drives_memwatch",
+        "integrations_global_rng.py": "test_integrations_own_noise_snippet_repeats_and_spares_the_rng",
+        "integrations_ema.py": "test_integrations_ema_snippet_scores_the_averaged_weights",
+    }
+)
+
+
+def _unit_digits(digits16) -> torch.Tensor:
+    train, _, _ = digits16
+    return (train + 1) / 2  # the snippets' datasets are in [0, 1]
+
+
+def _tiny_unet():
+    from diffusers import UNet2DModel
+
+    torch.manual_seed(0)
+    return UNet2DModel(
+        sample_size=8,
+        in_channels=1,
+        out_channels=1,
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "UpBlock2D"),
+        norm_num_groups=4,
+    )
+
+
+def _small_watch(sample_fn, data_range, steps=(2,)) -> MemWatch:
+    return MemWatch(
+        sample_fn=sample_fn,
+        data_range=data_range,
+        num_samples=8,
+        sample_batch_size=4,
+        schedule=EvalSchedule.at(list(steps)),
+        bootstrap=50,
+        log_images=False,
+        verbose=False,
+    )
+
+
+def test_integrations_diffusers_snippets_drive_memwatch(tmp_path, digits16):
+    pytest.importorskip("diffusers")
+    import integrations_diffusers as snippet
+    import lightning as L
+
+    assert snippet.watch.sample_fn is snippet.sample_fn and snippet.watch.data_range == (0.0, 1.0)
+    train = _unit_digits(digits16)
+    module = snippet.DiffusersDDPM(_tiny_unet())
+    seen = []
+    watch = _small_watch(snippet.sample_fn, (0.0, 1.0))
+    watch.add_listener(lambda trainer, m, record: seen.append(record["step"]))
+    L.Trainer(max_steps=2, callbacks=[watch], **quiet_trainer_kwargs(tmp_path)).fit(module, loader_of(train))
+    assert seen == [2]
+    samples = snippet.sample_fn(module.eval(), 3, noise=torch.randn(3, 1, 8, 8))
+    module.train()
+    assert samples.min() >= 0.0 and samples.max() <= 1.0  # diffusers' [-1, 1] mapped to the data's [0, 1]
+
+    piped = snippet.pipeline_watch(module)
+    watch = _small_watch(piped.sample_fn, piped.data_range)
+    L.Trainer(max_steps=2, callbacks=[watch], **quiet_trainer_kwargs(tmp_path)).fit(module, loader_of(train))
+    assert [r["step"] for r in watch.history] == [2]
+
+
+def test_integrations_lucidrains_snippet_drives_memwatch(tmp_path, digits16):
+    pytest.importorskip("denoising_diffusion_pytorch")
+    import integrations_lucidrains as snippet
+    import lightning as L
+
+    module = snippet.lucidrains_model(image_size=8, dim=8)
+    watch = _small_watch(snippet.watch.sample_fn, snippet.watch.data_range)
+    L.Trainer(max_steps=2, callbacks=[watch], **quiet_trainer_kwargs(tmp_path)).fit(
+        module, loader_of(_unit_digits(digits16))
+    )
+    assert [r["step"] for r in watch.history] == [2]
+
+
+def test_integrations_own_noise_snippet_repeats_and_spares_the_rng():
+    import integrations_global_rng as snippet
+
+    model = torch.nn.Module()
+    model.bias = torch.tensor(0.1)
+    noise = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    state = torch.random.get_rng_state()
+    first = snippet.sample_fn(model, 4, noise=noise)
+    assert torch.equal(torch.random.get_rng_state(), state)
+    assert torch.equal(snippet.sample_fn(model, 4, noise=noise), first)  # same seeds: identical by construction
+    assert torch.equal(torch.cat([snippet.sample_fn(model, 1, noise=noise[i : i + 1]) for i in range(4)]), first)
+
+
+def test_integrations_ema_snippet_scores_the_averaged_weights(tmp_path, digits16):
+    pytest.importorskip("diffusers")
+    import integrations_diffusers
+    import integrations_ema as snippet
+    import lightning as L
+    from lightning.pytorch.callbacks import EMAWeightAveraging
+
+    callbacks = snippet.trainer.callbacks
+    assert callbacks.index(snippet.ema) < callbacks.index(snippet.watch) < callbacks.index(snippet.stopper)
+    module = integrations_diffusers.DiffusersDDPM(_tiny_unet(), lr=1e-2)
+    ema = EMAWeightAveraging(decay=0.5)
+    watch = _small_watch(snippet.watch.sample_fn, (0.0, 1.0), steps=(3,))
+    noise = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+    scored = []
+
+    def check(trainer, m, record):  # the module holds the scored (averaged) weights while listeners run
+        scored.append(snippet.watch.sample_fn(m, 2, noise=noise))
+        raw = {k: v.clone() for k, v in m.state_dict().items()}
+        scored.append(raw)
+
+    watch.add_listener(check)
+    L.Trainer(max_steps=3, callbacks=[ema, watch], **quiet_trainer_kwargs(tmp_path)).fit(
+        module, loader_of(_unit_digits(digits16))
+    )
+    averaged = ema._average_model.module.state_dict()  # test-only look at the average the callback keeps
+    kept = scored[1]
+    assert all(torch.allclose(kept[k], averaged[k]) for k in kept if k.startswith("unet."))

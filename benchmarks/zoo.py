@@ -1,0 +1,401 @@
+"""Model zoo: does MemWatch make the right call, at its defaults, on models the library does not own or tune?
+
+Five setups, each a model as its users would write it, trained on scikit-learn's digits at small n (it memorizes
+within a few thousand steps) on CPU, each with DEFAULT ``MemWatch``, ``TimescaleDetector`` and
+``MemorizationEarlyStopping`` settings (only what has no default is given: the sampler, the FID's feature
+extractor and reference):
+
+* ``diffusers-ddim``: a diffusers ``UNet2DModel`` trained with ``DDPMScheduler``, sampled with ``DDIMScheduler``
+  (20 steps) through :class:`~lightning_memwatch.adapters.DiffusersSampler`;
+* ``lucidrains-ddim``: lucidrains' ``Unet`` + ``GaussianDiffusion`` (its [0, 1] convention, its DDIM with 20
+  steps) through :class:`~lightning_memwatch.adapters.LucidrainsSampler`;
+* ``diffusers-ema``: ``diffusers-ddim`` under Lightning's ``EMAWeightAveraging`` (its default decay);
+* ``paper-unet-16``: the paper's U-Net recipe (``lightning_memwatch.models``, width 8) on 16x16 digits;
+* ``mlp``: a plain MLP denoiser wrapped in the recipe's DDPM module.
+
+Quality is a Frechet distance in the feature space of a small digit classifier trained, before any setup, on the
+held-out digits (never trained on by the diffusion models): ``FID(feature_extractor=<that nn.Module>)``. It needs
+no download, and like Inception-FID it compares the class-level content and diversity of the samples with real
+held-out images (Inception itself means nothing at 8x8).
+
+For each setup the table reports tau_gen, tau_mem, the step whose weights ``fit`` ended with, f_mem (with its
+95% CI) and quality at that evaluation, then f_mem and quality of the final module re-evaluated by a fresh
+MemWatch after ``fit`` (same seeds). Targets: the final weights are from before the onset (f_mem CI lower bound
+0); the re-evaluation reproduces the restored evaluation; tau_gen comes before tau_mem where quality plateaus
+before copying begins.
+
+Run: ``python benchmarks/zoo.py`` (all setups in turn; measured 4-16 min each on a loaded 2-core VM, see
+docs/integrations.md), ``--setups mlp lucidrains-ddim``,
+``--json out.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lightning_memwatch import FID, MemorizationEarlyStopping, MemWatch
+from lightning_memwatch.data import DigitsDataModule
+
+NUM_HELDOUT = 512
+EVERY = 250  # evaluation period (optimizer steps): the default 500 misses the onset at these n
+SAMPLER_STEPS = 20  # each model's own evaluation sampler: DDIM with 20 steps (CPU budget; the paper uses 100)
+
+
+# ------------------------------------------------------------------------------------------------ models
+def _images(batch: Any) -> Tensor:
+    return batch[0] if isinstance(batch, (list, tuple)) else batch
+
+
+class DiffusersUNet(L.LightningModule):
+    """A diffusers ``UNet2DModel`` trained the way diffusers' unconditional example trains it (epsilon MSE)."""
+
+    def __init__(self, image_size: int = 8, lr: float = 2e-3) -> None:
+        super().__init__()
+        from diffusers import DDPMScheduler, UNet2DModel
+
+        self.unet = UNet2DModel(
+            sample_size=image_size,
+            in_channels=1,
+            out_channels=1,
+            block_out_channels=(16, 32),
+            layers_per_block=1,
+            down_block_types=("DownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "UpBlock2D"),
+            norm_num_groups=8,
+        )
+        self.noise_scheduler = DDPMScheduler(num_train_timesteps=1000)
+        self.lr = lr
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        x = _images(batch)
+        noise = torch.randn_like(x)
+        t = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (len(x),), device=x.device)
+        pred = self.unet(self.noise_scheduler.add_noise(x, noise, t), t).sample
+        loss = F.mse_loss(pred, noise)
+        self.log("train/loss", loss, prog_bar=False, batch_size=len(x))
+        return loss
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.AdamW(self.unet.parameters(), lr=self.lr)
+
+
+class Lucidrains(L.LightningModule):
+    """lucidrains' ``GaussianDiffusion`` around its ``Unet``; it takes images in [0, 1] (its ``auto_normalize``)."""
+
+    def __init__(self, image_size: int = 8, lr: float = 2e-3) -> None:
+        super().__init__()
+        from denoising_diffusion_pytorch import GaussianDiffusion, Unet
+
+        net = Unet(dim=16, dim_mults=(1, 2), channels=1, attn_heads=2, attn_dim_head=16)
+        self.diffusion = GaussianDiffusion(net, image_size=image_size, timesteps=1000, sampling_timesteps=SAMPLER_STEPS)
+        self.lr = lr
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        x = (_images(batch) + 1.0) / 2.0  # the datamodule's [-1, 1] to the package's [0, 1]
+        loss = self.diffusion(x)
+        self.log("train/loss", loss, prog_bar=False, batch_size=len(x))
+        return loss
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.Adam(self.diffusion.parameters(), lr=self.lr)
+
+
+class MLPDenoiser(nn.Module):
+    """``eps_hat(x_t, t)``: flattened pixels and a sinusoidal time embedding through a 3-layer SiLU MLP."""
+
+    def __init__(self, shape: tuple[int, int, int] = (1, 8, 8), width: int = 256, time_dim: int = 32) -> None:
+        super().__init__()
+        self.shape = shape
+        dim = math.prod(shape)
+        self.time_dim = time_dim
+        self.net = nn.Sequential(
+            nn.Linear(dim + time_dim, width),
+            nn.SiLU(),
+            nn.Linear(width, width),
+            nn.SiLU(),
+            nn.Linear(width, width),
+            nn.SiLU(),
+            nn.Linear(width, dim),
+        )
+
+    def forward(self, x: Tensor, t: Tensor) -> Tensor:
+        half = self.time_dim // 2
+        freqs = torch.exp(-math.log(10_000.0) * torch.arange(half, device=x.device) / half)
+        angles = t.float()[:, None] * freqs[None]
+        emb = torch.cat([angles.sin(), angles.cos()], dim=1)
+        return self.net(torch.cat([x.flatten(1), emb], dim=1)).reshape(x.shape)
+
+
+# ------------------------------------------------------------------------------------------------ setups
+@dataclass
+class Setup:
+    """One zoo entry: how to build its module, sampler, datamodule and extra callbacks."""
+
+    name: str
+    build: Callable[[], tuple[L.LightningModule, Any]]  # (module, sample_fn or None for module.sample)
+    image_size: int = 8
+    normalization: str = "minus_one_one"
+    ema: bool = False
+    n: int = 16  # training images: small enough to copy within the run, large enough not to copy by step 250
+    note: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _diffusers() -> tuple[L.LightningModule, Any]:
+    from diffusers import DDIMScheduler
+
+    from lightning_memwatch.adapters import DiffusersSampler
+
+    module = DiffusersUNet()
+    return module, DiffusersSampler(DDIMScheduler(num_train_timesteps=1000), num_inference_steps=SAMPLER_STEPS)
+
+
+def _lucidrains() -> tuple[L.LightningModule, Any]:
+    from lightning_memwatch.adapters import LucidrainsSampler
+
+    return Lucidrains(), LucidrainsSampler("diffusion", data_range=(-1.0, 1.0))
+
+
+def _paper_unet() -> tuple[L.LightningModule, Any]:
+    from lightning_memwatch.models import DDPM, UNet
+
+    return DDPM(UNet(base_width=8), optimizer="adam", lr=2e-3, sample_steps=SAMPLER_STEPS), None
+
+
+def _mlp() -> tuple[L.LightningModule, Any]:
+    from lightning_memwatch.models import DDPM
+
+    return DDPM(MLPDenoiser(), optimizer="adam", lr=2e-3, sample_steps=SAMPLER_STEPS), None
+
+
+SETUPS = {
+    s.name: s
+    for s in [
+        Setup("diffusers-ddim", _diffusers),
+        Setup("lucidrains-ddim", _lucidrains, n=32),
+        Setup("diffusers-ema", _diffusers, ema=True),
+        Setup("paper-unet-16", _paper_unet, image_size=16, normalization="center"),
+        Setup("mlp", _mlp, n=8),
+    ]
+}
+
+
+# ------------------------------------------------------------------------------------------------ quality
+def train_classifier(epochs: int = 300) -> nn.Module:
+    """The demo's digit classifier, trained on the held-out digits (the split every setup shares)."""
+    from lightning_memwatch.demo import train_digit_classifier
+
+    dm = DigitsDataModule(n=64, num_heldout=NUM_HELDOUT)
+    dm.setup("fit")
+    return train_digit_classifier(dm.heldout_images(), dm.heldout_labels(), epochs=epochs)
+
+
+# ------------------------------------------------------------------------------------------------ one run
+def _trainer(max_steps: int, callbacks: list, root: str) -> L.Trainer:
+    return L.Trainer(
+        max_steps=max_steps,
+        callbacks=callbacks,
+        logger=False,
+        accelerator="cpu",
+        devices=1,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        default_root_dir=root,
+    )
+
+
+def run_setup(setup: Setup, classifier: nn.Module, *, n: int, max_steps: int, seed: int, root: str) -> dict:
+    """Train one setup with default MemWatch + MemorizationEarlyStopping, then re-evaluate the final module."""
+    start = time.perf_counter()
+    L.seed_everything(seed, verbose=False)
+    dm = DigitsDataModule(
+        n=n,
+        num_heldout=NUM_HELDOUT,
+        image_size=setup.image_size,
+        normalization=setup.normalization,
+        full_batch=True,
+        passes_per_epoch=50,  # fewer Lightning epoch boundaries; one batch is still one optimizer step
+    )
+    dm.setup("fit")
+    low, high = dm.data_range
+    # the classifier takes 8x8 images in [-1, 1]: map (low, high) = (-1, 1) or (-mean, 1 - mean) to it
+    feat = nn.Sequential(_Affine(-low, 2.0 / (high - low), -1.0), _Classifier8(classifier)).eval()
+
+    module, sample_fn = setup.build()
+
+    def watch() -> MemWatch:
+        return MemWatch(
+            train_data=dm.train_images(),  # the datamodule's repeating sampler hides its rows from MemWatch
+            sample_fn=sample_fn,
+            data_range=None,
+            fid=FID(feature_extractor=feat, cache=False),
+            verbose=False,
+            log_images=False,
+            schedule=EVERY,
+        )
+
+    live = watch()
+    live.add_listener(
+        lambda trainer, module, r: print(
+            f"  [{setup.name}] step {r['step']}: f_mem {r['f_mem']:.3f} [{r['f_mem_ci_low']:.3f}, "
+            f"{r['f_mem_ci_high']:.3f}], FD {r['fid']:.2f} ({time.perf_counter() - start:.0f} s)",
+            flush=True,
+        )
+    )
+    stopper = MemorizationEarlyStopping(live)
+    callbacks: list = []
+    if setup.ema:
+        from lightning.pytorch.callbacks import EMAWeightAveraging
+
+        callbacks.append(EMAWeightAveraging())
+    callbacks += [live, stopper]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer = _trainer(max_steps, callbacks, root)
+        trainer.fit(module, datamodule=dm)
+    fit_seconds = time.perf_counter() - start
+    final_step = trainer.global_step
+
+    # a fresh MemWatch (same seeds and defaults) scores the module fit handed back, at its step 0
+    again = watch()
+    again.schedule = again.schedule.coerce([0])
+    _trainer(1, [again], root).fit(module, datamodule=dm)
+    final = again.history[0]
+
+    restored = stopper.restored_step
+    kept_step = restored if restored is not None else final_step
+    kept = next((r for r in live.history if r["step"] == kept_step), None)
+    row = {
+        "setup": setup.name,
+        "n": n,
+        "steps": final_step,
+        "evaluations": len(live.history),
+        "tau_gen": live.tau_gen,
+        "tau_mem": live.tau_mem,
+        "restored_step": restored,
+        "kept_f_mem": None if kept is None else kept["f_mem"],
+        "kept_ci": None if kept is None else (kept["f_mem_ci_low"], kept["f_mem_ci_high"]),
+        "kept_fid": None if kept is None else kept["fid"],
+        "final_f_mem": final["f_mem"],
+        "final_ci": (final["f_mem_ci_low"], final["f_mem_ci_high"]),
+        "final_fid": final["fid"],
+        "history": [(r["step"], r["f_mem"], r["f_mem_ci_low"], r["fid"]) for r in live.history],
+        "warnings": sorted({str(w.message)[:160] for w in caught if "MemorizationEarlyStopping" in str(w.message)}),
+        "seconds": time.perf_counter() - start,
+        "fit_seconds": fit_seconds,
+    }
+    row["pre_onset"] = row["final_ci"][0] == 0.0
+    row["reproduced"] = (
+        kept is not None
+        and abs(row["final_f_mem"] - row["kept_f_mem"]) <= 1.0 / kept["num_samples"]
+        and abs(row["final_fid"] - row["kept_fid"]) <= 1e-3 * max(1.0, abs(row["kept_fid"]))
+    )
+    row["gen_before_mem"] = (
+        row["tau_gen"] is not None and (row["tau_mem"] is None or row["tau_gen"] < row["tau_mem"])
+    )
+    return row
+
+
+class _Affine(nn.Module):
+    """``(x + offset) * scale + shift``: the datamodule's scale to the classifier's [-1, 1]."""
+
+    def __init__(self, offset: float, scale: float, shift: float) -> None:
+        super().__init__()
+        self.offset, self.scale, self.shift = float(offset), float(scale), float(shift)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return (x + self.offset) * self.scale + self.shift
+
+
+class _Classifier8(nn.Module):
+    """The classifier's features of images average-pooled to its 8x8 input."""
+
+    def __init__(self, classifier: nn.Module) -> None:
+        super().__init__()
+        self.classifier = classifier
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.shape[-1] != 8:
+            x = F.adaptive_avg_pool2d(x, 8)
+        return self.classifier(x)
+
+
+# ------------------------------------------------------------------------------------------------ table
+def _fmt(v: Any, spec: str = "") -> str:
+    if v is None:
+        return "-"
+    return format(v, spec) if spec else str(v)
+
+
+def table(rows: list[dict]) -> str:
+    head = (
+        "| setup | steps | tau_gen | tau_mem | restored step | f_mem at restored [95% CI] | FD at restored "
+        "| final f_mem [95% CI] | final FD | pre-onset | reproduced | tau_gen < tau_mem | s |"
+    )
+    lines = [head, "|" + "---|" * 13]
+    for r in rows:
+        kept = "-"
+        if r["kept_f_mem"] is not None:
+            kept = f"{r['kept_f_mem']:.3f} [{r['kept_ci'][0]:.3f}, {r['kept_ci'][1]:.3f}]"
+        lines.append(
+            f"| {r['setup']} | {r['steps']} | {_fmt(r['tau_gen'])} | {_fmt(r['tau_mem'])} | "
+            f"{_fmt(r['restored_step'])} | {kept} | {_fmt(r['kept_fid'], '.2f')} | "
+            f"{r['final_f_mem']:.3f} [{r['final_ci'][0]:.3f}, {r['final_ci'][1]:.3f}] | {r['final_fid']:.2f} | "
+            f"{'yes' if r['pre_onset'] else 'NO'} | {'yes' if r['reproduced'] else 'NO'} | "
+            f"{'yes' if r['gen_before_mem'] else 'no'} | {r['seconds']:.0f} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--setups", nargs="+", default=list(SETUPS), choices=list(SETUPS))
+    parser.add_argument("--n", type=int, default=None, help="training images (digits); default per setup")
+    parser.add_argument("--max-steps", type=int, default=2000, help="optimizer steps if tau_mem never stops fit")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per setup")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", default=None, help="write the rows (and each evaluation) to this file")
+    parser.add_argument("--root", default="/tmp/memwatch_zoo", help="Lightning's default_root_dir")
+    parser.add_argument("--table-from", nargs="+", default=None, help="print the table of earlier --json files")
+    args = parser.parse_args(argv)
+    if args.table_from:
+        rows = [row for path in args.table_from for row in json.load(open(path))]
+        print(table(rows))
+        return 0
+    torch.set_num_threads(args.threads)
+    for name in ("lightning.pytorch", "lightning.fabric", "lightning"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", ".*does not have many workers.*")
+    classifier = train_classifier()
+    rows = []
+    for name in args.setups:
+        n = args.n or SETUPS[name].n
+        row = run_setup(SETUPS[name], classifier, n=n, max_steps=args.max_steps, seed=args.seed, root=args.root)
+        rows.append(row)
+        print(f"{name}: {row['seconds']:.0f} s, history (step, f_mem, ci_low, FD): "
+              + ", ".join(f"({s}, {f:.3f}, {c:.3f}, {q:.1f})" for s, f, c, q in row["history"]), flush=True)
+        for w in row["warnings"]:
+            print(f"  warning: {w}", flush=True)
+    print(table(rows))
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(rows, fh, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

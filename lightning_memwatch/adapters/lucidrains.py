@@ -1,0 +1,133 @@
+"""lucidrains' ``GaussianDiffusion`` (denoising-diffusion-pytorch) as a MemWatch ``sample_fn``.
+
+``GaussianDiffusion.sample`` draws its initial noise from the global RNG. This adapter runs the same reverse
+process (its DDIM when ``sampling_timesteps < timesteps``, else its ancestral sampler) from MemWatch's
+per-sample noise through the model's public methods (``model_predictions``, ``p_mean_variance``), so samples
+are independent of batch size and world size, and the global RNG is not touched. The package is imported
+only to read its range convention, never by ``import lightning_memwatch``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from lightning_memwatch.adapters._range import ModuleRef, Range, check_range_arg, map_range, resolve_module
+
+__all__ = ["LucidrainsSampler"]
+
+
+def _model_range(diffusion: Any) -> Range:
+    """(0, 1) when the model un-normalizes its samples (``auto_normalize=True``, its default), else (-1, 1)."""
+    name = getattr(getattr(diffusion, "unnormalize", None), "__name__", "")
+    return (0.0, 1.0) if name == "unnormalize_to_zero_to_one" else (-1.0, 1.0)
+
+
+class LucidrainsSampler:
+    """``sample_fn`` for a ``denoising_diffusion_pytorch.GaussianDiffusion`` held by the LightningModule.
+
+    Example:
+        >>> from lightning_memwatch.adapters import LucidrainsSampler
+        >>> sample_fn = LucidrainsSampler(diffusion="diffusion", data_range=(0.0, 1.0))
+
+    Args:
+        diffusion: Where the ``GaussianDiffusion`` is: an attribute name of the LightningModule (``"diffusion"``),
+            a function ``fn(pl_module) -> GaussianDiffusion``, or None when the LightningModule is one. Looked up
+            at every call, so the weights MemWatch evaluates are the ones used.
+        data_range: ``(low, high)`` of the training images MemWatch compares with; samples are mapped affinely
+            from the model's own range to it. None: the model's range, which is (0, 1) with
+            ``auto_normalize=True`` (the package's default: it takes and returns images in [0, 1]) and (-1, 1)
+            with ``auto_normalize=False``.
+        sampling_timesteps: Override the model's ``sampling_timesteps`` (DDIM steps) for evaluation; None keeps it.
+        eta: Override the model's ``ddim_sampling_eta``; None keeps it (0: deterministic DDIM).
+    """
+
+    def __init__(
+        self,
+        diffusion: ModuleRef = "diffusion",
+        *,
+        data_range: Sequence[float] | None = None,
+        sampling_timesteps: int | None = None,
+        eta: float | None = None,
+    ) -> None:
+        if sampling_timesteps is not None and sampling_timesteps < 1:
+            raise ValueError(f"sampling_timesteps must be >= 1 or None; got {sampling_timesteps}.")
+        self.diffusion = diffusion
+        self.data_range: Range | None = None if data_range is None else check_range_arg(data_range, "data_range")
+        self.sampling_timesteps = sampling_timesteps
+        self.eta = eta
+
+    def _resolve(self, pl_module: Any) -> Any:
+        diffusion = resolve_module(pl_module, self.diffusion, "GaussianDiffusion")
+        for attr in ("model_predictions", "p_mean_variance", "alphas_cumprod", "num_timesteps", "image_size"):
+            if not hasattr(diffusion, attr):
+                raise TypeError(
+                    f"LucidrainsSampler needs a denoising_diffusion_pytorch.GaussianDiffusion; "
+                    f"{type(diffusion).__name__} has no `{attr}`."
+                )
+        return diffusion
+
+    def _ddim(self, diffusion: Any, x: Tensor, steps: int, eta: float, generator: torch.Generator | None) -> Tensor:
+        total = int(diffusion.num_timesteps)
+        times = torch.linspace(-1, total - 1, steps=steps + 1).int().tolist()[::-1]
+        x_start = None
+        for time, time_next in zip(times[:-1], times[1:]):
+            t = torch.full((len(x),), time, device=x.device, dtype=torch.long)
+            cond = x_start if getattr(diffusion, "self_condition", False) else None
+            pred_noise, x_start, *_ = diffusion.model_predictions(
+                x, t, cond, clip_x_start=True, rederive_pred_noise=True
+            )
+            if time_next < 0:
+                x = x_start
+                continue
+            alpha, alpha_next = diffusion.alphas_cumprod[time], diffusion.alphas_cumprod[time_next]
+            sigma = eta * ((1 - alpha / alpha_next) * (1 - alpha_next) / (1 - alpha)).sqrt()
+            x = x_start * alpha_next.sqrt() + (1 - alpha_next - sigma**2).sqrt() * pred_noise
+            if eta > 0:
+                x = x + sigma * _randn_like(x, generator)
+        return x
+
+    def _ancestral(self, diffusion: Any, x: Tensor, generator: torch.Generator | None) -> Tensor:
+        x_start = None
+        for time in reversed(range(int(diffusion.num_timesteps))):
+            t = torch.full((len(x),), time, device=x.device, dtype=torch.long)
+            cond = x_start if getattr(diffusion, "self_condition", False) else None
+            mean, _, log_variance, x_start = diffusion.p_mean_variance(x=x, t=t, x_self_cond=cond, clip_denoised=True)
+            x = mean + (0.5 * log_variance).exp() * _randn_like(x, generator) if time > 0 else mean
+        return x
+
+    def __call__(
+        self,
+        pl_module: Any,
+        num_samples: int,
+        generator: torch.Generator | None = None,
+        noise: Tensor | None = None,
+    ) -> Tensor:
+        """Draw ``num_samples`` samples (B, C, H, W) in ``data_range``, float32, on the model's device."""
+        diffusion = self._resolve(pl_module)
+        device = diffusion.alphas_cumprod.device
+        if noise is None:
+            h, w = diffusion.image_size if not isinstance(diffusion.image_size, int) else (diffusion.image_size,) * 2
+            gen_device = generator.device if generator is not None else device
+            noise = torch.randn((num_samples, diffusion.channels, h, w), generator=generator, device=gen_device)
+        elif len(noise) != num_samples:
+            raise ValueError(f"noise has {len(noise)} rows but num_samples={num_samples}; pass matching sizes.")
+        x = noise.to(device=device, dtype=torch.float32)
+        steps = self.sampling_timesteps or int(getattr(diffusion, "sampling_timesteps", diffusion.num_timesteps))
+        eta = float(self.eta if self.eta is not None else getattr(diffusion, "ddim_sampling_eta", 0.0))
+        with torch.no_grad():
+            if steps < int(diffusion.num_timesteps):
+                x = self._ddim(diffusion, x, steps, eta, generator)
+            else:
+                x = self._ancestral(diffusion, x, generator)
+            x = diffusion.unnormalize(x)
+        model_range = _model_range(diffusion)
+        return map_range(x.float(), model_range, self.data_range or model_range)
+
+
+def _randn_like(x: Tensor, generator: torch.Generator | None) -> Tensor:
+    gen_device = generator.device if generator is not None else x.device
+    return torch.randn(x.shape, generator=generator, device=gen_device, dtype=x.dtype).to(x.device)
