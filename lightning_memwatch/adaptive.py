@@ -12,13 +12,16 @@ so they repeat exactly; they are kept in :attr:`AdaptiveSchedule.decisions` with
 MemWatch's checkpoint state and restored on resume. No Lightning import here: a plain loop can call
 :meth:`observe` and :meth:`observe_probe` itself.
 
-Rules, after an evaluation at step ``s`` with f_mem ``f`` (the spacing is then rounded up to the grid and kept
-within ``[min_every, max_every]``):
+Rules, after an evaluation at step ``s`` with f_mem ``f`` (every spacing is then kept within
+``[min_every, max_every]`` and rounded up to the grid):
 
-1. ``f >= near * f_mem_target`` ("near"): the next evaluation ``min_every`` steps later;
-2. ``f > 0`` ("f_mem left zero"): half the last spacing;
-3. the probe's signal is up (``signal >= signal_threshold``, see below) ("probe"): half the last spacing;
-4. otherwise ("flat"): log-spaced, ``s * (growth - 1)``.
+1. ``f >= f_mem_target`` ("above"): the next evaluation ``min_every`` steps later (a stopper's patience
+   counts evaluations past the threshold);
+2. ``0 < f < f_mem_target`` ("f_mem", f_mem left zero): extrapolate f_mem linearly from the last evaluation
+   with f_mem = 0 to the step where it reaches the target, and go a fraction ``safety`` of the way there, at
+   most ``s * (watch_growth - 1)``;
+3. ``f = 0`` and the probe's signal is up ("probe"): log-spaced, denser: ``s * (watch_growth - 1)``;
+4. otherwise ("flat"): log-spaced, sparse: ``s * (growth - 1)``.
 
 The probe's signal is ``"heldout_rise"`` (default): how far the held-out denoising loss has risen above its
 lowest value so far, relative to it (the classic overfitting onset: the training loss keeps falling while the
@@ -48,7 +51,7 @@ class Decision:
     Attributes:
         at_step: optimizer step at which the decision was made (an evaluation's, or a probe reading's).
         next_step: the evaluation step chosen (optimizer steps).
-        rule: ``"start"``, ``"flat"``, ``"probe"``, ``"f_mem"``, ``"near"``, ``"resume"`` or ``"external"``
+        rule: ``"start"``, ``"flat"``, ``"probe"``, ``"f_mem"``, ``"above"``, ``"resume"`` or ``"external"``
             (an evaluation this schedule did not plan).
         reason: one line for people.
         f_mem: f_mem of the evaluation the decision follows (None for probe-driven decisions).
@@ -75,18 +78,23 @@ class AdaptiveSchedule(EvalSchedule):
         >>> s.observe({"step": 0, "f_mem": 0.0})
         >>> s.next_step
         100
-        >>> s.observe({"step": 100, "f_mem": 0.0}); s.next_step   # log-spaced: twice the step
-        200
+        >>> s.observe({"step": 100, "f_mem": 0.0}); s.next_step   # log-spaced: four times the step
+        400
+        >>> s.observe({"step": 400, "f_mem": 0.0}); s.next_step   # at most max_every later
+        1400
+        >>> s.reason_for(400)
+        'flat: flat (f_mem 0, probe heldout_rise n/a): log-spaced x4 (decided at step 100)'
 
     Args:
         min_every: smallest spacing between evaluations (optimizer steps); the dense schedule's period.
         max_every: largest spacing (optimizer steps).
-        growth: factor between consecutive steps in the flat phase (> 1; 2 doubles).
+        growth: factor between consecutive steps while flat (4: steps 0, m, 4m, 16m, ... for min_every m).
+        watch_growth: factor between consecutive steps while the probe is up or f_mem > 0 (1 < it <= growth).
+        safety: fraction of the way to the extrapolated crossing of ``f_mem_target`` (0 < safety <= 1).
         probe: a :class:`~lightning_memwatch.probe.LossGapProbe` whose readings the schedule watches, or None.
         signal: the probe signal, ``"heldout_rise"`` or ``"gap"`` (see the module's docs).
         signal_threshold: signal level that makes the schedule move closer (a relative change: 0.02 = 2%).
         f_mem_target: the f_mem level that matters, normally the detector's tau_mem threshold (a fraction).
-        near: from ``near * f_mem_target`` on, evaluate every ``min_every`` steps.
         f_mem_key: record field of f_mem.
         start: first evaluation (optimizer steps).
         multiple: every chosen step is a multiple of this (default ``min_every``).
@@ -98,12 +106,13 @@ class AdaptiveSchedule(EvalSchedule):
         min_every: int,
         max_every: int,
         *,
-        growth: float = 2.0,
+        growth: float = 4.0,
+        watch_growth: float = 1.25,
+        safety: float = 0.25,
         probe: Any = None,
         signal: Signal = "heldout_rise",
         signal_threshold: float = 0.02,
         f_mem_target: float = 0.03,
-        near: float = 0.5,
         f_mem_key: str = "f_mem",
         start: int = 0,
         multiple: int | None = None,
@@ -113,14 +122,17 @@ class AdaptiveSchedule(EvalSchedule):
             raise ValueError(f"min_every must be a positive number of optimizer steps; got {min_every!r}.")
         if int(max_every) < int(min_every):
             raise ValueError(f"Need max_every >= min_every (optimizer steps); got {max_every} < {min_every}.")
-        if not growth > 1.0:
-            raise ValueError(f"growth must be > 1 (the factor between flat-phase steps); got {growth}.")
+        if not growth >= watch_growth > 1.0:
+            raise ValueError(
+                "Need growth >= watch_growth > 1 (the factors between consecutive steps while flat and while "
+                f"watching); got growth={growth}, watch_growth={watch_growth}."
+            )
         if signal not in _SIGNALS:
             raise ValueError(f"signal must be one of {_SIGNALS}; got {signal!r}.")
-        if not signal_threshold > 0 or not f_mem_target > 0 or not 0 < near <= 1:
+        if not signal_threshold > 0 or not f_mem_target > 0 or not 0 < safety <= 1:
             raise ValueError(
-                "Need signal_threshold > 0, f_mem_target > 0 and 0 < near <= 1; got "
-                f"{signal_threshold}, {f_mem_target}, {near}."
+                "Need signal_threshold > 0, f_mem_target > 0 and 0 < safety <= 1; got "
+                f"{signal_threshold}, {f_mem_target}, {safety}."
             )
         multiple = int(min_every) if multiple is None else int(multiple)
         if multiple < 1 or int(start) < 0 or int(start) % multiple:
@@ -131,9 +143,9 @@ class AdaptiveSchedule(EvalSchedule):
             raise ValueError(f"Need stop >= start; got stop={stop}, start={start}.")
         super().__init__(steps=[int(start)])
         self.min_every, self.max_every = int(min_every), int(max_every)
-        self.growth = float(growth)
+        self.growth, self.watch_growth, self.safety = float(growth), float(watch_growth), float(safety)
         self.signal, self.signal_threshold = signal, float(signal_threshold)
-        self.f_mem_target, self.near, self.f_mem_key = float(f_mem_target), float(near), f_mem_key
+        self.f_mem_target, self.f_mem_key = float(f_mem_target), f_mem_key
         self.start, self.multiple = int(start), multiple
         self.stop = None if stop is None else int(stop)
         self.decisions: list[Decision] = []
@@ -141,7 +153,7 @@ class AdaptiveSchedule(EvalSchedule):
         self._next: int | None = int(start)
         self._last_step: int | None = None  # last evaluation
         self._last_f: float = 0.0
-        self._last_gap_spacing: int | None = None  # spacing that led to the last evaluation
+        self._last_zero_step: int | None = None  # last evaluation with f_mem = 0
         self._lowest_heldout: float | None = None
         self._signal_value: float | None = None
         self._signal_step: int | None = None
@@ -192,8 +204,9 @@ class AdaptiveSchedule(EvalSchedule):
             self.evaluations.append(Decision(step, step, "external", "evaluated outside this schedule's plan"))
         value = record.get(self.f_mem_key)
         f = float(value) if value is not None and math.isfinite(float(value)) else 0.0
-        self._last_gap_spacing = step - self._last_step if self._last_step is not None else None
         self._last_step, self._last_f = step, f
+        if f == 0.0:
+            self._last_zero_step = step
         self._decide(step)
 
     def observe_probe(self, reading: LossGapReading) -> None:
@@ -227,25 +240,32 @@ class AdaptiveSchedule(EvalSchedule):
         return max(self.multiple, self._ceil(math.ceil(spacing - 1e-9)))
 
     def _spacing(self, step: int) -> tuple[int, str, str]:
-        f, last = self._last_f, self._last_gap_spacing
-        halved = self._bounded((last if last is not None else self.max_every) / 2)
-        if f >= self.near * self.f_mem_target:
-            return (
-                self._bounded(self.min_every),
-                "near",
-                f"f_mem {f:.4g} >= {self.near:g} x target {self.f_mem_target:g}: every min_every steps",
-            )
+        f, target = self._last_f, self.f_mem_target
+        watch = self._bounded(step * (self.watch_growth - 1))
+        if f >= target:
+            return self._bounded(self.min_every), "above", f"f_mem {f:.4g} >= target {target:g}: every min_every steps"
         if f > 0:
-            return halved, "f_mem", f"f_mem {f:.4g} left zero: half the last spacing"
+            # linear extrapolation from the last evaluation with f_mem = 0 to the step where f_mem reaches the
+            # target; go a fraction `safety` of the way (f_mem tends to accelerate)
+            zero = self._last_zero_step if self._last_zero_step is not None else self.start
+            if step > zero:
+                crossing = zero + (step - zero) * target / f
+                spacing = min(self._bounded(self.safety * (crossing - step)), watch)
+                why = (
+                    f"f_mem {f:.4g} left zero; reaches {target:g} near step {crossing:.0f} at this rate: "
+                    f"{self.safety:g} of the way, at most x{self.watch_growth:g}"
+                )
+                return spacing, "f_mem", why
+            return self._bounded(self.min_every), "f_mem", f"f_mem {f:.4g} > 0 from the first evaluation"
         sig = self._signal_value
         if sig is not None and sig >= self.signal_threshold:
             return (
-                halved,
+                watch,
                 "probe",
                 f"probe {self.signal} {sig:.4g} >= {self.signal_threshold:g} at step {self._signal_step}: "
-                "half the last spacing",
+                f"log-spaced x{self.watch_growth:g}",
             )
-        flat = self._bounded(max(step, self.min_every) * (self.growth - 1))
+        flat = self._bounded(step * (self.growth - 1))
         shown = f"{sig:.4g}" if sig is not None else "n/a"
         return flat, "flat", f"flat (f_mem 0, probe {self.signal} {shown}): log-spaced x{self.growth:g}"
 
@@ -284,10 +304,11 @@ class AdaptiveSchedule(EvalSchedule):
             "min_every": self.min_every,
             "max_every": self.max_every,
             "growth": self.growth,
+            "watch_growth": self.watch_growth,
+            "safety": self.safety,
             "signal": self.signal,
             "signal_threshold": self.signal_threshold,
             "f_mem_target": self.f_mem_target,
-            "near": self.near,
             "f_mem_key": self.f_mem_key,
             "start": self.start,
             "multiple": self.multiple,
@@ -303,7 +324,7 @@ class AdaptiveSchedule(EvalSchedule):
             "next": self._next,
             "last_step": self._last_step,
             "last_f": self._last_f,
-            "last_spacing": self._last_gap_spacing,
+            "last_zero_step": self._last_zero_step,
             "lowest_heldout": self._lowest_heldout,
             "signal_value": self._signal_value,
             "signal_step": self._signal_step,
@@ -319,7 +340,7 @@ class AdaptiveSchedule(EvalSchedule):
         self.decisions = [Decision(**d) for d in state["decisions"]]
         self.evaluations = [Decision(**d) for d in state["evaluations"]]
         self._next, self._last_step, self._last_f = state["next"], state["last_step"], state["last_f"]
-        self._last_gap_spacing = state["last_spacing"]
+        self._last_zero_step = state["last_zero_step"]
         self._lowest_heldout = state["lowest_heldout"]
         self._signal_value, self._signal_step = state["signal_value"], state["signal_step"]
 
