@@ -9,25 +9,37 @@ from lightning_memwatch.adaptive import AdaptiveSchedule
 from lightning_memwatch.metrics.loss_gap import LossGapReading
 
 GRID = 100
-TAU = 2800  # the dense schedule's tau_mem on the scripted history
+TAU = 1800  # the dense schedule's tau_mem on the scripted history
+# A scripted history: the dense run of `memwatch demo` at n = 64 (benchmarks/adaptive_demo.py), f_mem every
+# 100 steps and the probe's held-out / training losses every 267 steps (its default period there).
+F_MEM = {
+    0: 0.0, 100: 0.0, 200: 0.0, 300: 0.0, 400: 0.0, 500: 0.0, 600: 0.0, 700: 0.0, 800: 0.0, 900: 0.00195,
+    1000: 0.00586, 1100: 0.00977, 1200: 0.00977, 1300: 0.01562, 1400: 0.01172, 1500: 0.01562, 1600: 0.01953,
+    1700: 0.02539, 1800: 0.04492, 1900: 0.03516, 2000: 0.04102,
+}  # fmt: skip
+HELDOUT = {
+    0: 1.35443, 267: 0.16471, 534: 0.16331, 801: 0.16722, 1068: 0.17271, 1335: 0.17927, 1602: 0.18319,
+    1869: 0.18576,
+}  # fmt: skip
+TRAIN = {
+    0: 1.3474, 267: 0.12253, 534: 0.09064, 801: 0.07162, 1068: 0.06242, 1335: 0.05525, 1602: 0.0503,
+    1869: 0.04636,
+}  # fmt: skip
+PROBE_EVERY = 267
 
 
 def f_mem_at(step: int) -> float:
-    """A scripted run: f_mem = 0 until step 1800, then growing (past 3% from step 2800 on)."""
-    return 0.0 if step < 1800 else 0.031 * ((step - 1700) / 1100) ** 2
-
-
-def heldout_loss_at(step: int) -> float:
-    """Held-out loss: falls to its lowest value at step 500, then rises (2% above it from step 800 on)."""
-    return 0.15 + (0.0 if step <= 500 else 0.0001 * (step - 500) / 15)
+    return F_MEM[step]
 
 
 def reading(step: int) -> LossGapReading:
-    held = heldout_loss_at(step)
-    return LossGapReading(step, loss_train=0.05, loss_heldout=held, gap=(held - 0.05) / held, band_gaps=())
+    held, train = HELDOUT[step], TRAIN[step]
+    return LossGapReading(step, loss_train=train, loss_heldout=held, gap=(held - train) / held, band_gaps=())
 
 
-def scripted(schedule: AdaptiveSchedule, *, until: int = 4000, probe_every: int | None = 134, probe_first=False):
+def scripted(
+    schedule: AdaptiveSchedule, *, until: int = 2000, probe_every: int | None = PROBE_EVERY, probe_first=False
+):
     """Drive ``schedule`` as MemWatch and a probe would; returns the evaluated steps."""
     evaluated = []
     for step in range(until + 1):
@@ -42,7 +54,7 @@ def scripted(schedule: AdaptiveSchedule, *, until: int = 4000, probe_every: int 
     return evaluated
 
 
-def dense_tau_mem(until: int = 4000) -> int:
+def dense_tau_mem(until: int = 2000) -> int:
     detector = TimescaleDetector(mem_rule="threshold", f0=0.03, patience=1)
     for step in range(0, until + 1, GRID):
         detector.update({"step": step, "f_mem": f_mem_at(step)})
@@ -61,10 +73,9 @@ def test_scripted_history_evaluates_at_the_dense_tau_mem_with_few_evaluations():
     assert [s for s in evaluated if f_mem_at(s) > 0.03][0] == TAU
     dense_to_tau = TAU // GRID + 1
     assert len([s for s in evaluated if s <= TAU]) <= 0.4 * dense_to_tau
-    # sparse first, denser once the held-out loss rises (step 800), after f_mem leaves zero, every step above
-    assert evaluated[:3] == [0, 100, 400]
-    above = [s for s in evaluated if s > TAU]
-    assert above[:2] == [TAU + GRID, TAU + 2 * GRID]
+    # x4 while flat; the held-out loss 2% up at the reading of step 801 brings 1600 forward to 900, where
+    # f_mem leaves zero; then a quarter of the way to the extrapolated crossing; every 100 steps above 3%
+    assert evaluated == [0, 100, 400, 900, 1200, 1500, 1800, 1900, 2000]
 
 
 def test_reasons_say_why_each_evaluation_happened():
@@ -76,7 +87,8 @@ def test_reasons_say_why_each_evaluation_happened():
     assert "f_mem" in s.reason_for(TAU) and "left zero" in s.reason_for(TAU)
     assert s.reason_for(TAU + 1) is None
     probe_pulled = [d for d in s.decisions if d.rule == "probe" and d.f_mem is None]
-    assert probe_pulled and probe_pulled[0].at_step == 804  # the reading that brought an evaluation forward
+    assert probe_pulled and probe_pulled[0].at_step == 801  # the reading that brought an evaluation forward
+    assert probe_pulled[0].next_step == 900
 
 
 def test_deterministic_and_independent_of_hook_order():
@@ -88,9 +100,7 @@ def test_deterministic_and_independent_of_hook_order():
 
 def test_without_probe_the_flat_phase_runs_on():
     evaluated = scripted(make(), probe_every=None)
-    assert evaluated[:4] == [0, 100, 400, 1600]
-    assert 2000 not in evaluated  # nothing pulls the next evaluation forward from 1600 + 1600
-    assert evaluated[4] == 3200
+    assert evaluated[:4] == [0, 100, 400, 1600]  # nothing pulls the next evaluation forward from 400 x 4
 
 
 def test_resumable_mid_run():
@@ -98,21 +108,21 @@ def test_resumable_mid_run():
     expected = scripted(full)
     first = make()
     evaluated = []
-    for step in range(1701):
+    for step in range(1001):
         if step in first:
             first.observe({"step": step, "f_mem": f_mem_at(step)})
             evaluated.append(step)
-        if step % 134 == 0:
+        if step % PROBE_EVERY == 0:
             first.observe_probe(reading(step))
     state = first.state_dict()
     resumed = make()
     resumed.load_state_dict(state)
     assert resumed.state_dict() == state
-    for step in range(1701, 4001):
+    for step in range(1001, 2001):
         if step in resumed:
             resumed.observe({"step": step, "f_mem": f_mem_at(step)})
             evaluated.append(step)
-        if step % 134 == 0:
+        if step % PROBE_EVERY == 0:
             resumed.observe_probe(reading(step))
     assert evaluated == expected and resumed.decisions == full.decisions
 
