@@ -25,7 +25,26 @@ def _demo_detector() -> Any:
     return TimescaleDetector(**DemoConfig().detector_kwargs())
 
 
-def replay(run: dict[str, Any], *, use_probe: bool = True, **schedule_kwargs: Any) -> dict[str, Any]:
+def probe_readings(run: dict[str, Any], rule: str = "recorded") -> tuple[list[LossGapReading], int]:
+    """The probe readings a run would have had: as recorded (the first rule's period) or with today's rule.
+
+    Today's rule (``probe_period``) reads less often than the recorded default probe; its readings are the fine
+    probe's (same triples, same values at the same step) every k-th, at the smallest multiple of the fine period
+    at or above today's period (exact at n = 64 and 128; a slightly longer period at n = 256 and 512).
+    """
+    from lightning_memwatch.metrics.loss_gap import probe_period
+
+    if rule == "recorded":
+        return [LossGapReading.from_dict(r) for r in run["probe"]], int(run["probe_period"])
+    fine = int(run["fine_probe_period"])
+    period = probe_period(256, int(run["n"]))
+    every = -(-period // fine) * fine
+    return [LossGapReading.from_dict(r) for r in run["fine_probe"] if r["step"] % every == 0], every
+
+
+def replay(
+    run: dict[str, Any], *, use_probe: bool = True, probe_rule: str = "today", **schedule_kwargs: Any
+) -> dict[str, Any]:
     """Run the adaptive schedule against the dense run's records, as MemWatch would have met them.
 
     In the benchmark MemWatch's hook runs before the probe's in each step, so an evaluation at step s is
@@ -37,11 +56,11 @@ def replay(run: dict[str, Any], *, use_probe: bool = True, **schedule_kwargs: An
     dense = {int(r["step"]): r for r in run["history"]}
     last = max(dense)
     schedule = AdaptiveSchedule(min_every=period, **{"max_every": 16 * period, **schedule_kwargs})
-    readings = [LossGapReading.from_dict(r) for r in run["probe"]] if use_probe else []
+    readings, probe_every = probe_readings(run, probe_rule) if use_probe else ([], None)
     detector = _demo_detector()
     stop_patience = DemoConfig().stop_patience
     evaluated: list[int] = []
-    above_in_a_row, stopped_at, tau_mem, flagged_after = 0, None, None, None
+    above_in_a_row, stopped_at, tau_mem, flagged_after, tau_gen = 0, None, None, None, None
     i = 0
     while schedule.next_step is not None:
         nxt = schedule.next_step
@@ -57,6 +76,8 @@ def replay(run: dict[str, Any], *, use_probe: bool = True, **schedule_kwargs: An
         for event in detector.update(record):
             if event.name == "tau_mem":
                 tau_mem, flagged_after = event.step, len(evaluated)
+            if event.name == "tau_gen":
+                tau_gen = event.step
         above_in_a_row = above_in_a_row + 1 if record["f_mem"] > detector.config()["f0"] else 0
         while i < len(readings) and readings[i].step == nxt:
             schedule.observe_probe(readings[i])
@@ -70,11 +91,15 @@ def replay(run: dict[str, Any], *, use_probe: bool = True, **schedule_kwargs: An
         "n": run["n"],
         "period": period,
         "use_probe": use_probe,
+        "probe_every": probe_every,
+        "next_planned_after_run": schedule.next_step if tau_mem is None else None,
         "settings": schedule.config(),
         "evaluated": evaluated,
         "reasons": [f"{d.next_step}: {d.rule}" for d in schedule.evaluations],
         "tau_mem": tau_mem,
         "dense_tau_mem": dense_tau,
+        "tau_gen": tau_gen,
+        "dense_tau_gen": run["tau_gen"],
         "tau_mem_error_steps": None if tau_mem is None or dense_tau is None else tau_mem - dense_tau,
         "within_one_grid_step": tau_mem is not None and dense_tau is not None and abs(tau_mem - dense_tau) <= period,
         "evals_to_tau_mem": flagged_after,
@@ -110,6 +135,10 @@ def openings(run: dict[str, Any], key: str = "fine_probe") -> dict[str, Any]:
         "heldout_lowest_step": lowest,
         "heldout_rise_step": rise_step,
         "gap_half_step": _first(readings, lambda r: r["gap"] >= GAP_LEVEL),
+        "gap_tenth_step": _first(readings, lambda r: r["gap"] >= 0.1),
+        "band_gaps_at_tau_mem": next(
+            (r["band_gaps"] for r in readings if r["step"] >= (run["tau_mem"] or math.inf)), None
+        ),
         "f_mem_onset_step": onset,
         "tau_mem": run["tau_mem"],
         "gap_at_tau_mem": next((r["gap"] for r in readings if r["step"] >= (run["tau_mem"] or math.inf)), None),
@@ -153,16 +182,25 @@ def ddim_agreement(run: dict[str, Any]) -> dict[str, Any]:
 
 
 def costs(run: dict[str, Any]) -> dict[str, Any]:
+    """The probe's cost: measured with the recorded period, and for today's rule from the same measurements."""
+    from lightning_memwatch.metrics.loss_gap import probe_period
+
     t = run["timing"]
+    readings = t["probe_readings"] + len(run["fine_probe"])
+    ms_reading = 1000 * (t["probe_seconds"] + t["fine_probe_seconds"]) / readings
+    ms_step = 1000 * t["train_step_seconds"] / max(t["train_steps"], 1)
+    today = probe_period(256, int(run["n"]))
     return {
         "n": run["n"],
-        "probe_period": run["probe_period"],
-        "probe_readings": t["probe_readings"],
-        "ms_per_reading": 1000 * t["probe_seconds"] / max(t["probe_readings"], 1),
-        "ms_per_train_step": 1000 * t["train_step_seconds"] / max(t["train_steps"], 1),
-        "probe_fraction_of_train_steps": t["probe_seconds"] / t["train_step_seconds"],
-        "probe_fraction_of_wall": t["probe_seconds"] / t["wall_seconds"],
+        "recorded_period": run["probe_period"],
+        "recorded_readings": t["probe_readings"],
+        "recorded_fraction_of_train_steps": t["probe_seconds"] / t["train_step_seconds"],
+        "ms_per_reading": ms_reading,
+        "ms_per_train_step": ms_step,
+        "today_period": today,
+        "today_fraction_of_train_steps": ms_reading / (today * ms_step),
         "eval_fraction_of_wall": t["eval_seconds"] / t["wall_seconds"],
+        "eval_seconds_per_evaluation": t["eval_seconds"] / len(run["history"]),
     }
 
 
@@ -234,7 +272,9 @@ def analyze(out: Path) -> dict[str, Any]:
         raise SystemExit(f"No runs under {out}: run `python benchmarks/adaptive_demo.py run` first.")
     result: dict[str, Any] = {
         "replay_probe": [replay(r) for r in runs],
+        "replay_probe_recorded_period": [replay(r, probe_rule="recorded") for r in runs],
         "replay_no_probe": [replay(r, use_probe=False) for r in runs],
+        "replay_gap_signal": [replay(r, signal="gap", signal_threshold=GAP_LEVEL) for r in runs],
         "replay_probe_max64": [replay(r, max_every=64 * r["period"]) for r in runs],
         "replay_no_probe_max64": [replay(r, use_probe=False, max_every=64 * r["period"]) for r in runs],
         "openings": [openings(r) for r in runs],
@@ -245,7 +285,7 @@ def analyze(out: Path) -> dict[str, Any]:
     ns = [r["n"] for r in runs]
     result["exponents"] = {
         key: _fit_exponent(ns, [o[key] for o in result["openings"]])
-        for key in ("heldout_rise_step", "gap_half_step", "f_mem_onset_step", "tau_mem")
+        for key in ("heldout_rise_step", "gap_half_step", "gap_tenth_step", "f_mem_onset_step", "tau_mem")
     }
     result["plots"] = _plots(runs, result["openings"], out)
     (out / "analysis.json").write_text(json.dumps(result, indent=1) + "\n")
@@ -254,7 +294,14 @@ def analyze(out: Path) -> dict[str, Any]:
 
 
 def _print(result: dict[str, Any]) -> None:
-    for name in ("replay_probe", "replay_no_probe", "replay_probe_max64", "replay_no_probe_max64"):
+    for name in (
+        "replay_probe",
+        "replay_probe_recorded_period",
+        "replay_no_probe",
+        "replay_gap_signal",
+        "replay_probe_max64",
+        "replay_no_probe_max64",
+    ):
         print(f"\n{name}:  n  grid  dense tau  adaptive tau  evals to tau (dense)  evals total (dense)")
         for r in result[name]:
             frac = r["fraction_to_tau_mem"]
@@ -262,13 +309,14 @@ def _print(result: dict[str, Any]) -> None:
                 f"  {r['n']:>5} {r['period']:>5} {r['dense_tau_mem']!s:>10} {r['tau_mem']!s:>13} "
                 f"{r['evals_to_tau_mem']!s:>6} ({r['dense_evals_to_tau_mem']}) = "
                 f"{'' if frac is None else f'{100 * frac:.0f}%':>4}   {r['evals_total']:>4} ({r['dense_evals_total']})"
-                f"  {r['evaluated']}"
+                f"  {r['evaluated']} probe every {r['probe_every']} next {r['next_planned_after_run']}"
             )
     print("\nopenings (fine probe): n  heldout lowest  heldout +2%  gap 0.5  f_mem>0  tau_mem  gap@tau  rise@tau")
     for o in result["openings"]:
         print(
             f"  {o['n']:>5} {o['heldout_lowest_step']!s:>8} {o['heldout_rise_step']!s:>8} {o['gap_half_step']!s:>8} "
-            f"{o['f_mem_onset_step']!s:>8} {o['tau_mem']!s:>8} {o['gap_at_tau_mem']} {o['rise_at_tau_mem']}"
+            f"{o['f_mem_onset_step']!s:>8} {o['tau_mem']!s:>8} {o['gap_at_tau_mem']:.3f} {o['rise_at_tau_mem']:.3f} "
+            f"gap>=0.1 at {o['gap_tenth_step']} bands@tau {[round(g, 3) for g in o['band_gaps_at_tau_mem']]}"
         )
     print("exponents (step ~ n^k):", result["exponents"])
     print("\nddim:")

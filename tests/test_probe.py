@@ -127,10 +127,11 @@ def test_ddpm_denoising_loss_uses_the_sampled_ema_weights():
 
 
 def test_probe_period_rule():
-    assert probe_period(256, 512) == 34  # ceil(512 / (3 * 512 * 0.01)) = ceil(33.3)
-    assert probe_period(256, 64) == 267
+    assert probe_period(256, 512) == 50  # ceil(2 * 256 / (2 * 512 * 0.01))
+    assert probe_period(256, 64) == 400
+    assert probe_period(300, 64) == 469  # ceil(468.75)
     assert probe_period(1, 10_000) == 1
-    assert probe_period(256, 64, budget=0.02) == 134
+    assert probe_period(256, 64, budget=0.02) == 200
     assert band_names((1, 251, 501)) == ["t0001-0250", "t0251-0500"]
     with pytest.raises(ValueError, match="budget"):
         probe_period(256, 64, budget=0.0)
@@ -168,9 +169,9 @@ def test_callback_reads_on_its_schedule_only_and_logs(tmp_path):
 
 
 def test_auto_period_follows_the_batch_size(tmp_path):
-    probe = LossGapProbe(heldout_data=HELDOUT, train_data=TRAIN, num_triples=6, budget=0.25)
+    probe = LossGapProbe(heldout_data=HELDOUT, train_data=TRAIN, num_triples=6, budget=0.5)
     make_trainer(tmp_path, [probe], max_steps=5).fit(tiny_ddpm(), toy_loader(TRAIN, batch_size=8))
-    assert probe.period == probe_period(6, 8, 0.25) == 2
+    assert probe.period == probe_period(6, 8, 0.5) == 2
     assert [r.step for r in probe.history] == [0, 2, 4]
 
 
