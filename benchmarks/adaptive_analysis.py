@@ -367,6 +367,8 @@ def verify(n: int, out: Path, threads: int) -> None:
     live["replay_evaluated"] = replayed["evaluated"]
     live["replay_tau_mem"] = replayed["tau_mem"]
     live["same_steps"] = live["evaluated"] == replayed["evaluated"]
-    live["same_f_mem_as_dense"] = all(abs(dense[s] - f) < 1e-12 for s, f in zip(live["evaluated"], live["f_mem"]))
+    common = [(s, f) for s, f in zip(live["evaluated"], live["f_mem"], strict=True) if s in dense]
+    live["steps_past_the_dense_run"] = [s for s in live["evaluated"] if s not in dense]
+    live["same_f_mem_as_dense"] = all(abs(dense[s] - f) < 1e-12 for s, f in common)
     (out / f"verify_n{n}.json").write_text(json.dumps(live, indent=1) + "\n")
     print(json.dumps(live, indent=1))
