@@ -11,6 +11,8 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.1.0"
 
 _EXPORTS = {
+    "AdaptiveSchedule": "lightning_memwatch.adaptive",
+    "LossGapProbe": "lightning_memwatch.probe",
     "MemWatch": "lightning_memwatch.callbacks.memwatch",
     "MemorizationEarlyStopping": "lightning_memwatch.callbacks.early_stopping",
     "EvalSchedule": "lightning_memwatch.schedule",
@@ -30,6 +32,7 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 if TYPE_CHECKING:  # pragma: no cover
+    from lightning_memwatch.adaptive import AdaptiveSchedule
     from lightning_memwatch.callbacks.early_stopping import MemorizationEarlyStopping
     from lightning_memwatch.callbacks.memwatch import MemWatch
     from lightning_memwatch.detection import (
@@ -46,6 +49,7 @@ if TYPE_CHECKING:  # pragma: no cover
         memorization_fraction,
         memorization_ratios,
     )
+    from lightning_memwatch.probe import LossGapProbe
     from lightning_memwatch.schedule import EvalSchedule
     from lightning_memwatch.weights import ModuleEMA
 

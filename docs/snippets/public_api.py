@@ -2,7 +2,9 @@
 
 from lightning_memwatch import (  # noqa: F401 (the list is the point)
     FID,  # FID settings, passed as MemWatch(fid=FID(...))
+    AdaptiveSchedule,  # sparse evaluations while nothing happens, dense as memorization approaches
     EvalSchedule,  # when to evaluate: every N steps, log-spaced, the paper's grid, explicit steps
+    LossGapProbe,  # sampling-free probe: train / held-out denoising-loss gap every K steps
     MemorizationEarlyStopping,  # stop at tau_mem, keep the best weights from before the onset
     MemorizationFraction,  # torchmetrics Metric: f_mem summed over update() calls and DDP ranks
     MemorizationResult,  # what memorization_fraction returns

@@ -556,6 +556,11 @@ class MemWatch(Callback):
         self.history.append(record)
         self._last_evaluated_step = step
         events = self.detector.update(record)
+        # -- adaptive schedules (lightning_memwatch.adaptive) plan the next step from each record, on every rank
+        observe = getattr(self.schedule, "observe", None)
+        if callable(observe):
+            observe(record)
+        # -- end adaptive schedules
         self._log_scalars(trainer, pl_module, record, events, can_log)
         if self.verbose:
             rank_zero_info(f"{_describe(record)}; {self.detector.status}")
@@ -642,6 +647,8 @@ class MemWatch(Callback):
             "fid": fid_state,
             "fid_train_floor": self.fid_train_floor,
             "weights": getattr(self.scored_weights, "name", None),
+            # adaptive schedules (lightning_memwatch.adaptive) carry their decisions; fixed schedules have none
+            "schedule": self.schedule.state_dict() if hasattr(self.schedule, "state_dict") else None,
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -649,6 +656,8 @@ class MemWatch(Callback):
         self._last_evaluated_step = state_dict["last_evaluated_step"]
         self.detector.load_state_dict(state_dict["detector"])
         self.fid_train_floor = state_dict.get("fid_train_floor")
+        if state_dict.get("schedule") is not None and hasattr(self.schedule, "load_state_dict"):
+            self.schedule.load_state_dict(state_dict["schedule"])  # adaptive schedules (lightning_memwatch.adaptive)
         fid_state = state_dict.get("fid")
         if fid_state is not None:
             if self._fid_evaluator is not None:

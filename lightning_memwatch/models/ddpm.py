@@ -159,6 +159,25 @@ class DDPM(L.LightningModule):
         x_t = q_sample(x0, t, noise, self.alpha_bar)
         return F.mse_loss(self.denoiser(x_t, t), noise)
 
+    def denoising_loss(self, x0: Tensor, t: Tensor, noise: Tensor) -> Tensor:
+        """Per-sample epsilon MSE (B,) of ``x0`` noised to steps ``t`` with ``noise``: the loss-gap probe's contract.
+
+        Uses the network that :meth:`sample` uses (the EMA copy when ``ema_decay`` is set), so the probe
+        watches the model MemWatch samples. Gradients follow the caller's mode (the probe calls it under
+        ``torch.no_grad``); the module's train/eval mode is left to the caller.
+
+        Args:
+            x0: Clean images (B, ...), in the training scale.
+            t: Int64 diffusion steps (B,) in ``[0, num_timesteps)``.
+            noise: Standard normal noise shaped like ``x0``.
+        """
+        x0 = x0.to(device=self.alpha_bar.device, dtype=torch.float32)
+        noise = noise.to(device=x0.device, dtype=torch.float32)
+        t = t.to(device=x0.device, dtype=torch.long)
+        net = self.ema_denoiser if self.ema_denoiser is not None else self.denoiser
+        eps = net(q_sample(x0, t, noise, self.alpha_bar), t).float()
+        return (eps - noise).pow(2).flatten(1).mean(1)
+
     def training_step(self, batch: Tensor | Sequence[Tensor], batch_idx: int) -> Tensor:
         x0 = batch[0] if isinstance(batch, (list, tuple)) else batch
         loss = self.diffusion_loss(x0)

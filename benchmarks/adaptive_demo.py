@@ -1,0 +1,243 @@
+"""The loss-gap probe and the adaptive schedule measured on ``memwatch demo`` (docs/probe.md).
+
+Two steps::
+
+    # 1. one dense run per n, exactly the demo's (same data, model, MemWatch, detector, early stopping), plus
+    #    the loss-gap probe at its default period, a finer probe (for the lead/lag analysis) and, at every
+    #    evaluation, f_mem of DDIM-20 and DDIM-50 samples from the same noises as MemWatch's DDIM-100:
+    python benchmarks/adaptive_demo.py run --n 64 128 256 --out runs/adaptive_demo
+    python benchmarks/adaptive_demo.py run --n 512 --out runs/adaptive_demo
+    # 2. replay the adaptive schedule on the recorded runs, tables and plots:
+    python benchmarks/adaptive_demo.py analyze --out runs/adaptive_demo
+
+Step 2 is exact, not an approximation: the adaptive schedule only picks steps of the dense grid (its
+``multiple`` is the dense period), evaluations draw their noise from their own generators and run in eval
+mode without gradients, so training is the same whichever steps are evaluated; an evaluation at a step gives
+the record the dense run logged there. ``verify`` runs one live adaptive run (MemWatch(schedule=adaptive)) and
+compares it with the replay::
+
+    python benchmarks/adaptive_demo.py verify --n 64 --out runs/adaptive_demo
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+FINE_DIVISOR = 4  # the fine probe reads every dense-period / 4 steps
+
+
+def _build(n: int, config: Any, classifier_state: dict, schedule: Any) -> dict[str, Any]:
+    """The demo's pieces for one n (see lightning_memwatch.demo.train_one), with ``schedule`` for MemWatch."""
+    import lightning as L
+
+    from lightning_memwatch import FID, MemorizationEarlyStopping, MemWatch, TimescaleDetector
+    from lightning_memwatch.data import DigitsDataModule
+    from lightning_memwatch.demo import DigitFeatureNet
+    from lightning_memwatch.models import DDPM, ResidualMLP
+
+    L.seed_everything(config.seed + n, verbose=False)
+    datamodule = DigitsDataModule(n=n, num_heldout=config.num_heldout, full_batch=True, split_seed=config.seed)
+    datamodule.setup("fit")
+    classifier = DigitFeatureNet()
+    classifier.load_state_dict(classifier_state)
+    classifier.eval().requires_grad_(False)
+    detector = TimescaleDetector(**config.detector_kwargs())
+    watch = MemWatch(
+        train_data=datamodule.train_images(),
+        num_samples=config.num_samples,
+        sample_batch_size=config.num_samples,
+        schedule=schedule,
+        fid=FID(reference=datamodule.heldout_images(), feature_extractor=classifier, cache=False),
+        seed=config.seed,
+        detector=detector,
+        bootstrap=config.bootstrap,
+        log_images=False,
+        verbose=False,
+    )
+    stopper = MemorizationEarlyStopping(watch, patience=config.stop_patience, restore_best=True)
+    model = DDPM(
+        ResidualMLP(dim=64, width=config.width, num_blocks=config.num_blocks),
+        optimizer="adam",
+        lr=config.lr,
+        sample_steps=config.sample_steps,
+        ema_decay=config.ema_decay,
+    )
+    return {"datamodule": datamodule, "watch": watch, "stopper": stopper, "model": model}
+
+
+def _trainer(config: Any, n: int, callbacks: list) -> Any:
+    import lightning as L
+
+    return L.Trainer(
+        max_steps=config.max_steps(n),
+        callbacks=callbacks,
+        logger=False,
+        accelerator="cpu",
+        devices=1,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+    )
+
+
+def _classifier(config: Any, out: Path) -> dict:
+    from lightning_memwatch.demo import CLASSIFIER_FILENAME, _prepare_classifier
+
+    path = out / CLASSIFIER_FILENAME
+    if path.exists():
+        return torch.load(path)
+    net, _ = _prepare_classifier(config)
+    state = {k: v.detach().clone() for k, v in net.state_dict().items()}
+    torch.save(state, path)
+    return state
+
+
+class _StepTimer:
+    """Wall time of the training steps alone (batch start to batch end), to express costs as fractions."""
+
+    def __init__(self) -> None:
+        import lightning as L
+
+        timer = self
+
+        class Timer(L.Callback):
+            def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
+                timer._t0 = time.perf_counter()
+
+            def on_train_batch_end(self, *args: Any) -> None:
+                timer.seconds += time.perf_counter() - timer._t0
+                timer.steps += 1
+
+        self.seconds, self.steps, self._t0 = 0.0, 0, 0.0
+        self.callback = Timer()
+
+
+def run_one(n: int, out: Path, threads: int, max_steps: int | None = None) -> dict[str, Any]:
+    """The dense demo run for ``n`` with the probes and the DDIM-20/50 check; writes ``<out>/n<n>.json``."""
+    from lightning_memwatch import EvalSchedule
+    from lightning_memwatch.demo import DemoConfig, _quiet_lightning, ema_warmup_decay
+    from lightning_memwatch.metrics.knn import NearestNeighbourIndex
+    from lightning_memwatch.metrics.memorization import memorization_fraction
+    from lightning_memwatch.probe import LossGapProbe
+    from lightning_memwatch.sampling import per_sample_noise
+
+    torch.set_num_threads(threads)
+    _quiet_lightning()
+    config = DemoConfig(out=out)
+    if max_steps is not None:  # smoke runs only
+        config = DemoConfig(out=out, max_steps_per_image=0, max_steps_extra=max_steps)
+    out.mkdir(parents=True, exist_ok=True)
+    state = _classifier(config, out)
+    period = config.eval_period(n)
+    parts = _build(n, config, state, EvalSchedule.every(period, include_zero=True))
+    watch, model, datamodule = parts["watch"], parts["model"], parts["datamodule"]
+    probe = LossGapProbe()  # the default: held-out = the datamodule's reference images, auto period
+    fine = LossGapProbe(every_n_train_steps=max(1, period // FINE_DIVISOR))
+    train = datamodule.train_images()
+    index = NearestNeighbourIndex(train, backend="torch")
+    noise = per_sample_noise(range(config.num_samples), tuple(train.shape[1:]), config.seed)
+    ddim: list[dict[str, Any]] = []
+
+    def other_steps(trainer: Any, module: Any, record: dict[str, Any]) -> None:
+        row: dict[str, Any] = {"step": record["step"], "f_mem_100": record["f_mem"]}
+        for steps in (20, 50) + ((100,) if record["f_mem"] > 0 else ()):
+            t0 = time.perf_counter()
+            with torch.inference_mode():
+                samples = module.sample(config.num_samples, noise=noise, num_steps=steps)
+            result = memorization_fraction(
+                samples, index, threshold=watch.threshold, bootstrap=config.bootstrap, seed=config.seed
+            )
+            key = f"ddim{steps}" if steps != 100 else "ddim100_recomputed"
+            row[key] = {
+                "f_mem": float(result.fraction),
+                "ci_low": float(result.ci_low),
+                "ci_high": float(result.ci_high),
+                "seconds": time.perf_counter() - t0,
+            }
+        ddim.append(row)
+
+    watch.add_listener(other_steps)
+    import lightning as L
+
+    class EMAWarmup(L.Callback):
+        def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
+            pl_module.ema_decay = ema_warmup_decay(trainer.global_step, float(config.ema_decay))
+
+    timer = _StepTimer()
+    # the timer's hooks bracket the training step only; the probes and MemWatch run after its batch end
+    callbacks = [EMAWarmup(), timer.callback, watch, parts["stopper"], probe, fine]
+    trainer = _trainer(config, n, callbacks)
+    start = time.perf_counter()
+    trainer.fit(model, datamodule=datamodule)
+    wall = time.perf_counter() - start
+    result = {
+        "n": n,
+        "period": period,
+        "steps": int(trainer.global_step),
+        "max_steps": config.max_steps(n),
+        "tau_gen": watch.tau_gen,
+        "tau_mem": watch.tau_mem,
+        "history": watch.history,
+        "probe_period": probe.period,
+        "probe": [r.to_dict() for r in probe.history],
+        "fine_probe_period": fine.period,
+        "fine_probe": [r.to_dict() for r in fine.history],
+        "band_edges": list(probe.triples.edges) if probe.triples is not None else None,
+        "ddim": ddim,
+        "timing": {
+            "wall_seconds": wall,
+            "train_step_seconds": timer.seconds,
+            "train_steps": timer.steps,
+            "eval_seconds": sum(r["sample_seconds"] + r["metric_seconds"] for r in watch.history),
+            "probe_seconds": probe.seconds,
+            "probe_readings": len(probe.history),
+            "fine_probe_seconds": fine.seconds,
+            "ddim_extra_seconds": sum(
+                v["seconds"] for row in ddim for k, v in row.items() if k.startswith("ddim")
+            ),
+        },
+        "threads": threads,
+    }
+    (out / f"n{n}.json").write_text(json.dumps(result, indent=1, default=float) + "\n")
+    t = result["timing"]
+    print(
+        f"n={n}: {result['steps']} steps in {wall:.0f} s; tau_gen={watch.tau_gen} tau_mem={watch.tau_mem}; "
+        f"probe every {probe.period} steps, {t['probe_seconds']:.2f} s = "
+        f"{100 * t['probe_seconds'] / max(t['train_step_seconds'], 1e-9):.2f}% of the training steps' time",
+        flush=True,
+    )
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("command", choices=["run", "analyze", "verify"])
+    parser.add_argument("--n", type=int, nargs="+", default=[64, 128, 256, 512])
+    parser.add_argument("--out", type=Path, default=Path("runs/adaptive_demo"))
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--max-steps", type=int, default=None, help="cap the runs (smoke test)")
+    args = parser.parse_args(argv)
+    if args.command == "run":
+        for n in args.n:
+            run_one(n, args.out, args.threads, args.max_steps)
+        return 0
+    from benchmarks.adaptive_analysis import analyze, verify  # noqa: PLC0415 (the analysis needs more imports)
+
+    if args.command == "analyze":
+        analyze(args.out)
+    else:
+        for n in args.n:
+            verify(n, args.out, args.threads)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,320 @@
+"""LossGapProbe: a sampling-free memorization probe, the train / held-out denoising-loss gap every K steps.
+
+Every ``every_n_train_steps`` optimizer steps (and at step 0) the module's denoising loss is measured on a
+fixed set of (x0, t, noise) triples drawn once from the training images and, with the same t and noise, from
+held-out images (:mod:`lightning_memwatch.metrics.loss_gap` has the maths). Logged as :data:`LOSS_GAP`, the
+relative gap ``(L_heldout - L_train) / L_heldout``, and per noise-level band as ``memwatch/loss_gap/t0001-0250``
+etc. A few forward passes, no sampling: by default it costs at most 1% of training compute.
+
+The module provides the loss through the optional method of the sampler contract::
+
+    def denoising_loss(self, x0: Tensor, t: Tensor, noise: Tensor) -> Tensor:  # per-sample loss (B,)
+    num_timesteps: int                                                           # t lies in [1, T)
+
+(:meth:`lightning_memwatch.models.DDPM.denoising_loss` is the reference), or through ``loss_fn=``.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.utilities import rank_zero_info
+from torch import Tensor
+
+from lightning_memwatch._checks import images_of_batch
+from lightning_memwatch.metrics.loss_gap import (
+    LossGapReading,
+    ProbeTriples,
+    band_names,
+    draw_probe_triples,
+    loss_sums,
+    probe_period,
+    reading_from_sums,
+)
+
+__all__ = ["LOSS_GAP", "PROBE_LOSS_HELDOUT", "PROBE_LOSS_TRAIN", "LossGapProbe"]
+
+LOSS_GAP = "memwatch/loss_gap"
+"""Logged key of the relative loss gap; the bands are ``memwatch/loss_gap/<band name>``."""
+PROBE_LOSS_TRAIN = "memwatch/probe_loss_train"
+PROBE_LOSS_HELDOUT = "memwatch/probe_loss_heldout"
+
+ProbeListener = Callable[[LossGapReading], None]
+LossCallable = Callable[[LightningModule, Tensor, Tensor, Tensor], Tensor]
+
+
+class LossGapProbe(Callback):
+    """Log the relative gap between the denoising loss on training and held-out images every K steps.
+
+    Example:
+        >>> probe = LossGapProbe(num_triples=256, every_n_train_steps=100)
+        >>> probe.history
+        []
+
+    Args:
+        heldout_data: held-out images (Tensor / Dataset / DataLoader, never trained on); None takes the
+            datamodule's ``reference_images()`` (the FID reference), else its ``heldout_images()``.
+        train_data: training images; None takes the datamodule's ``train_images()``, else the images of its
+            ``train_dataloader()``.
+        num_triples: triples per set (images): M training and M held-out forward passes per reading.
+        num_bands: equal-width noise-level bands of ``[1, T)`` logged separately.
+        every_n_train_steps: optimizer steps between readings, or ``"auto"``: the smallest period whose compute
+            is at most ``budget`` of training's, from the first batch's size (:func:`probe_period`).
+        budget: fraction of training compute the ``"auto"`` period allows (0.01: 1%).
+        loss_fn: ``loss_fn(pl_module, x0, t, noise) -> (B,)``; default ``pl_module.denoising_loss``.
+        num_timesteps: T of the diffusion; default ``pl_module.num_timesteps``.
+        batch_size: triples per loss call (images).
+        seed: seed of the triples (same on every rank and every run).
+        verbose: print one line per reading (rank 0).
+    """
+
+    def __init__(
+        self,
+        heldout_data: Any = None,
+        train_data: Any = None,
+        num_triples: int = 256,
+        num_bands: int = 4,
+        every_n_train_steps: int | str = "auto",
+        budget: float = 0.01,
+        loss_fn: LossCallable | None = None,
+        num_timesteps: int | None = None,
+        batch_size: int = 512,
+        seed: int = 0,
+        verbose: bool = False,
+    ) -> None:
+        if isinstance(every_n_train_steps, str):
+            if every_n_train_steps != "auto":
+                raise ValueError(
+                    f"every_n_train_steps must be a positive int or 'auto'; got {every_n_train_steps!r}."
+                )
+        elif isinstance(every_n_train_steps, bool) or int(every_n_train_steps) < 1:
+            raise ValueError(
+                "every_n_train_steps must be a positive number of optimizer steps (or 'auto' for a "
+                f"{budget:.0%} compute budget); got {every_n_train_steps!r}."
+            )
+        if not 0.0 < budget <= 1.0:
+            raise ValueError(f"budget must lie in (0, 1] (a fraction of training compute); got {budget}.")
+        if num_triples < 1 or num_bands < 1 or batch_size < 1:
+            raise ValueError(
+                f"num_triples, num_bands and batch_size must be >= 1; got {num_triples}, {num_bands}, {batch_size}."
+            )
+        self.heldout_data = heldout_data
+        self.train_data = train_data
+        self.num_triples = int(num_triples)
+        self.num_bands = int(num_bands)
+        self.every_n_train_steps = every_n_train_steps
+        self.budget = float(budget)
+        self.loss_fn = loss_fn
+        self.num_timesteps = num_timesteps
+        self.batch_size = int(batch_size)
+        self.seed = int(seed)
+        self.verbose = verbose
+        self.history: list[LossGapReading] = []
+        self._triples: ProbeTriples | None = None
+        self._period: int | None = None if every_n_train_steps == "auto" else int(every_n_train_steps)
+        self._last_step: int | None = None
+        self._listeners: list[ProbeListener] = []
+
+    # -- views ----------------------------------------------------------------------------------------
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(
+            num_triples=self.num_triples,
+            num_bands=self.num_bands,
+            every_n_train_steps=self.every_n_train_steps,
+            seed=self.seed,
+        )
+
+    @property
+    def period(self) -> int | None:
+        """Optimizer steps between readings (None until ``"auto"`` has seen the first batch)."""
+        return self._period
+
+    @property
+    def triples(self) -> ProbeTriples | None:
+        """The fixed probe set (after setup)."""
+        return self._triples
+
+    @property
+    def latest(self) -> LossGapReading | None:
+        """The last reading, or None."""
+        return self.history[-1] if self.history else None
+
+    @property
+    def seconds(self) -> float:
+        """Wall time spent in readings on this rank so far (s)."""
+        return float(sum(r.seconds for r in self.history))
+
+    def add_listener(self, fn: ProbeListener) -> None:
+        """Call ``fn(reading)`` on every rank after each reading (the same reading everywhere)."""
+        if fn not in self._listeners:
+            self._listeners.append(fn)
+
+    def is_probe_step(self, step: int) -> bool:
+        """Whether a reading is due at optimizer step ``step`` (step 0, then every ``period`` steps)."""
+        return self._period is not None and step % self._period == 0
+
+    # -- set-up ---------------------------------------------------------------------------------------
+    def _loss(self, pl_module: LightningModule) -> Callable[[Tensor, Tensor, Tensor], Tensor]:
+        if self.loss_fn is not None:
+            fn = self.loss_fn
+            return lambda x0, t, noise: fn(pl_module, x0, t, noise)
+        method = getattr(pl_module, "denoising_loss", None)
+        if not callable(method):
+            raise AttributeError(
+                f"LossGapProbe: {type(pl_module).__name__} has no `denoising_loss` method. Add "
+                "`def denoising_loss(self, x0, t, noise) -> Tensor` returning the per-sample loss (B,), or pass "
+                "`LossGapProbe(loss_fn=lambda module, x0, t, noise: ...)`."
+            )
+        return method
+
+    def _timesteps(self, pl_module: LightningModule) -> int:
+        value = self.num_timesteps if self.num_timesteps is not None else getattr(pl_module, "num_timesteps", None)
+        if value is None or int(value) < 2:
+            raise ValueError(
+                f"LossGapProbe needs the number of diffusion steps T: give {type(pl_module).__name__} a "
+                f"`num_timesteps` attribute or pass `LossGapProbe(num_timesteps=...)`; got {value!r}."
+            )
+        return int(value)
+
+    @staticmethod
+    def _images(source: Any, name: str) -> Tensor:
+        from lightning_memwatch.callbacks.memwatch import collect_images
+
+        return collect_images(source, name)
+
+    def _find_images(self, trainer: Trainer) -> tuple[Tensor, Tensor]:
+        datamodule = getattr(trainer, "datamodule", None)
+        train = self.train_data
+        if train is None and callable(getattr(datamodule, "train_images", None)):
+            train = datamodule.train_images()  # type: ignore[union-attr]
+        if train is None and datamodule is not None and hasattr(datamodule, "train_dataloader"):
+            train = datamodule.train_dataloader()
+        if train is None:
+            raise ValueError(
+                "LossGapProbe found no training images: pass `LossGapProbe(train_data=...)` or use a datamodule "
+                "with `train_images()` or `train_dataloader()`."
+            )
+        heldout = self.heldout_data
+        for name in ("reference_images", "heldout_images"):
+            if heldout is None and callable(getattr(datamodule, name, None)):
+                heldout = getattr(datamodule, name)()
+        if heldout is None:
+            raise ValueError(
+                "LossGapProbe found no held-out images: pass `LossGapProbe(heldout_data=...)` (images never "
+                "trained on, e.g. the FID reference) or give the datamodule a `reference_images()` method."
+            )
+        return self._images(train, "train_data"), self._images(heldout, "heldout_data")
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        self._loss(pl_module)  # fail early when there is no loss
+        num_timesteps = self._timesteps(pl_module)
+        if self._triples is None:
+            train, heldout = self._find_images(trainer)
+            self._triples = draw_probe_triples(
+                train,
+                heldout,
+                num_triples=self.num_triples,
+                num_timesteps=num_timesteps,
+                num_bands=self.num_bands,
+                seed=self.seed,
+            )
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        step = trainer.global_step
+        if step == 0 and self._last_step != 0:
+            self._probe(trainer, pl_module, step, can_log=False)
+
+    def on_train_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if self._period is None:
+            self._period = self._auto_period(trainer, batch)
+        step = trainer.global_step
+        if step % self._period == 0 and step != self._last_step:
+            self._probe(trainer, pl_module, step, can_log=True)
+
+    def _auto_period(self, trainer: Trainer, batch: Any) -> int:
+        local_batch = len(images_of_batch(batch, "the training batch"))
+        share = math.ceil(self.num_triples / max(trainer.world_size, 1))
+        period = probe_period(share, local_batch, self.budget)
+        period = int(trainer.strategy.broadcast(period, src=0))  # one period on every rank
+        rank_zero_info(
+            f"LossGapProbe: every {period} optimizer steps ({2 * self.num_triples} forward passes per reading, "
+            f"batch of {local_batch} images per rank: <= {self.budget:.0%} of training compute)."
+        )
+        return period
+
+    # -- one reading ----------------------------------------------------------------------------------
+    def _probe(self, trainer: Trainer, pl_module: LightningModule, step: int, *, can_log: bool) -> None:
+        assert self._triples is not None, "LossGapProbe.setup did not run"
+        start = time.perf_counter()
+        world, rank = trainer.world_size, trainer.global_rank
+        rows = range(rank, len(self._triples), world)  # every rank takes a strided share
+        loss = self._loss(pl_module)
+        was_training = pl_module.training
+        pl_module.eval()
+        try:
+            with torch.no_grad():
+                sums = loss_sums(
+                    loss, self._triples, rows, device=trainer.strategy.root_device, batch_size=self.batch_size
+                )
+        finally:
+            pl_module.train(was_training)
+        if world > 1:  # every rank enters: the sums of all shares, on every rank
+            sums = trainer.strategy.reduce(sums.to(trainer.strategy.root_device), reduce_op="sum").cpu()
+        reading = reading_from_sums(sums, step, time.perf_counter() - start)
+        self.history.append(reading)
+        self._last_step = step
+        self._log(trainer, pl_module, reading, can_log)
+        if self.verbose:
+            rank_zero_info(
+                f"LossGapProbe step {step}: loss gap {reading.gap:+.4f} (train {reading.loss_train:.5f}, "
+                f"held-out {reading.loss_heldout:.5f}; {reading.seconds * 1000:.1f} ms)"
+            )
+        for listener in self._listeners:
+            listener(reading)
+
+    def _log(self, trainer: Trainer, pl_module: LightningModule, reading: LossGapReading, can_log: bool) -> None:
+        assert self._triples is not None
+        values = {
+            LOSS_GAP: reading.gap,
+            PROBE_LOSS_TRAIN: reading.loss_train,
+            PROBE_LOSS_HELDOUT: reading.loss_heldout,
+        }
+        for name, gap in zip(band_names(self._triples.edges), reading.band_gaps, strict=True):
+            values[f"{LOSS_GAP}/{name}"] = gap
+        values = {k: v for k, v in values.items() if math.isfinite(v)}
+        if trainer.is_global_zero:
+            for lg in trainer.loggers:
+                lg.log_metrics(values, step=reading.step)
+        for key, value in values.items():
+            if can_log:
+                pl_module.log(key, float(value), on_step=True, on_epoch=False, logger=False, batch_size=1)
+            else:  # step 0: hooks outside the training step cannot log; seed the monitor values instead
+                trainer.callback_metrics[key] = torch.tensor(float(value))
+
+    # -- state ----------------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "history": [r.to_dict() for r in self.history],
+            "last_step": self._last_step,
+            "period": self._period,
+            "triples": self._triples.state_dict() if self._triples is not None else None,
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.history = [LossGapReading.from_dict(r) for r in state_dict["history"]]
+        self._last_step = state_dict["last_step"]
+        if state_dict.get("period") is not None:
+            self._period = int(state_dict["period"])
+        triples = state_dict.get("triples")
+        if triples is not None:
+            self._triples = ProbeTriples.from_state_dict(triples)
