@@ -200,7 +200,7 @@ def test_bad_inputs_get_errors_that_name_the_fix(train: torch.Tensor) -> None:
         memorization_ratios(bad, index)
     with pytest.raises(TypeError, match=r"generated has dtype torch.uint8.*generated\.float\(\)"):
         memorization_fraction(torch.zeros(3, 1, 8, 8, dtype=torch.uint8), index)
-    with pytest.raises(ValueError, match=r"generated have flattened dimension 48 .* dimension 64"):
+    with pytest.raises(ValueError, match=r"shape \(3, 4, 4\) per sample but the training images \(1, 8, 8\)"):
         memorization_fraction(torch.zeros(3, 3, 4, 4), index)
     with pytest.raises(ValueError, match="at least 2"):
         memorization_fraction(train[:3], train[:1])
