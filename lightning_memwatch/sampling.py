@@ -145,7 +145,7 @@ def draw_samples(
             kwargs["noise"] = per_sample_noise(chunk, noise_shape, seed, device)  # type: ignore[arg-type]
         batch = sampler(len(chunk), **kwargs)
         out.append(check_sampler_output(batch, len(chunk), sample_shape, where).to(device, torch.float32))
-        if on_batch is not None:  # i14: progress hook
+        if on_batch is not None:  # progress hook
             on_batch(len(chunk))
     if not out:
         shape = tuple(sample_shape) if sample_shape is not None else (0,)

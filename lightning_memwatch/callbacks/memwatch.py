@@ -355,10 +355,10 @@ class MemWatch(Callback):
                 backend=self.knn_backend,  # type: ignore[arg-type]
                 feature_fn=self.feature_fn,
             )
-            # i15: one copy of the training images: the nearest-image pairs read rows from the index
+            # one copy of the training images: the nearest-image pairs read rows from the index
             if self._index.holds_images and self._index.num_duplicates == 0:
                 self._train_images = None
-        # i14: MemWatch's settings join the hparams session Lightning logs right after this hook (one session)
+        # MemWatch's settings join the hparams session Lightning logs right after this hook (one session)
         if trainer.is_global_zero:
             if self._fid_evaluator is not None and not trainer.strategy.restore_checkpoint_after_setup:
                 self._fid_evaluator.prepare_reference()  # idempotent; its origin (cache hit/miss) goes in hparams
@@ -370,7 +370,7 @@ class MemWatch(Callback):
         if self._fid_evaluator is not None:
             self._set_train_floor(trainer)
         step = trainer.global_step
-        if trainer.is_global_zero:  # i14: settings (when Lightning logged no hparams) and the setup summary
+        if trainer.is_global_zero:  # settings (when Lightning logged no hparams) and the setup summary
             mwlog.flush_hparams(trainer, lambda: mwlog.memwatch_settings(self))
             if self.verbose:
                 rank_zero_info(self._setup_summary(trainer, step))
@@ -387,7 +387,7 @@ class MemWatch(Callback):
             self._evaluate(trainer, pl_module, step, can_log=False)
 
     def _first_train_images(self, count: int) -> Tensor:
-        """i15: the first ``count`` training images, from MemWatch's copy or, when only the index holds them, the
+        """The first ``count`` training images, from MemWatch's copy or, when only the index holds them, the
         index (dropped only when it has no duplicates, so its rows are the original ones)."""
         if self._train_images is not None:
             return self._train_images[:count]
@@ -420,7 +420,7 @@ class MemWatch(Callback):
             self._evaluate(trainer, pl_module, step, can_log=True)
 
     def _setup_summary(self, trainer: Trainer, step: int) -> str:
-        """i14: the one line printed per fit (what was indexed, backend, FID reference, next evaluation)."""
+        """The one line printed per fit (what was indexed, backend, FID reference, next evaluation)."""
         pending = step in self.schedule and step != self._last_evaluated_step
         next_step = step if pending else self.schedule.next_after(step)
         if next_step is not None and trainer.max_steps is not None and 0 <= trainer.max_steps < next_step:
@@ -466,7 +466,7 @@ class MemWatch(Callback):
                     where="MemWatch.sample_fn"
                     if self.sample_fn is not None
                     else f"{type(pl_module).__name__}.sample",
-                    on_batch=None if progress is None else progress.advance,  # i14: progress bar
+                    on_batch=None if progress is None else progress.advance,  # progress bar
                 )
         except (TypeError, ValueError, AttributeError) as err:  # a bad sampler: every rank must learn of it
             failure = err
@@ -519,7 +519,7 @@ class MemWatch(Callback):
         if self.log_images and (self._train_images is not None or self._index.holds_images):
             if self._train_images is not None:  # feature_fn indexes hold features, not images
                 nearest = self._train_images[result.nn_indices[:, 0].cpu()]
-            else:  # i15: read from the index, which holds the one copy
+            else:  # read from the index, which holds the one copy
                 nearest = self._index.train_images(result.nn_indices[:, 0]).cpu()
             mwlog.log_images(
                 trainer, step, generated[: self.num_samples], ratios, nearest, self.data_range,
@@ -536,7 +536,7 @@ class MemWatch(Callback):
 
     def _evaluate_scored(self, trainer: Trainer, pl_module: LightningModule, step: int, *, can_log: bool) -> None:
         start = time.perf_counter()
-        # i14: progress of the evaluation inside the trainer's progress bar (silent without one)
+        # progress of the evaluation inside the trainer's progress bar (silent without one)
         mine = len(rank_slice(self.num_generated, trainer.global_rank, trainer.world_size))
         with EvalProgress(trainer, mine, step) as progress:
             generated = self._generate(trainer, pl_module, progress)
