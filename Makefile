@@ -1,5 +1,5 @@
 # Two entry points, each doing its own set-up from a fresh clone:
-#   make demo   creates .venv, installs the package, runs `memwatch demo`
+#   make demo   creates .venv, installs the package with the apps extra, runs `memwatch demo`
 #   make test   creates .venv, installs with the dev extra, runs ruff, the tests and the strict docs build
 #
 # TORCH_SPEC pins the torch/torchvision pair installed *before* the package. The default is the pair that
@@ -24,7 +24,12 @@ $(VENV)/.installed: pyproject.toml $(VENV)/.installed-torch
 	$(PIP) install -e '.[dev]'
 	touch $@
 
-demo: $(VENV)/.installed
+# the demo needs the [apps] extra only (in a venv set up by `make test` it is already there: dev includes it)
+$(VENV)/.installed-apps: pyproject.toml $(VENV)/.installed-torch
+	$(PIP) install -e '.[apps]'
+	touch $@
+
+demo: $(VENV)/.installed-apps
 	$(BIN)/memwatch demo $(DEMO_ARGS)
 
 lint: $(VENV)/.installed

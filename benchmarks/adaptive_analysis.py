@@ -20,7 +20,7 @@ GAP_LEVEL = 0.5  # a second marker: the relative gap reaches one half
 
 def _demo_detector() -> Any:
     from lightning_memwatch import TimescaleDetector
-    from lightning_memwatch.demo import DemoConfig
+    from lightning_memwatch.apps.demo import DemoConfig
 
     return TimescaleDetector(**DemoConfig().detector_kwargs())
 
@@ -50,7 +50,7 @@ def replay(
     In the benchmark MemWatch's hook runs before the probe's in each step, so an evaluation at step s is
     observed before the probe reading at s; the schedule's decisions do not depend on that order (tested).
     """
-    from lightning_memwatch.demo import DemoConfig
+    from lightning_memwatch.apps.demo import DemoConfig
 
     period = int(run["period"])
     dense = {int(r["step"]): r for r in run["history"]}
@@ -334,7 +334,7 @@ def verify(n: int, out: Path, threads: int) -> None:
     import torch
 
     from benchmarks.adaptive_demo import _build, _classifier, _trainer
-    from lightning_memwatch.demo import DemoConfig, _quiet_lightning, ema_warmup_decay
+    from lightning_memwatch.apps.demo import DemoConfig, _quiet_lightning, ema_warmup_decay
     from lightning_memwatch.probe import LossGapProbe
 
     torch.set_num_threads(threads)

@@ -34,13 +34,13 @@ FINE_DIVISOR = 4  # the fine probe reads every dense-period / 4 steps
 
 
 def _build(n: int, config: Any, classifier_state: dict, schedule: Any) -> dict[str, Any]:
-    """The demo's pieces for one n (see lightning_memwatch.demo.train_one), with ``schedule`` for MemWatch."""
+    """The demo's pieces for one n (see lightning_memwatch.apps.demo.train_one), with ``schedule`` for MemWatch."""
     import lightning as L
 
     from lightning_memwatch import FID, MemorizationEarlyStopping, MemWatch, TimescaleDetector
-    from lightning_memwatch.data import DigitsDataModule
-    from lightning_memwatch.demo import DigitFeatureNet
-    from lightning_memwatch.models import DDPM, ResidualMLP
+    from lightning_memwatch.apps.data import DigitsDataModule
+    from lightning_memwatch.apps.demo import DigitFeatureNet
+    from lightning_memwatch.apps.models import DDPM, ResidualMLP
 
     L.seed_everything(config.seed + n, verbose=False)
     datamodule = DigitsDataModule(n=n, num_heldout=config.num_heldout, full_batch=True, split_seed=config.seed)
@@ -89,7 +89,7 @@ def _trainer(config: Any, n: int, callbacks: list) -> Any:
 
 
 def _classifier(config: Any, out: Path) -> dict:
-    from lightning_memwatch.demo import CLASSIFIER_FILENAME, _prepare_classifier
+    from lightning_memwatch.apps.demo import CLASSIFIER_FILENAME, _prepare_classifier
 
     path = out / CLASSIFIER_FILENAME
     if path.exists():
@@ -123,7 +123,7 @@ class _StepTimer:
 def run_one(n: int, out: Path, threads: int, max_steps: int | None = None) -> dict[str, Any]:
     """The dense demo run for ``n`` with the probes and the DDIM-20/50 check; writes ``<out>/n<n>.json``."""
     from lightning_memwatch import EvalSchedule
-    from lightning_memwatch.demo import DemoConfig, _quiet_lightning, ema_warmup_decay
+    from lightning_memwatch.apps.demo import DemoConfig, _quiet_lightning, ema_warmup_decay
     from lightning_memwatch.metrics.knn import NearestNeighbourIndex
     from lightning_memwatch.metrics.memorization import memorization_fraction
     from lightning_memwatch.probe import LossGapProbe

@@ -22,7 +22,7 @@ PY
 "$py" benchmarks/knn.py --shards 1 2 --m 1000 --backend torch-bf16 --repeats 2 | tee "$out/knn_shards.txt"
 "$py" benchmarks/overhead.py --width 32 --num-samples 2048 --sample-batch-size 1024 --sample-steps 100 \
     --train-size 32768 --batch-size 512 --steps 200 --every 100 --fid conv | tee "$out/overhead_cuda.txt"
-"$py" -m lightning_memwatch.cli fit --config recipes/quick_unet_digits.yaml \
+"$py" -m lightning_memwatch.apps.cli fit --config recipes/quick_unet_digits.yaml \
     --trainer.accelerator gpu --trainer.max_steps 2000 --trainer.default_root_dir "$out/unet_digits32" \
     --data.init_args.image_size 32 --data.init_args.n 256 \
     --model.init_args.denoiser.init_args.base_width 32 --model.init_args.sample_autocast true \

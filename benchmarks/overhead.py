@@ -23,8 +23,8 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_memwatch import FID, EvalSchedule, MemWatch
-from lightning_memwatch.models.ddpm import DDPM
-from lightning_memwatch.models.unet import UNet
+from lightning_memwatch.apps.models.ddpm import DDPM
+from lightning_memwatch.apps.models.unet import UNet
 
 
 class StepTimer(Callback):

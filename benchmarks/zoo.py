@@ -10,7 +10,7 @@ extractor and reference):
 * ``lucidrains-ddim``: lucidrains' ``Unet`` + ``GaussianDiffusion`` (its [0, 1] convention, its DDIM with 20
   steps) through :class:`~lightning_memwatch.adapters.LucidrainsSampler`;
 * ``diffusers-ema``: ``diffusers-ddim`` under Lightning's ``EMAWeightAveraging`` (its default decay);
-* ``paper-unet-16``: the paper's U-Net recipe (``lightning_memwatch.models``, width 8) on 16x16 digits;
+* ``paper-unet-16``: the paper's U-Net recipe (``lightning_memwatch.apps.models``, width 8) on 16x16 digits;
 * ``mlp``: a plain MLP denoiser wrapped in the recipe's DDPM module.
 
 Quality is a Frechet distance in the feature space of a small digit classifier trained, before any setup, on the
@@ -47,7 +47,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lightning_memwatch import FID, MemorizationEarlyStopping, MemWatch
-from lightning_memwatch.data import DigitsDataModule
+from lightning_memwatch.apps.data import DigitsDataModule
 
 NUM_HELDOUT = 512
 EVERY = 250  # evaluation period (optimizer steps): the default 500 misses the onset at these n
@@ -170,13 +170,13 @@ def _lucidrains() -> tuple[L.LightningModule, Any]:
 
 
 def _paper_unet() -> tuple[L.LightningModule, Any]:
-    from lightning_memwatch.models import DDPM, UNet
+    from lightning_memwatch.apps.models import DDPM, UNet
 
     return DDPM(UNet(base_width=8), optimizer="adam", lr=2e-3, sample_steps=SAMPLER_STEPS), None
 
 
 def _mlp() -> tuple[L.LightningModule, Any]:
-    from lightning_memwatch.models import DDPM
+    from lightning_memwatch.apps.models import DDPM
 
     return DDPM(MLPDenoiser(), optimizer="adam", lr=2e-3, sample_steps=SAMPLER_STEPS), None
 
@@ -196,7 +196,7 @@ SETUPS = {
 # ------------------------------------------------------------------------------------------------ quality
 def train_classifier(epochs: int = 300) -> nn.Module:
     """The demo's digit classifier, trained on the held-out digits (the split every setup shares)."""
-    from lightning_memwatch.demo import train_digit_classifier
+    from lightning_memwatch.apps.demo import train_digit_classifier
 
     dm = DigitsDataModule(n=64, num_heldout=NUM_HELDOUT)
     dm.setup("fit")

@@ -8,7 +8,11 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
+from lightning_memwatch import _moved
+
 __version__ = "0.1.0"
+
+_moved.install()  # old paths of the applications (lightning_memwatch.models, .demo, ...) -> lightning_memwatch.apps
 
 _EXPORTS = {
     "AdaptiveSchedule": "lightning_memwatch.adaptive",

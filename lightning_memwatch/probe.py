@@ -11,7 +11,7 @@ The module provides the loss through the optional method of the sampler contract
     def denoising_loss(self, x0: Tensor, t: Tensor, noise: Tensor) -> Tensor:  # per-sample loss (B,)
     num_timesteps: int                                                           # t lies in [1, T)
 
-(:meth:`lightning_memwatch.models.DDPM.denoising_loss` is the reference), or through ``loss_fn=``.
+(:meth:`lightning_memwatch.apps.models.DDPM.denoising_loss` is the reference), or through ``loss_fn=``.
 """
 
 from __future__ import annotations

@@ -194,7 +194,7 @@ def test_tensorboard_table_lists_exactly_the_logged_keys():
 
 
 def test_bash_blocks_use_real_commands_and_options():
-    from lightning_memwatch.demo import build_parser
+    from lightning_memwatch.apps.demo import build_parser
 
     demo_parser = build_parser()
     pages = doc_pages() + [ROOT / "recipes" / "README.md", ROOT / "README.md"]
@@ -220,7 +220,7 @@ def test_bash_blocks_use_real_commands_and_options():
 
 
 def test_quickstart_states_the_demo_defaults():
-    from lightning_memwatch.demo import DemoConfig
+    from lightning_memwatch.apps.demo import DemoConfig
 
     defaults = DemoConfig()
     text = (DOCS / "quickstart.md").read_text()

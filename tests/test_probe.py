@@ -10,6 +10,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from toys import toy_images, toy_loader
 
+from lightning_memwatch.apps.models import DDPM, ResidualMLP
 from lightning_memwatch.metrics.loss_gap import (
     band_names,
     draw_probe_triples,
@@ -18,7 +19,6 @@ from lightning_memwatch.metrics.loss_gap import (
     probe_period,
     reading_from_sums,
 )
-from lightning_memwatch.models import DDPM, ResidualMLP
 from lightning_memwatch.probe import LOSS_GAP, PROBE_LOSS_TRAIN, LossGapProbe
 
 TRAIN = toy_images(32, seed=0)
@@ -105,7 +105,7 @@ def test_ddpm_denoising_loss_is_the_per_sample_training_loss():
     noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(0))
     losses = model.denoising_loss(x0, t, noise)
     assert losses.shape == (6,)
-    from lightning_memwatch.models.diffusion import q_sample
+    from lightning_memwatch.apps.models.diffusion import q_sample
 
     eps = model.denoiser(q_sample(x0, t, noise, model.alpha_bar), t)
     expected = ((eps - noise) ** 2).flatten(1).mean(1)
@@ -119,7 +119,7 @@ def test_ddpm_denoising_loss_uses_the_sampled_ema_weights():
             p.add_(0.5)  # raw and EMA weights now differ
     x0, t = TRAIN[:4], torch.tensor([10, 200, 600, 990])
     noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(1))
-    from lightning_memwatch.models.diffusion import q_sample
+    from lightning_memwatch.apps.models.diffusion import q_sample
 
     x_t = q_sample(x0, t, noise, model.alpha_bar)
     ema = ((model.ema_denoiser(x_t, t) - noise) ** 2).flatten(1).mean(1)

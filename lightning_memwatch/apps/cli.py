@@ -17,8 +17,10 @@ training subset, known only once the data is loaded.
 process per GPU at a time), each run under ``OUT/<name>/`` (TensorBoard logs in
 ``OUT/<name>/lightning_logs/version_0/``) with its ``memwatch_run.json`` (n, label, quality label: what
 ``memwatch report`` reads), and writes ``OUT/sweep.json`` listing every run (parameters, directory, exit
-code, seconds). ``demo`` and ``report`` live in :mod:`lightning_memwatch.demo` and
-:mod:`lightning_memwatch.report` (imported only when used; each exposes ``main(argv) -> int``).
+code, seconds). ``demo`` and ``report`` live in :mod:`lightning_memwatch.apps.demo` and
+:mod:`lightning_memwatch.apps.report` (imported only when used; each exposes ``main(argv) -> int``).
+Every command needs the ``[apps]`` extra (``pip install 'lightning-memwatch[apps]'``); without it ``memwatch``
+exits with code 2 and names that command.
 """
 
 from __future__ import annotations
@@ -38,6 +40,8 @@ from typing import Any
 
 import lightning as L
 from lightning.pytorch.cli import LightningCLI
+
+from lightning_memwatch.apps import APPS_INSTALL, missing_requirements
 
 USAGE = """usage: memwatch {fit,sweep,demo,report} ...
 
@@ -198,7 +202,7 @@ def _launch(run: dict[str, Any], gpu: str | None, stream: bool) -> tuple[subproc
     if gpu is not None:
         env["CUDA_VISIBLE_DEVICES"] = gpu
         argv += ["--trainer.devices", "1"]
-    cmd = [sys.executable, "-m", "lightning_memwatch.cli", *argv]
+    cmd = [sys.executable, "-m", "lightning_memwatch.apps.cli", *argv]
     log = open(run_dir / "fit.log", "w")  # noqa: SIM115 (closed when the process ends)
     if stream:
         proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -263,7 +267,7 @@ def run_sweep(argv: Sequence[str]) -> int:
     from tqdm.auto import tqdm
 
     _write_manifest(out, args.config, runs)
-    from lightning_memwatch.report import write_run_metadata
+    from lightning_memwatch.apps.report import write_run_metadata
 
     for run in runs:
         if (Path(run["dir"]) / "lightning_logs").exists():
@@ -310,7 +314,7 @@ def run_sweep(argv: Sequence[str]) -> int:
 
 # ---------------------------------------------------------------------------------------------- demo, report
 def _run_lazy(command: str, argv: Sequence[str]) -> int:
-    module_name = f"lightning_memwatch.{command}"
+    module_name = f"lightning_memwatch.apps.{command}"
     try:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as err:
@@ -326,12 +330,23 @@ def _run_lazy(command: str, argv: Sequence[str]) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``memwatch`` console script; returns the exit code."""
+    """Entry point of the ``memwatch`` console script; returns the exit code.
+
+    Without the ``[apps]`` extra every command exits with code 2 and says how to install it.
+    """
     args = list(sys.argv[1:] if argv is None else argv)
     if not args or args[0] in ("-h", "--help"):
         print(USAGE)
         return 0 if args else 2
     command, rest = args[0], args[1:]
+    missing = missing_requirements()
+    if missing and command in ("fit", "sweep", "demo", "report"):
+        print(
+            f"memwatch {command}: the memwatch command needs the [apps] extra, and this environment lacks "
+            f"{', '.join(missing)}. Install it with: {APPS_INSTALL}",
+            file=sys.stderr,
+        )
+        return 2
     if command == "fit":
         return run_fit(None if argv is None else rest)
     if command == "sweep":

@@ -3,11 +3,11 @@
 The demo goes through the public API exactly as a user's training code would:
 
 * data: scikit-learn's handwritten digits (1,797 real 8x8 images shipped with scikit-learn), rescaled
-  to [-1, 1], split once by :class:`~lightning_memwatch.data.DigitsDataModule`: the last ``num_heldout``
+  to [-1, 1], split once by :class:`~lightning_memwatch.apps.data.DigitsDataModule`: the last ``num_heldout``
   images of a seeded permutation are held out, and the training sets of the different ``n`` are nested
   prefixes of the rest;
-* model: the recipe :class:`~lightning_memwatch.models.DDPM` (T = 1000, linear betas, epsilon MSE, Adam)
-  around a :class:`~lightning_memwatch.models.ResidualMLP` denoiser (3 blocks of width 256 with a time
+* model: the recipe :class:`~lightning_memwatch.apps.models.DDPM` (T = 1000, linear betas, epsilon MSE, Adam)
+  around a :class:`~lightning_memwatch.apps.models.ResidualMLP` denoiser (3 blocks of width 256 with a time
   encoding, 429k parameters), trained full batch (batch = n, the paper's min(512, n)) on n = 64, 128, 256
   and 512 digits; samples by deterministic DDIM (eta = 0) from 512 fixed noises, with EMA weights whose
   decay is warmed up (:func:`ema_warmup_decay`; ``--ema 0`` samples the raw weights, as the paper does);
@@ -19,7 +19,7 @@ The demo goes through the public API exactly as a user's training code would:
   Gaussian noise about 820), tau_mem when f_mem exceeds ``mem_threshold`` (3% of the samples);
 * :class:`~lightning_memwatch.MemorizationEarlyStopping` stops each run shortly after tau_mem;
 * the runs (one per ``n``) go to worker processes with one thread each (two side by side use 2 cores best);
-* finally :func:`lightning_memwatch.report.report` reads the TensorBoard logs back, recomputes the timescales
+* finally :func:`lightning_memwatch.apps.report.report` reads the TensorBoard logs back, recomputes the timescales
   offline, fits tau_mem = slope * n, prints the table and writes ``summary.json`` and the plots.
 
 Outputs, under ``--out`` (default ``runs/demo``)::
@@ -305,7 +305,7 @@ def _ema_warmup_callback(decay: float) -> Any:
     import lightning as L
 
     class EMAWarmup(L.Callback):
-        """Warm up the EMA decay of :class:`~lightning_memwatch.models.DDPM` (built with ``ema_decay``).
+        """Warm up the EMA decay of :class:`~lightning_memwatch.apps.models.DDPM` (built with ``ema_decay``).
 
         Before each optimizer step it sets ``pl_module.ema_decay = min(decay, (1 + t) / (10 + t))``; the DDPM
         updates its EMA copy with that decay after the step, and its ``sample`` (hence MemWatch) draws from
@@ -376,9 +376,9 @@ def train_one(config: DemoConfig, n: int, classifier_state: dict[str, Tensor]) -
     from lightning.pytorch.loggers import TensorBoardLogger
 
     from lightning_memwatch import FID, EvalSchedule, MemorizationEarlyStopping, MemWatch, TimescaleDetector
-    from lightning_memwatch.data import DigitsDataModule
-    from lightning_memwatch.models import DDPM, ResidualMLP
-    from lightning_memwatch.report import write_run_metadata
+    from lightning_memwatch.apps.data import DigitsDataModule
+    from lightning_memwatch.apps.models import DDPM, ResidualMLP
+    from lightning_memwatch.apps.report import write_run_metadata
 
     start = time.perf_counter()
     L.seed_everything(config.seed + n, verbose=False)
@@ -486,7 +486,7 @@ def train_one(config: DemoConfig, n: int, classifier_state: dict[str, Tensor]) -
 
 
 def _prepare_classifier(config: DemoConfig) -> tuple[DigitFeatureNet, dict[str, Any]]:
-    from lightning_memwatch.data import DigitsDataModule
+    from lightning_memwatch.apps.data import DigitsDataModule
 
     pool_n = NUM_DIGITS - config.num_heldout
     data = DigitsDataModule(n=pool_n, num_heldout=config.num_heldout, split_seed=config.seed)
@@ -538,7 +538,7 @@ def run_demo(config: DemoConfig | None = None, *, echo: Callable[[str], None] = 
         echo: where progress lines go (default: print).
 
     Returns:
-        The ``summary.json`` content (:func:`lightning_memwatch.report.report`), plus ``"demo"``: timings and
+        The ``summary.json`` content (:func:`lightning_memwatch.apps.report.report`), plus ``"demo"``: timings and
         the online results of each run.
     """
     with _quieted():
@@ -546,7 +546,7 @@ def run_demo(config: DemoConfig | None = None, *, echo: Callable[[str], None] = 
 
 
 def _run_demo(config: DemoConfig, echo: Callable[[str], None]) -> dict[str, Any]:
-    from lightning_memwatch.report import report
+    from lightning_memwatch.apps.report import report
 
     start = time.perf_counter()
     out = config.out

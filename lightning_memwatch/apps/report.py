@@ -455,7 +455,7 @@ def report(
         if run.n is None:
             warnings.warn(
                 f"{directory} has no {RUN_METADATA} with n: its timescales are reported but it is left out of "
-                f"the fit. Add one with lightning_memwatch.report.write_run_metadata({str(directory)!r}, n=...).",
+                f"the fit. Add one with lightning_memwatch.apps.report.write_run_metadata({str(directory)!r}, n=...).",
                 UserWarning,
                 stacklevel=2,
             )

@@ -13,12 +13,12 @@ import torch
 import yaml
 
 from lightning_memwatch import EvalSchedule, MemWatch
-from lightning_memwatch.cli import RecipeCLI, main, plan_sweep
-from lightning_memwatch.data import CelebA32DataModule, GMMDataModule
-from lightning_memwatch.models import DDPM, ResidualMLP, UNet, count_parameters
+from lightning_memwatch.apps.cli import RecipeCLI, main, plan_sweep
+from lightning_memwatch.apps.data import CelebA32DataModule, GMMDataModule
+from lightning_memwatch.apps.models import DDPM, ResidualMLP, UNet, count_parameters
 
 torch.set_num_threads(1)
-RECIPES = Path(__file__).resolve().parents[1] / "recipes"
+RECIPES = Path(__file__).resolve().parents[2] / "recipes"
 SHIPPED = sorted(RECIPES.glob("*.yaml"))
 
 
@@ -43,7 +43,7 @@ def test_every_recipe_prints_its_config(recipe: Path, capsys: pytest.CaptureFixt
     printed = yaml.safe_load(capsys.readouterr().out)
     callbacks = [c["class_path"] for c in printed["trainer"]["callbacks"]]
     assert "lightning_memwatch.MemWatch" in callbacks
-    assert printed["model"]["class_path"] == "lightning_memwatch.models.DDPM"
+    assert printed["model"]["class_path"] == "lightning_memwatch.apps.models.DDPM"
 
 
 def _instantiate(recipe: str, *extra: str) -> RecipeCLI:
@@ -180,7 +180,7 @@ def test_sweep_runs_processes_writes_manifest_and_report_reads_it(tmp_path: Path
         assert meta["n"] == n and meta["quality_label"].startswith("Frechet distance")
         (saved,) = Path(run["dir"]).glob("lightning_logs/version_*/config.yaml")
         assert yaml.safe_load(saved.read_text())["data"]["init_args"]["n"] == n
-    from lightning_memwatch.report import main as report_main
+    from lightning_memwatch.apps.report import main as report_main
 
     assert report_main([str(out), "--no-plots"]) == 0
     summary = json.loads((out / "summary.json").read_text())
@@ -194,9 +194,9 @@ def test_commands_usage_and_lazy_subcommands(
     assert main(["--help"]) == 0
     assert main(["bogus"]) == 2 and "unknown command" in capsys.readouterr().err
     seen: list[list[str]] = []
-    fake = types.ModuleType("lightning_memwatch.report")
+    fake = types.ModuleType("lightning_memwatch.apps.report")
     fake.main = lambda argv: seen.append(argv) or 0  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "lightning_memwatch.report", fake)
+    monkeypatch.setitem(sys.modules, "lightning_memwatch.apps.report", fake)
     assert main(["report", "runs/x"]) == 0 and seen == [["runs/x"]]
 
     import importlib
@@ -204,10 +204,10 @@ def test_commands_usage_and_lazy_subcommands(
     real_import = importlib.import_module
 
     def missing(name: str, *args: object) -> object:
-        if name == "lightning_memwatch.demo":
+        if name == "lightning_memwatch.apps.demo":
             raise ModuleNotFoundError(f"No module named {name!r}", name=name)
         return real_import(name, *args)
 
     monkeypatch.setattr(importlib, "import_module", missing)
     assert main(["demo"]) == 2
-    assert "no lightning_memwatch.demo module" in capsys.readouterr().err
+    assert "no lightning_memwatch.apps.demo module" in capsys.readouterr().err

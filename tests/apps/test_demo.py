@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from lightning_memwatch import log as mwlog
-from lightning_memwatch.demo import (
+from lightning_memwatch.apps.demo import (
     CLASSIFIER_FILENAME,
     DemoConfig,
     DigitFeatureNet,
@@ -21,7 +21,7 @@ from lightning_memwatch.demo import (
     main,
     train_digit_classifier,
 )
-from lightning_memwatch.report import PLOT_NAMES, RUN_METADATA, read_event_records
+from lightning_memwatch.apps.report import PLOT_NAMES, RUN_METADATA, read_event_records
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -85,7 +85,7 @@ def test_quick_demo_tensorboard_logs_hold_every_evaluation(quick_run):
 
 
 def test_digit_classifier_features_separate_digits_from_noise():
-    from lightning_memwatch.data import DigitsDataModule
+    from lightning_memwatch.apps.data import DigitsDataModule
 
     data = DigitsDataModule(n=256, num_heldout=1285)
     data.setup("fit")
@@ -133,7 +133,7 @@ def test_in_process_run_leaves_warning_filters_and_loggers_alone(tmp_path):
     import logging
     import warnings
 
-    from lightning_memwatch.demo import run_demo
+    from lightning_memwatch.apps.demo import run_demo
 
     filters_before = list(warnings.filters)
     level_before = logging.getLogger("lightning.pytorch").level
@@ -148,7 +148,7 @@ def test_in_process_run_leaves_warning_filters_and_loggers_alone(tmp_path):
 
 
 def test_ordinals_in_the_printed_settings():
-    from lightning_memwatch.demo import ordinal
+    from lightning_memwatch.apps.demo import ordinal
 
     assert [ordinal(k) for k in (1, 2, 3, 4, 11, 12, 13, 21, 22, 23, 101, 111)] == [
         "1st", "2nd", "3rd", "4th", "11th", "12th", "13th", "21st", "22nd", "23rd", "101st", "111th"

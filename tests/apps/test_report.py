@@ -9,8 +9,7 @@ import pytest
 from torch.utils.tensorboard import SummaryWriter
 
 from lightning_memwatch import log as mwlog
-from lightning_memwatch.detection import detect_timescales
-from lightning_memwatch.report import (
+from lightning_memwatch.apps.report import (
     PLOT_NAMES,
     RUN_METADATA,
     find_runs,
@@ -21,6 +20,7 @@ from lightning_memwatch.report import (
     report,
     write_run_metadata,
 )
+from lightning_memwatch.detection import detect_timescales
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 DETECTOR = {"quality_key": "fid", "gen_rule": "floor", "floor": 20.0, "eps": 0.0, "mem_rule": "threshold", "f0": 0.03}
@@ -208,7 +208,7 @@ def test_command_line(logdir, capsys):
 
 
 def test_plot_legends_name_every_line_and_band(logdir, monkeypatch):
-    import lightning_memwatch.report as report_module
+    import lightning_memwatch.apps.report as report_module
 
     figures = []
     original = report_module._new_figure
@@ -238,13 +238,13 @@ def test_plot_legends_name_every_line_and_band(logdir, monkeypatch):
 
 
 def test_runs_without_labels_are_named_after_their_experiment(tmp_path):
-    from lightning_memwatch.report import run_name
+    from lightning_memwatch.apps.report import run_name
 
     assert run_name(tmp_path / "baseline" / "version_0") == "baseline"
     assert run_name(tmp_path / "baseline" / "version_3") == "baseline v3"
     assert run_name(tmp_path / "sweep" / "n64" / "lightning_logs" / "version_0") == "n64"
     assert run_name(tmp_path / "my_run") == "my_run"
-    from lightning_memwatch.report import load_run
+    from lightning_memwatch.apps.report import load_run
 
     write_run(tmp_path / "logs" / "baseline" / "version_0", planted_history(100, 500, 1000, 1500), metadata=False)
     assert load_run(tmp_path / "logs" / "baseline" / "version_0").label == "baseline"  # the legend's text

@@ -4,10 +4,10 @@ Each exposes ``train_images()``, ``heldout_images()`` (the FID reference), ``dat
 after ``setup()``; batches are plain tensors of ``min(512, n)`` samples by default.
 """
 
-from lightning_memwatch.data.base import TensorDataModule, normalize_unit_images
-from lightning_memwatch.data.celeba import CelebA32DataModule
-from lightning_memwatch.data.digits import DigitsDataModule, load_digits_unit
-from lightning_memwatch.data.gmm import GMMDataModule, sample_two_gaussians
+from lightning_memwatch.apps.data.base import TensorDataModule, normalize_unit_images
+from lightning_memwatch.apps.data.celeba import CelebA32DataModule
+from lightning_memwatch.apps.data.digits import DigitsDataModule, load_digits_unit
+from lightning_memwatch.apps.data.gmm import GMMDataModule, sample_two_gaussians
 
 __all__ = [
     "CelebA32DataModule",

@@ -5,7 +5,7 @@ set (the FID ``reference``). Batches are plain tensors (no labels), drawn like t
 each epoch, ``drop_last=False`` (the last batch of a pass is smaller), batch size ``min(max_batch_size, n)``
 unless set; one batch is one optimizer step.
 
-Metadata read by :class:`~lightning_memwatch.models.ddpm.DDPM` and meant for MemWatch:
+Metadata read by :class:`~lightning_memwatch.apps.models.ddpm.DDPM` and meant for MemWatch:
 
 * ``data_range``: ``(low, high)`` that every training image lies in (``None`` for unbounded data);
 * ``sample_shape``: shape of one sample, e.g. ``(1, 32, 32)``;

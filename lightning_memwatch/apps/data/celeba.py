@@ -37,13 +37,13 @@ from PIL import Image
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from lightning_memwatch.cache import TensorCache, default_cache_dir, make_key
-from lightning_memwatch.data.base import (
+from lightning_memwatch.apps.data.base import (
     Normalization,
     TensorDataModule,
     check_normalization,
     normalize_unit_images,
 )
+from lightning_memwatch.cache import TensorCache, default_cache_dir, make_key
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 CACHE_VERSION = 1
@@ -129,7 +129,7 @@ class CelebA32DataModule(TensorDataModule):
         cache_dir: Where the preprocessed selection is cached; ``None``: ``celeba32/`` under
             :func:`lightning_memwatch.cache.default_cache_dir`; ``""``: no cache.
         decode_workers: Processes decoding JPEGs on a cache miss (0: in the main process).
-        batch_size: See :class:`~lightning_memwatch.data.base.TensorDataModule` (``None``: ``min(512, n)``).
+        batch_size: See :class:`~lightning_memwatch.apps.data.base.TensorDataModule` (``None``: ``min(512, n)``).
         max_batch_size: See the base class.
         full_batch: See the base class (``batch_size = n``).
         num_workers: Training DataLoader workers.

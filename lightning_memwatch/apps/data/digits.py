@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from lightning_memwatch.data.base import (
+from lightning_memwatch.apps.data.base import (
     Normalization,
     TensorDataModule,
     check_normalization,
@@ -42,7 +42,7 @@ class DigitsDataModule(TensorDataModule):
         image_size: Side of the returned images (8: native; e.g. 32 to feed the paper's U-Net).
         normalization: ``"minus_one_one"`` (default) or ``"center"`` (minus the training mean).
         split_seed: Seed of the permutation that defines the split.
-        batch_size: See :class:`~lightning_memwatch.data.base.TensorDataModule` (``None``: ``min(512, n)``).
+        batch_size: See :class:`~lightning_memwatch.apps.data.base.TensorDataModule` (``None``: ``min(512, n)``).
         max_batch_size: See the base class.
         full_batch: See the base class (``batch_size = n``).
         num_workers: See the base class.

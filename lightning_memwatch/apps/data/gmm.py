@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from lightning_memwatch.data.base import TensorDataModule
+from lightning_memwatch.apps.data.base import TensorDataModule
 
 
 def sample_two_gaussians(
@@ -42,7 +42,7 @@ class GMMDataModule(TensorDataModule):
         sigma: Per-coordinate standard deviation (1 in the paper).
         seed: Dataset seed (the paper's ``-s``); the training set depends on it and ``n`` only.
         num_heldout: Held-out points (even), drawn after the training set.
-        batch_size: See :class:`~lightning_memwatch.data.base.TensorDataModule` (the paper's example: 512).
+        batch_size: See :class:`~lightning_memwatch.apps.data.base.TensorDataModule` (the paper's example: 512).
         max_batch_size: See the base class.
         full_batch: See the base class.
         num_workers: See the base class.

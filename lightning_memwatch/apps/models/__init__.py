@@ -4,16 +4,16 @@ These serve the recipes and the demo; users' own training code only needs the li
 (``MemWatch``, ``EvalSchedule``, ``FID`` ...).
 """
 
-from lightning_memwatch.models.ddpm import DDPM
-from lightning_memwatch.models.diffusion import (
+from lightning_memwatch.apps.models.ddpm import DDPM
+from lightning_memwatch.apps.models.diffusion import (
     alphas_cumprod,
     ddim_sample,
     ddim_timesteps,
     linear_beta_schedule,
     q_sample,
 )
-from lightning_memwatch.models.gmm_mlp import ResidualMLP
-from lightning_memwatch.models.unet import UNet, count_parameters
+from lightning_memwatch.apps.models.gmm_mlp import ResidualMLP
+from lightning_memwatch.apps.models.unet import UNet, count_parameters
 
 __all__ = [
     "DDPM",

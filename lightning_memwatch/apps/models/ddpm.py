@@ -1,8 +1,8 @@
 """A DDPM LightningModule with the paper's training loop and a deterministic DDIM ``sample`` for MemWatch.
 
 Architecture-agnostic: it wraps any noise predictor ``denoiser(x_t, t) -> eps_hat`` (the paper's
-:class:`~lightning_memwatch.models.unet.UNet`, the GMM
-:class:`~lightning_memwatch.models.gmm_mlp.ResidualMLP`, or a user's own ``nn.Module``).
+:class:`~lightning_memwatch.apps.models.unet.UNet`, the GMM
+:class:`~lightning_memwatch.apps.models.gmm_mlp.ResidualMLP`, or a user's own ``nn.Module``).
 
 Training (``paper_protocol.md`` sections 3-4): ``T = 1000``, linear betas ``1e-4 .. 0.02``,
 ``t ~ U{1, ..., T-1}``, plain epsilon MSE, no EMA, constant learning rate, SGD with momentum 0.95 or Adam;
@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightning_memwatch.models.diffusion import (
+from lightning_memwatch.apps.models.diffusion import (
     alphas_cumprod,
     ddim_sample,
     ddim_timesteps,

@@ -8,8 +8,8 @@ import pytest
 import torch
 from PIL import Image
 
-from lightning_memwatch.data import celeba
-from lightning_memwatch.data.celeba import CelebA32DataModule, natural_key, preprocess_image
+from lightning_memwatch.apps.data import celeba
+from lightning_memwatch.apps.data.celeba import CelebA32DataModule, natural_key, preprocess_image
 
 torch.set_num_threads(1)
 NUM_IMAGES = 30

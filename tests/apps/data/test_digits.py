@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lightning_memwatch.data import DigitsDataModule, load_digits_unit
+from lightning_memwatch.apps.data import DigitsDataModule, load_digits_unit
 
 
 def _setup(**kwargs) -> DigitsDataModule:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lightning_memwatch.data import GMMDataModule, sample_two_gaussians
+from lightning_memwatch.apps.data import GMMDataModule, sample_two_gaussians
 
 
 def test_statistics_of_the_two_clusters() -> None:

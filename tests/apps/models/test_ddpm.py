@@ -9,8 +9,8 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_memwatch.data import DigitsDataModule, GMMDataModule
-from lightning_memwatch.models import DDPM, ResidualMLP, UNet
+from lightning_memwatch.apps.data import DigitsDataModule, GMMDataModule
+from lightning_memwatch.apps.models import DDPM, ResidualMLP, UNet
 
 torch.set_num_threads(1)
 

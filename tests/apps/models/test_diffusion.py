@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from lightning_memwatch.models.diffusion import (
+from lightning_memwatch.apps.models.diffusion import (
     alphas_cumprod,
     ddim_sample,
     ddim_timesteps,

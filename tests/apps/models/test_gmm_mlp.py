@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from lightning_memwatch.models.gmm_mlp import ResidualMLP, interleaved_time_encoding
-from lightning_memwatch.models.unet import count_parameters
+from lightning_memwatch.apps.models.gmm_mlp import ResidualMLP, interleaved_time_encoding
+from lightning_memwatch.apps.models.unet import count_parameters
 
 torch.set_num_threads(1)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lightning_memwatch.models.unet import ResBlock, SelfAttention2d, UNet, count_parameters, sinusoidal_table
+from lightning_memwatch.apps.models.unet import ResBlock, SelfAttention2d, UNet, count_parameters, sinusoidal_table
 
 torch.set_num_threads(1)
 
