@@ -69,6 +69,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
+from lightning_memwatch.fits import TauMemFit, TooFewRunsError, fit_tau_mem
+
 __all__ = [
     "TauMemForecast",
     "TimescaleDetector",
@@ -595,6 +597,9 @@ def detect_timescales(
 class TauMemForecast:
     """Fit of tau_mem against the training-set size n: the paper's linear law tau_mem = slope * n.
 
+    The flat view of :class:`lightning_memwatch.fits.TauMemFit` (which :func:`lightning_memwatch.fits.fit_tau_mem`
+    returns, with every fit's R^2) that :func:`forecast_tau_mem` has always returned.
+
     Attributes:
         slope: least-squares slope of tau_mem = slope * n through the origin (optimizer steps per training
             image); :meth:`predict` uses it.
@@ -617,6 +622,19 @@ class TauMemForecast:
     prefactor: float
     num_points: int
 
+    @classmethod
+    def from_fit(cls, fit: TauMemFit) -> TauMemForecast:
+        """The flat view of ``fit``."""
+        return cls(
+            slope=fit.origin.slope,
+            r2=fit.origin.r2,
+            intercept=fit.affine.intercept,
+            intercept_slope=fit.affine.slope,
+            exponent=fit.exponent,
+            prefactor=fit.prefactor,
+            num_points=fit.num_runs,
+        )
+
     def predict(self, n: float) -> float:
         """Forecast tau_mem (optimizer steps) for a training set of ``n`` images: ``slope * n``."""
         value = _finite_float(n)
@@ -631,16 +649,13 @@ class TauMemForecast:
         return {"slope": self.slope, "intercept": 0.0, "r2": self.r2, "exponent": self.exponent}
 
 
-def _linear_fit(x: Sequence[float], y: Sequence[float]) -> tuple[float, float]:
-    """Ordinary least squares y = a + b x; returns (a, b)."""
-    mx, my = sum(x) / len(x), sum(y) / len(y)
-    sxx = sum((xi - mx) ** 2 for xi in x)
-    b = sum((xi - mx) * (yi - my) for xi, yi in zip(x, y, strict=True)) / sxx
-    return my - b * mx, b
-
-
-class _TooFewRuns(ValueError):
-    """Fewer than two distinct training-set sizes reached tau_mem."""
+def _warn_never_memorized(count: int) -> None:
+    if count:
+        warnings.warn(
+            f"{count} run(s) with tau_mem=None (never memorized) are left out of the tau_mem fit.",
+            UserWarning,
+            stacklevel=3,
+        )
 
 
 def forecast_tau_mem(n: Sequence[float], tau_mem: Sequence[float | None]) -> TauMemForecast:
@@ -649,7 +664,8 @@ def forecast_tau_mem(n: Sequence[float], tau_mem: Sequence[float | None]) -> Tau
     The paper finds tau_mem proportional to n (f_mem curves collapse against tau / n), so the practical rule
     is: measure tau_mem at two or more small n, fit the slope, and stop training a run at size n before
     ``slope * n`` steps. The exponent of a log-log fit and the intercept of an unconstrained fit tell how well
-    the linear law holds on your runs.
+    the linear law holds on your runs. The fits are :func:`lightning_memwatch.fits.fit_tau_mem`'s (which also
+    gives the R^2 of each).
 
     Args:
         n: training-set sizes (images), one per run, all > 0.
@@ -661,61 +677,21 @@ def forecast_tau_mem(n: Sequence[float], tau_mem: Sequence[float | None]) -> Tau
 
     Raises:
         ValueError: when lengths differ, values are not positive and finite, or fewer than two runs with
-            distinct n memorized.
+            distinct n memorized (:class:`lightning_memwatch.fits.TooFewRunsError`).
 
     Example:
         >>> fit = forecast_tau_mem([1000, 2000, 4000], [30_000, 60_000, 120_000])
         >>> round(fit.slope, 6), round(fit.exponent, 6), fit.predict(8000)
         (30.0, 1.0, 240000.0)
     """
-    n_list, tau_list = list(n), list(tau_mem)
-    if len(n_list) != len(tau_list):
-        raise ValueError(f"n and tau_mem must have one entry per run; got {len(n_list)} and {len(tau_list)}.")
-    pairs: list[tuple[float, float]] = []
-    censored = 0
-    for i, (ni, ti) in enumerate(zip(n_list, tau_list, strict=True)):
-        nv = _finite_float(ni)
-        if nv is None or nv <= 0:
-            raise ValueError(f"n[{i}] must be a positive number of training images; got {ni!r}.")
-        if ti is None:
-            censored += 1
-            continue
-        tv = _finite_float(ti)
-        if tv is None or tv <= 0:
-            raise ValueError(
-                f"tau_mem[{i}] must be a positive number of steps, or None for a run that never memorized; "
-                f"got {ti!r}."
-            )
-        pairs.append((nv, tv))
-    if censored:
-        warnings.warn(
-            f"{censored} run(s) with tau_mem=None (never memorized) are left out of the tau_mem fit.",
-            UserWarning,
-            stacklevel=2,
-        )
-    if len({p[0] for p in pairs}) < 2:
-        raise _TooFewRuns(
-            f"forecast_tau_mem needs runs at two or more distinct n that memorized; got {len(pairs)} run(s) "
-            f"at n = {sorted({p[0] for p in pairs})}. Train at another training-set size (or longer, so "
-            "tau_mem fires)."
-        )
-    xs, ys = [p[0] for p in pairs], [p[1] for p in pairs]
-    slope = sum(x * y for x, y in pairs) / sum(x * x for x in xs)
-    mean_y = sum(ys) / len(ys)
-    ss_tot = sum((y - mean_y) ** 2 for y in ys)
-    ss_res = sum((y - slope * x) ** 2 for x, y in pairs)
-    r2 = 1.0 - ss_res / ss_tot if ss_tot > 0 else (1.0 if ss_res == 0 else 0.0)
-    intercept, intercept_slope = _linear_fit(xs, ys)
-    log_intercept, exponent = _linear_fit([math.log(x) for x in xs], [math.log(y) for y in ys])
-    return TauMemForecast(
-        slope=slope,
-        r2=r2,
-        intercept=intercept,
-        intercept_slope=intercept_slope,
-        exponent=exponent,
-        prefactor=math.exp(log_intercept),
-        num_points=len(pairs),
-    )
+    tau_list = list(tau_mem)
+    try:
+        fit = fit_tau_mem(n, tau_list)
+    except TooFewRunsError:
+        _warn_never_memorized(sum(t is None for t in tau_list))
+        raise
+    _warn_never_memorized(fit.num_skipped)
+    return TauMemForecast.from_fit(fit)
 
 
 def fit_summary(n: Sequence[float], tau_mem: Sequence[float | None]) -> dict[str, float | None]:
@@ -725,9 +701,7 @@ def fit_summary(n: Sequence[float], tau_mem: Sequence[float | None]) -> dict[str
     None (e.g. a demo where only one training-set size reached tau_mem), and runs with ``tau_mem=None`` are
     left out silently. Invalid inputs (lengths that differ, n <= 0) still raise.
     """
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        try:
-            return dict(forecast_tau_mem(n, tau_mem).fit_dict())
-        except _TooFewRuns:
-            return {"slope": None, "intercept": None, "r2": None, "exponent": None}
+    try:
+        return dict(TauMemForecast.from_fit(fit_tau_mem(n, tau_mem)).fit_dict())
+    except TooFewRunsError:
+        return {"slope": None, "intercept": None, "r2": None, "exponent": None}

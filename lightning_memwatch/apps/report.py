@@ -15,15 +15,14 @@ file is JSON::
 The report rebuilds each run's history (one record per evaluation, the fields of ``MemWatch.history``: step,
 f_mem, f_mem_ci_low, f_mem_ci_high, ratio_median, fid, ...), applies
 :func:`~lightning_memwatch.detection.detect_timescales` offline (the run's own detector settings unless
-overridden), fits tau_mem = slope * n (:func:`~lightning_memwatch.detection.forecast_tau_mem`) and writes
+overridden), fits tau_mem against n (:func:`~lightning_memwatch.fits.fit_tau_mem`) and writes
 
 * ``LOGDIR/summary.json``: ``{"runs": [{"n", "tau_gen", "tau_mem", "final_f_mem", "best_fid", ...}],
   "fit": {"slope", "intercept", "r2", "exponent", ...}, "forecast": {...}}`` (a tau that never fired is null;
-  fit values are null when fewer than two distinct n reached tau_mem). The fit is
-  :func:`~lightning_memwatch.detection.fit_summary`'s: ``slope`` and ``r2`` belong to the paper's law
-  tau_mem = slope * n (through the origin, what the forecast uses), ``intercept`` to the unconstrained fit,
-  ``exponent`` to the log-log fit; ``fit["affine"]`` holds the unconstrained fit's ``slope``, ``intercept`` and
-  ``r2`` together;
+  fit values are null when fewer than two distinct n reached tau_mem): ``slope`` and ``r2`` belong to the
+  paper's law tau_mem = slope * n (through the origin, what the forecast uses; ``intercept`` is 0), ``exponent``
+  and ``prefactor`` to the log-log fit; ``fit["affine"]`` holds the unconstrained fit's ``slope``,
+  ``intercept`` and ``r2``, ``fit["loglog"]`` the log-log fit's ``exponent``, ``prefactor`` and ``r2``;
 * ``LOGDIR/plots/``: ``f_mem_vs_step.png``, ``f_mem_vs_step_over_n.png`` (the collapse),
   ``quality_vs_step.png`` (FID or the run's quality signal), ``timescales_vs_n.png`` (tau_gen and tau_mem vs
   n with the linear fit and R^2, and log-log with the exponent), ``tau_mem_forecast.png``;
@@ -49,7 +48,8 @@ from pathlib import Path
 from typing import Any
 
 from lightning_memwatch import log as mwlog
-from lightning_memwatch.detection import TimescaleDetector, detect_timescales, fit_summary, forecast_tau_mem
+from lightning_memwatch.detection import TimescaleDetector, detect_timescales
+from lightning_memwatch.fits import TooFewRunsError, fit_tau_mem
 
 __all__ = [
     "PLOT_NAMES",
@@ -371,36 +371,34 @@ def summarize_run(
     }
 
 
-def _affine_fit(ns: Sequence[int], taus: Sequence[int | None], intercept: float, slope: float) -> dict[str, float]:
-    """The unconstrained fit tau_mem = intercept + slope * n and its R^2 (runs that memorized)."""
-    pairs = [(float(n), float(t)) for n, t in zip(ns, taus, strict=True) if t is not None]
-    mean = sum(t for _, t in pairs) / len(pairs)
-    ss_tot = sum((t - mean) ** 2 for _, t in pairs)
-    ss_res = sum((t - intercept - slope * n) ** 2 for n, t in pairs)
-    r2 = 1.0 - ss_res / ss_tot if ss_tot > 0 else 1.0
-    return {"slope": slope, "intercept": intercept, "r2": r2}
+_NO_FIT = {"slope": None, "intercept": None, "r2": None, "exponent": None}
 
 
 def _fit(runs: Sequence[Mapping[str, Any]]) -> tuple[dict[str, Any], dict[str, Any] | None]:
-    """The fit summary and, when it exists, the forecast (predictions at 2, 4 and 8 times the largest n)."""
+    """The ``"fit"`` summary (:func:`~lightning_memwatch.fits.fit_tau_mem`'s three fits) and, when it exists,
+    the forecast (predictions at 2, 4 and 8 times the largest n)."""
     usable = [r for r in runs if r["n"] is not None]
-    if not usable:
-        return {"slope": None, "intercept": None, "r2": None, "exponent": None}, None
     ns, taus = [r["n"] for r in usable], [r["tau_mem"] for r in usable]
-    summary = fit_summary(ns, taus)
-    if summary["slope"] is None:
-        return summary, None
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        forecast = forecast_tau_mem(ns, taus)
-    summary["num_runs"] = forecast.num_points
-    summary["prefactor"] = forecast.prefactor
-    summary["affine"] = _affine_fit(ns, taus, forecast.intercept, forecast.intercept_slope)
+    try:
+        fit = fit_tau_mem(ns, taus)
+    except TooFewRunsError:
+        return dict(_NO_FIT), None
+    summary: dict[str, Any] = {
+        # the paper's law through the origin (what the forecast uses), plus the log-log exponent
+        "slope": fit.origin.slope,
+        "intercept": 0.0,
+        "r2": fit.origin.r2,
+        "exponent": fit.exponent,
+        "num_runs": fit.num_runs,
+        "prefactor": fit.prefactor,
+        "affine": {"slope": fit.affine.slope, "intercept": fit.affine.intercept, "r2": fit.affine.r2},
+        "loglog": {"exponent": fit.exponent, "prefactor": fit.prefactor, "r2": fit.loglog.r2},
+    }
     targets = [int(max(ns) * k) for k in (2, 4, 8)]
     prediction = {
         "rule": "tau_mem = slope * n",
         "n": targets,
-        "tau_mem": [forecast.predict(t) for t in targets],
+        "tau_mem": [fit.predict(t) for t in targets],
     }
     return summary, prediction
 
@@ -429,7 +427,8 @@ def report(
 
     Returns:
         The summary: ``{"logdir", "runs": [...], "fit": {"slope", "intercept", "r2", "exponent", "num_runs",
-        "prefactor", "affine": {"slope", "intercept", "r2"}}, "forecast": {"n": [...], "tau_mem": [...]} or
+        "prefactor", "affine": {"slope", "intercept", "r2"}, "loglog": {"exponent", "prefactor", "r2"}},
+        "forecast": {"n": [...], "tau_mem": [...]} or
         None, "quality_label", "plots": [paths], "summary_path"}``.
 
     Raises:
