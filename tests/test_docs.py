@@ -640,7 +640,7 @@ def test_tensorboard_commands_in_the_docs_are_accepted_by_tensorboard(tmp_path):
                 assert words[words.index("--host") + 1] == "127.0.0.1", where
     assert found >= 3
     assert not parses(["--logdir", str(tmp_path), "--bind_all=false"])
-    from lightning_memwatch import demo
+    from lightning_memwatch.apps import demo
 
     assert "--host 127.0.0.1" in Path(demo.__file__).read_text().split("TensorBoard: tensorboard", 1)[1][:80]
 
