@@ -27,6 +27,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
 from lightning_memwatch._checks import images_of_batch
+from lightning_memwatch.images import collect_images
 from lightning_memwatch.metrics.loss_gap import (
     LossGapReading,
     ProbeTriples,
@@ -184,8 +185,6 @@ class LossGapProbe(Callback):
 
     @staticmethod
     def _images(source: Any, name: str) -> Tensor:
-        from lightning_memwatch.callbacks.memwatch import collect_images
-
         return collect_images(source, name)
 
     def _find_images(self, trainer: Trainer) -> tuple[Tensor, Tensor]:
