@@ -29,7 +29,7 @@ import functools
 import math
 import numbers
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 import numpy as np
 import torch
@@ -77,6 +77,8 @@ def config_error(message: str) -> ValueError:
 def config_type_error(message: str) -> TypeError:
     """A :class:`ConfigTypeError` (``TypeError`` + ``MisconfigurationException``) to raise."""
     return _error_classes()[1](message)
+
+_T = TypeVar("_T")
 
 IMAGE_KEYS = ("image", "images", "img", "x", "input")
 
@@ -285,7 +287,7 @@ def check_float(
     return out
 
 
-def check_choice(value: object, name: str, allowed: Sequence[object], *, hint: str = "") -> object:
+def check_choice(value: _T, name: str, allowed: Sequence[object], *, hint: str = "") -> _T:
     """``value`` when it equals one of ``allowed`` (a bool only matches a bool); else a :class:`ConfigError`
     that lists the allowed values and the value received, followed by ``hint``."""
     if not _is_one_of(value, allowed):
