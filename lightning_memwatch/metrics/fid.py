@@ -81,7 +81,8 @@ class FID:
 
     Attributes:
         reference: real images (tensor (N, C, H, W), Dataset or DataLoader; items may be ``(image, label)``)
-            in the same ``data_range`` as the samples. The paper uses held-out test images. ``None``: the
+            in the same ``data_range`` as the samples, read by :mod:`lightning_memwatch.images` (a DataLoader:
+            the rows its sampler can draw, in dataset order). The paper uses held-out test images. ``None``: the
             training data, with a warning (train-FID rewards copying training images, i.e. memorization).
         feature_extractor: ``"inception"`` (torch-fidelity's Inception-v3, via torchmetrics) or any
             ``nn.Module`` mapping a batch of float images in ``data_range`` to (N, d) features (it must stay
