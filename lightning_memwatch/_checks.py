@@ -1,17 +1,84 @@
-"""Input checks shared by every module: each error names the fix.
+"""The one place of argument and input validation: each error names the fix.
+
+Exception policy (every module of the package follows it):
+
+* A bad argument or input *value* raises :class:`ConfigError`, a subclass of both ``ValueError`` and
+  Lightning's ``MisconfigurationException``; a bad *type* raises :class:`ConfigTypeError`, a subclass of both
+  ``TypeError`` and ``MisconfigurationException``. So ``except ValueError`` / ``except TypeError`` (plain
+  PyTorch code) and ``except MisconfigurationException`` (Lightning code, like ``EarlyStopping``'s errors)
+  all catch them; one ``except MisconfigurationException`` catches every configuration error.
+* Messages name the argument, list the allowed values or range, and show the value received
+  (``"mode must be one of 'min', 'max'; got 'mn'."``), and say how to fix it when that is not obvious.
+* Errors that are not about the caller's configuration keep their own types: a missing optional dependency
+  (``ImportError`` naming the extra), missing Inception weights (``InceptionWeightsNotFoundError``), calling
+  things in the wrong order (``RuntimeError``), a missing method on the user's module (``AttributeError``).
+* Raise through :func:`config_error` / :func:`config_type_error` or the ``check_*`` helpers below, never a bare
+  ``ValueError``/``TypeError`` for a configuration problem.
+
+The two classes are built on first use (module ``__getattr__``): ``MisconfigurationException`` lives in
+Lightning, and importing Lightning costs seconds, which the Lightning-free modules (``metrics/``,
+``images.py``, the evaluator) must not pay at import. Lightning is loaded only when an error is raised or a
+class is looked up.
 
 Nothing here modifies its input in place; conversions return new tensors.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, TypeVar
 
 import numpy as np
 import torch
 from torch import Tensor
+
+if TYPE_CHECKING:
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
+
+    class ConfigError(ValueError, MisconfigurationException):
+        """A bad argument or input value."""
+
+    class ConfigTypeError(TypeError, MisconfigurationException):
+        """A bad argument or input type."""
+
+
+@functools.cache
+def _error_classes() -> tuple[type[ValueError], type[TypeError]]:
+    """``(ConfigError, ConfigTypeError)``, created once, on first use (imports Lightning's exception)."""
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
+
+    class ConfigError(ValueError, MisconfigurationException):
+        """A bad argument or input value: a ``ValueError`` and a Lightning ``MisconfigurationException``."""
+
+    class ConfigTypeError(TypeError, MisconfigurationException):
+        """A bad argument or input type: a ``TypeError`` and a Lightning ``MisconfigurationException``."""
+
+    for cls in (ConfigError, ConfigTypeError):
+        cls.__module__, cls.__qualname__ = __name__, cls.__name__  # picklable as lightning_memwatch._checks.X
+    return ConfigError, ConfigTypeError
+
+
+def __getattr__(name: str) -> type[Exception]:
+    if name == "ConfigError":
+        return _error_classes()[0]
+    if name == "ConfigTypeError":
+        return _error_classes()[1]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def config_error(message: str) -> ValueError:
+    """A :class:`ConfigError` (``ValueError`` + ``MisconfigurationException``) to raise: ``raise config_error(...)``."""
+    return _error_classes()[0](message)
+
+
+def config_type_error(message: str) -> TypeError:
+    """A :class:`ConfigTypeError` (``TypeError`` + ``MisconfigurationException``) to raise."""
+    return _error_classes()[1](message)
+
+_T = TypeVar("_T")
 
 IMAGE_KEYS = ("image", "images", "img", "x", "input")
 
@@ -30,7 +97,7 @@ def images_of_batch(batch: object, name: str = "a batch") -> Tensor:
         for item in batch:
             if isinstance(item, Tensor):
                 return item
-    raise TypeError(
+    raise config_type_error(
         f"Cannot find images in {name} of type {type(batch).__name__}: yield tensors, (images, labels) tuples, "
         f"or dicts with an 'image' key, or pass the images as one tensor."
     )
@@ -43,9 +110,9 @@ def check_float_tensor(x: object, name: str) -> Tensor:
     another range); the message says how to convert them.
     """
     if not isinstance(x, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}.")
+        raise config_type_error(f"{name} must be a torch.Tensor, got {type(x).__name__}.")
     if not torch.is_floating_point(x):
-        raise TypeError(
+        raise config_type_error(
             f"{name} has dtype {x.dtype}; floating-point images are required. Convert them with "
             f"`{name}.float()` and rescale to your data_range (e.g. `x.float() / 255` for uint8 images in [0, 1])."
         )
@@ -59,7 +126,7 @@ def check_finite(x: Tensor, name: str) -> None:
     bad = ~torch.isfinite(x)  # the sum may also overflow: look at every entry
     if bool(bad.any()):
         rows = bad.reshape(len(x), -1).any(dim=1) if x.ndim > 0 and len(x) > 0 else bad
-        raise ValueError(
+        raise config_error(
             f"{name} contains {int(bad.sum())} NaN/Inf values (in {int(rows.sum())} of {len(x)} rows). "
             "Check the sampler or model for divergence (e.g. a too-large learning rate) before measuring it."
         )
@@ -69,12 +136,12 @@ def check_batch(x: object, name: str, *, min_rows: int = 1) -> Tensor:
     """Validate a batch of images or vectors: float, finite, at least ``min_rows`` rows, ndim >= 2."""
     x = check_float_tensor(x, name)
     if x.ndim < 2:
-        raise ValueError(
+        raise config_error(
             f"{name} must be batched, with shape (N, D) or (N, C, H, W); got shape {tuple(x.shape)}. "
             f"Add a batch dimension with `{name}.unsqueeze(0)`."
         )
     if len(x) < min_rows:
-        raise ValueError(f"{name} must hold at least {min_rows} rows; got {len(x)} (shape {tuple(x.shape)}).")
+        raise config_error(f"{name} must hold at least {min_rows} rows; got {len(x)} (shape {tuple(x.shape)}).")
     check_finite(x, name)
     return x
 
@@ -117,7 +184,7 @@ def check_sample_range(x: Tensor, name: str, data_range: tuple[float, float]) ->
         f"their values lie outside it"
     )
     if outside > MOSTLY_OUTSIDE or half > HALF_SPAN_OUTSIDE or far > FAR_OUTSIDE:
-        raise ValueError(
+        raise config_error(
             f"{stats} ({100 * far:.1f}% by more than the range's width). Nearest-neighbour ratios of such samples "
             "are all near 1, so f_mem would read 0 whatever the model does. Make the sampler return images in "
             f"data_range ({lo:g}, {hi:g}) (e.g. map [-1, 1] to [0, 1] with `(x + 1) / 2`, or clamp), or pass the "
@@ -148,7 +215,7 @@ def check_range(x: Tensor, name: str, data_range: tuple[float, float], *, tolera
     slack = tolerance * (hi - lo)
     x_min, x_max = float(x.min()), float(x.max())
     if x_min < lo - slack or x_max > hi + slack:
-        raise ValueError(
+        raise config_error(
             f"{name} spans [{x_min:.3g}, {x_max:.3g}] but data_range is ({lo}, {hi}). Pass the range your "
             "images really use as `data_range=`, or rescale them to it."
         )
@@ -182,13 +249,13 @@ def check_int(value: object, name: str, *, minimum: int | None = None, unit: str
     what = "a positive int" if minimum == 1 else f"an int{f' >= {minimum}' if minimum is not None else ''}"
     what += f" ({unit})" if unit else ""
     if isinstance(raw, bool) or not isinstance(raw, (numbers.Integral, numbers.Real)):
-        raise TypeError(f"{name} must be {what}; got {type(value).__name__} {value!r}.")
+        raise config_type_error(f"{name} must be {what}; got {type(value).__name__} {value!r}.")
     if not isinstance(raw, numbers.Integral):
         if not math.isfinite(raw) or raw != int(raw):
-            raise ValueError(f"{name} must be {what}; got the non-integral number {value!r}, not truncated.")
+            raise config_error(f"{name} must be {what}; got the non-integral number {value!r}, not truncated.")
     out = int(raw)
     if minimum is not None and out < minimum:
-        raise ValueError(f"{name} must be {what}; got {out}.")
+        raise config_error(f"{name} must be {what}; got {out}.")
     return out
 
 
@@ -206,38 +273,57 @@ def check_float(
     (open ends where ``low_open`` / ``high_open``). ``hint`` is appended to the range message."""
     raw = _scalar(value)
     lo_b, hi_b = ("(" if low_open else "["), (")" if high_open else "]")
+    lo_b, hi_b = ("(" if low is None else lo_b), (")" if high is None else hi_b)  # infinities are refused
     interval = f"{lo_b}{'-inf' if low is None else low}, {'inf' if high is None else high}{hi_b}"
     what = f"a number in {interval}" if low is not None or high is not None else "a finite number"
     what += f" ({hint})" if hint else ""
     if isinstance(raw, bool) or not isinstance(raw, numbers.Real):
-        raise TypeError(f"{name} must be {what}; got {type(value).__name__} {value!r}.")
+        raise config_type_error(f"{name} must be {what}; got {type(value).__name__} {value!r}.")
     out = float(raw)
     below = low is not None and (out <= low if low_open else out < low)
     above = high is not None and (out >= high if high_open else out > high)
     if not math.isfinite(out) or below or above:
-        raise ValueError(f"{name} must be {what}; got {out}.")
+        raise config_error(f"{name} must be {what}; got {out}.")
     return out
+
+
+def check_choice(value: _T, name: str, allowed: Sequence[object], *, hint: str = "") -> _T:
+    """``value`` when it equals one of ``allowed`` (a bool only matches a bool); else a :class:`ConfigError`
+    that lists the allowed values and the value received, followed by ``hint``."""
+    if not _is_one_of(value, allowed):
+        choices = ", ".join(repr(a) for a in allowed)
+        raise config_error(f"{name} must be one of {choices}; got {value!r}.{f' {hint}' if hint else ''}")
+    return value
+
+
+def _is_one_of(value: object, allowed: Sequence[object]) -> bool:
+    if isinstance(value, bool):
+        return any(a is value for a in allowed)
+    try:
+        return any(not isinstance(a, bool) and bool(value == a) for a in allowed)
+    except (TypeError, ValueError, RuntimeError):  # e.g. a tensor of several values
+        return False
 
 
 def check_data_range(data_range: object, name: str = "data_range") -> tuple[float, float]:
     """``(low, high)`` as two finite floats with ``high > low``: the range of the images, e.g. ``(-1.0, 1.0)``."""
     if isinstance(data_range, (str, bytes)) or not isinstance(data_range, (Sequence, Tensor, np.ndarray)):
-        raise TypeError(
+        raise config_type_error(
             f"{name} must be a pair (low, high) such as (-1.0, 1.0) or (0.0, 1.0); got {type(data_range).__name__} "
             f"{data_range!r}."
         )
     values = list(data_range)
     if len(values) != 2:
-        raise ValueError(
+        raise config_error(
             f"{name} must be a pair (low, high) such as (-1.0, 1.0); got {len(values)} values {tuple(values)!r}."
         )
     scalars = [_scalar(v) for v in values]
     lo, hi = (float(v) if isinstance(v, numbers.Real) and not isinstance(v, bool) else v for v in scalars)
     if not all(isinstance(v, float) and math.isfinite(v) for v in (lo, hi)):
-        raise ValueError(
+        raise config_error(
             f"{name} must be two finite numbers (low, high), the range the images really span, such as "
             f"(-1.0, 1.0); got {tuple(values)!r}."
         )
     if not hi > lo:
-        raise ValueError(f"{name} must be (low, high) with high > low; got {(lo, hi)}.")
+        raise config_error(f"{name} must be (low, high) with high > low; got {(lo, hi)}.")
     return lo, hi

@@ -35,6 +35,7 @@ import dataclasses
 import math
 from typing import Any, Literal
 
+from lightning_memwatch._checks import check_choice, config_error
 from lightning_memwatch.metrics.loss_gap import LossGapReading
 from lightning_memwatch.schedule import EvalSchedule
 
@@ -119,28 +120,27 @@ class AdaptiveSchedule(EvalSchedule):
         stop: int | None = None,
     ) -> None:
         if isinstance(min_every, bool) or int(min_every) < 1:
-            raise ValueError(f"min_every must be a positive number of optimizer steps; got {min_every!r}.")
+            raise config_error(f"min_every must be a positive number of optimizer steps; got {min_every!r}.")
         if int(max_every) < int(min_every):
-            raise ValueError(f"Need max_every >= min_every (optimizer steps); got {max_every} < {min_every}.")
+            raise config_error(f"Need max_every >= min_every (optimizer steps); got {max_every} < {min_every}.")
         if not growth >= watch_growth > 1.0:
-            raise ValueError(
+            raise config_error(
                 "Need growth >= watch_growth > 1 (the factors between consecutive steps while flat and while "
                 f"watching); got growth={growth}, watch_growth={watch_growth}."
             )
-        if signal not in _SIGNALS:
-            raise ValueError(f"signal must be one of {_SIGNALS}; got {signal!r}.")
+        check_choice(signal, "signal", _SIGNALS)
         if not signal_threshold > 0 or not f_mem_target > 0 or not 0 < safety <= 1:
-            raise ValueError(
+            raise config_error(
                 "Need signal_threshold > 0, f_mem_target > 0 and 0 < safety <= 1; got "
                 f"{signal_threshold}, {f_mem_target}, {safety}."
             )
         multiple = int(min_every) if multiple is None else int(multiple)
         if multiple < 1 or int(start) < 0 or int(start) % multiple:
-            raise ValueError(
+            raise config_error(
                 f"Need multiple >= 1 and start >= 0 a multiple of it; got multiple={multiple}, start={start}."
             )
         if stop is not None and int(stop) < int(start):
-            raise ValueError(f"Need stop >= start; got stop={stop}, start={start}.")
+            raise config_error(f"Need stop >= start; got stop={stop}, start={start}.")
         super().__init__(steps=[int(start)])
         self.min_every, self.max_every = int(min_every), int(max_every)
         self.growth, self.watch_growth, self.safety = float(growth), float(watch_growth), float(safety)
@@ -333,7 +333,7 @@ class AdaptiveSchedule(EvalSchedule):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Inverse of :meth:`state_dict`; the settings must match (a changed schedule is not the same run)."""
         if state["config"] != self.config():
-            raise ValueError(
+            raise config_error(
                 "AdaptiveSchedule settings differ from the checkpoint's: resume with the same settings "
                 f"({state['config']}), or start a new run; got {self.config()}."
             )

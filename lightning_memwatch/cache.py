@@ -30,6 +30,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from lightning_memwatch._checks import config_error, config_type_error
+
 __all__ = [
     "CACHE_DIR_ENV",
     "RowSetFingerprint",
@@ -97,12 +99,12 @@ class RowSetFingerprint:
     def update(self, batch: Tensor) -> None:
         """Add the rows of ``batch`` (shape (N, ...)); every batch must share dtype and per-row shape."""
         if not isinstance(batch, Tensor) or batch.ndim < 1:
-            raise TypeError(f"expected a batched tensor of shape (N, ...), got {type(batch).__name__}.")
+            raise config_type_error(f"expected a batched tensor of shape (N, ...), got {type(batch).__name__}.")
         row_shape = tuple(batch.shape[1:])
         if self._dtype is None:
             self._dtype, self._row_shape = batch.dtype, row_shape
         elif (batch.dtype, row_shape) != (self._dtype, self._row_shape):
-            raise ValueError(
+            raise config_error(
                 f"all batches must share dtype and per-row shape; got {batch.dtype} {row_shape} after "
                 f"{self._dtype} {self._row_shape}. Convert them to one dtype and size first."
             )
@@ -163,7 +165,7 @@ def make_key(parts: Mapping[str, object]) -> str:
     try:
         text = json.dumps(dict(parts), sort_keys=True, separators=(",", ":"))
     except TypeError as err:
-        raise TypeError(
+        raise config_type_error(
             f"cache key parts must be JSON-serialisable (str, int, float, lists, dicts): {err}"
         ) from err
     return hashlib.sha256(text.encode()).hexdigest()

@@ -153,19 +153,6 @@ def _relative_gain(reference: float, new: float) -> float:
     return gain / abs(reference)
 
 
-def _choice(value: str, allowed: Sequence[str], name: str) -> str:
-    if value not in allowed:
-        raise ValueError(f"{name} must be one of {', '.join(repr(a) for a in allowed)}; got {value!r}.")
-    return value
-
-
-def _non_negative(value: float, name: str) -> float:
-    value = float(value)
-    if not value >= 0 or not math.isfinite(value):
-        raise ValueError(f"{name} must be a finite number >= 0; got {value}.")
-    return value
-
-
 @dataclass
 class _GenState:
     first: float | None = None  # first quality value (oriented: lower is better)
@@ -238,9 +225,11 @@ class TimescaleDetector:
     ) -> None:
         if not isinstance(quality_key, str) or not quality_key:
             raise ValueError(f"quality_key must be a non-empty record key (e.g. 'fid'); got {quality_key!r}.")
+        from lightning_memwatch._checks import check_choice, check_float  # local: no torch at load (_checks has)
+
         self.quality_key = quality_key
-        self.quality_mode = _choice(quality_mode, _MODES, "quality_mode")
-        _choice(gen_rule, _GEN_RULES, "gen_rule")
+        self.quality_mode = check_choice(quality_mode, "quality_mode", _MODES)
+        check_choice(gen_rule, "gen_rule", _GEN_RULES)
         self.floor_source: str | None = "train" if floor == "train" else None
         if floor == "train":
             floor = math.nan  # set by MemWatch at setup (FID of the training images against the reference)
@@ -268,11 +257,11 @@ class TimescaleDetector:
                 f"got {window_factor}."
             )
         self.window_factor = window_factor
-        self.rel_tol = _non_negative(rel_tol, "rel_tol")
-        self.min_improvement = _non_negative(min_improvement, "min_improvement")
+        self.rel_tol = check_float(rel_tol, "rel_tol", low=0)
+        self.min_improvement = check_float(min_improvement, "min_improvement", low=0)
         self.floor: float | None = None if floor is None or self.floor_source else float(floor)
-        self.eps = _non_negative(eps, "eps")
-        self.mem_rule = _choice(mem_rule, _MEM_RULES, "mem_rule")
+        self.eps = check_float(eps, "eps", low=0)
+        self.mem_rule = check_choice(mem_rule, "mem_rule", _MEM_RULES)
         f0 = float(f0)
         if not 0.0 <= f0 < 1.0:
             raise ValueError(f"f0 must lie in [0, 1) (a memorized fraction; the paper uses 0); got {f0}.")

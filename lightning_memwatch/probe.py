@@ -26,7 +26,8 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
-from lightning_memwatch._checks import images_of_batch
+from lightning_memwatch._checks import config_error, images_of_batch
+from lightning_memwatch.images import collect_images
 from lightning_memwatch.metrics.loss_gap import (
     LossGapReading,
     ProbeTriples,
@@ -89,18 +90,18 @@ class LossGapProbe(Callback):
     ) -> None:
         if isinstance(every_n_train_steps, str):
             if every_n_train_steps != "auto":
-                raise ValueError(
+                raise config_error(
                     f"every_n_train_steps must be a positive int or 'auto'; got {every_n_train_steps!r}."
                 )
         elif isinstance(every_n_train_steps, bool) or int(every_n_train_steps) < 1:
-            raise ValueError(
+            raise config_error(
                 "every_n_train_steps must be a positive number of optimizer steps (or 'auto' for a "
                 f"{budget:.0%} compute budget); got {every_n_train_steps!r}."
             )
         if not 0.0 < budget <= 1.0:
-            raise ValueError(f"budget must lie in (0, 1] (a fraction of training compute); got {budget}.")
+            raise config_error(f"budget must lie in (0, 1] (a fraction of training compute); got {budget}.")
         if num_triples < 1 or num_bands < 1 or batch_size < 1:
-            raise ValueError(
+            raise config_error(
                 f"num_triples, num_bands and batch_size must be >= 1; got {num_triples}, {num_bands}, {batch_size}."
             )
         self.heldout_data = heldout_data
@@ -176,7 +177,7 @@ class LossGapProbe(Callback):
     def _timesteps(self, pl_module: LightningModule) -> int:
         value = self.num_timesteps if self.num_timesteps is not None else getattr(pl_module, "num_timesteps", None)
         if value is None or int(value) < 2:
-            raise ValueError(
+            raise config_error(
                 f"LossGapProbe needs the number of diffusion steps T: give {type(pl_module).__name__} a "
                 f"`num_timesteps` attribute or pass `LossGapProbe(num_timesteps=...)`; got {value!r}."
             )
@@ -184,8 +185,6 @@ class LossGapProbe(Callback):
 
     @staticmethod
     def _images(source: Any, name: str) -> Tensor:
-        from lightning_memwatch.callbacks.memwatch import collect_images
-
         return collect_images(source, name)
 
     def _find_images(self, trainer: Trainer) -> tuple[Tensor, Tensor]:
@@ -196,7 +195,7 @@ class LossGapProbe(Callback):
         if train is None and datamodule is not None and hasattr(datamodule, "train_dataloader"):
             train = datamodule.train_dataloader()
         if train is None:
-            raise ValueError(
+            raise config_error(
                 "LossGapProbe found no training images: pass `LossGapProbe(train_data=...)` or use a datamodule "
                 "with `train_images()` or `train_dataloader()`."
             )
@@ -205,7 +204,7 @@ class LossGapProbe(Callback):
             if heldout is None and callable(getattr(datamodule, name, None)):
                 heldout = getattr(datamodule, name)()
         if heldout is None:
-            raise ValueError(
+            raise config_error(
                 "LossGapProbe found no held-out images: pass `LossGapProbe(heldout_data=...)` (images never "
                 "trained on, e.g. the FID reference) or give the datamodule a `reference_images()` method."
             )

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from lightning_memwatch._checks import check_finite
+from lightning_memwatch._checks import check_finite, config_error, config_type_error
 
 __all__ = [
     "Sampler",
@@ -79,7 +79,7 @@ def check_sampler_signature(sampler: Callable[..., Any], where: str, *, takes_no
         shown = f"{where}{inspect.signature(sampler)}"
     except (TypeError, ValueError):
         shown = where
-    raise TypeError(
+    raise config_type_error(
         f"{shown} takes neither `generator` nor `noise`, so MemWatch cannot seed its samples. The sampler "
         "contract is `sample(num_samples, generator=None, noise=None)` (or `sample_fn(pl_module, num_samples, "
         "generator=None, noise=None)`): accept `generator` (a torch.Generator for all of its randomness) and/or "
@@ -156,22 +156,22 @@ def draw_samples(
 def check_sampler_output(batch: object, count: int, sample_shape: Sequence[int] | None, where: str) -> Tensor:
     """Validate one sampler batch: a float tensor of ``count`` finite samples shaped like the training images."""
     if not isinstance(batch, Tensor):
-        raise TypeError(
+        raise config_type_error(
             f"{where} must return a torch.Tensor of shape (B, C, H, W); it returned {type(batch).__name__}."
         )
     if not torch.is_floating_point(batch):
-        raise TypeError(
+        raise config_type_error(
             f"{where} returned dtype {batch.dtype}; return float images in data_range "
             "(e.g. `x.float()` rescaled), not integers."
         )
     if batch.ndim < 1 or len(batch) != count:
         got = len(batch) if batch.ndim else "a scalar"
-        raise ValueError(
+        raise config_error(
             f"{where} was asked for {count} samples and returned {got} (shape {tuple(batch.shape)}). "
             "Return exactly `num_samples` samples, stacked along dim 0."
         )
     if sample_shape is not None and tuple(batch.shape[1:]) != tuple(sample_shape):
-        raise ValueError(
+        raise config_error(
             f"{where} returned samples of shape {tuple(batch.shape[1:])}, but the training images have shape "
             f"{tuple(sample_shape)}. Samples and training data must live in the same space (decode latents "
             "first, or give MemWatch a feature_fn for feature-space comparison)."

@@ -13,7 +13,7 @@ from collections.abc import Iterable
 import numpy as np
 from torch import Tensor
 
-from lightning_memwatch._checks import check_int
+from lightning_memwatch._checks import check_int, config_error, config_type_error
 
 __all__ = ["EvalSchedule", "paper_grid"]
 
@@ -74,7 +74,7 @@ class EvalSchedule:
         include_zero: bool = False,
     ) -> None:
         if isinstance(steps, (str, bytes)) or not isinstance(steps, Iterable):
-            raise TypeError(
+            raise config_type_error(
                 f"EvalSchedule steps must be a list of optimizer steps such as [100, 1000]; got "
                 f"{type(steps).__name__} {steps!r}. For every N steps use EvalSchedule.every(N)."
             )
@@ -86,7 +86,7 @@ class EvalSchedule:
         start = check_int(start, "start", minimum=0, unit="optimizer steps")
         stop = None if stop is None else check_int(stop, "stop", minimum=0, unit="optimizer steps")
         if stop is not None and stop < start:
-            raise ValueError(f"Need 0 <= start <= stop; got start={start}, stop={stop}.")
+            raise config_error(f"Need 0 <= start <= stop; got start={start}, stop={stop}.")
         self.every_n_train_steps = every_n_train_steps
         self.start = start
         self.stop = stop
@@ -95,7 +95,7 @@ class EvalSchedule:
             explicit = sorted({*explicit, self.start})
         self._steps = tuple(explicit)
         if not self._steps and self.every_n_train_steps is None:
-            raise ValueError(
+            raise config_error(
                 "Empty EvalSchedule: give `steps` or `every_n_train_steps`, or use EvalSchedule.every(N), "
                 "EvalSchedule.log_spaced(start, stop) or EvalSchedule.paper()."
             )
@@ -122,9 +122,9 @@ class EvalSchedule:
         Duplicates after rounding are dropped, so short ranges may hold fewer steps.
         """
         if not 0 < start <= stop:
-            raise ValueError(f"log_spaced needs 0 < start <= stop; got start={start}, stop={stop}.")
+            raise config_error(f"log_spaced needs 0 < start <= stop; got start={start}, stop={stop}.")
         if per_decade < 1 or multiple < 1:
-            raise ValueError(f"per_decade and multiple must be >= 1; got {per_decade}, {multiple}.")
+            raise config_error(f"per_decade and multiple must be >= 1; got {per_decade}, {multiple}.")
         num = max(2, round(per_decade * math.log10(stop / start)) + 1) if stop > start else 1
         steps = [s for s in _log_spaced(start, stop, num, multiple) if s > 0]
         return cls(steps=[0, *steps] if include_zero else steps)
@@ -142,10 +142,10 @@ class EvalSchedule:
         if isinstance(spec, str):
             if spec == "paper":
                 return cls.paper()
-            raise ValueError(f"Unknown schedule name {spec!r}; the only named schedule is 'paper'.")
+            raise config_error(f"Unknown schedule name {spec!r}; the only named schedule is 'paper'.")
         scalar = spec.item() if isinstance(spec, (Tensor, np.ndarray, np.generic)) and np.ndim(spec) == 0 else spec
         if isinstance(scalar, bool) or not isinstance(scalar, (numbers.Real, Iterable)):
-            raise TypeError(
+            raise config_type_error(
                 "schedule must be an EvalSchedule, an int (every N optimizer steps), 'paper' or a list of steps; "
                 f"got {type(spec).__name__} {spec!r}."
             )

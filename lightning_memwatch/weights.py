@@ -32,8 +32,9 @@ from typing import Any, Literal
 import torch
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import WeightAveraging
-from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor, nn
+
+from lightning_memwatch._checks import check_choice, config_error
 
 __all__ = ["ModuleEMA", "ScoredWeights", "WeightsChoice", "find_weight_averaging", "resolve_weights"]
 
@@ -54,7 +55,7 @@ class ModuleEMA:
 
     def __post_init__(self) -> None:
         if not isinstance(self.attribute, str) or not self.attribute:
-            raise ValueError(f"ModuleEMA.attribute must be an attribute name, e.g. 'ema'; got {self.attribute!r}.")
+            raise config_error(f"ModuleEMA.attribute must be an attribute name, e.g. 'ema'; got {self.attribute!r}.")
 
 
 WeightsChoice = Literal["auto", "raw", "averaged"] | ModuleEMA
@@ -65,7 +66,7 @@ def find_weight_averaging(trainer: Trainer) -> WeightAveraging | None:
     """The trainer's :class:`~lightning.pytorch.callbacks.WeightAveraging` callback (e.g. EMA), or None."""
     found = [cb for cb in getattr(trainer, "callbacks", []) if isinstance(cb, WeightAveraging)]
     if len(found) > 1:
-        raise MisconfigurationException(
+        raise config_error(
             f"MemWatch found {len(found)} WeightAveraging callbacks; keep one, or pass MemWatch(weights='raw')."
         )
     return found[0] if found else None
@@ -131,7 +132,7 @@ class _ModuleEMA(ScoredWeights):
         if isinstance(ema, torch.optim.swa_utils.AveragedModel):
             ema = ema.module
         if not isinstance(ema, nn.Module):
-            raise MisconfigurationException(
+            raise config_error(
                 f"MemWatch(weights=ModuleEMA({self.spec.attribute!r})): {type(pl_module).__name__} has no module "
                 f"attribute `{self.spec.attribute}` (got {type(ema).__name__}). Name the attribute that holds the "
                 "EMA copy, or pass weights='raw'."
@@ -144,7 +145,7 @@ class _ModuleEMA(ScoredWeights):
         try:
             return pl_module.get_submodule(self.spec.target)
         except AttributeError as err:
-            raise MisconfigurationException(
+            raise config_error(
                 f"MemWatch(weights=ModuleEMA(target={self.spec.target!r})): {err}. Name the submodule the EMA "
                 "copy mirrors (e.g. 'unet'), or target=None when it mirrors the whole module."
             ) from None
@@ -157,7 +158,7 @@ class _ModuleEMA(ScoredWeights):
         try:
             target.load_state_dict(ema_state)
         except RuntimeError as err:
-            raise MisconfigurationException(
+            raise config_error(
                 f"MemWatch(weights={self.spec!r}): the EMA copy's weights do not fit the target ({err})."
             ) from None
         try:
@@ -174,22 +175,18 @@ def resolve_weights(choice: Any, trainer: Trainer, pl_module: LightningModule) -
     """The :class:`ScoredWeights` for ``choice`` (see the module docstring), checked at setup.
 
     Raises:
-        MisconfigurationException: an unknown choice, ``"averaged"`` without an averaging callback, or a
-            :class:`ModuleEMA` naming no module.
+        MisconfigurationException: (a ``ConfigError``, also a ``ValueError``) an unknown choice, ``"averaged"``
+            without an averaging callback, or a :class:`ModuleEMA` naming no module.
     """
     if isinstance(choice, ModuleEMA):
         return _ModuleEMA(choice, pl_module)
-    if choice not in _CHOICES:
-        raise MisconfigurationException(
-            f"MemWatch(weights=...) must be one of {', '.join(repr(c) for c in _CHOICES)} or a ModuleEMA(...); "
-            f"got {choice!r}."
-        )
+    check_choice(choice, "MemWatch(weights=...)", _CHOICES, hint="Or pass ModuleEMA('attribute') for an EMA copy.")
     if choice == "raw":
         return ScoredWeights()
     callback = find_weight_averaging(trainer)
     if callback is None:
         if choice == "averaged":
-            raise MisconfigurationException(
+            raise config_error(
                 "MemWatch(weights='averaged') needs a WeightAveraging callback (e.g. "
                 "`lightning.pytorch.callbacks.EMAWeightAveraging()`) among the Trainer's callbacks; add one, or "
                 "pass weights='raw' (or ModuleEMA('attribute') for an EMA copy the module keeps)."

@@ -124,3 +124,64 @@ def test_next_within_counts_the_current_step_and_no_end():
     assert schedule.next_within(10, 10) == 10 and schedule.next_within(11, 20) == 20
     assert schedule.next_within(11, 19) is None and schedule.next_within(0, -1) == 10
     assert EvalSchedule.every(5).next_within(0, -1) == 5 and EvalSchedule.every(5).next_within(0, 4) is None
+
+
+# -- one exception policy (issue 12): every configuration error is a ValueError/TypeError and a Lightning
+# MisconfigurationException, raised through lightning_memwatch._checks ----------------------------------------
+def test_config_errors_are_caught_as_value_error_and_as_misconfiguration():
+    from lightning_memwatch import _checks
+    from lightning_memwatch.adaptive import AdaptiveSchedule
+    from lightning_memwatch.weights import resolve_weights
+
+    cases = [
+        (lambda: TimescaleDetector(quality_mode="mn"), "quality_mode must be one of 'min', 'max'; got 'mn'"),
+        (lambda: TimescaleDetector(rel_tol=-0.5), r"rel_tol must be a number in \[0, inf\); got -0.5"),
+        (lambda: AdaptiveSchedule(min_every=10, max_every=100, signal="loss"), "signal must be one of .*got 'loss'"),
+        (lambda: FID(resize="nearest", cache=False), "resize must be one of 'bilinear-antialias', 'tf1-bilinear'"),
+        (lambda: EvalSchedule.coerce("weekly"), "only named schedule is 'paper'"),
+        (lambda: resolve_weights("ema", None, None), "one of 'auto', 'raw', 'averaged'; got 'ema'. Or pass ModuleEMA"),
+    ]
+    for make, message in cases:
+        with pytest.raises(ValueError, match=message) as info:
+            make()
+        assert isinstance(info.value, MisconfigurationException) and type(info.value) is _checks.ConfigError
+    with pytest.raises(TypeError, match="must be a torch.Tensor") as type_info:
+        _checks.check_float_tensor([1.0], "x")
+    assert isinstance(type_info.value, MisconfigurationException) and type(type_info.value) is _checks.ConfigTypeError
+    assert not isinstance(type_info.value, ValueError)  # a wrong type is not a wrong value
+
+
+def test_check_choice_lists_the_allowed_values_and_the_value_received():
+    from lightning_memwatch._checks import check_choice
+
+    assert check_choice("max", "mode", ("min", "max")) == "max"
+    assert check_choice(np.int64(2048), "feature_layer", (64, 2048)) == 2048
+    for bad in (True, "MAX", None, torch.tensor([1, 2]), 2048.5):
+        with pytest.raises(ValueError, match=r"feature_layer must be one of 64, 2048, 1; got .*\. Pick one\."):
+            check_choice(bad, "feature_layer", (64, 2048, 1), hint="Pick one.")
+
+
+def test_checks_import_no_lightning_until_an_error_is_raised():
+    import pickle
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from lightning_memwatch import _checks\n"
+        "_checks.check_int(3, 'n', minimum=1)\n"
+        "assert not any(m == 'lightning' or m.startswith('lightning.') for m in sys.modules)\n"
+        "try:\n"
+        "    _checks.check_int(0, 'n', minimum=1)\n"
+        "except ValueError as err:\n"
+        "    from lightning.pytorch.utilities.exceptions import MisconfigurationException\n"
+        "    assert isinstance(err, MisconfigurationException), type(err).__mro__\n"
+        "else:\n"
+        "    raise AssertionError('no error')\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    from lightning_memwatch import _checks
+
+    error = pickle.loads(pickle.dumps(_checks.config_error("n must be >= 1; got 0.")))  # crosses DDP processes
+    assert type(error) is _checks.ConfigError and str(error) == "n must be >= 1; got 0."

@@ -9,6 +9,8 @@ from typing import Any
 
 from torch import Tensor, nn
 
+from lightning_memwatch._checks import config_error
+
 Range = tuple[float, float]
 ModuleRef = str | Callable[[Any], Any] | None
 """Where an adapter finds its network at each call: an attribute name on the LightningModule (dots allowed,
@@ -20,9 +22,9 @@ def check_range_arg(value: Sequence[float], name: str) -> Range:
     try:
         low, high = (float(v) for v in value)
     except (TypeError, ValueError):
-        raise ValueError(f"{name} must be a pair (low, high) of numbers; got {value!r}.") from None
+        raise config_error(f"{name} must be a pair (low, high) of numbers; got {value!r}.") from None
     if not high > low:
-        raise ValueError(f"{name} must be (low, high) with high > low; got {tuple(value)}.")
+        raise config_error(f"{name} must be (low, high) with high > low; got {tuple(value)}.")
     return low, high
 
 

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from lightning_memwatch._checks import config_error, config_type_error
 from lightning_memwatch.adapters._range import (
     ModuleRef,
     Range,
@@ -44,7 +45,7 @@ def _prediction(out: Any) -> Tensor:
         return out.sample
     if isinstance(out, (tuple, list)) and out and isinstance(out[0], Tensor):
         return out[0]
-    raise TypeError(
+    raise config_type_error(
         f"The denoiser returned {type(out).__name__}; DiffusersSampler needs a tensor, a tuple starting with one, "
         "or an object with a `.sample` tensor (diffusers' UNet2DOutput)."
     )
@@ -98,12 +99,12 @@ class DiffusersSampler:
     ) -> None:
         for attr in ("set_timesteps", "step", "timesteps"):
             if not hasattr(scheduler, attr):
-                raise TypeError(
+                raise config_type_error(
                     f"scheduler must be a diffusers scheduler (with `set_timesteps`, `step`, `timesteps`); "
                     f"{type(scheduler).__name__} has no `{attr}`."
                 )
         if num_inference_steps < 1:
-            raise ValueError(f"num_inference_steps must be >= 1; got {num_inference_steps}.")
+            raise config_error(f"num_inference_steps must be >= 1; got {num_inference_steps}.")
         self.scheduler = scheduler
         self.num_inference_steps = int(num_inference_steps)
         self.unet = unet
@@ -122,7 +123,7 @@ class DiffusersSampler:
             size = getattr(config, "sample_size", None)
             channels = getattr(config, "in_channels", None)
             if size is None or channels is None:
-                raise ValueError(
+                raise config_error(
                     "DiffusersSampler got no noise and cannot tell the sample shape: pass "
                     "DiffusersSampler(sample_shape=(C, H, W)) or use it through MemWatch, which passes noise."
                 )
@@ -144,7 +145,7 @@ class DiffusersSampler:
         if noise is None:
             noise = self._initial_noise(net, num_samples, generator, device)
         elif len(noise) != num_samples:
-            raise ValueError(f"noise has {len(noise)} rows but num_samples={num_samples}; pass matching sizes.")
+            raise config_error(f"noise has {len(noise)} rows but num_samples={num_samples}; pass matching sizes.")
         dtype = next(net.parameters()).dtype if hasattr(net, "parameters") else torch.float32
         scheduler = copy.deepcopy(self.scheduler)
         scheduler.set_timesteps(self.num_inference_steps, device=device)
@@ -192,12 +193,12 @@ class PipelineSampler:
         call_kwargs: dict[str, Any] | None = None,
     ) -> None:
         if not callable(pipeline) and not isinstance(pipeline, str):
-            raise TypeError(
+            raise config_type_error(
                 f"pipeline must be a diffusers DiffusionPipeline, an attribute name or a function; got "
                 f"{type(pipeline).__name__}."
             )
         if num_inference_steps < 1:
-            raise ValueError(f"num_inference_steps must be >= 1; got {num_inference_steps}.")
+            raise config_error(f"num_inference_steps must be >= 1; got {num_inference_steps}.")
         self.pipeline = pipeline
         self.num_inference_steps = int(num_inference_steps)
         self.data_range: Range = check_range_arg(data_range, "data_range")
@@ -210,7 +211,7 @@ class PipelineSampler:
             return self.pipeline
         pipe = resolve_module(pl_module, self.pipeline, "pipeline")
         if not isinstance(pipe, diffusers.DiffusionPipeline):
-            raise TypeError(f"PipelineSampler needs a diffusers DiffusionPipeline; got {type(pipe).__name__}.")
+            raise config_type_error(f"PipelineSampler needs a diffusers DiffusionPipeline; got {type(pipe).__name__}.")
         return pipe
 
     def __call__(
@@ -247,7 +248,7 @@ class PipelineSampler:
         elif isinstance(images, Tensor):
             pass
         else:
-            raise TypeError(
+            raise config_type_error(
                 f"The pipeline returned {type(images).__name__} images; PipelineSampler needs output_type='np' "
                 "support (numpy NHWC) or tensors."
             )

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from lightning_memwatch._checks import config_error, config_type_error
 from lightning_memwatch.adapters._seeds import seed_from_generator, seeds_from_noise
 
 __all__ = ["GlobalRNGSampler"]
@@ -42,7 +43,7 @@ class GlobalRNGSampler:
 
     def __init__(self, fn: Callable[[Any, int], Tensor], *, per_sample: bool = True) -> None:
         if not callable(fn):
-            raise TypeError(f"fn must be callable as fn(pl_module, num_samples); got {type(fn).__name__}.")
+            raise config_type_error(f"fn must be callable as fn(pl_module, num_samples); got {type(fn).__name__}.")
         self.fn = fn
         self.per_sample = per_sample
 
@@ -66,6 +67,6 @@ class GlobalRNGSampler:
         device = _device_of(pl_module)
         if self.per_sample and noise is not None:
             if len(noise) != num_samples:
-                raise ValueError(f"noise has {len(noise)} rows but num_samples={num_samples}; pass matching sizes.")
+                raise config_error(f"noise has {len(noise)} rows but num_samples={num_samples}; pass matching sizes.")
             return torch.cat([self._run(pl_module, 1, s, device) for s in seeds_from_noise(noise)])
         return self._run(pl_module, num_samples, seed_from_generator(generator), device)

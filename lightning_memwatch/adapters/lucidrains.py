@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from lightning_memwatch._checks import config_error, config_type_error
 from lightning_memwatch.adapters._range import ModuleRef, Range, check_range_arg, map_range, resolve_module
 
 __all__ = ["LucidrainsSampler"]
@@ -54,7 +55,7 @@ class LucidrainsSampler:
         eta: float | None = None,
     ) -> None:
         if sampling_timesteps is not None and sampling_timesteps < 1:
-            raise ValueError(f"sampling_timesteps must be >= 1 or None; got {sampling_timesteps}.")
+            raise config_error(f"sampling_timesteps must be >= 1 or None; got {sampling_timesteps}.")
         self.diffusion = diffusion
         self.data_range: Range | None = None if data_range is None else check_range_arg(data_range, "data_range")
         self.sampling_timesteps = sampling_timesteps
@@ -64,7 +65,7 @@ class LucidrainsSampler:
         diffusion = resolve_module(pl_module, self.diffusion, "GaussianDiffusion")
         for attr in ("model_predictions", "p_mean_variance", "alphas_cumprod", "num_timesteps", "image_size"):
             if not hasattr(diffusion, attr):
-                raise TypeError(
+                raise config_type_error(
                     f"LucidrainsSampler needs a denoising_diffusion_pytorch.GaussianDiffusion; "
                     f"{type(diffusion).__name__} has no `{attr}`."
                 )
@@ -114,7 +115,7 @@ class LucidrainsSampler:
             gen_device = generator.device if generator is not None else device
             noise = torch.randn((num_samples, diffusion.channels, h, w), generator=generator, device=gen_device)
         elif len(noise) != num_samples:
-            raise ValueError(f"noise has {len(noise)} rows but num_samples={num_samples}; pass matching sizes.")
+            raise config_error(f"noise has {len(noise)} rows but num_samples={num_samples}; pass matching sizes.")
         x = noise.to(device=device, dtype=torch.float32)
         steps = self.sampling_timesteps or int(getattr(diffusion, "sampling_timesteps", diffusion.num_timesteps))
         eta = float(self.eta if self.eta is not None else getattr(diffusion, "ddim_sampling_eta", 0.0))

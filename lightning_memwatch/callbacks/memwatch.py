@@ -16,18 +16,18 @@ import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import DataLoader, Dataset
 
 from lightning_memwatch import _checks
 from lightning_memwatch import log as mwlog
 from lightning_memwatch._checks import (
-    check_batch,
     check_range,
     check_range_use,
     check_sample_range,
-    images_of_batch,
 )
 from lightning_memwatch.detection import TimescaleDetector, TimescaleEvent
+from lightning_memwatch.images import collect_images
+from lightning_memwatch.images import sampler_rows as _sampler_rows  # noqa: F401  (its old home)
 from lightning_memwatch.metrics.fid import FID, FIDEvaluator
 from lightning_memwatch.metrics.knn import NearestNeighbourIndex
 from lightning_memwatch.metrics.memorization import memorization_fraction
@@ -44,74 +44,6 @@ FID_TRAIN_FLOOR = "memwatch/fid_train_floor"
 ImageSource = Tensor | Dataset | DataLoader
 Listener = Callable[[Trainer, LightningModule, dict], None]
 _QUANTILES = {"ratio_q05": 0.05, "ratio_q25": 0.25, "ratio_median": 0.5, "ratio_q75": 0.75, "ratio_q95": 0.95}
-
-
-def _sampler_rows(loader: DataLoader, name: str) -> list[int] | None:
-    """Dataset rows the loader's sampler can draw (sorted), or None for all of them.
-
-    Sequential, random and distributed samplers draw every row; ``SubsetRandomSampler`` (and any sampler
-    with ``indices``) its indices; ``WeightedRandomSampler`` the rows of positive weight. Other samplers
-    cannot be read without drawing from them: the error asks for ``train_data``.
-    """
-    from torch.utils.data import (
-        DistributedSampler,
-        RandomSampler,
-        SequentialSampler,
-        SubsetRandomSampler,
-        WeightedRandomSampler,
-    )
-    from torch.utils.data.dataloader import _InfiniteConstantSampler
-
-    sampler: Any = loader.sampler
-    batch_sampler = loader.batch_sampler
-    if batch_sampler is not None and type(batch_sampler).__name__ != "BatchSampler":
-        sampler = None  # a custom batch sampler: which rows it yields is its own business
-    elif batch_sampler is not None:
-        sampler = getattr(batch_sampler, "sampler", sampler)
-    if isinstance(sampler, (SequentialSampler, RandomSampler, DistributedSampler, _InfiniteConstantSampler)):
-        return None
-    if isinstance(sampler, SubsetRandomSampler) or (
-        sampler is not None and isinstance(getattr(sampler, "indices", None), (list, tuple, range, Tensor))
-    ):
-        return sorted({int(i) for i in sampler.indices})
-    if isinstance(sampler, WeightedRandomSampler):
-        weights = torch.as_tensor(sampler.weights)
-        return [int(i) for i in torch.nonzero(weights > 0).flatten()]
-    what = type(sampler if sampler is not None else batch_sampler).__name__
-    raise ValueError(
-        f"{name}: the DataLoader draws its rows with a {what}, which MemWatch cannot read without drawing from "
-        "it, and the dataset may hold rows it never trains on (a held-out split would count as training "
-        "images, and copies of them as memorized). Pass the training images explicitly: "
-        "`MemWatch(train_data=<tensor or Dataset of exactly the rows you train on>)`."
-    )
-
-
-def collect_images(source: ImageSource, name: str = "train_data", batch_size: int = 512) -> Tensor:
-    """All images of a tensor, Dataset or DataLoader as one float tensor, in dataset order, labels dropped.
-
-    A DataLoader is read through its dataset with a sequential loader (same collate_fn), so shuffling and
-    ``drop_last`` neither reorder nor drop images; rows its sampler can never draw (e.g. the held-out rows of
-    a ``SubsetRandomSampler`` split) are left out, and a sampler that cannot be read raises, asking for
-    ``train_data``. The source is never modified.
-    """
-    if isinstance(source, Tensor):
-        images = source.detach()
-    else:
-        if isinstance(source, DataLoader):
-            dataset, collate = source.dataset, source.collate_fn
-            rows = _sampler_rows(source, name)
-            if rows is not None:
-                dataset = Subset(dataset, rows)
-        elif isinstance(source, Dataset):
-            dataset, collate = source, None
-        else:
-            raise TypeError(f"{name} must be a Tensor, Dataset or DataLoader; got {type(source).__name__}.")
-        loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate)  # type: ignore[arg-type]
-        chunks = [images_of_batch(batch, name).detach() for batch in loader]
-        if not chunks:
-            raise ValueError(f"{name} is empty: MemWatch needs the training images to search for copies.")
-        images = torch.cat(chunks)
-    return check_batch(images, name, min_rows=2).float()
 
 
 class MemWatch(Callback):

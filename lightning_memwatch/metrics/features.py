@@ -35,7 +35,13 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from lightning_memwatch._checks import check_float_tensor
+from lightning_memwatch._checks import (
+    check_choice,
+    check_data_range,
+    check_float_tensor,
+    config_error,
+    config_type_error,
+)
 from lightning_memwatch.cache import fingerprint_file, fingerprint_module
 
 __all__ = [
@@ -170,9 +176,7 @@ def images_to_uint8(images: Tensor, data_range: tuple[float, float]) -> Tensor:
         tensor([[  0, 128, 255, 255]], dtype=torch.uint8)
     """
     images = check_float_tensor(images, "images")
-    lo, hi = float(data_range[0]), float(data_range[1])
-    if not hi > lo:
-        raise ValueError(f"data_range must be (low, high) with high > low; got {data_range}.")
+    lo, hi = check_data_range(data_range)
     scaled = (images.to(torch.float32) - lo) * (255.0 / (hi - lo))
     return torch.floor(scaled + 0.5).clamp_(0, 255).to(torch.uint8)
 
@@ -184,7 +188,7 @@ def to_three_channels(images: Tensor) -> Tensor:
         ValueError: for anything but (N, 1, H, W) or (N, 3, H, W).
     """
     if images.ndim != 4 or images.shape[1] not in (1, 3):
-        raise ValueError(
+        raise config_error(
             "Inception features need images of shape (N, 1, H, W) or (N, 3, H, W); got "
             f"{tuple(images.shape)}. Convert other channel counts yourself, or pass "
             "FID(feature_extractor=<your nn.Module>) for vectors or other modalities."
@@ -231,7 +235,7 @@ class FeatureExtractor(abc.ABC):
             out = self._forward(images.to(self.device))
         if not isinstance(out, Tensor) or out.ndim < 1 or len(out) != len(images):
             got = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
-            raise ValueError(
+            raise config_error(
                 f"feature extractor {self.name} must map a batch of {len(images)} images to ({len(images)}, "
                 f"d) features; got {got}."
             )
@@ -262,12 +266,8 @@ class InceptionFeatureExtractor(FeatureExtractor):
         feature_layer: int = 2048,
         device: torch.device | str = "cpu",
     ) -> None:
-        if resize not in RESIZE_MODES:
-            raise ValueError(f"resize must be one of {RESIZE_MODES}; got {resize!r}.")
-        if feature_layer not in INCEPTION_FEATURE_LAYERS:
-            raise ValueError(
-                f"feature_layer must be one of {INCEPTION_FEATURE_LAYERS}; got {feature_layer!r}."
-            )
+        check_choice(resize, "resize", RESIZE_MODES)
+        check_choice(feature_layer, "feature_layer", INCEPTION_FEATURE_LAYERS)
         from torchmetrics.image.fid import NoTrainInceptionV3
 
         self.weights_path = Path(weights_path)
@@ -336,7 +336,7 @@ class ModuleFeatureExtractor(FeatureExtractor):
 
     def __init__(self, module: nn.Module, *, device: torch.device | str = "cpu") -> None:
         if not isinstance(module, nn.Module):
-            raise TypeError(
+            raise config_type_error(
                 f"feature_extractor must be 'inception' or a torch.nn.Module; got {type(module).__name__}."
             )
         self.module = module

@@ -1,18 +1,11 @@
-"""Fréchet distance between generated and reference images, with reference statistics computed once.
+"""FID settings and evaluator: Fréchet distance between generated and reference images, with the reference
+statistics computed once.
 
-Functional layer (pure maths, float64):
-
-* :func:`feature_statistics` -- mean and unbiased covariance of an (N, d) feature matrix;
-* :class:`RunningMoments` -- the same, accumulated batch by batch (Chan et al.'s pairwise update, so the
-  result does not depend on the batch size beyond float64 rounding);
-* :func:`matrix_sqrt_psd` and :func:`frechet_distance` -- ``|mu1 - mu2|^2 + Tr(S1 + S2 - 2 (S1 S2)^(1/2))``,
-  with ``Tr (S1 S2)^(1/2) = Tr (S2^(1/2) S1 S2^(1/2))^(1/2)`` computed from symmetric eigendecompositions:
-  real arithmetic, tiny negative eigenvalues clamped to 0, and ``S2^(1/2)`` of the fixed reference reusable
-  across evaluations (d = 2048 on 2 CPU threads: 1.2 s per evaluation, vs 3.6 s for
-  ``torch.linalg.eigvals(S1 @ S2)`` and 12.4 s for ``scipy.linalg.sqrtm``).
-
-Modular layer: :class:`FID` (the settings users pass as ``MemWatch(fid=FID(...))``) and :class:`FIDEvaluator`
-(what ``FID.build`` returns; it owns the feature extractor and the cached reference statistics).
+:class:`FID` holds the settings users pass as ``MemWatch(fid=FID(...))``; :meth:`FID.build` turns them into an
+:class:`FIDEvaluator`, which owns the feature extractor and the reference statistics (computed, or taken from
+a saved state or the disk cache). The maths (:func:`feature_statistics`, :class:`RunningMoments`,
+:func:`matrix_sqrt_psd`, :func:`frechet_distance`) lives in :mod:`lightning_memwatch.metrics.frechet` and is
+re-exported here; images are read by :mod:`lightning_memwatch.images`.
 
 Why not torchmetrics' ``FrechetInceptionDistance`` metric object: its network is used (through
 :mod:`lightning_memwatch.metrics.features`), but its metric states are not saved in checkpoints, cannot be
@@ -29,7 +22,7 @@ import logging
 import math
 import os
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -37,8 +30,10 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
-from lightning_memwatch._checks import check_batch, check_finite, check_int, check_range, images_of_batch
+from lightning_memwatch import _checks
+from lightning_memwatch._checks import check_batch, check_choice, check_int, check_range
 from lightning_memwatch.cache import RowSetFingerprint, TensorCache, default_cache_dir, make_key
+from lightning_memwatch.images import ImageSource, iter_image_batches, num_images
 from lightning_memwatch.metrics.features import (
     INCEPTION_FEATURE_LAYERS,
     RESIZE_MODES,
@@ -48,6 +43,12 @@ from lightning_memwatch.metrics.features import (
     ModuleFeatureExtractor,
     ResizeMode,
     resolve_inception_weights,
+)
+from lightning_memwatch.metrics.frechet import (
+    RunningMoments,
+    feature_statistics,
+    frechet_distance,
+    matrix_sqrt_psd,
 )
 
 __all__ = [
@@ -69,189 +70,6 @@ CPU_WARN_IMAGES = 1000
 _CACHE_SCHEMA = "memwatch-fid-reference-v1"
 _STATE_VERSION = 1
 
-ImageSource = Tensor | Dataset | DataLoader
-
-
-# ------------------------------------------------------------------------------------------------------------
-# functional
-
-
-def _as_float64(x: Tensor, name: str) -> Tensor:
-    if not isinstance(x, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}.")
-    x = x.detach()
-    if x.device.type not in ("cpu", "cuda"):  # e.g. MPS has no float64
-        x = x.cpu()
-    return x.to(torch.float64)
-
-
-def feature_statistics(features: Tensor) -> tuple[Tensor, Tensor]:
-    """Mean (d,) and unbiased covariance (d, d) of an (N, d) feature matrix, in float64.
-
-    Raises:
-        ValueError: fewer than 2 rows, not 2-D, or NaN/Inf.
-    """
-    features = _as_float64(features, "features")
-    if features.ndim != 2 or len(features) < 2:
-        raise ValueError(f"features must have shape (N, d) with N >= 2; got {tuple(features.shape)}.")
-    check_finite(features, "features")
-    mean = features.mean(dim=0)
-    centred = features - mean
-    return mean, centred.mT @ centred / (len(features) - 1)
-
-
-class RunningMoments:
-    """Mean and unbiased covariance accumulated over batches of (B, d) features, in float64.
-
-    Uses the pairwise merge of Chan, Golub & LeVeque (1979), which avoids the cancellation of
-    ``sum(x x^T) - n mu mu^T`` and gives the same statistics as :func:`feature_statistics` on the
-    concatenation.
-
-    Example:
-        >>> x = torch.randn(10, 3)
-        >>> rm = RunningMoments(); rm.update(x[:4]); rm.update(x[4:])
-        >>> torch.allclose(rm.statistics()[1], feature_statistics(x)[1])
-        True
-    """
-
-    def __init__(self) -> None:
-        self.num_samples = 0
-        self._mean: Tensor | None = None
-        self._m2: Tensor | None = None
-
-    def update(self, features: Tensor) -> None:
-        """Add a (B, d) batch (any float dtype; accumulated in float64 on its device, CPU for MPS)."""
-        x = _as_float64(features, "features")
-        if x.ndim != 2:
-            raise ValueError(f"features must have shape (B, d); got {tuple(x.shape)}.")
-        check_finite(x, "features")
-        b = len(x)
-        if b == 0:
-            return
-        mean_b = x.mean(dim=0)
-        centred = x - mean_b
-        m2_b = centred.mT @ centred
-        if self._mean is None or self._m2 is None:
-            self.num_samples, self._mean, self._m2 = b, mean_b, m2_b
-            return
-        if mean_b.shape != self._mean.shape:
-            raise ValueError(
-                f"feature dimension changed from {len(self._mean)} to {len(mean_b)} between batches."
-            )
-        n = self.num_samples
-        total = n + b
-        delta = mean_b.to(self._mean.device) - self._mean
-        self._mean = self._mean + delta * (b / total)
-        self._m2 = self._m2 + m2_b.to(self._m2.device) + torch.outer(delta, delta) * (n * b / total)
-        self.num_samples = total
-
-    def statistics(self) -> tuple[Tensor, Tensor]:
-        """(mean (d,), covariance (d, d)), float64 on CPU.
-
-        Raises:
-            ValueError: fewer than 2 samples were added.
-        """
-        if self._mean is None or self._m2 is None or self.num_samples < 2:
-            raise ValueError(f"need at least 2 samples for a covariance; got {self.num_samples}.")
-        return self._mean.cpu(), (self._m2 / (self.num_samples - 1)).cpu()
-
-
-def matrix_sqrt_psd(cov: Tensor) -> Tensor:
-    """Symmetric square root of a covariance matrix via ``eigh``, in float64; negative eigenvalues (rounding
-    noise of a positive semi-definite matrix) are clamped to 0."""
-    c = _as_float64(cov, "cov")
-    if c.ndim != 2 or c.shape[0] != c.shape[1]:
-        raise ValueError(f"cov must be a square (d, d) matrix; got {tuple(c.shape)}.")
-    check_finite(c, "cov")
-    eigenvalues, eigenvectors = torch.linalg.eigh((c + c.mT) / 2)
-    return (eigenvectors * eigenvalues.clamp(min=0).sqrt()) @ eigenvectors.mT
-
-
-def frechet_distance(
-    mu1: Tensor, cov1: Tensor, mu2: Tensor, cov2: Tensor, *, sqrt_cov2: Tensor | None = None
-) -> Tensor:
-    """Fréchet distance between N(mu1, cov1) and N(mu2, cov2) (the FID when these are Inception statistics).
-
-    ``|mu1 - mu2|^2 + Tr(cov1) + Tr(cov2) - 2 Tr (cov2^(1/2) cov1 cov2^(1/2))^(1/2)``, all in float64, from
-    symmetric eigendecompositions (clamping tiny negative eigenvalues); the result is clamped at 0.
-
-    Args:
-        mu1: mean (d,) of one set (e.g. generated).
-        cov1: covariance (d, d) of that set.
-        mu2: mean (d,) of the other set (e.g. reference).
-        cov2: covariance (d, d) of the other set.
-        sqrt_cov2: ``matrix_sqrt_psd(cov2)`` if already known (saves one eigendecomposition per call).
-
-    Returns:
-        0-dim float64 tensor.
-
-    Example:
-        >>> mu, cov = torch.zeros(3), torch.eye(3)
-        >>> float(frechet_distance(mu, cov, mu + 1, cov))
-        3.0
-    """
-    mu1, mu2 = _as_float64(mu1, "mu1"), _as_float64(mu2, "mu2")
-    cov1, cov2 = _as_float64(cov1, "cov1"), _as_float64(cov2, "cov2")
-    d = mu1.shape[-1] if mu1.ndim == 1 else -1
-    if mu1.ndim != 1 or mu2.shape != (d,) or cov1.shape != (d, d) or cov2.shape != (d, d):
-        raise ValueError(
-            f"expected mu1, mu2 of shape (d,) and cov1, cov2 of shape (d, d); got {tuple(mu1.shape)}, "
-            f"{tuple(mu2.shape)}, {tuple(cov1.shape)}, {tuple(cov2.shape)}."
-        )
-    for t, name in ((mu1, "mu1"), (mu2, "mu2"), (cov1, "cov1"), (cov2, "cov2")):
-        check_finite(t.reshape(1, -1), name)
-    mu2, cov2 = mu2.to(mu1.device), cov2.to(mu1.device)
-    root = matrix_sqrt_psd(cov2) if sqrt_cov2 is None else _as_float64(sqrt_cov2, "sqrt_cov2").to(mu1.device)
-    middle = root @ cov1 @ root
-    trace_sqrt = torch.linalg.eigvalsh((middle + middle.mT) / 2).clamp(min=0).sqrt().sum()
-    distance = (mu1 - mu2).square().sum() + cov1.trace() + cov2.trace() - 2 * trace_sqrt
-    return distance.clamp(min=0)
-
-
-# ------------------------------------------------------------------------------------------------------------
-# image sources
-
-
-def _num_rows(source: ImageSource) -> int | None:
-    if isinstance(source, Tensor):
-        return len(source)
-    dataset = source.dataset if isinstance(source, DataLoader) else source
-    try:
-        return len(dataset)  # type: ignore[arg-type]
-    except TypeError:
-        return None
-
-
-def _image_batches(source: ImageSource, batch_size: int) -> Iterator[Tensor]:
-    """Yield batches of exactly ``batch_size`` images (the last one may be smaller) from a tensor (as views),
-    a Dataset or a DataLoader (whose batches are re-cut, whatever its own batch size)."""
-    if isinstance(source, Tensor):
-        for start in range(0, len(source), batch_size):
-            yield source[start : start + batch_size]
-        return
-    loader = (
-        source if isinstance(source, DataLoader) else DataLoader(source, batch_size=batch_size, shuffle=False)
-    )
-    pending: list[Tensor] = []
-    num_pending = 0
-    for batch in loader:
-        images = images_of_batch(batch, "a reference batch")
-        while len(images):
-            take = min(batch_size - num_pending, len(images))
-            pending.append(images[:take])
-            num_pending += take
-            images = images[take:]
-            if num_pending == batch_size:
-                yield pending[0] if len(pending) == 1 else torch.cat(pending)
-                pending, num_pending = [], 0
-    if pending:
-        yield pending[0] if len(pending) == 1 else torch.cat(pending)
-
-
-# ------------------------------------------------------------------------------------------------------------
-# modular
-
-
 @dataclass(eq=False)
 class FID:
     """FID settings, passed as ``MemWatch(fid=FID(...))``; ``build()`` turns them into an
@@ -263,7 +81,8 @@ class FID:
 
     Attributes:
         reference: real images (tensor (N, C, H, W), Dataset or DataLoader; items may be ``(image, label)``)
-            in the same ``data_range`` as the samples. The paper uses held-out test images. ``None``: the
+            in the same ``data_range`` as the samples, read by :mod:`lightning_memwatch.images` (a DataLoader:
+            the rows its sampler can draw, in dataset order). The paper uses held-out test images. ``None``: the
             training data, with a warning (train-FID rewards copying training images, i.e. memorization).
         feature_extractor: ``"inception"`` (torch-fidelity's Inception-v3, via torchmetrics) or any
             ``nn.Module`` mapping a batch of float images in ``data_range`` to (N, d) features (it must stay
@@ -302,28 +121,24 @@ class FID:
 
     def __post_init__(self) -> None:
         if isinstance(self.feature_extractor, str) and self.feature_extractor != "inception":
-            raise ValueError(
+            raise _checks.config_error(
                 f"feature_extractor must be 'inception' or a torch.nn.Module; got {self.feature_extractor!r}."
             )
         if not isinstance(self.feature_extractor, (str, nn.Module)):
-            raise TypeError(
+            raise _checks.config_type_error(
                 "feature_extractor must be 'inception' or a torch.nn.Module; got "
                 f"{type(self.feature_extractor).__name__}."
             )
         if self.reference is not None and not isinstance(self.reference, (Tensor, Dataset, DataLoader)):
-            raise TypeError(
+            raise _checks.config_type_error(
                 "reference must be a tensor, Dataset or DataLoader of images (or None); got "
                 f"{type(self.reference).__name__}."
             )
         self.batch_size = check_int(self.batch_size, "batch_size", minimum=1, unit="images per forward pass")
         if self.num_samples is not None:
             self.num_samples = check_int(self.num_samples, "num_samples", minimum=2, unit="images; or None")
-        if self.resize not in RESIZE_MODES:
-            raise ValueError(f"resize must be one of {RESIZE_MODES}; got {self.resize!r}.")
-        if self.feature_layer not in INCEPTION_FEATURE_LAYERS:
-            raise ValueError(
-                f"feature_layer must be one of {INCEPTION_FEATURE_LAYERS}; got {self.feature_layer!r}."
-            )
+        check_choice(self.resize, "resize", RESIZE_MODES)
+        check_choice(self.feature_layer, "feature_layer", INCEPTION_FEATURE_LAYERS)
 
     def build(
         self,
@@ -332,6 +147,7 @@ class FID:
         device: torch.device | str,
         fallback_reference: ImageSource | None = None,
         num_samples: int | None = None,
+        state: Mapping[str, object] | None = None,
     ) -> FIDEvaluator:
         """Load the feature extractor and return an evaluator (the reference is encoded later, in
         :meth:`FIDEvaluator.prepare_reference`). Call it at setup, before training: a missing weights file
@@ -342,16 +158,19 @@ class FID:
             device: where features are computed (the LightningModule's device).
             fallback_reference: images used when ``reference`` is None (MemWatch passes the training data).
             num_samples: the caller's default sample count, used when ``self.num_samples`` is None.
+            state: a :meth:`FIDEvaluator.state_dict` saved earlier (e.g. from a checkpoint), or None. The
+                evaluator holds it until :meth:`FIDEvaluator.prepare_reference`, which takes its statistics
+                (no forward pass) when they match the reference and settings, else recomputes with a warning.
 
         Raises:
             InceptionWeightsNotFoundError: Inception weights not available locally (message says how to fix
                 it).
-            ValueError: no reference images at all.
+            ValueError: no reference images at all, or ``state`` is not an evaluator state.
         """
         reference, source = self.reference, "reference"
         if reference is None:
             if fallback_reference is None:
-                raise ValueError(
+                raise _checks.config_error(
                     "FID needs reference images: pass FID(reference=<held-out real images>) (or training "
                     "data to MemWatch, which is then used with a warning)."
                 )
@@ -395,6 +214,7 @@ class FID:
             cache=cache,
             num_samples=self.num_samples if self.num_samples is not None else num_samples,
             reference_source=source,
+            state=state,
         )
         evaluator.warn_about_cost()
         return evaluator
@@ -406,9 +226,13 @@ class FIDEvaluator:
     Built by :meth:`FID.build`. Typical use (what MemWatch does)::
 
         evaluator = FID(reference=test_images).build(data_range=(-1, 1), device=device)   # setup
-        evaluator.load_state_dict(saved)    # when resuming (optional)
+        evaluator.load_state_dict(saved)    # when resuming (optional; or FID.build(..., state=saved))
         evaluator.prepare_reference()       # on_train_start: cache/state hit -> no forward pass
         fid = evaluator.compute(samples)    # each evaluation
+
+    Reference statistics have one pending stage, here: a state given before :meth:`prepare_reference` (to
+    :meth:`load_state_dict` or as ``state=``) is held, returned by :meth:`state_dict` as it is (a checkpoint
+    written before preparation keeps it), and adopted or refused by :meth:`prepare_reference`.
 
     Attributes:
         extractor: the feature extractor.
@@ -429,15 +253,16 @@ class FIDEvaluator:
         cache: TensorCache | None = None,
         num_samples: int | None = None,
         reference_source: str = "reference",
+        state: Mapping[str, object] | None = None,
     ) -> None:
         if not isinstance(reference, (Tensor, Dataset, DataLoader)):
-            raise TypeError(
+            raise _checks.config_type_error(
                 f"reference must be a tensor, Dataset or DataLoader; got {type(reference).__name__}."
             )
         self.extractor = extractor
         self.reference = reference
-        self.data_range = (float(data_range[0]), float(data_range[1]))
-        self.batch_size = int(batch_size)
+        self.data_range = _checks.check_data_range(data_range)
+        self.batch_size = check_int(batch_size, "batch_size", minimum=1, unit="images per forward pass")
         self.cache = cache
         self.num_samples = num_samples
         self.reference_source = reference_source
@@ -454,6 +279,8 @@ class FIDEvaluator:
         self._loaded: dict[str, object] | None = None
         self._warned_rank = False
         self._warned_out_of_range = False
+        if state is not None:
+            self.load_state_dict(state)
 
     # ---- properties ----------------------------------------------------------------------------------------
 
@@ -503,7 +330,7 @@ class FIDEvaluator:
         if not isinstance(self.extractor, InceptionFeatureExtractor) or self.device.type != "cpu":
             return
         per_eval = self.num_samples or 0
-        num_ref = _num_rows(self.reference) or 0
+        num_ref = num_images(self.reference, "reference") or 0
         if per_eval > CPU_WARN_IMAGES or num_ref > CPU_WARN_IMAGES:
             rate = CPU_INCEPTION_IMAGES_PER_SECOND
             warnings.warn(
@@ -534,10 +361,10 @@ class FIDEvaluator:
         """Order-independent content fingerprint of the reference images (computed once, in one pass)."""
         if self._reference_fingerprint is None:
             fp = RowSetFingerprint()
-            for batch in _image_batches(self.reference, self.batch_size):
+            for batch in iter_image_batches(self.reference, self.batch_size, "reference"):
                 fp.update(batch)
             if fp.num_rows < 2:
-                raise ValueError(f"FID needs at least 2 reference images; got {fp.num_rows}.")
+                raise _checks.config_error(f"FID needs at least 2 reference images; got {fp.num_rows}.")
             self._reference_fingerprint, self._num_reference = fp.hexdigest(), fp.num_rows
         return self._reference_fingerprint
 
@@ -592,7 +419,7 @@ class FIDEvaluator:
                 log.info("FID reference statistics loaded from %s", self.cache.path(key))
                 return
         moments = RunningMoments()
-        for batch in _image_batches(self.reference, self.batch_size):
+        for batch in iter_image_batches(self.reference, self.batch_size, "reference"):
             moments.update(self._encode(batch, "reference"))
             self.num_reference_forward_passes += 1
         mean, cov = moments.statistics()
@@ -667,7 +494,7 @@ class FIDEvaluator:
             self.num_generated_forward_passes += name == "generated"
         mean_g, cov_g = moments.statistics()
         if mean_g.shape != mean_r.shape:
-            raise ValueError(f"generated features have dimension {len(mean_g)}, reference {len(mean_r)}.")
+            raise _checks.config_error(f"generated features have dimension {len(mean_g)}, reference {len(mean_r)}.")
         n, d = len(generated), len(mean_r)
         if n < d and not self._warned_rank:
             warnings.warn(self._rank_message(n, d, "generated"), UserWarning, stacklevel=2)
@@ -706,10 +533,18 @@ class FIDEvaluator:
         out.update({k: v for k, v in optional.items() if v is not None})
         return out
 
+    @property
+    def has_pending_state(self) -> bool:
+        """Whether a loaded state waits for :meth:`prepare_reference` (given before preparation)."""
+        return self._loaded is not None
+
     def state_dict(self) -> dict[str, object]:
-        """Reference statistics and their key (float64 CPU tensors; 32 MB for d = 2048), or just the version
-        when :meth:`prepare_reference` has not run."""
+        """Reference statistics and their key (float64 CPU tensors; 32 MB for d = 2048). Before
+        :meth:`prepare_reference`: the state it holds from :meth:`load_state_dict` (or ``state=``), unchanged,
+        else just the version."""
         if self._mean is None or self._cov is None or self._key is None:
+            if self._loaded is not None:
+                return {"version": _STATE_VERSION, **self._loaded}
             return {"version": _STATE_VERSION}
         return {
             "version": _STATE_VERSION,
@@ -720,10 +555,12 @@ class FIDEvaluator:
         }
 
     def load_state_dict(self, state: Mapping[str, object]) -> None:
-        """Keep the statistics of a :meth:`state_dict` for :meth:`prepare_reference`, which uses them (without
-        any forward pass) if their key matches the current reference and settings."""
+        """Hold the statistics of a :meth:`state_dict` for :meth:`prepare_reference`, which uses them (without
+        any forward pass) if their key matches the current reference and settings, and recomputes with a
+        warning if not. On a prepared evaluator, a state with the same key changes nothing and one with
+        another key is ignored with a warning (the statistics held are those of the current reference)."""
         if not isinstance(state, Mapping) or state.get("version") != _STATE_VERSION:
-            raise ValueError(
+            raise _checks.config_error(
                 f"not an FIDEvaluator state (expected version {_STATE_VERSION}); got "
                 f"{state.get('version') if isinstance(state, Mapping) else type(state).__name__}."
             )
@@ -731,7 +568,20 @@ class FIDEvaluator:
             return
         for name in ("mean", "covariance"):
             if not isinstance(state.get(name), Tensor):
-                raise ValueError(f"FIDEvaluator state is missing the tensor {name!r}.")
-        self._loaded = {"key": state["key"], "mean": state["mean"], "covariance": state["covariance"]}
-        if self._mean is not None and self._key == state["key"]:
-            self._loaded = None  # already holding these statistics
+                raise _checks.config_error(f"FIDEvaluator state is missing the tensor {name!r}.")
+        if self._mean is not None:
+            if self._key != state["key"]:
+                warnings.warn(
+                    "FIDEvaluator.load_state_dict: the reference statistics are already prepared, and the state "
+                    "given was computed from other reference images or feature settings; keeping the current "
+                    "ones.",
+                    UserWarning,
+                    stacklevel=2,
+                )
+            return
+        self._loaded = {
+            "key": state["key"],
+            "mean": state["mean"],
+            "covariance": state["covariance"],
+            "num_reference": state.get("num_reference"),
+        }

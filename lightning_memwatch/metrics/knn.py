@@ -67,7 +67,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from lightning_memwatch._checks import check_batch, check_float_tensor, check_int
+from lightning_memwatch._checks import check_batch, check_float_tensor, check_int, config_error, config_type_error
 
 __all__ = ["BACKENDS", "NearestNeighbourIndex", "available_backends", "has_fast_bfloat16"]
 
@@ -163,7 +163,7 @@ def available_backends(device: torch.device | str = "cpu") -> list[str]:
 def _resolve_backend(backend: str, device: torch.device, *, screen: bool = True) -> tuple[str, torch.device]:
     """The backend actually used and the device the index lives on."""
     if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {list(BACKENDS)}; got {backend!r}.")
+        raise config_error(f"backend must be one of {list(BACKENDS)}; got {backend!r}.")
     faiss = _import_faiss()
     if backend == "auto":
         if screen and has_fast_bfloat16(device):
@@ -270,25 +270,25 @@ def _as_source(train: Any, name: str) -> tuple[Tensor | None, _StreamedRows | No
         return train, None, tuple(train.shape[1:])
     if isinstance(train, np.memmap) or (isinstance(train, np.ndarray) and not train.flags.owndata):
         if train.dtype != np.float32:
-            raise TypeError(
+            raise config_type_error(
                 f"{name} is a memory-mapped array of dtype {train.dtype}; the index streams float32 rows. "
                 f"Save the training set as float32 once (`np.save(path, x.astype(np.float32))`) and open it "
                 "with `np.load(path, mmap_mode='r')`."
             )
         if train.ndim < 2 or len(train) < 1:
-            raise ValueError(f"{name} must be batched, (N, D) or (N, C, H, W); got shape {train.shape}.")
+            raise config_error(f"{name} must be batched, (N, D) or (N, C, H, W); got shape {train.shape}.")
         return None, _StreamedRows(train, len(train), int(np.prod(train.shape[1:]))), tuple(train.shape[1:])
     if isinstance(train, np.ndarray):
         if not np.issubdtype(train.dtype, np.floating):
-            raise TypeError(f"{name} has dtype {train.dtype}; pass floating-point images (e.g. `x / 255`).")
+            raise config_type_error(f"{name} has dtype {train.dtype}; pass floating-point images (e.g. `x / 255`).")
         return torch.from_numpy(train), None, tuple(train.shape[1:])
     if hasattr(train, "__getitem__") and hasattr(train, "__len__"):
         n = len(train)
         if n < 1:
-            raise ValueError(f"{name} is an empty Dataset.")
+            raise config_error(f"{name} is an empty Dataset.")
         first = _item_image(train[0])
         return None, _StreamedRows(train, n, first.numel()), tuple(first.shape)
-    raise TypeError(
+    raise config_type_error(
         f"{name} must be a torch.Tensor, a numpy array (e.g. `np.load(path, mmap_mode='r')`) or a map-style "
         f"Dataset of images; got {type(train).__name__}."
     )
@@ -354,7 +354,7 @@ class NearestNeighbourIndex:
             data_device = tensor.device
         else:
             if feature_fn is not None:
-                raise ValueError(
+                raise config_error(
                     "feature_fn with a streamed training set (memmap or Dataset) is not supported: compute the "
                     "features once, save them (`np.save`) and index them, or pass the images as a tensor."
                 )
@@ -500,16 +500,16 @@ class NearestNeighbourIndex:
             float32 images, shape ``indices.shape + sample_shape``, on :attr:`device`.
         """
         if not self.holds_images:
-            raise ValueError("this index holds feature_fn features, not images: keep the images yourself.")
+            raise config_error("this index holds feature_fn features, not images: keep the images yourself.")
         idx = indices.to(self.device).long()
         if self._row_ids is not None:
             pos = torch.searchsorted(self._row_ids, idx.reshape(-1))
             pos = pos.clamp(max=len(self._row_ids) - 1)
             if not bool((self._row_ids[pos] == idx.reshape(-1)).all()):
-                raise ValueError("indices hold rows removed as duplicates; pass indices returned by search().")
+                raise config_error("indices hold rows removed as duplicates; pass indices returned by search().")
             idx = pos.reshape(idx.shape)
         if bool(((idx < 0) | (idx >= self._n)).any()):
-            raise ValueError(f"indices must lie in [0, {self._n}).")
+            raise config_error(f"indices must lie in [0, {self._n}).")
         rows = self._source.gather(idx.cpu() if not self._source.held else idx)
         return rows.to(self.device).reshape(*indices.shape, *self.sample_shape)
 
@@ -586,7 +586,7 @@ class NearestNeighbourIndex:
         elif math.prod(got) == math.prod(want):
             hint = f" Same number of values in another layout: if that is meant, `{name}.reshape(-1, *{want})`."
         space = "feature" if what == "feature shape" else "flattened"
-        raise ValueError(
+        raise config_error(
             f"{name} have {space} dimension {math.prod(got)} but the index was built with dimension {self.dim}: "
             f"{what} {got} against {want}. Pass {name} with the same shape as the training images (or the same "
             f"feature_fn), e.g. in the same resolution, layout and number of channels.{hint}"
@@ -595,7 +595,7 @@ class NearestNeighbourIndex:
     def _search(self, queries: Tensor, k: int, name: str) -> tuple[Tensor, Tensor]:
         """:meth:`search` with the queries' name for error messages (used by the memorization metrics)."""
         if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= self.num_train:
-            raise ValueError(f"k must be an int in [1, num_train={self.num_train}]; got {k!r}.")
+            raise config_error(f"k must be an int in [1, num_train={self.num_train}]; got {k!r}.")
         d2, indices = self._search_sq(self.prepare_queries(queries, name), k)
         return d2.sqrt().to(torch.float32), indices
 
@@ -895,7 +895,7 @@ def _check_enough_rows(n: int, name: str, *, after_dedupe: bool) -> None:
     if n >= 2:
         return
     what = "distinct rows (after removing exact duplicates)" if after_dedupe else "rows"
-    raise ValueError(
+    raise config_error(
         f"{name} holds {n} {what}, but the memorization ratio compares the nearest and second-nearest "
         f"training examples: pass a training set with at least 2 distinct examples."
     )

@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from lightning_memwatch._checks import config_error
 from lightning_memwatch.metrics import knn as _knn
 from lightning_memwatch.metrics.knn import Backend, NearestNeighbourIndex
 
@@ -96,17 +97,17 @@ class ShardedNearestNeighbourIndex:
         meta = self._all_gather_object((problem, n_local, dim, shape))
         problems = [p for p, *_ in meta if p]
         if problems:
-            raise ValueError("ShardedNearestNeighbourIndex: " + "; ".join(problems))
+            raise config_error("ShardedNearestNeighbourIndex: " + "; ".join(problems))
         dims = {d for _, n, d, _ in meta if n > 0}
         shapes = {s for _, n, _, s in meta if n > 0} | {s for _, n, _, s in meta if n == 0 and s}
         if len(dims) > 1 or (feature_fn is None and len(shapes) > 1):
-            raise ValueError(
+            raise config_error(
                 "the shards have different dimensions/shapes: "
                 + ", ".join(f"rank {r}: {n} rows of shape {s} (dimension {d})" for r, (_, n, d, s) in enumerate(meta))
                 + ". Every rank must pass rows of the same per-sample shape."
             )
         if not dims:
-            raise ValueError("every shard is empty: the training set has no rows.")
+            raise config_error("every shard is empty: the training set has no rows.")
         counts = [n for _, n, _, _ in meta]
         self.dim = dims.pop()
         self.sample_shape = next(s for _, n, _, s in meta if n > 0)
@@ -121,7 +122,7 @@ class ShardedNearestNeighbourIndex:
         total = self._all_gather_object(0 if self._local is None else self._local.num_train)
         self.num_train = sum(total)
         if self.num_train < 2:
-            raise ValueError(
+            raise config_error(
                 f"the shards hold {self.num_train} distinct rows in all, but the memorization ratio compares the "
                 "nearest and second-nearest training examples: pass at least 2 distinct examples."
             )
@@ -200,11 +201,13 @@ class ShardedNearestNeighbourIndex:
             global row) and int64 global row indices (rank order), identical on every rank.
         """
         if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= self.num_train:
-            raise ValueError(f"k must be an int in [1, num_train={self.num_train}]; got {k!r}.")
+            raise config_error(f"k must be an int in [1, num_train={self.num_train}]; got {k!r}.")
         m = len(queries)
         sizes = self._all_gather_object(m)
         if len(set(sizes)) > 1:
-            raise ValueError(f"every rank must search the same queries; got {sizes} rows on ranks 0..{len(sizes) - 1}.")
+            raise config_error(
+                f"every rank must search the same queries; got {sizes} rows on ranks 0..{len(sizes) - 1}."
+            )
         device = self._comm_device or torch.device("cpu")
         if self._local is not None:
             q = self._prepare(queries)
@@ -245,7 +248,7 @@ class ShardedNearestNeighbourIndex:
     def train_images(self, indices: Tensor) -> Tensor:
         """Training images of global row ``indices`` (as :meth:`search` returns them), on every rank. Collective."""
         if self.feature_fn is not None:
-            raise ValueError("this index holds feature_fn features, not images: keep the images yourself.")
+            raise config_error("this index holds feature_fn features, not images: keep the images yourself.")
         flat = indices.reshape(-1).cpu().long()
         mask = (flat >= self.offset) & (flat < self.offset + self.shard_rows)
         mine = flat[mask]

@@ -30,6 +30,8 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
+from lightning_memwatch._checks import config_error, config_type_error
+
 __all__ = [
     "LossFn",
     "LossGapReading",
@@ -164,21 +166,21 @@ def draw_probe_triples(
         seed: seed of the rows, the steps and the noise.
     """
     if not isinstance(train, Tensor) or not isinstance(heldout, Tensor):
-        raise TypeError("draw_probe_triples needs tensors of training and held-out images.")
+        raise config_type_error("draw_probe_triples needs tensors of training and held-out images.")
     if len(train) < 1 or len(heldout) < 1:
-        raise ValueError(
+        raise config_error(
             f"The loss-gap probe needs training and held-out images; got {len(train)} training and "
             f"{len(heldout)} held-out images."
         )
     if tuple(train.shape[1:]) != tuple(heldout.shape[1:]):
-        raise ValueError(
+        raise config_error(
             f"Training images {tuple(train.shape[1:])} and held-out images {tuple(heldout.shape[1:])} must have "
             "the same shape."
         )
     if num_triples < 1:
-        raise ValueError(f"num_triples must be >= 1 (images); got {num_triples}.")
+        raise config_error(f"num_triples must be >= 1 (images); got {num_triples}.")
     if num_timesteps < 2 or not 1 <= num_bands <= num_timesteps - 1:
-        raise ValueError(
+        raise config_error(
             f"Need num_timesteps >= 2 and 1 <= num_bands <= num_timesteps - 1; got {num_timesteps}, {num_bands}."
         )
     # Both row draws start from the same seed, so a held-out set equal to the training set gives the very same
@@ -212,7 +214,7 @@ def _per_sample(loss_fn: LossFn, x0: Tensor, t: Tensor, noise: Tensor, batch_siz
         value = loss_fn(x0[i : i + batch_size], t[i : i + batch_size], noise[i : i + batch_size])
         if not isinstance(value, Tensor) or value.shape != (len(x0[i : i + batch_size]),):
             shape = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
-            raise ValueError(
+            raise config_error(
                 "denoising_loss(x0, t, noise) must return the per-sample loss, a tensor of shape (B,) = "
                 f"({len(x0[i : i + batch_size])},); got {shape}."
             )
@@ -309,7 +311,7 @@ def probe_period(num_triples: int, batch_size: int, budget: float = 0.01) -> int
         50
     """
     if num_triples < 1 or batch_size < 1 or not 0.0 < budget <= 1.0:
-        raise ValueError(
+        raise config_error(
             f"Need num_triples >= 1, batch_size >= 1 and 0 < budget <= 1; got {num_triples}, {batch_size}, "
             f"{budget}."
         )

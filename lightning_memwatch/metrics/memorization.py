@@ -28,7 +28,7 @@ import torch
 import torchmetrics
 from torch import Tensor
 
-from lightning_memwatch._checks import check_batch, check_float, check_int
+from lightning_memwatch._checks import check_batch, check_float, check_int, config_error, config_type_error
 from lightning_memwatch.metrics.knn import NearestNeighbourIndex
 
 __all__ = ["MemorizationFraction", "MemorizationResult", "memorization_fraction", "memorization_ratios"]
@@ -76,7 +76,7 @@ def _as_index(index_or_train: NearestNeighbourIndex | Tensor) -> NearestNeighbou
         return index_or_train
     if isinstance(index_or_train, Tensor):
         return NearestNeighbourIndex(index_or_train)
-    raise TypeError(
+    raise config_type_error(
         "index_or_train must be a NearestNeighbourIndex or the training set as a tensor; "
         f"got {type(index_or_train).__name__}."
     )
@@ -99,7 +99,7 @@ def check_sample_shape(generated: Tensor, shape: tuple[int, ...] | None) -> None
         if sorted(generated.shape[1:]) == sorted(shape):
             hint = " (the same values in another layout, e.g. channels-last: permute them back, e.g. " \
                    "`x.permute(0, 3, 1, 2)`)"
-        raise ValueError(
+        raise config_error(
             f"generated samples have shape {tuple(generated.shape[1:])} per sample but the training images "
             f"{tuple(shape)}{hint}. Pass samples shaped like the training images: flattened pixels of another "
             "layout would be compared with the wrong pixels."
@@ -170,7 +170,7 @@ def memorization_fraction(
     threshold = check_float(threshold, "threshold", low=0, low_open=True, high=1, hint="the paper uses 1/3")
     bootstrap = check_int(bootstrap, "bootstrap", minimum=1, unit="number of resamples, e.g. 1000")
     if not 0 < confidence < 1:
-        raise ValueError(f"confidence must lie in (0, 1), e.g. 0.95; got {confidence!r}.")
+        raise config_error(f"confidence must lie in (0, 1), e.g. 0.95; got {confidence!r}.")
     ratios, distances, nn_indices = _neighbours(generated, index_or_train)
     memorized = ratios < threshold
     m, count = len(ratios), int(memorized.sum())

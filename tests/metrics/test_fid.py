@@ -1,4 +1,4 @@
-"""FID: functional maths, preprocessing, the evaluator with a small extractor, the offline Inception path,
+"""FID: preprocessing, the evaluator with a small extractor, the offline Inception path,
 caching.
 
 Everything runs on CPU without network. Inception tests use a randomly initialised torch-fidelity Inception
@@ -12,9 +12,7 @@ import shutil
 import warnings
 from pathlib import Path
 
-import numpy as np
 import pytest
-import scipy.linalg
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -29,14 +27,7 @@ from lightning_memwatch.metrics.features import (
     images_to_uint8,
     to_three_channels,
 )
-from lightning_memwatch.metrics.fid import (
-    FID,
-    FIDEvaluator,
-    RunningMoments,
-    feature_statistics,
-    frechet_distance,
-    matrix_sqrt_psd,
-)
+from lightning_memwatch.metrics.fid import FID, FIDEvaluator
 
 torch.set_num_threads(1)
 
@@ -78,89 +69,6 @@ def _build(reference: torch.Tensor, tmp_path: Path, **kwargs: object) -> FIDEval
     settings = {"feature_extractor": ConvFeatures(), "batch_size": 16, "cache_dir": tmp_path / "cache"}
     settings.update(kwargs)
     return FID(reference=reference, **settings).build(data_range=(-1.0, 1.0), device="cpu")  # type: ignore[arg-type]
-
-
-def _scipy_fid(mu1: np.ndarray, c1: np.ndarray, mu2: np.ndarray, c2: np.ndarray) -> float:
-    covmean = scipy.linalg.sqrtm(c1 @ c2)
-    return float(((mu1 - mu2) ** 2).sum() + np.trace(c1) + np.trace(c2) - 2 * np.trace(covmean).real)
-
-
-# ---- functional --------------------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("seed", [0, 1, 2])
-def test_frechet_distance_matches_scipy_sqrtm(seed: int) -> None:
-    rng = np.random.default_rng(seed)
-    d = 16
-    a, b = rng.normal(size=(200, d)), rng.normal(size=(150, d)) @ rng.normal(size=(d, d)) * 0.3 + 0.2
-    mu1, c1, mu2, c2 = a.mean(0), np.cov(a, rowvar=False), b.mean(0), np.cov(b, rowvar=False)
-    expected = _scipy_fid(mu1, c1, mu2, c2)
-    args = [torch.from_numpy(v) for v in (mu1, c1, mu2, c2)]
-    got = frechet_distance(*args)
-    assert got.dtype == torch.float64 and got.ndim == 0
-    assert float(got) == pytest.approx(expected, rel=1e-9)
-    with_root = frechet_distance(*args, sqrt_cov2=matrix_sqrt_psd(args[3]))
-    assert float(with_root) == pytest.approx(expected, rel=1e-9)
-    swapped = frechet_distance(args[2], args[3], args[0], args[1])
-    assert float(swapped) == pytest.approx(expected, rel=1e-9)
-    # float32 inputs are computed in float64 too
-    assert float(frechet_distance(*[t.float() for t in args])) == pytest.approx(expected, rel=1e-5)
-
-
-def test_frechet_distance_rank_deficient_is_finite_and_agrees_with_scipy() -> None:
-    rng = np.random.default_rng(3)
-    d = 32
-    a, b = rng.normal(size=(5, d)), rng.normal(size=(7, d)) + 0.1  # ranks 4 and 6 << d
-    mu1, c1, mu2, c2 = a.mean(0), np.cov(a, rowvar=False), b.mean(0), np.cov(b, rowvar=False)
-    got = float(frechet_distance(*[torch.from_numpy(v) for v in (mu1, c1, mu2, c2)]))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # scipy may warn about the singular product
-        expected = _scipy_fid(mu1, c1, mu2, c2)
-    assert math.isfinite(got) and got >= 0
-    assert got == pytest.approx(expected, rel=1e-6, abs=1e-6)
-
-
-def test_frechet_distance_zero_for_identical_and_simple_cases() -> None:
-    x = torch.randn(50, 8, generator=torch.Generator().manual_seed(0))
-    mu, cov = feature_statistics(x)
-    assert float(frechet_distance(mu, cov, mu, cov)) == pytest.approx(0.0, abs=1e-10)
-    eye = torch.eye(3, dtype=torch.float64)
-    assert float(frechet_distance(torch.zeros(3), eye, torch.full((3,), 2.0), eye)) == pytest.approx(12.0)
-    assert float(frechet_distance(torch.zeros(3), eye, torch.zeros(3), 4 * eye)) == pytest.approx(3.0)
-
-
-def test_matrix_sqrt_clamps_negative_rounding() -> None:
-    v = torch.randn(6, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
-    cov = v @ v.T - 1e-12 * torch.eye(6, dtype=torch.float64)  # PSD up to tiny negative eigenvalues
-    root = matrix_sqrt_psd(cov)
-    assert torch.isfinite(root).all()
-    assert torch.allclose(root @ root, cov, atol=1e-6)
-
-
-def test_frechet_distance_refuses_bad_shapes() -> None:
-    with pytest.raises(ValueError, match=r"shape \(d,\)"):
-        frechet_distance(torch.zeros(3), torch.eye(3), torch.zeros(4), torch.eye(4))
-    with pytest.raises(ValueError, match="NaN"):
-        frechet_distance(torch.zeros(2), torch.eye(2), torch.tensor([0.0, float("nan")]), torch.eye(2))
-
-
-def test_running_moments_equal_feature_statistics_for_any_split() -> None:
-    x = (
-        torch.randn(37, 5, generator=torch.Generator().manual_seed(0)) * 3 + 100
-    )  # large mean: cancellation test
-    mean, cov = feature_statistics(x)
-    assert torch.allclose(cov, torch.cov(x.double().T), rtol=1e-10)
-    for split in ([37], [1, 36], [10, 10, 10, 7], [2] * 18 + [1]):
-        moments = RunningMoments()
-        for chunk in torch.split(x, split):
-            moments.update(chunk)
-        m, c = moments.statistics()
-        assert moments.num_samples == 37
-        assert torch.allclose(m, mean, rtol=1e-12) and torch.allclose(c, cov, rtol=1e-9, atol=1e-12)
-    with pytest.raises(ValueError, match="at least 2"):
-        RunningMoments().statistics()
-    with pytest.raises(ValueError, match="N >= 2"):
-        feature_statistics(torch.zeros(1, 3))
 
 
 # ---- preprocessing -----------------------------------------------------------------------------------------
@@ -357,6 +265,42 @@ def test_resumed_evaluator_uses_its_state_dict(tmp_path: Path) -> None:
     fresh.load_state_dict(fresh.state_dict())  # an unprepared state round-trips
     with pytest.raises(ValueError, match="not an FIDEvaluator state"):
         fresh.load_state_dict({"history": []})
+
+
+def test_state_given_before_preparation_is_held_once_inside_the_evaluator(tmp_path: Path) -> None:
+    reference, generated = _images(64, seed=0), _images(64, seed=1)
+    first = _build(reference, tmp_path, cache=False)
+    fid_first = first.compute(generated)
+    state = first.state_dict()
+
+    settings = FID(reference=reference, feature_extractor=ConvFeatures(), batch_size=16, cache=False)
+    built = settings.build(data_range=(-1.0, 1.0), device="cpu", state=state)
+    assert built.has_pending_state and not built.is_prepared
+    held = built.state_dict()  # a checkpoint written before preparation keeps the statistics
+    assert held["key"] == state["key"] and torch.equal(held["covariance"], state["covariance"])
+    again = _build(reference, tmp_path, cache=False)
+    again.load_state_dict(held)  # and they load back
+    for evaluator in (built, again):
+        evaluator.prepare_reference()
+        assert not evaluator.has_pending_state
+        assert evaluator.num_reference_forward_passes == 0 and evaluator.hparams()["reference_stats"] == "state"
+        assert evaluator.compute(generated) == pytest.approx(fid_first, rel=1e-12)
+
+
+def test_state_loaded_into_a_prepared_evaluator(tmp_path: Path) -> None:
+    reference = _images(32, seed=0)
+    prepared = _build(reference, tmp_path, cache=False)
+    prepared.prepare_reference()
+    mean = prepared.reference_statistics[0].clone()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        prepared.load_state_dict(prepared.state_dict())  # the same statistics: nothing to say, nothing held
+    assert not prepared.has_pending_state
+    other = _build(_images(32, seed=5), tmp_path, cache=False)
+    other.prepare_reference()
+    with pytest.warns(UserWarning, match="keeping the current ones"):
+        prepared.load_state_dict(other.state_dict())
+    assert not prepared.has_pending_state and torch.equal(prepared.reference_statistics[0], mean)
 
 
 def test_state_from_other_reference_is_recomputed_with_warning(tmp_path: Path) -> None:

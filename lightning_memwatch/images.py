@@ -1,0 +1,174 @@
+"""The one reader of image sources: a tensor, a Dataset or a DataLoader, read as images in dataset order.
+
+Every part of the package that takes images from the user (MemWatch's training images, the FID reference,
+the loss-gap probe's training and held-out images) reads them here, by the same rules:
+
+* a tensor ``(N, C, H, W)`` is read as it is (batches are views);
+* a Dataset is read in index order; items may be tensors, ``(image, label)`` tuples or dicts with an
+  ``"image"`` key (:func:`~lightning_memwatch._checks.images_of_batch`), labels are dropped;
+* a DataLoader is read through its dataset with a sequential loader and the loader's own ``collate_fn``, so
+  shuffling and ``drop_last`` neither reorder nor drop images; only the rows its sampler can draw are read
+  (the training rows of a ``SubsetRandomSampler`` split, the positive-weight rows of a
+  ``WeightedRandomSampler``), and a sampler whose rows cannot be known without drawing from it raises.
+
+Pure torch: no Lightning import. The sources are never modified.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.utils.data import (
+    DataLoader,
+    Dataset,
+    DistributedSampler,
+    RandomSampler,
+    SequentialSampler,
+    Subset,
+    SubsetRandomSampler,
+    WeightedRandomSampler,
+)
+
+from lightning_memwatch import _checks
+
+__all__ = ["ImageSource", "collect_images", "iter_image_batches", "num_images", "sampler_rows"]
+
+ImageSource = Tensor | Dataset | DataLoader
+"""What the package accepts wherever it takes images: a tensor, a map-style or iterable Dataset, a DataLoader."""
+
+
+def sampler_rows(loader: DataLoader, name: str) -> list[int] | None:
+    """Dataset rows the loader's sampler can draw (sorted), or None for all of them.
+
+    Sequential, random and distributed samplers draw every row; ``SubsetRandomSampler`` (and any sampler
+    with ``indices``) its indices; ``WeightedRandomSampler`` the rows of positive weight. Other samplers
+    (and custom batch samplers) cannot be read without drawing from them: the error asks for the images.
+    """
+    # torch has no public name for the sampler of an IterableDataset loader (it draws no indices at all)
+    from torch.utils.data.dataloader import _InfiniteConstantSampler
+
+    sampler: Any = loader.sampler
+    batch_sampler = loader.batch_sampler
+    if batch_sampler is not None and type(batch_sampler).__name__ != "BatchSampler":
+        sampler = None  # a custom batch sampler: which rows it yields is its own business
+    elif batch_sampler is not None:
+        sampler = getattr(batch_sampler, "sampler", sampler)
+    if isinstance(sampler, (SequentialSampler, RandomSampler, DistributedSampler, _InfiniteConstantSampler)):
+        return None
+    if isinstance(sampler, SubsetRandomSampler) or (
+        sampler is not None and isinstance(getattr(sampler, "indices", None), (list, tuple, range, Tensor))
+    ):
+        return sorted({int(i) for i in sampler.indices})
+    if isinstance(sampler, WeightedRandomSampler):
+        weights = torch.as_tensor(sampler.weights)
+        return [int(i) for i in torch.nonzero(weights > 0).flatten()]
+    what = type(sampler if sampler is not None else batch_sampler).__name__
+    raise _checks.config_error(
+        f"{name}: the DataLoader draws its rows with a {what}, which cannot be read without drawing from it, "
+        "and the dataset may hold rows it never yields (a held-out split would count as training images, and "
+        "copies of them as memorized). Pass the images explicitly, as a tensor or Dataset of exactly the rows "
+        f"to use: `MemWatch(train_data=...)`, `FID(reference=...)` or `LossGapProbe({name}=...)`."
+    )
+
+
+def _as_loader(source: Dataset | DataLoader, batch_size: int, name: str) -> DataLoader:
+    """A sequential loader over the rows of ``source`` (for a DataLoader: those its sampler can draw)."""
+    if isinstance(source, DataLoader):
+        dataset, collate = source.dataset, source.collate_fn
+        rows = sampler_rows(source, name)
+        if rows is not None:
+            dataset = Subset(dataset, rows)
+    else:
+        dataset, collate = source, None
+    return DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate)  # type: ignore[arg-type]
+
+
+def _check_source(source: object, name: str) -> None:
+    if not isinstance(source, (Tensor, Dataset, DataLoader)):
+        raise _checks.config_type_error(
+            f"{name} must be a Tensor, Dataset or DataLoader of images; got {type(source).__name__}."
+        )
+
+
+def iter_image_batches(source: ImageSource, batch_size: int, name: str = "images") -> Iterator[Tensor]:
+    """Yield the images of ``source`` in batches of exactly ``batch_size`` (the last one may be smaller).
+
+    A tensor is cut into views; a Dataset or DataLoader is read by the rules of this module and its batches
+    are re-cut to ``batch_size`` whatever the loader's own batch size. Images are yielded as the source holds
+    them (dtype, device); no check of their values is made here.
+
+    Args:
+        source: a tensor (N, ...), a Dataset or a DataLoader of images.
+        batch_size: images per yielded batch.
+        name: what the source is, for error messages (e.g. ``"reference"``).
+
+    Raises:
+        TypeError: ``source`` is none of the three, or a batch holds no tensor.
+        ValueError: a DataLoader whose sampler cannot be read (see :func:`sampler_rows`).
+    """
+    _check_source(source, name)
+    batch_size = _checks.check_int(batch_size, "batch_size", minimum=1, unit="images")
+    if isinstance(source, Tensor):
+        for start in range(0, len(source), batch_size):
+            yield source[start : start + batch_size]
+        return
+    pending: list[Tensor] = []
+    num_pending = 0
+    for batch in _as_loader(source, batch_size, name):
+        images = _checks.images_of_batch(batch, f"a batch of {name}")
+        while len(images):
+            take = min(batch_size - num_pending, len(images))
+            pending.append(images[:take])
+            num_pending += take
+            images = images[take:]
+            if num_pending == batch_size:
+                yield pending[0] if len(pending) == 1 else torch.cat(pending)
+                pending, num_pending = [], 0
+    if pending:
+        yield pending[0] if len(pending) == 1 else torch.cat(pending)
+
+
+def collect_images(source: ImageSource, name: str = "train_data", batch_size: int = 512) -> Tensor:
+    """All images of a tensor, Dataset or DataLoader as one float tensor, in dataset order, labels dropped.
+
+    Read by the rules of this module (a DataLoader: only the rows its sampler can draw, in dataset order).
+    A float tensor comes back as it is (no copy); the source is never modified.
+
+    Args:
+        source: the images.
+        name: what they are, for error messages.
+        batch_size: rows per read of a Dataset or DataLoader (images).
+
+    Raises:
+        TypeError: not an image source, or integer images (convert them to floats in your data_range).
+        ValueError: fewer than 2 images, NaN/Inf values, or a DataLoader whose sampler cannot be read.
+    """
+    _check_source(source, name)
+    if isinstance(source, Tensor):
+        images = source.detach()
+    else:
+        chunks = [batch.detach() for batch in iter_image_batches(source, batch_size, name)]
+        if not chunks:
+            raise _checks.config_error(f"{name} is empty: it yielded no images. Pass a source that holds images.")
+        images = torch.cat(chunks)
+    return _checks.check_batch(images, name, min_rows=2).float()
+
+
+def num_images(source: ImageSource, name: str = "images") -> int | None:
+    """Number of images :func:`iter_image_batches` yields, or None when the source has no length (an
+    iterable Dataset)."""
+    _check_source(source, name)
+    if isinstance(source, Tensor):
+        return len(source)
+    if isinstance(source, DataLoader):
+        rows = sampler_rows(source, name)
+        if rows is not None:
+            return len(rows)
+        source = source.dataset
+    try:
+        return len(source)  # type: ignore[arg-type]
+    except TypeError:
+        return None
