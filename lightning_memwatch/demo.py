@@ -68,7 +68,7 @@ QUALITY_LABEL = "Frechet distance (digit-classifier features)"
 
 @dataclasses.dataclass(frozen=True)
 class DemoConfig:
-    """Every setting of the demo (defaults: the full demo; :meth:`quick` gives the smoke-test settings).
+    """Every setting of the demo (defaults: the full demo; :meth:`quick` gives the quick demo).
 
     Attributes:
         out: output directory (summary.json, plots/, logs/).
