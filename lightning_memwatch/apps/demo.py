@@ -68,7 +68,7 @@ QUALITY_LABEL = "Frechet distance (digit-classifier features)"
 
 @dataclasses.dataclass(frozen=True)
 class DemoConfig:
-    """Every setting of the demo (defaults: the full demo; :meth:`quick` gives the smoke-test settings).
+    """Every setting of the demo (defaults: the full demo; :meth:`quick` gives the quick demo).
 
     Attributes:
         out: output directory (summary.json, plots/, logs/).
@@ -106,6 +106,12 @@ class DemoConfig:
         bootstrap: bootstrap resamples of the f_mem confidence interval.
         log_images: log sample grids and nearest-neighbour pairs to TensorBoard at each evaluation.
         plots: write the report's PNG plots.
+        draws_per_step: noisy images per optimizer step (0: the plain full batch of n). Each training image
+            enters the loss :meth:`noise_draws` = ``max(1, draws_per_step // n)`` times, each copy with its
+            own t and noise. More draws cut the gradient noise, so that the quick demo's models memorize
+            within a few hundred steps; the data itself is unchanged.
+        passes_per_epoch: data passes (optimizer steps, full batch) per Lightning epoch; more save Lightning's
+            per-epoch overhead, which dominates a step at tiny n.
     """
 
     out: Path = Path("runs/demo")
@@ -132,22 +138,30 @@ class DemoConfig:
     bootstrap: int = 1000
     log_images: bool = True
     plots: bool = True
+    draws_per_step: int = 0
+    passes_per_epoch: int = 1
 
     @classmethod
     def quick(cls, **overrides: Any) -> DemoConfig:
-        """Smoke-test settings (under a minute on 2 cores): tiny n, a narrow denoiser, short evaluations."""
+        """Quick-demo settings (about a minute on 2 cores): memorization flagged within a few hundred steps.
+
+        n = 8, 16, 32; every step trains on 256 noisy copies of the full batch (``draws_per_step``), so the
+        default denoiser memorizes fast at lr 3e-3; 256 samples by DDIM-20 every 25 steps; the detector and
+        early-stopping rules of the full demo. tau_mem comes in the order of n; tau_gen (Frechet distance <=
+        50) does not fire: these tiny models copy their training digits before they generate well.
+        """
         settings: dict[str, Any] = dict(
             ns=(8, 16, 32),
-            width=64,
-            num_blocks=2,
             lr=3e-3,
-            ema_decay=None,
-            num_samples=64,
-            sample_steps=10,
+            ema_decay=0.99,
+            num_samples=256,
+            sample_steps=20,
             eval_every=25,
             eval_every_per_image=0.0,
-            max_steps_per_image=0,
-            max_steps_extra=150,
+            max_steps_per_image=20,
+            max_steps_extra=300,
+            draws_per_step=256,
+            passes_per_epoch=50,
             classifier_epochs=100,
             bootstrap=100,
             log_images=True,
@@ -177,10 +191,19 @@ class DemoConfig:
             raise ValueError(f"mem_threshold must lie in [0, 1) (a fraction); got {self.mem_threshold}.")
         if self.num_samples < 2 or self.sample_steps < 2 or self.eval_every < 1:
             raise ValueError("num_samples, sample_steps must be >= 2 and eval_every >= 1.")
+        if self.draws_per_step < 0 or self.passes_per_epoch < 1:
+            raise ValueError(
+                f"draws_per_step must be >= 0 (0: the plain full batch) and passes_per_epoch >= 1; "
+                f"got {self.draws_per_step}, {self.passes_per_epoch}."
+            )
 
     def eval_period(self, n: int) -> int:
         """Optimizer steps between two evaluations of the run with ``n`` training images."""
         return max(int(self.eval_every), int(math.ceil(self.eval_every_per_image * n)))
+
+    def noise_draws(self, n: int) -> int:
+        """Noisy copies of each training image in the loss of one step of the run with ``n`` images."""
+        return max(1, int(self.draws_per_step) // n)
 
     def max_steps(self, n: int) -> int:
         """Optimizer steps after which the run with ``n`` images stops even without tau_mem."""
@@ -322,6 +345,27 @@ def _ema_warmup_callback(decay: float) -> Any:
     return EMAWarmup()
 
 
+def _diffusion_model(config: DemoConfig, n: int) -> Any:
+    """The DDPM of the run with ``n`` images; its loss covers ``config.noise_draws(n)`` noisy copies of the batch."""
+    from lightning_memwatch.apps.models import DDPM, ResidualMLP
+
+    denoiser = ResidualMLP(dim=64, width=config.width, num_blocks=config.num_blocks)
+    settings: dict[str, Any] = dict(
+        optimizer="adam", lr=config.lr, sample_steps=config.sample_steps, ema_decay=config.ema_decay
+    )
+    draws = config.noise_draws(n)
+    if draws == 1:
+        return DDPM(denoiser, **settings)
+
+    class MultiDrawDDPM(DDPM):
+        """DDPM whose epsilon loss at each step covers ``draws`` copies of the batch (own t and noise each)."""
+
+        def diffusion_loss(self, x0: Tensor) -> Tensor:
+            return super().diffusion_loss(x0.repeat(draws, *([1] * (x0.dim() - 1))))
+
+    return MultiDrawDDPM(denoiser, **settings)
+
+
 # ------------------------------------------------------------------------------------------------------------
 # one run (in a worker process)
 
@@ -377,13 +421,16 @@ def train_one(config: DemoConfig, n: int, classifier_state: dict[str, Tensor]) -
 
     from lightning_memwatch import FID, EvalSchedule, MemorizationEarlyStopping, MemWatch, TimescaleDetector
     from lightning_memwatch.apps.data import DigitsDataModule
-    from lightning_memwatch.apps.models import DDPM, ResidualMLP
     from lightning_memwatch.apps.report import write_run_metadata
 
     start = time.perf_counter()
     L.seed_everything(config.seed + n, verbose=False)
     datamodule = DigitsDataModule(
-        n=n, num_heldout=config.num_heldout, full_batch=True, split_seed=config.seed
+        n=n,
+        num_heldout=config.num_heldout,
+        full_batch=True,
+        split_seed=config.seed,
+        passes_per_epoch=config.passes_per_epoch,
     )
     datamodule.setup("fit")
     classifier = DigitFeatureNet()
@@ -427,13 +474,7 @@ def train_one(config: DemoConfig, n: int, classifier_state: dict[str, Tensor]) -
                 _say(f"  [n={n:>4}] {name} flagged at step {event.step}: {event.reason}")
 
     watch.add_listener(progress)
-    model = DDPM(
-        ResidualMLP(dim=64, width=config.width, num_blocks=config.num_blocks),
-        optimizer="adam",
-        lr=config.lr,
-        sample_steps=config.sample_steps,
-        ema_decay=config.ema_decay,
-    )
+    model = _diffusion_model(config, n)
     callbacks: list[Any] = [watch, stopper]
     if config.ema_decay is not None:
         callbacks.insert(0, _ema_warmup_callback(config.ema_decay))
@@ -450,7 +491,9 @@ def train_one(config: DemoConfig, n: int, classifier_state: dict[str, Tensor]) -
         num_sanity_val_steps=0,
     )
     _say(
-        f"  [n={n:>4}] training: full batch of {n}, evaluation every {period} steps, "
+        f"  [n={n:>4}] training: full batch of {n}"
+        + (f" x {config.noise_draws(n)} noise draws" if config.noise_draws(n) > 1 else "")
+        + f", evaluation every {period} steps, "
         f"cap {config.max_steps(n)} steps"
     )
     trainer.fit(model, datamodule=datamodule)
@@ -554,8 +597,9 @@ def _run_demo(config: DemoConfig, echo: Callable[[str], None]) -> dict[str, Any]
     detector = config.detector_kwargs()
     echo("memwatch demo: scikit-learn digits (8x8, rescaled to [-1, 1]), DDPM + residual-MLP denoiser, CPU")
     echo(
-        f"  n = {', '.join(map(str, config.ns))} training digits (full batch), "
-        f"{config.num_heldout} held-out digits; "
+        f"  n = {', '.join(map(str, config.ns))} training digits (full batch"
+        + (f", repeated to {config.draws_per_step} noisy copies per step" if config.draws_per_step else "")
+        + f"), {config.num_heldout} held-out digits; "
         f"denoiser width {config.width} x {config.num_blocks} blocks, Adam lr {config.lr:g}, "
         f"EMA {config.ema_decay if config.ema_decay is not None else 'off'}"
     )

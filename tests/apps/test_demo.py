@@ -38,6 +38,27 @@ def quick_run(tmp_path_factory):
     return out, code, buffer.getvalue()
 
 
+@pytest.mark.slow
+def test_quick_demo_flags_memorization_in_the_order_of_n(quick_run):
+    out, _, printed = quick_run
+    config = DemoConfig.quick()
+    summary = json.loads((out / "summary.json").read_text())
+    flagged = {r["n"]: r["tau_mem"] for r in summary["runs"] if r["tau_mem"] is not None}
+    assert len(flagged) >= 2, summary["runs"]
+    taus = [flagged[n] for n in sorted(flagged)]
+    assert taus == sorted(taus) and taus[0] < taus[-1], flagged  # smaller training sets are copied sooner
+    for run in summary["demo"]["runs"]:
+        if run["n"] in flagged:  # early stopping ended the run a few evaluations after its tau_mem
+            assert run["stopped_early"] and run["steps"] < config.max_steps(run["n"])
+            assert run["steps"] == flagged[run["n"]] + (config.stop_patience - 1) * config.eval_period(run["n"])
+    for n in flagged:
+        records = read_event_records([out / "logs" / f"n{n}"])
+        assert records[0]["f_mem"] == 0.0 and records[-1]["f_mem"] > config.mem_threshold
+    assert set(summary["fit"]) >= {"slope", "intercept", "r2", "exponent"} and summary["fit"]["slope"] > 0
+    assert "repeated to 256 noisy copies per step" in printed  # the header (the runs print from their workers)
+
+
+@pytest.mark.slow
 def test_quick_demo_writes_summary_plots_and_logs(quick_run):
     out, code, printed = quick_run
     assert code == 0
@@ -50,7 +71,6 @@ def test_quick_demo_writes_summary_plots_and_logs(quick_run):
         assert 0.0 <= run["final_f_mem"] <= 1.0
         assert math.isfinite(run["best_fid"]) and run["best_fid"] >= 0
         assert run["detector"]["mem_rule"] == "threshold" and run["detector"]["f0"] == config.mem_threshold
-    assert set(summary["fit"]) >= {"slope", "intercept", "r2", "exponent"}
     # the offline flags of the report equal the ones MemWatch raised during training
     online = {r["n"]: (r["tau_gen_online"], r["tau_mem_online"]) for r in summary["demo"]["runs"]}
     assert {r["n"]: (r["tau_gen"], r["tau_mem"]) for r in summary["runs"]} == online
@@ -60,6 +80,7 @@ def test_quick_demo_writes_summary_plots_and_logs(quick_run):
     assert "tau_gen" in printed and "tensorboard --logdir" in printed and "memwatch report:" in printed
 
 
+@pytest.mark.slow
 def test_quick_demo_tensorboard_logs_hold_every_evaluation(quick_run):
     out, _, _ = quick_run
     config = DemoConfig.quick()
@@ -137,7 +158,9 @@ def test_in_process_run_leaves_warning_filters_and_loggers_alone(tmp_path):
 
     filters_before = list(warnings.filters)
     level_before = logging.getLogger("lightning.pytorch").level
-    config = DemoConfig.quick(out=tmp_path / "one", ns=(8, 16), workers=1, max_steps_extra=50, plots=False)
+    config = DemoConfig.quick(
+        out=tmp_path / "one", ns=(8, 16), workers=1, max_steps_per_image=0, max_steps_extra=50, plots=False
+    )
     lines: list[str] = []
     summary = run_demo(config, echo=lines.append)
     assert [r["n"] for r in summary["runs"]] == [8, 16] and summary["plots"] == []
