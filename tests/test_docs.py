@@ -502,9 +502,9 @@ def test_feature_fn_puts_the_index_in_feature_space(tmp_path, digits16):
     )
     L.Trainer(max_steps=2, callbacks=[watch], **quiet_trainer_kwargs(tmp_path)).fit(LatentModel(), loader_of(train))
     assert len(watch.history) == 1
-    assert watch._index.dim == 16  # the encoder's features, not the 64 pixels
+    assert watch.index.dim == 16  # the encoder's features, not the 64 pixels
     copies = train[:4]
-    distances, indices = watch._index.search(copies)
+    distances, indices = watch.index.search(copies)
     assert indices[:, 0].tolist() == [0, 1, 2, 3]
     # The copies are encoded in a batch of 4 and the index's rows in larger batches: the encoder's GEMM gives
     # other bits for other batch sizes (2.4e-7 on an AVX-512/AMX Xeon), so "zero" is relative to the features'

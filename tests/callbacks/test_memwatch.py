@@ -15,9 +15,9 @@ from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from toys import ToyDiffusion, toy_images, toy_loader
 
 from lightning_memwatch import EvalSchedule, MemWatch
-from lightning_memwatch.record import EvalRecord
 from lightning_memwatch.callbacks.memwatch import collect_images
 from lightning_memwatch.log import F_MEM, PAIRS_IMAGE, RATIO_HISTOGRAM, SAMPLES_IMAGE
+from lightning_memwatch.record import EvalRecord
 
 TRAIN = toy_images(64)
 
