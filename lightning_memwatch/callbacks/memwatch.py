@@ -12,6 +12,7 @@ helpers in :mod:`lightning_memwatch.log`.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -36,7 +37,7 @@ from lightning_memwatch.evaluator import RATIO_QUANTILES, Evaluator, check_metri
 from lightning_memwatch.metrics.fid import FID, FIDEvaluator
 from lightning_memwatch.metrics.knn import NearestNeighbourIndex
 from lightning_memwatch.progress import EvalProgress, setup_summary
-from lightning_memwatch.record import FID_TRAIN_FLOOR, EvalRecord, RecordField
+from lightning_memwatch.record import FID_TRAIN_FLOOR, RECORD_FIELDS, EvalRecord, RecordField
 from lightning_memwatch.sampling import draw_samples, rank_slice
 from lightning_memwatch.schedule import EvalSchedule
 from lightning_memwatch.weights import ModuleEMA, ScoredWeights, WeightsChoice, resolve_weights
@@ -204,6 +205,15 @@ class MemWatch(Callback):
         self.seed = int(seed)
         self.detector = detector if detector is not None else TimescaleDetector()
         self.metrics = check_metric_names(metrics)
+        quality = self.detector.quality_key
+        if quality != RecordField.FID and quality not in self.metrics and quality not in RECORD_FIELDS:
+            close = difflib.get_close_matches(quality, [*self.metrics, RecordField.FID], n=1)
+            hint = f" Did you mean {close[0]!r}?" if close else ""
+            raise ValueError(
+                f"The detector's quality_key {quality!r} is not a key of MemWatch's records, so tau_gen could never "
+                f"fire.{hint} Use 'fid' (with `fid=FID(...)`) or the name of one of `metrics` "
+                f"({', '.join(map(repr, self.metrics)) or 'none given'})."
+            )
         self.noise_shape = tuple(noise_shape) if noise_shape is not None else None
         self.feature_fn = feature_fn
         self.knn_backend = knn_backend

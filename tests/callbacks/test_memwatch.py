@@ -411,3 +411,14 @@ def test_collect_images_indexes_exactly_the_rows_the_sampler_can_draw():
 
     with pytest.raises(ValueError, match=r"EveryThird.*MemWatch\(train_data="):
         collect_images(DataLoader(data, batch_size=8, sampler=EveryThird()))
+
+
+def test_a_misspelt_detector_quality_key_fails_at_construction():
+    from lightning_memwatch import TimescaleDetector
+
+    with pytest.raises(ValueError, match="Did you mean 'quality'"):
+        MemWatch(detector=TimescaleDetector(quality_key="qualty"), metrics={"quality": lambda g: 0.0})
+    with pytest.raises(ValueError, match="field of every record"):
+        MemWatch(metrics={"f_mem": lambda g: 0.0})
+    MemWatch(detector=TimescaleDetector(quality_key="quality"), metrics={"quality": lambda g: 0.0})
+    MemWatch(fid=None)  # quality_key 'fid' with FID off: tau_gen does not fire, as documented (no error)
