@@ -185,7 +185,7 @@ def run_one(n: int, out: Path, threads: int, max_steps: int | None = None) -> di
         "max_steps": config.max_steps(n),
         "tau_gen": watch.tau_gen,
         "tau_mem": watch.tau_mem,
-        "history": watch.history,
+        "history": [dict(r) for r in watch.history],  # EvalRecords as the flat dicts of earlier versions
         "probe_period": probe.period,
         "probe": [r.to_dict() for r in probe.history],
         "fine_probe_period": fine.period,

@@ -19,7 +19,9 @@ _EXPORTS = {
     "LossGapProbe": "lightning_memwatch.probe",
     "MemWatch": "lightning_memwatch.callbacks.memwatch",
     "MemorizationEarlyStopping": "lightning_memwatch.callbacks.early_stopping",
+    "EvalRecord": "lightning_memwatch.record",
     "EvalSchedule": "lightning_memwatch.schedule",
+    "Evaluator": "lightning_memwatch.evaluator",
     "FID": "lightning_memwatch.metrics.fid",
     "NearestNeighbourIndex": "lightning_memwatch.metrics.knn",
     "MemorizationFraction": "lightning_memwatch.metrics.memorization",
@@ -45,6 +47,7 @@ if TYPE_CHECKING:  # pragma: no cover
         detect_timescales,
         forecast_tau_mem,
     )
+    from lightning_memwatch.evaluator import Evaluator
     from lightning_memwatch.metrics.fid import FID
     from lightning_memwatch.metrics.knn import NearestNeighbourIndex
     from lightning_memwatch.metrics.memorization import (
@@ -54,6 +57,7 @@ if TYPE_CHECKING:  # pragma: no cover
         memorization_ratios,
     )
     from lightning_memwatch.probe import LossGapProbe
+    from lightning_memwatch.record import EvalRecord
     from lightning_memwatch.schedule import EvalSchedule
     from lightning_memwatch.weights import ModuleEMA
 

@@ -1,7 +1,8 @@
 """The paper's two timescales, flagged from per-evaluation records: tau_gen (samples become good) and tau_mem
 (memorization emerges), plus the linear law tau_mem = slope * n used to forecast tau_mem for a new n.
 
-Pure Python: no Lightning import. A record is a mapping with at least ``"step"`` (optimizer steps) and, for
+Pure Python: no Lightning import. A record is a mapping (an :class:`~lightning_memwatch.EvalRecord`, or a
+plain dict with the same keys) with at least ``"step"`` (optimizer steps) and, for
 the default rules, ``"f_mem"``, ``"f_mem_ci_low"`` (fractions in [0, 1]) and a quality signal (``"fid"`` by
 default; lower is better). :class:`TimescaleDetector` consumes records one at a time (online, as
 :class:`~lightning_memwatch.MemWatch` does after each evaluation); :func:`detect_timescales` applies the same
@@ -70,6 +71,8 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
 from lightning_memwatch.fits import TauMemFit, TooFewRunsError, fit_tau_mem
+from lightning_memwatch.record import RecordField
+from lightning_memwatch.record import finite_float as _finite_float  # how every record value is read
 
 __all__ = [
     "TauMemForecast",
@@ -85,7 +88,7 @@ MemRule = Literal["ci", "threshold"]
 _GEN_RULES = ("auto", "plateau", "floor")
 _MEM_RULES = ("ci", "threshold")
 _MODES = ("min", "max")
-_MEM_KEYS = {"ci": "f_mem_ci_low", "threshold": "f_mem"}
+_MEM_KEYS = {"ci": RecordField.F_MEM_CI_LOW, "threshold": RecordField.F_MEM}  # the field each tau_mem rule tests
 _STATE_VERSION = 1
 
 
@@ -132,17 +135,6 @@ class TimescaleEvent:
             value=float(data["value"]),
             confirmed_step=int(data.get("confirmed_step", -1)),
         )
-
-
-def _finite_float(value: object) -> float | None:
-    """``value`` as a finite float, or None when it is missing, None, non-numeric, NaN or infinite."""
-    if value is None or isinstance(value, (str, bytes)):
-        return None
-    try:
-        out = float(value)  # type: ignore[arg-type]
-    except (TypeError, ValueError):
-        return None
-    return out if math.isfinite(out) else None
 
 
 def _relative_gain(reference: float, new: float) -> float:
@@ -372,12 +364,12 @@ class TimescaleDetector:
         return events
 
     def _check_step(self, record: Mapping[str, object]) -> int:
-        if not isinstance(record, Mapping) or "step" not in record:
+        if not isinstance(record, Mapping) or RecordField.STEP not in record:
             raise ValueError(
                 "Each record must be a mapping with a 'step' key (optimizer steps), like MemWatch.history's; "
                 f"got {record!r}."
             )
-        raw = record["step"]
+        raw = record[RecordField.STEP]
         if isinstance(raw, bool) or not isinstance(raw, int):
             try:
                 step = int(raw)  # type: ignore[call-overload]

@@ -28,6 +28,22 @@ from lightning.pytorch.loggers import Logger, MLFlowLogger, TensorBoardLogger, W
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
+# the scalar keys live with the record they are logged from (lightning_memwatch.record); re-exported here
+# (PREFIX and FID_TRAIN_FLOOR too, importable here but outside __all__, whose strings are the documented keys)
+from lightning_memwatch.record import (
+    F_MEM,
+    F_MEM_CI_HIGH,
+    F_MEM_CI_LOW,
+    FID_KEY,
+    FID_NUM_SAMPLES,
+    FID_TRAIN_FLOOR,  # noqa: F401 (re-exported)
+    PREFIX,
+    RATIO_MEDIAN,
+    SCALAR_KEYS,
+    TAU_GEN,
+    TAU_MEM,
+)
+
 __all__ = [
     "F_MEM",
     "F_MEM_CI_LOW",
@@ -52,29 +68,10 @@ __all__ = [
     "tensorboard_writers",
 ]
 
-PREFIX = "memwatch/"
-F_MEM = "memwatch/f_mem"
-F_MEM_CI_LOW = "memwatch/f_mem_ci_low"
-F_MEM_CI_HIGH = "memwatch/f_mem_ci_high"
-RATIO_MEDIAN = "memwatch/ratio_median"
-FID_KEY = "memwatch/fid"
-FID_NUM_SAMPLES = "memwatch/fid_num_samples"
-TAU_GEN = "memwatch/tau_gen"
-TAU_MEM = "memwatch/tau_mem"
 SAMPLES_IMAGE = "memwatch/generated"
 PAIRS_IMAGE = "memwatch/generated_vs_nearest_train"
 RATIO_HISTOGRAM = "memwatch/nn_ratio"
 TIMESCALE_TEXT = "memwatch/timescales"
-
-#: record field -> logged scalar key
-SCALAR_KEYS: dict[str, str] = {
-    "f_mem": F_MEM,
-    "f_mem_ci_low": F_MEM_CI_LOW,
-    "f_mem_ci_high": F_MEM_CI_HIGH,
-    "ratio_median": RATIO_MEDIAN,
-    "fid": FID_KEY,
-    "fid_num_samples": FID_NUM_SAMPLES,
-}
 
 _noted: set[tuple[int, str]] = set()
 _PAIRS_PER_ROW = 8
@@ -328,7 +325,7 @@ def flush_hparams(trainer: Trainer, settings: Callable[[], Mapping[str, Any]]) -
 
 def memwatch_settings(watch: Any) -> dict[str, Any]:
     """MemWatch's settings as hparams: ``memwatch/<name>`` and, with FID, ``memwatch/fid_<name>``."""
-    index = getattr(watch, "_index", None)
+    index = getattr(watch, "index", None)
     values: dict[str, Any] = {
         "num_samples": watch.num_samples,
         "sample_batch_size": watch.sample_batch_size,
@@ -344,7 +341,7 @@ def memwatch_settings(watch: Any) -> dict[str, Any]:
     detector = getattr(watch, "detector", None)
     if detector is not None and hasattr(detector, "config"):
         out.update({f"{PREFIX}detector_{k}": v for k, v in detector.config().items() if v is not None})
-    fid = getattr(watch, "_fid_evaluator", None)
+    fid = getattr(watch, "fid_evaluator", None)
     if fid is not None:
         out.update({f"{PREFIX}fid_{k}": v for k, v in fid.hparams().items()})
     return out

@@ -55,6 +55,7 @@ TESTED_SNIPPETS = {
     "feature_space.py": "test_feature_fn_puts_the_index_in_feature_space",
     "public_api.py": "test_public_api_snippet_imports",
     "offline_fid.py": "test_offline_fid_fails_at_build_with_the_documented_fix",
+    "plain_loop.py": "test_plain_loop_evaluates_without_lightning",
 }
 
 
@@ -502,9 +503,9 @@ def test_feature_fn_puts_the_index_in_feature_space(tmp_path, digits16):
     )
     L.Trainer(max_steps=2, callbacks=[watch], **quiet_trainer_kwargs(tmp_path)).fit(LatentModel(), loader_of(train))
     assert len(watch.history) == 1
-    assert watch._index.dim == 16  # the encoder's features, not the 64 pixels
+    assert watch.index.dim == 16  # the encoder's features, not the 64 pixels
     copies = train[:4]
-    distances, indices = watch._index.search(copies)
+    distances, indices = watch.index.search(copies)
     assert indices[:, 0].tolist() == [0, 1, 2, 3]
     # The copies are encoded in a batch of 4 and the index's rows in larger batches: the encoder's GEMM gives
     # other bits for other batch sizes (2.4e-7 on an AVX-512/AMX Xeon), so "zero" is relative to the features'
@@ -524,6 +525,28 @@ def test_public_api_snippet_imports():
 
     exported = {name for name in lightning_memwatch.__all__}
     assert exported <= set(namespace), exported - set(namespace)
+
+
+def test_plain_loop_evaluates_without_lightning():
+    """The architecture page's plain PyTorch loop runs with Lightning unimportable and flags tau_mem."""
+    code = (
+        "import sys, runpy, torch\n"
+        "for name in ('lightning', 'lightning.pytorch', 'lightning.fabric', 'pytorch_lightning'):\n"
+        "    sys.modules[name] = None  # importing Lightning now fails\n"
+        "torch.set_num_threads(1)\n"
+        f"runpy.run_path({str(SNIPPETS / 'plain_loop.py')!r}, run_name='__main__')\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    evaluations = [re.fullmatch(r"step (\d+): f_mem = ([\d.]+) \[([\d.]+), ([\d.]+)\]", line) for line in lines[:-1]]
+    assert evaluations and all(evaluations), lines
+    steps = [int(m[1]) for m in evaluations]
+    assert steps == list(range(100, 100 * len(steps) + 1, 100))
+    assert float(evaluations[0][2]) == 0.0  # nothing copied at the first evaluation
+    tau_mem = re.fullmatch(r"tau_mem at step (\d+): .*", lines[-1])
+    assert tau_mem is not None and float(evaluations[-1][3]) > 0.0, lines  # stopped where the interval left 0
+    assert int(tau_mem[1]) == steps[-1]
 
 
 def test_offline_fid_fails_at_build_with_the_documented_fix(digits16, monkeypatch, tmp_path):

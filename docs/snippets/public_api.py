@@ -3,7 +3,9 @@
 from lightning_memwatch import (  # noqa: F401 (the list is the point)
     FID,  # FID settings, passed as MemWatch(fid=FID(...))
     AdaptiveSchedule,  # sparse evaluations while nothing happens, dense as memorization approaches
+    EvalRecord,  # the typed record of one evaluation (MemWatch.history items)
     EvalSchedule,  # when to evaluate: every N steps, log-spaced, the paper's grid, explicit steps
+    Evaluator,  # samples in, EvalRecord out, without Lightning (plain PyTorch loops)
     LossGapProbe,  # sampling-free probe: train / held-out denoising-loss gap every K steps
     MemorizationEarlyStopping,  # stop at tau_mem, keep the best weights from before the onset
     MemorizationFraction,  # torchmetrics Metric: f_mem summed over update() calls and DDP ranks

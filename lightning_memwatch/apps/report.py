@@ -50,6 +50,7 @@ from typing import Any
 from lightning_memwatch import log as mwlog
 from lightning_memwatch.detection import TimescaleDetector, detect_timescales
 from lightning_memwatch.fits import TooFewRunsError, fit_tau_mem
+from lightning_memwatch.record import NOT_RECORD_KEYS, EvalRecord
 
 __all__ = [
     "PLOT_NAMES",
@@ -83,8 +84,6 @@ PLOT_NAMES = (
 """The PNG files written under ``LOGDIR/plots``."""
 
 _EVENT_PREFIX = "events.out.tfevents."
-_NOT_RECORD_KEYS = {mwlog.TAU_GEN, mwlog.TAU_MEM}
-_INT_FIELDS = {"fid_num_samples", "num_samples"}
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -140,24 +139,26 @@ def _event_dirs(root: Path, exclude: set[Path]) -> list[Path]:
     return sorted(found)
 
 
-def read_event_records(directories: Sequence[str | os.PathLike[str]]) -> list[dict[str, Any]]:
+def read_event_records(directories: Sequence[str | os.PathLike[str]]) -> list[EvalRecord]:
     """Rebuild MemWatch's per-evaluation records from the ``memwatch/*`` scalars of TensorBoard event files.
 
-    Every step at which ``memwatch/f_mem`` was logged is one record; the other ``memwatch/`` scalars logged at
-    that step fill its fields (named as in ``MemWatch.history``: ``f_mem_ci_low``, ``fid``, user metrics by
-    their name, ...). A field absent at that step is missing from the record, except ``fid`` (None). When
-    several directories (or a resumed run) log the same step, the later directory wins.
+    Every step at which ``memwatch/f_mem`` was logged is one record: the ``memwatch/`` scalars logged at that
+    step are read back through :meth:`~lightning_memwatch.EvalRecord.from_scalars` (the one mapping between
+    record fields and logged keys), so the fields are named as in ``MemWatch.history`` (``f_mem_ci_low``,
+    ``fid``, user metrics by their name, ...). Fields that are not logged (``num_samples``, the outer ratio
+    quantiles, the timings) are None and absent from the record's mapping view, except ``fid`` and
+    ``fid_num_samples`` (None). When several directories (or a resumed run) log the same step, the later
+    directory wins, key by key.
 
     Args:
         directories: directories holding event files (each read with TensorBoard's event accumulator).
 
     Returns:
-        Records in increasing step order.
+        :class:`~lightning_memwatch.EvalRecord` records in increasing step order.
     """
     from tensorboard.backend.event_processing import event_accumulator as ea
 
-    key_to_field = {key: name for name, key in mwlog.SCALAR_KEYS.items()}
-    by_step: dict[int, dict[str, Any]] = {}
+    by_step: dict[int, dict[str, float]] = {}
     for directory in directories:
         acc = ea.EventAccumulator(
             str(directory),
@@ -169,21 +170,13 @@ def read_event_records(directories: Sequence[str | os.PathLike[str]]) -> list[di
             continue
         steps = {int(e.step) for e in acc.Scalars(mwlog.F_MEM)}
         for tag in tags:
-            if not tag.startswith(mwlog.PREFIX) or tag in _NOT_RECORD_KEYS:
+            if not tag.startswith(mwlog.PREFIX) or tag in NOT_RECORD_KEYS:
                 continue
-            name = key_to_field.get(tag, tag[len(mwlog.PREFIX) :])
             for event in acc.Scalars(tag):
                 step = int(event.step)
-                if step not in steps:
-                    continue
-                value: Any = float(event.value)
-                if name in _INT_FIELDS and math.isfinite(value):
-                    value = int(round(value))
-                by_step.setdefault(step, {"step": step})[name] = value
-    records = [by_step[s] for s in sorted(by_step)]
-    for record in records:
-        record.setdefault("fid", None)
-    return records
+                if step in steps:
+                    by_step.setdefault(step, {})[tag] = float(event.value)
+    return [EvalRecord.from_scalars(step, by_step[step]) for step in sorted(by_step)]
 
 
 @dataclass
@@ -200,7 +193,7 @@ class RunHistory:
     run_dir: Path
     n: int | None
     metadata: dict[str, Any] = field(default_factory=dict)
-    records: list[dict[str, Any]] = field(default_factory=list)
+    records: list[EvalRecord] = field(default_factory=list)
 
     @property
     def label(self) -> str:

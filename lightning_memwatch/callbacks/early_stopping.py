@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import warnings
+from collections.abc import Mapping
 from enum import Enum
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -19,12 +20,12 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
-from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch import Tensor
 
 from lightning_memwatch import log as mwlog
-from lightning_memwatch._checks import check_int
-from lightning_memwatch.detection import _finite_float
+from lightning_memwatch._checks import check_choice, check_int, config_error, config_type_error
+from lightning_memwatch.detection import TimescaleEvent
+from lightning_memwatch.record import RecordField, finite_float
 
 if TYPE_CHECKING:  # pragma: no cover
     from lightning_memwatch.callbacks.memwatch import MemWatch
@@ -47,8 +48,11 @@ class MemorizationStoppingReason(Enum):
 class MemorizationEarlyStopping(Callback):
     """Stop at tau_mem and end fit with the best weights from before the memorization onset.
 
-    Add it next to the :class:`~lightning_memwatch.MemWatch` it listens to. After every evaluation of the
-    watch (on every rank, once the watch's detector has consumed the record) it:
+    Add it next to the :class:`~lightning_memwatch.MemWatch` it listens to. It reacts to the watch's
+    detector: it subscribes to its tau_gen / tau_mem events (``watch.add_event_listener``) and to each
+    evaluation's record (``watch.add_listener``), and keeps no patience count of its own (patience lives in
+    the detector). After every evaluation of the watch (on every rank, once the watch's detector has consumed
+    the record and emitted its events) it:
 
     1. keeps a copy of the scored weights (the ones MemWatch sampled with: raw, EMA or averaged, see
        :mod:`lightning_memwatch.weights`) when tau_mem is not flagged yet, f_mem is not significant at this
@@ -58,7 +62,7 @@ class MemorizationEarlyStopping(Callback):
        onset are the ones to keep. Evaluations from the onset on are never kept (with the detector's
        ``patience``, the onset is the first evaluation of the run that confirmed it, and every evaluation of
        that run meets the memorization condition);
-    2. signals ``trainer.should_stop`` once the watch's detector flags tau_mem. The decision is reduced
+    2. signals ``trainer.should_stop`` once the detector's tau_mem event has arrived. The decision is reduced
        across ranks with ``trainer.strategy.reduce_boolean_decision`` (any rank stops all). The Trainer's own
        ``min_steps`` is honoured by Lightning: training continues until it is reached.
 
@@ -126,19 +130,17 @@ class MemorizationEarlyStopping(Callback):
     ) -> None:
         super().__init__()
         detector = getattr(watch, "detector", None)
-        if not callable(getattr(watch, "add_listener", None)) or detector is None:
-            raise TypeError(
+        subscribe = [getattr(watch, name, None) for name in ("add_listener", "add_event_listener")]
+        if not all(callable(fn) for fn in subscribe) or detector is None:
+            raise config_type_error(
                 f"watch must be the MemWatch callback this early stopping listens to (also passed to "
                 f"Trainer(callbacks=[watch, stopper])); got {type(watch).__name__}."
             )
         if patience is not None:
-            try:
-                patience = check_int(patience, "`patience`", minimum=0, unit="evaluations")
-            except (TypeError, ValueError) as error:
-                raise MisconfigurationException(str(error)) from None
+            patience = check_int(patience, "`patience`", minimum=0, unit="evaluations")
             if patience > max(1, detector.patience):
                 if detector.num_records:
-                    raise MisconfigurationException(
+                    raise config_error(
                         "MemorizationEarlyStopping(patience=...) is deprecated and the watch's detector has "
                         "already consumed records: pass `TimescaleDetector(patience=N)` to the MemWatch instead."
                     )
@@ -151,8 +153,7 @@ class MemorizationEarlyStopping(Callback):
                 )
                 detector.patience = patience
         mode = mode if mode is not None else getattr(detector, "quality_mode", "min")
-        if mode not in _MODES:
-            raise MisconfigurationException(f"`mode` can be {', '.join(_MODES)}; got {mode!r}.")
+        mode = check_choice(mode, "`mode`", _MODES)
         self.watch = watch
         self.restore_best = bool(restore_best)
         self.verbose = bool(verbose)
@@ -170,6 +171,10 @@ class MemorizationEarlyStopping(Callback):
         self.stopping_reason_message: str | None = None
         self.restored_step: int | None = None
         self._best_weights: dict[str, Tensor] | None = None
+        # the detector's events as they arrived (saved with the state, so a resumed run knows tau_gen)
+        self._tau_gen: TimescaleEvent | None = None
+        self._tau_mem: TimescaleEvent | None = None
+        self._events_from_watch = False  # a state saved before the events were kept: read them once
         self._monitor_checked = False
         self._saved_watch: dict[str, Any] | None = None  # the watch's position when the loaded state was saved
 
@@ -202,7 +207,7 @@ class MemorizationEarlyStopping(Callback):
         if stage != "fit":
             return
         if not any(cb is self.watch for cb in trainer.callbacks):
-            raise MisconfigurationException(
+            raise config_error(
                 "MemorizationEarlyStopping listens to a MemWatch that is not among the Trainer's callbacks, "
                 "so it would never evaluate: pass both, e.g. "
                 "`Trainer(callbacks=[watch, MemorizationEarlyStopping(watch)])`."
@@ -220,10 +225,12 @@ class MemorizationEarlyStopping(Callback):
             )
         if not produced:  # known before training starts: fail (or warn) now, not after the first sampling pass
             self._check_monitor({"step": trainer.global_step}, at_setup=True)
+        self.watch.add_event_listener(self._on_event)
         self.watch.add_listener(self._on_evaluation)
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._check_lineage()
+        self._adopt_watch_events()
         if self.stopping_reason is not MemorizationStoppingReason.NOT_STOPPED:
             # resumed from a checkpoint of a run that already stopped: stop again before another step
             self._info(
@@ -238,7 +245,7 @@ class MemorizationEarlyStopping(Callback):
             return True
         return score < self.best_score if self.mode == "min" else score > self.best_score
 
-    def _check_monitor(self, record: dict[str, Any], at_setup: bool = False) -> None:
+    def _check_monitor(self, record: Mapping[str, Any], at_setup: bool = False) -> None:
         self._monitor_checked = True
         if record.get(self.monitor) is not None:
             return
@@ -255,20 +262,40 @@ class MemorizationEarlyStopping(Callback):
         )
         if self.strict:
             if at_setup:
-                raise MisconfigurationException(message)
+                raise config_error(message)
             raise RuntimeError(message)
         rank_zero_warn(message, category=RuntimeWarning)
 
-    def _on_evaluation(self, trainer: Trainer, pl_module: LightningModule, record: dict[str, Any]) -> None:
+    def _on_event(self, trainer: Trainer, pl_module: LightningModule, event: TimescaleEvent) -> None:
+        """A tau_gen / tau_mem event of the watch's detector (every rank, before the evaluation's record)."""
+        self._check_lineage(evaluating=True)
+        self._adopt_watch_events()
+        if event.name == "tau_gen" and self._tau_gen is None:
+            self._tau_gen = event
+        elif event.name == "tau_mem" and self._tau_mem is None:
+            self._tau_mem = event
+
+    def _adopt_watch_events(self) -> None:
+        """Once, for a state saved before the stopper kept the events: take the flags the watch's detector
+        restored from the same checkpoint (events fired before it will not come again)."""
+        if self._events_from_watch:
+            self._events_from_watch = False
+            detector = self.watch.detector
+            self._tau_gen = self._tau_gen or getattr(detector, "tau_gen", None)
+            self._tau_mem = self._tau_mem or getattr(detector, "tau_mem", None)
+
+    def _on_evaluation(self, trainer: Trainer, pl_module: LightningModule, record: Mapping[str, Any]) -> None:
         self._check_lineage(evaluating=True)  # the watch has appended this record to its history already
+        self._adopt_watch_events()
         if not self._monitor_checked:
             self._check_monitor(record)
         detector = self.watch.detector
-        step = int(record["step"])
-        tau_gen, tau_mem = detector.tau_gen, detector.tau_mem
+        step = int(record[RecordField.STEP])
+        tau_gen, tau_mem = self._tau_gen, self._tau_mem
         f_mem = detector.memorization_value(record)
+        # the detector's per-record rule (not its state): is f_mem significant at this evaluation?
         if tau_mem is None and f_mem is not None and not detector.is_memorizing(record):
-            score = _finite_float(record.get(self.monitor))
+            score = finite_float(record.get(self.monitor))
             if score is not None and self._better(score):
                 self._keep(trainer, pl_module, step, score, record)
             elif score is None and self.best_score is None:  # no quality signal: the latest such evaluation
@@ -314,11 +341,11 @@ class MemorizationEarlyStopping(Callback):
         return f"{head}; tau_gen = {tau_gen.step if tau_gen is not None else 'n/a'}; {kept}."
 
     def _keep(
-        self, trainer: Trainer, pl_module: LightningModule, step: int, score: float | None, record: dict[str, Any]
+        self, trainer: Trainer, pl_module: LightningModule, step: int, score: float | None, record: Mapping[str, Any]
     ) -> None:
         previous = self.best_score
         self.best_step, self.best_score = step, score
-        self.best_f_mem = _finite_float(record.get("f_mem"))
+        self.best_f_mem = finite_float(record.get(RecordField.F_MEM))
         if self.dirpath is not None:
             path = Path(self.dirpath) / BEST_FILENAME
             if trainer.is_global_zero:
@@ -345,7 +372,10 @@ class MemorizationEarlyStopping(Callback):
             return None
         if evaluating:
             history = history[:-1]
-        return {"num_records": len(history), "last_step": int(history[-1]["step"]) if history else None}
+        return {
+            "num_records": len(history),
+            "last_step": int(history[-1][RecordField.STEP]) if history else None,
+        }
 
     def _check_lineage(self, evaluating: bool = False) -> None:
         """Drop kept state that belongs to a watch history the watch no longer has (state not restored)."""
@@ -371,10 +401,12 @@ class MemorizationEarlyStopping(Callback):
         self.stopped_step = None
         self.stopping_reason = MemorizationStoppingReason.NOT_STOPPED
         self.stopping_reason_message = None
+        self._tau_gen = self._tau_mem = None
+        self._events_from_watch = False
 
     # -- end of training ------------------------------------------------------------------------------
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        tau_mem = self.watch.detector.tau_mem
+        tau_mem = self._tau_mem
         if not self.restore_best or tau_mem is None:
             return
         if self.best_step is None:
@@ -443,6 +475,10 @@ class MemorizationEarlyStopping(Callback):
             "stopping_reason": self.stopping_reason.value,
             "stopping_reason_message": self.stopping_reason_message,
             "watch": self._watch_position(),
+            "events": {
+                "tau_gen": None if self._tau_gen is None else self._tau_gen.to_dict(),
+                "tau_mem": None if self._tau_mem is None else self._tau_mem.to_dict(),
+            },
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -459,6 +495,14 @@ class MemorizationEarlyStopping(Callback):
         self.stopping_reason_message = state_dict.get("stopping_reason_message")
         self._saved_watch = state_dict.get("watch")
         self._lineage_checked = False
+        events = state_dict.get("events")
+        if events is None:  # saved before the stopper kept the events: the watch's detector has them
+            self._tau_gen = self._tau_mem = None
+            self._events_from_watch = True
+        else:
+            self._tau_gen = None if events.get("tau_gen") is None else TimescaleEvent.from_dict(events["tau_gen"])
+            self._tau_mem = None if events.get("tau_mem") is None else TimescaleEvent.from_dict(events["tau_mem"])
+            self._events_from_watch = False
 
 
 def _cpu_copy(pl_module: LightningModule) -> dict[str, Tensor]:

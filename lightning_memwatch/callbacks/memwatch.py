@@ -1,6 +1,10 @@
 """MemWatch: sample once per scheduled step and measure memorization (and FID) of the samples, live.
 
-The callback is a thin adapter: sampling rules live in :mod:`lightning_memwatch.sampling`, the maths in
+The callback is the Lightning adapter of the evaluation core: it decides when to evaluate (the schedule),
+which weights are scored, draws the samples on every rank and gathers them, hands them to the
+:class:`~lightning_memwatch.Evaluator` on global rank 0 (which returns an
+:class:`~lightning_memwatch.EvalRecord`), broadcasts the record, logs it, feeds the detector, emits the
+detector's events and keeps the state. Sampling rules live in :mod:`lightning_memwatch.sampling`, the maths in
 :mod:`lightning_memwatch.metrics`, the timescale flags in :mod:`lightning_memwatch.detection`, and logging
 helpers in :mod:`lightning_memwatch.log`.
 """
@@ -8,6 +12,7 @@ helpers in :mod:`lightning_memwatch.log`.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -26,24 +31,24 @@ from lightning_memwatch._checks import (
     check_sample_range,
 )
 from lightning_memwatch.detection import TimescaleDetector, TimescaleEvent
+from lightning_memwatch.evaluator import RATIO_QUANTILES, Evaluator, check_metric_names
 from lightning_memwatch.images import collect_images
 from lightning_memwatch.images import sampler_rows as _sampler_rows  # noqa: F401  (its old home)
 from lightning_memwatch.metrics.fid import FID, FIDEvaluator
 from lightning_memwatch.metrics.knn import NearestNeighbourIndex
-from lightning_memwatch.metrics.memorization import memorization_fraction
 from lightning_memwatch.progress import EvalProgress, setup_summary
+from lightning_memwatch.record import FID_TRAIN_FLOOR, RECORD_FIELDS, EvalRecord, RecordField
 from lightning_memwatch.sampling import draw_samples, rank_slice
 from lightning_memwatch.schedule import EvalSchedule
 from lightning_memwatch.weights import ModuleEMA, ScoredWeights, WeightsChoice, resolve_weights
 
 __all__ = ["FID_TRAIN_FLOOR", "MemWatch", "collect_images"]
 
-FID_TRAIN_FLOOR = "memwatch/fid_train_floor"
-"""Logged once at setup: FID of the training images against the reference (the level of real data)."""
-
 ImageSource = Tensor | Dataset | DataLoader
-Listener = Callable[[Trainer, LightningModule, dict], None]
-_QUANTILES = {"ratio_q05": 0.05, "ratio_q25": 0.25, "ratio_median": 0.5, "ratio_q75": 0.75, "ratio_q95": 0.95}
+Listener = Callable[[Trainer, LightningModule, EvalRecord], None]
+"""``fn(trainer, pl_module, record)``, called on every rank after each evaluation."""
+EventListener = Callable[[Trainer, LightningModule, TimescaleEvent], None]
+"""``fn(trainer, pl_module, event)``, called on every rank for each tau_gen / tau_mem event the detector fires."""
 
 
 class MemWatch(Callback):
@@ -54,6 +59,8 @@ class MemWatch(Callback):
     :mod:`lightning_memwatch.sampling`), and one sampling pass feeds every metric. A sample is memorized
     when ``d1 / d2 < threshold`` for its nearest and second-nearest training images. Scalars are logged as
     :data:`~lightning_memwatch.log.F_MEM` etc. and can be monitored by ``EarlyStopping``/``ModelCheckpoint``.
+    Each evaluation appends an :class:`~lightning_memwatch.EvalRecord` to :attr:`history` (a read-only
+    mapping too: ``record["f_mem"]`` works as with the dict records of earlier versions).
 
     Example:
         >>> from lightning_memwatch import MemWatch, EvalSchedule
@@ -76,7 +83,8 @@ class MemWatch(Callback):
         seed: base seed of the per-sample noise (same noise at every evaluation).
         detector: :class:`~lightning_memwatch.TimescaleDetector` flagging tau_gen / tau_mem (default rules).
         metrics: extra ``{name: fn(generated) -> float}`` computed on the same samples, logged as
-            ``memwatch/<name>`` and stored in each record.
+            ``memwatch/<name>`` and stored in each record (``record.metrics``; also ``record[name]``). Names
+            must differ from the record's fields.
         noise_shape: shape of one sample's initial noise when the sampler takes ``noise``; default the
             training image shape.
         feature_fn: optional map images -> features for feature-space nearest neighbours (latent models).
@@ -118,7 +126,9 @@ class MemWatch(Callback):
         threshold = _checks.check_float(threshold, "threshold", low=0, low_open=True, high=1, hint="the paper uses 1/3")
         seed = _checks.check_int(seed, "seed")
         bootstrap = _checks.check_int(bootstrap, "bootstrap", minimum=1, unit="number of resamples, e.g. 1000")
-        self.data_range: tuple[float, float] | None = None if data_range is None else _check_range_arg(data_range)
+        self.data_range: tuple[float, float] | None = (
+            None if data_range is None else _checks.check_data_range(data_range)
+        )
         self.train_data = train_data
         self.num_samples = int(num_samples)
         self.sample_batch_size = int(sample_batch_size)
@@ -128,7 +138,16 @@ class MemWatch(Callback):
         self.fid = fid
         self.seed = int(seed)
         self.detector = detector if detector is not None else TimescaleDetector()
-        self.metrics = dict(metrics or {})
+        self.metrics = check_metric_names(metrics)
+        quality = self.detector.quality_key
+        if quality != RecordField.FID and quality not in self.metrics and quality not in RECORD_FIELDS:
+            close = difflib.get_close_matches(quality, [*self.metrics, RecordField.FID], n=1)
+            hint = f" Did you mean {close[0]!r}?" if close else ""
+            raise _checks.config_error(
+                f"The detector's quality_key {quality!r} is not a key of MemWatch's records, so tau_gen could never "
+                f"fire.{hint} Use 'fid' (with `fid=FID(...)`) or the name of one of `metrics` "
+                f"({', '.join(map(repr, self.metrics)) or 'none given'})."
+            )
         self.noise_shape = tuple(noise_shape) if noise_shape is not None else None
         self.feature_fn = feature_fn
         self.knn_backend = knn_backend
@@ -136,19 +155,21 @@ class MemWatch(Callback):
         self.log_images = log_images
         self.verbose = verbose
         if not isinstance(weights, ModuleEMA) and weights not in ("auto", "raw", "averaged"):
-            raise ValueError(
+            raise _checks.config_error(
                 "weights must be 'auto', 'raw', 'averaged' or ModuleEMA('attribute', target=...); "
                 f"got {weights!r}."
             )
         self.weights = weights
         self.scored_weights: ScoredWeights | None = None  # resolved at setup
 
-        self.history: list[dict[str, Any]] = []
+        self.history: list[EvalRecord] = []
         self._listeners: list[Listener] = []
-        self._index: NearestNeighbourIndex | None = None
-        self._train_images: Tensor | None = None
+        self._event_listeners: list[EventListener] = []
+        self._evaluator: Evaluator | None = None  # rank 0, built once per fit in on_fit_start
+        self._train_images: Tensor | None = None  # rank 0, from setup until the evaluator indexes them
         self._sample_shape: tuple[int, ...] | None = None
         self._fid_evaluator: FIDEvaluator | None = None
+        # a FID state loaded before setup built the evaluator (a manual load_state_dict); handed to it at build
         self._pending_fid_state: dict | None = None
         self._last_evaluated_step: int | None = None
         self._moved_device_warned = False
@@ -179,15 +200,39 @@ class MemWatch(Callback):
     @property
     def record_keys(self) -> list[str]:
         """Keys every history record holds a value for (FID only when it is on; user metrics by name)."""
-        keys = ["step", "num_samples", "f_mem", "f_mem_ci_low", "f_mem_ci_high", *_QUANTILES]
+        f = RecordField
+        keys = [f.STEP, f.NUM_SAMPLES, f.F_MEM, f.F_MEM_CI_LOW, f.F_MEM_CI_HIGH, *RATIO_QUANTILES]
         if self.fid is not None:
-            keys += ["fid", "fid_num_samples"]
-        return keys + list(self.metrics) + ["metric_seconds", "sample_seconds"]
+            keys += [f.FID, f.FID_NUM_SAMPLES]
+        return keys + list(self.metrics) + [f.METRIC_SECONDS, f.SAMPLE_SECONDS]
+
+    @property
+    def evaluator(self) -> Evaluator | None:
+        """The :class:`~lightning_memwatch.Evaluator` (global rank 0, from ``on_fit_start``; None elsewhere)."""
+        return self._evaluator
+
+    @property
+    def index(self) -> NearestNeighbourIndex | None:
+        """The nearest-neighbour index of the training images (global rank 0, from ``on_fit_start``)."""
+        return None if self._evaluator is None else self._evaluator.index
+
+    @property
+    def fid_evaluator(self) -> FIDEvaluator | None:
+        """The FID evaluator (built at setup on every rank when FID is on), or None."""
+        return self._fid_evaluator
 
     def add_listener(self, fn: Listener) -> None:
-        """Call ``fn(trainer, pl_module, record)`` on every rank after each evaluation (detector updated)."""
+        """Call ``fn(trainer, pl_module, record)`` on every rank after each evaluation (detector updated, events
+        emitted); ``record`` is the :class:`~lightning_memwatch.EvalRecord` just appended to the history."""
         if fn not in self._listeners:
             self._listeners.append(fn)
+
+    def add_event_listener(self, fn: EventListener) -> None:
+        """Call ``fn(trainer, pl_module, event)`` on every rank for each :class:`~lightning_memwatch.TimescaleEvent`
+        the detector fires (tau_gen, tau_mem), right after the evaluation that fired it, before the record
+        listeners."""
+        if fn not in self._event_listeners:
+            self._event_listeners.append(fn)
 
     # -- set-up ---------------------------------------------------------------------------------------
     def _sampler(self, pl_module: LightningModule) -> Callable[..., Tensor]:
@@ -217,7 +262,12 @@ class MemWatch(Callback):
         if datamodule is not None and hasattr(datamodule, "train_dataloader"):
             loader = datamodule.train_dataloader()
         if loader is None:
-            source = trainer.fit_loop._data_source  # the loaders given to trainer.fit / the module's hook
+            # The loaders given to `trainer.fit(...)` or the module's hook. Private, because no public API holds
+            # them at setup: `trainer.train_dataloader` is filled only by the fit loop's `setup_data()`, after
+            # `setup` and `on_fit_start`, and the module's `train_dataloader` hook is not set when loaders are
+            # passed to `fit`. The training images are needed here (range checks, FID's fallback reference)
+            # so that a bad input fails before training starts, on every rank.
+            source = trainer.fit_loop._data_source
             if source.is_defined():
                 loader = source.dataloader()
         if isinstance(loader, (list, tuple)) and loader:
@@ -225,7 +275,7 @@ class MemWatch(Callback):
         if isinstance(loader, Mapping) and loader:
             loader = next(iter(loader.values()))
         if not isinstance(loader, (DataLoader, Dataset, Tensor)):
-            raise ValueError(
+            raise _checks.config_error(
                 "MemWatch found no training data: pass `MemWatch(train_data=...)` (a tensor, Dataset or "
                 "DataLoader of the training images) or give the Trainer a train dataloader."
             )
@@ -236,8 +286,8 @@ class MemWatch(Callback):
         for owner in (getattr(trainer, "datamodule", None), pl_module):
             value = getattr(owner, "data_range", None)
             if value is not None:
-                return _check_range_arg(value)
-        raise ValueError(
+                return _checks.check_data_range(value)
+        raise _checks.config_error(
             "MemWatch(data_range=None) found no `data_range` on the datamodule or the module: pass "
             "`data_range=(low, high)`, the range of your training images and samples."
         )
@@ -273,23 +323,31 @@ class MemWatch(Callback):
                 device=device,
                 fallback_reference=train,
                 num_samples=self.num_samples,
+                state=self._pending_fid_state,  # held by the evaluator until its reference is prepared
             )
-            if self._pending_fid_state is not None:
-                self._fid_evaluator.load_state_dict(self._pending_fid_state)
-                self._pending_fid_state = None
+            self._pending_fid_state = None
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        # Built here, not in setup: the module is on its device now, so a feature_fn using its submodules
-        # (e.g. a VAE encoder) runs where its weights are. Once per fit, never on the training step.
-        if trainer.is_global_zero and self._index is None and self._train_images is not None:
-            self._index = NearestNeighbourIndex(
-                self._train_images.to(trainer.strategy.root_device),
-                backend=self.knn_backend,  # type: ignore[arg-type]
+        # The evaluator (and its index) is built here, not in setup: the module is on its device now, so a
+        # feature_fn using its submodules (e.g. a VAE encoder) runs where its weights are. Once per fit, never
+        # on the training step.
+        if trainer.is_global_zero and self._evaluator is None and self._train_images is not None:
+            assert self.data_range is not None
+            self._evaluator = Evaluator(
+                self._train_images,
+                data_range=self.data_range,
+                threshold=self.threshold,
+                bootstrap=self.bootstrap,
+                seed=self.seed,
+                num_samples=self.num_samples,
+                fid=self._fid_evaluator,
+                metrics=self.metrics,
                 feature_fn=self.feature_fn,
+                knn_backend=self.knn_backend,  # type: ignore[arg-type]
+                device=trainer.strategy.root_device,
+                inputs_checked=True,  # checked at setup and at every evaluation on every rank, below
             )
-            # one copy of the training images: the nearest-image pairs read rows from the index
-            if self._index.holds_images and self._index.num_duplicates == 0:
-                self._train_images = None
+            self._train_images = None  # the evaluator keeps the one copy
         # MemWatch's settings join the hparams session Lightning logs right after this hook (one session)
         if trainer.is_global_zero:
             if self._fid_evaluator is not None and not trainer.strategy.restore_checkpoint_after_setup:
@@ -318,23 +376,15 @@ class MemWatch(Callback):
         if step in self.schedule and step != self._last_evaluated_step:
             self._evaluate(trainer, pl_module, step, can_log=False)
 
-    def _first_train_images(self, count: int) -> Tensor:
-        """The first ``count`` training images, from MemWatch's copy or, when only the index holds them, the
-        index (dropped only when it has no duplicates, so its rows are the original ones)."""
-        if self._train_images is not None:
-            return self._train_images[:count]
-        assert self._index is not None
-        return self._index.train_images(torch.arange(min(count, self._index.num_train)))
-
     def _set_train_floor(self, trainer: Trainer) -> None:
         """FID of the training images against the reference, once per run (rank 0, broadcast), to the detector."""
         evaluator = self._fid_evaluator
         assert evaluator is not None
         if self.fid_train_floor is None and evaluator.reference_source != "train":
             value = None
-            if trainer.is_global_zero and (self._train_images is not None or self._index is not None):
+            if trainer.is_global_zero and self._evaluator is not None:
                 fid_n = self.fid.num_samples or self.num_samples  # type: ignore[union-attr]
-                value = evaluator.train_floor(self._first_train_images(fid_n))  # the same count as the samples'
+                value = evaluator.train_floor(self._evaluator.first_train_images(fid_n))  # as many as sampled
             value = trainer.strategy.broadcast(value, src=0)
             self.fid_train_floor = value
             if value is not None and trainer.is_global_zero:
@@ -358,7 +408,7 @@ class MemWatch(Callback):
         if next_step is not None and trainer.max_steps is not None and 0 <= trainer.max_steps < next_step:
             next_step = None
         last = self.history[-1] if self.history else None
-        index = self._index
+        index = self.index
         return setup_summary(
             num_train=index.num_train if index is not None else 0,
             image_shape=self._sample_shape or (),
@@ -369,7 +419,7 @@ class MemWatch(Callback):
             num_samples=self.num_generated,
             sample_batch_size=self.sample_batch_size,
             world_size=trainer.world_size,
-            last_seconds=None if last is None else last.get("sample_seconds", 0.0) + last.get("metric_seconds", 0.0),
+            last_seconds=None if last is None else (last.sample_seconds or 0.0) + (last.metric_seconds or 0.0),
         )
 
     # -- one evaluation -------------------------------------------------------------------------------
@@ -418,46 +468,18 @@ class MemWatch(Callback):
         parts = [gathered[r, : len(rank_slice(total, r, world))] for r in range(world)]
         return torch.cat(parts)
 
-    def _measure(self, trainer: Trainer, generated: Tensor, step: int) -> dict[str, Any]:
-        """Every metric on the gathered samples (rank 0); returns the history record."""
-        assert self._index is not None
-        start = time.perf_counter()
-        result = memorization_fraction(
-            generated[: self.num_samples],
-            self._index,
-            threshold=self.threshold,
-            bootstrap=self.bootstrap,
-            seed=self.seed,
-        )
-        ratios = result.ratios.float()
-        record: dict[str, Any] = {
-            "step": step,
-            "num_samples": result.num_samples,
-            "f_mem": float(result.fraction),
-            "f_mem_ci_low": float(result.ci_low),
-            "f_mem_ci_high": float(result.ci_high),
-        }
-        q = torch.quantile(
-            ratios.cpu().double(), torch.tensor(list(_QUANTILES.values()), dtype=torch.float64)
-        )
-        record.update({k: float(v) for k, v in zip(_QUANTILES, q)})
-        record["fid"], record["fid_num_samples"] = None, None
-        if self._fid_evaluator is not None:
-            fid_n = self.fid.num_samples or self.num_samples  # type: ignore[union-attr]
-            record["fid"] = float(self._fid_evaluator.compute(generated[:fid_n]))
-            record["fid_num_samples"] = int(min(fid_n, len(generated)))
-        for name, fn in self.metrics.items():
-            record[name] = float(fn(generated))
-        if self.log_images and (self._train_images is not None or self._index.holds_images):
-            if self._train_images is not None:  # feature_fn indexes hold features, not images
-                nearest = self._train_images[result.nn_indices[:, 0].cpu()]
-            else:  # read from the index, which holds the one copy
-                nearest = self._index.train_images(result.nn_indices[:, 0]).cpu()
+    def _measure(self, trainer: Trainer, generated: Tensor, step: int, sample_seconds: float) -> EvalRecord:
+        """The evaluator's record of the gathered samples (rank 0), and the image panels to the loggers."""
+        evaluator = self._evaluator
+        assert evaluator is not None
+        record = evaluator.evaluate(generated, step, sample_seconds=sample_seconds)
+        result = evaluator.last_result
+        if self.log_images and result is not None and evaluator.can_show_train_images:
+            nearest = evaluator.train_images(result.nn_indices[:, 0])
             mwlog.log_images(
-                trainer, step, generated[: self.num_samples], ratios, nearest, self.data_range,
+                trainer, step, generated[: self.num_samples], result.ratios.float(), nearest, self.data_range,
                 threshold=self.threshold,
             )
-        record["metric_seconds"] = time.perf_counter() - start
         return record
 
     def _evaluate(self, trainer: Trainer, pl_module: LightningModule, step: int, *, can_log: bool) -> None:
@@ -479,12 +501,12 @@ class MemWatch(Callback):
             if overshoot is not None and not self._overshoot_warned:
                 self._overshoot_warned = True
                 rank_zero_warn(overshoot)
-            record = None
+            state = None
             if trainer.is_global_zero:
                 progress.phase("nearest neighbours" + (" and FID" if self._fid_evaluator is not None else ""))
-                record = self._measure(trainer, generated, step)
-                record["sample_seconds"] = sample_seconds  # rank 0's, so every rank holds the same record
-        record = trainer.strategy.broadcast(record, src=0)
+                # rank 0's sample time, so every rank holds the same record
+                state = self._measure(trainer, generated, step, sample_seconds).to_dict()
+        record = EvalRecord.from_dict(trainer.strategy.broadcast(state, src=0))  # plain values across ranks
         self.history.append(record)
         self._last_evaluated_step = step
         events = self.detector.update(record)
@@ -505,6 +527,8 @@ class MemWatch(Callback):
                     f"**{event.name}** at step {event.step}: {event.reason}",
                     step,
                 )
+            for event_listener in self._event_listeners:
+                event_listener(trainer, pl_module, event)
         for listener in self._listeners:
             listener(trainer, pl_module, record)
 
@@ -512,28 +536,23 @@ class MemWatch(Callback):
         self,
         trainer: Trainer,
         pl_module: LightningModule,
-        record: dict,
+        record: EvalRecord,
         events: list[TimescaleEvent],
         can_log: bool,
     ) -> None:
-        values = {
-            key: record[field] for field, key in mwlog.SCALAR_KEYS.items() if record.get(field) is not None
-        }
-        values.update({f"{mwlog.PREFIX}{name}": record[name] for name in self.metrics})
-        values.update(
-            {mwlog.TAU_GEN if e.name == "tau_gen" else mwlog.TAU_MEM: float(e.step) for e in events}
-        )
+        values = record.to_scalars()
+        values.update({mwlog.TAU_GEN if e.name == "tau_gen" else mwlog.TAU_MEM: float(e.step) for e in events})
         # Loggers get the values on rank 0 at step = global_step (optimizer steps, the history's axis), whatever
         # `log_every_n_steps` is; `pl_module.log(logger=False)` makes them monitorable by EarlyStopping and
         # ModelCheckpoint on every rank.
         if trainer.is_global_zero:
             for lg in trainer.loggers:
-                lg.log_metrics({k: float(v) for k, v in values.items()}, step=record["step"])
+                lg.log_metrics(dict(values), step=record.step)
         for key, value in values.items():
             if can_log:
-                pl_module.log(key, float(value), on_step=True, on_epoch=False, logger=False, batch_size=1)
+                pl_module.log(key, value, on_step=True, on_epoch=False, logger=False, batch_size=1)
             else:  # step 0: seed the monitor values so EarlyStopping(strict=True) finds them from the start
-                trainer.callback_metrics[key] = torch.tensor(float(value))
+                trainer.callback_metrics[key] = torch.tensor(value)
 
     # -- state ----------------------------------------------------------------------------------------
     def on_load_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
@@ -573,7 +592,7 @@ class MemWatch(Callback):
             self._fid_evaluator.state_dict() if self._fid_evaluator is not None else self._pending_fid_state
         )
         return {
-            "history": [dict(r) for r in self.history],
+            "history": [r.to_dict() for r in self.history],  # plain dicts (EvalRecord.to_dict)
             "last_evaluated_step": self._last_evaluated_step,
             "detector": self.detector.state_dict(),
             "fid": fid_state,
@@ -584,7 +603,8 @@ class MemWatch(Callback):
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.history = [dict(r) for r in state_dict["history"]]
+        # EvalRecord.from_dict also reads the flat dict records of checkpoints from earlier versions
+        self.history = [EvalRecord.from_dict(r) for r in state_dict["history"]]
         self._last_evaluated_step = state_dict["last_evaluated_step"]
         self.detector.load_state_dict(state_dict["detector"])
         self.fid_train_floor = state_dict.get("fid_train_floor")
@@ -596,10 +616,6 @@ class MemWatch(Callback):
                 self._fid_evaluator.load_state_dict(fid_state)
             else:
                 self._pending_fid_state = fid_state
-
-
-def _check_range_arg(data_range: Sequence[float]) -> tuple[float, float]:
-    return _checks.check_data_range(data_range)
 
 
 def _settings_of(state_key: str) -> dict[str, Any]:
@@ -624,12 +640,12 @@ def _drop_first_parameter(fn: Callable[..., Any]) -> Any:
     return sig.replace(parameters=params)
 
 
-def _describe(record: Mapping[str, Any]) -> str:
+def _describe(record: EvalRecord) -> str:
     text = (
-        f"MemWatch step {record['step']}: f_mem={record['f_mem']:.4f} "
-        f"[{record['f_mem_ci_low']:.4f}, {record['f_mem_ci_high']:.4f}] over {record['num_samples']} samples, "
-        f"median d1/d2={record['ratio_median']:.3f}"
+        f"MemWatch step {record.step}: f_mem={record.f_mem:.4f} "
+        f"[{record.f_mem_ci_low:.4f}, {record.f_mem_ci_high:.4f}] over {record.num_samples} samples, "
+        f"median d1/d2={record.ratio_median:.3f}"
     )
-    if record.get("fid") is not None:
-        text += f", FID={record['fid']:.3f} ({record['fid_num_samples']} samples)"
-    return text + f" (sampling {record['sample_seconds']:.1f} s, metrics {record['metric_seconds']:.2f} s)"
+    if record.fid is not None:
+        text += f", FID={record.fid:.3f} ({record.fid_num_samples} samples)"
+    return text + f" (sampling {record.sample_seconds:.1f} s, metrics {record.metric_seconds:.2f} s)"

@@ -514,19 +514,20 @@ class NearestNeighbourIndex:
         return rows.to(self.device).reshape(*indices.shape, *self.sample_shape)
 
     # ----------------------------------------------------------------------------------------------- search
-    def search(self, queries: Tensor, k: int = 2) -> tuple[Tensor, Tensor]:
+    def search(self, queries: Tensor, k: int = 2, *, name: str = "queries") -> tuple[Tensor, Tensor]:
         """The ``k`` nearest training rows of each query, nearest first.
 
         Args:
             queries: ``(m, ...)`` floating-point tensor with the training images' per-sample shape (or
                 ``feature_fn``'s input shape), ``m >= 1``. Never modified; copied to :attr:`device` if needed.
             k: neighbours per query, ``1 <= k <= num_train``.
+            name: what the queries are called in error messages (e.g. ``"generated"``).
 
         Returns:
             ``(distances, indices)``, both ``(m, k)`` on :attr:`device`: true L2 distances (not squared,
             float32, ascending, ties broken by lower index) and int64 row indices into the original ``train``.
         """
-        return self._search(queries, k, "queries")
+        return self._search(queries, k, name)
 
     def prepare_queries(self, queries: Tensor, name: str = "queries") -> Tensor:
         """Checked, ``feature_fn``-mapped, flattened float32 queries ``(m, dim)`` on :attr:`device`."""

@@ -114,7 +114,7 @@ def _neighbours(
         check_batch(generated, "generated")  # fail before building an index; the search checks it otherwise
     check_sample_shape(generated, shape if shape is not None else _sample_shape(index_or_train))
     index = _as_index(index_or_train)
-    distances, nn_indices = index._search(generated, 2, "generated")
+    distances, nn_indices = index.search(generated, 2, name="generated")
     d1, d2 = distances[:, 0], distances[:, 1]
     ratios = torch.where(d2 > 0, d1 / torch.where(d2 > 0, d2, torch.ones_like(d2)), torch.zeros_like(d1))
     device = generated.device

@@ -23,7 +23,7 @@ class DumpHistory(Callback):
     def on_train_end(self, trainer, pl_module):
         self.out.mkdir(parents=True, exist_ok=True)
         path = self.out / f"rank{trainer.global_rank}.json"
-        path.write_text(json.dumps(self.watch.history))
+        path.write_text(json.dumps([r.to_dict() for r in self.watch.history]))
 
 
 def main():

@@ -22,16 +22,21 @@ torch.set_num_threads(1)
 
 # -- a scripted stand-in for MemWatch -------------------------------------------------------------------
 class ScriptedWatch:
-    """What MemorizationEarlyStopping needs of MemWatch: history, detector, add_listener, tau_gen/tau_mem."""
+    """What MemorizationEarlyStopping needs of MemWatch: history, detector, add_listener, add_event_listener."""
 
     def __init__(self, detector: TimescaleDetector | None = None) -> None:
         self.detector = detector if detector is not None else TimescaleDetector()
         self.history: list[dict] = []
         self.listeners: list = []
+        self.event_listeners: list = []
 
     def add_listener(self, fn) -> None:
         if fn not in self.listeners:
             self.listeners.append(fn)
+
+    def add_event_listener(self, fn) -> None:
+        if fn not in self.event_listeners:
+            self.event_listeners.append(fn)
 
     @property
     def tau_gen(self):
@@ -43,7 +48,9 @@ class ScriptedWatch:
 
     def evaluate(self, trainer, pl_module, record: dict) -> None:
         self.history.append(record)
-        self.detector.update(record)
+        for event in self.detector.update(record):  # events first, then the record, as MemWatch does
+            for fn in self.event_listeners:
+                fn(trainer, pl_module, event)
         for fn in self.listeners:
             fn(trainer, pl_module, record)
 

@@ -17,6 +17,7 @@ from toys import ToyDiffusion, toy_images, toy_loader
 from lightning_memwatch import EvalSchedule, MemWatch
 from lightning_memwatch.callbacks.memwatch import collect_images
 from lightning_memwatch.log import F_MEM, PAIRS_IMAGE, RATIO_HISTOGRAM, SAMPLES_IMAGE
+from lightning_memwatch.record import EvalRecord
 
 TRAIN = toy_images(64)
 
@@ -167,11 +168,25 @@ def test_resume_gives_the_uninterrupted_history(tmp_path):
 
 def test_state_dict_round_trip():
     watch = make_watch()
-    watch.history = [{"step": 10, "f_mem": 0.5, "f_mem_ci_low": 0.2, "f_mem_ci_high": 0.7}]
+    watch.history = [EvalRecord(step=10, f_mem=0.5, f_mem_ci_low=0.2, f_mem_ci_high=0.7, metrics={"q": 1.5})]
     watch._last_evaluated_step = 10
     other = make_watch()
     other.load_state_dict(watch.state_dict())
     assert other.history == watch.history and other.state_dict() == watch.state_dict()
+    assert all(type(r) is dict for r in watch.state_dict()["history"])  # plain Python in checkpoints
+    assert other.history[0].metrics == {"q": 1.5} and other.history[0]["q"] == 1.5
+
+
+def test_a_checkpoint_with_the_dict_records_of_earlier_versions_loads():
+    old = {"step": 10, "num_samples": 4, "f_mem": 0.25, "f_mem_ci_low": 0.0, "f_mem_ci_high": 0.6,
+           "ratio_q05": 0.1, "ratio_q25": 0.2, "ratio_median": 0.5, "ratio_q75": 0.7, "ratio_q95": 0.9,
+           "fid": None, "fid_num_samples": None, "sharpness": 3.0, "metric_seconds": 0.1, "sample_seconds": 1.0}
+    state = make_watch().state_dict() | {"history": [old], "last_evaluated_step": 10}
+    watch = make_watch()
+    watch.load_state_dict(state)
+    record = watch.history[0]
+    assert isinstance(record, EvalRecord) and record.metrics == {"sharpness": 3.0} and record.num_samples == 4
+    assert dict(record) == old  # the same keys, order and values as the old record
 
 
 def test_same_samples_across_evaluations_and_batch_sizes(tmp_path):
@@ -278,7 +293,7 @@ def test_fid_from_the_same_sampling_pass(tmp_path):
     assert [r["fid_num_samples"] for r in watch.history] == [48, 48]
     fids = [r["fid"] for r in watch.history]
     assert all(f > 0 for f in fids) and fids[0] != fids[1]
-    assert watch._fid_evaluator.num_reference_forward_passes > 0
+    assert watch.fid_evaluator.num_reference_forward_passes > 0
 
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -286,7 +301,7 @@ def test_fid_from_the_same_sampling_pass(tmp_path):
     acc.Reload()
     assert [round(e.value, 4) for e in acc.Scalars(FID_KEY)] == [round(f, 4) for f in fids]
     # the training images' own FID against the reference, once, with as many images as the samples (48)
-    floor = watch._fid_evaluator.train_floor(TRAIN[:48])
+    floor = watch.fid_evaluator.train_floor(TRAIN[:48])
     assert watch.fid_train_floor == pytest.approx(floor, rel=1e-6, abs=1e-9) and floor > 0
     assert [e.step for e in acc.Scalars("memwatch/fid_train_floor")] == [0]
     assert watch.detector.reference_floor == watch.fid_train_floor  # the default rule's scale
@@ -396,3 +411,14 @@ def test_collect_images_indexes_exactly_the_rows_the_sampler_can_draw():
 
     with pytest.raises(ValueError, match=r"EveryThird.*MemWatch\(train_data="):
         collect_images(DataLoader(data, batch_size=8, sampler=EveryThird()))
+
+
+def test_a_misspelt_detector_quality_key_fails_at_construction():
+    from lightning_memwatch import TimescaleDetector
+
+    with pytest.raises(ValueError, match="Did you mean 'quality'"):
+        MemWatch(detector=TimescaleDetector(quality_key="qualty"), metrics={"quality": lambda g: 0.0})
+    with pytest.raises(ValueError, match="field of every record"):
+        MemWatch(metrics={"f_mem": lambda g: 0.0})
+    MemWatch(detector=TimescaleDetector(quality_key="quality"), metrics={"quality": lambda g: 0.0})
+    MemWatch(fid=None)  # quality_key 'fid' with FID off: tau_gen does not fire, as documented (no error)

@@ -1,0 +1,344 @@
+"""EvalRecord: the typed record of one evaluation, and the one mapping to and from logged scalar keys.
+
+Every evaluation of :class:`~lightning_memwatch.MemWatch` (or of a plain
+:class:`~lightning_memwatch.Evaluator` call) gives one :class:`EvalRecord`. The logger writes its scalars
+through :meth:`EvalRecord.to_scalars`, the report reads TensorBoard back through
+:meth:`EvalRecord.from_scalars`, and checkpoints hold :meth:`EvalRecord.to_dict` (plain Python values). The
+logged keys (``memwatch/f_mem``, ...) are defined here once; :mod:`lightning_memwatch.log` re-exports them.
+
+A record is also a read-only mapping, so code written for the dict records of earlier versions keeps working
+(``record["f_mem"]``, ``record.get("fid")``, ``dict(record)``); new code reads attributes
+(``record.f_mem``). A misspelt key fails loudly: ``record["f_mme"]`` raises a ``KeyError`` that lists the
+keys, ``EvalRecord(f_mme=...)`` a ``TypeError``, and :meth:`~EvalRecord.from_dict` /
+:meth:`~EvalRecord.from_scalars` a ``ValueError`` naming the unknown key.
+
+Pure Python: no torch or Lightning import.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field, fields, replace
+from typing import Any
+
+__all__ = [
+    "EvalRecord",
+    "F_MEM",
+    "F_MEM_CI_HIGH",
+    "F_MEM_CI_LOW",
+    "FID_KEY",
+    "FID_NUM_SAMPLES",
+    "FID_TRAIN_FLOOR",
+    "NOT_RECORD_KEYS",
+    "PREFIX",
+    "RATIO_MEDIAN",
+    "RECORD_FIELDS",
+    "RecordField",
+    "SCALAR_KEYS",
+    "TAU_GEN",
+    "TAU_MEM",
+    "finite_float",
+]
+
+PREFIX = "memwatch/"
+"""Every key MemWatch logs starts with it; a user metric ``name`` is logged as ``memwatch/<name>``."""
+F_MEM = "memwatch/f_mem"
+F_MEM_CI_LOW = "memwatch/f_mem_ci_low"
+F_MEM_CI_HIGH = "memwatch/f_mem_ci_high"
+RATIO_MEDIAN = "memwatch/ratio_median"
+FID_KEY = "memwatch/fid"
+FID_NUM_SAMPLES = "memwatch/fid_num_samples"
+TAU_GEN = "memwatch/tau_gen"
+"""Logged once, at the evaluation that flags tau_gen: the event's step (optimizer steps)."""
+TAU_MEM = "memwatch/tau_mem"
+"""Logged once, at the evaluation that flags tau_mem: the event's step (optimizer steps)."""
+FID_TRAIN_FLOOR = "memwatch/fid_train_floor"
+"""Logged once at setup: FID of the training images against the reference (the level of real data)."""
+
+NOT_RECORD_KEYS = frozenset({TAU_GEN, TAU_MEM, FID_TRAIN_FLOOR})
+"""Scalars under :data:`PREFIX` that belong to the run, not to one evaluation (never read into a record)."""
+
+class RecordField:
+    """The names of the record's fields, for code that reads records as mappings (the detector and the
+    stopper also take plain dict records): ``record[RecordField.F_MEM]``. A misspelt name is an
+    ``AttributeError``, not a silent ``None``."""
+
+    STEP = "step"
+    F_MEM = "f_mem"
+    F_MEM_CI_LOW = "f_mem_ci_low"
+    F_MEM_CI_HIGH = "f_mem_ci_high"
+    NUM_SAMPLES = "num_samples"
+    RATIO_Q05 = "ratio_q05"
+    RATIO_Q25 = "ratio_q25"
+    RATIO_MEDIAN = "ratio_median"
+    RATIO_Q75 = "ratio_q75"
+    RATIO_Q95 = "ratio_q95"
+    FID = "fid"
+    FID_NUM_SAMPLES = "fid_num_samples"
+    SAMPLE_SECONDS = "sample_seconds"
+    METRIC_SECONDS = "metric_seconds"
+
+
+#: record field -> logged scalar key (the fields logged under their own constant; user metrics and extra
+#: signals are logged as ``memwatch/<name>``)
+SCALAR_KEYS: dict[str, str] = {
+    RecordField.F_MEM: F_MEM,
+    RecordField.F_MEM_CI_LOW: F_MEM_CI_LOW,
+    RecordField.F_MEM_CI_HIGH: F_MEM_CI_HIGH,
+    RecordField.RATIO_MEDIAN: RATIO_MEDIAN,
+    RecordField.FID: FID_KEY,
+    RecordField.FID_NUM_SAMPLES: FID_NUM_SAMPLES,
+}
+
+_ALWAYS_LISTED = ("fid", "fid_num_samples")  # mapping keys even when None (FID off), as in the dict records
+_GROUPS = ("metrics", "extra")  # dict fields: their entries are mapping keys by name
+
+
+@dataclass(frozen=True, eq=False)
+class EvalRecord(Mapping[str, Any]):
+    """One evaluation: the memorization fraction of the samples, its interval, ratio quantiles, FID, metrics.
+
+    Fields read back from a log that did not hold them (e.g. ``num_samples`` and the outer ratio quantiles,
+    which are not logged as scalars) are None.
+
+    Attributes:
+        step: the trainer's ``global_step`` (optimizer steps) of the evaluation.
+        f_mem: fraction of the generated samples with d1/d2 < threshold, in [0, 1].
+        f_mem_ci_low: lower end of its bootstrap confidence interval.
+        f_mem_ci_high: upper end of its bootstrap confidence interval.
+        num_samples: generated samples f_mem was measured on (images).
+        ratio_q05: 5% quantile of the per-sample nearest-neighbour ratios d1/d2.
+        ratio_q25: 25% quantile of the ratios.
+        ratio_median: median of the ratios.
+        ratio_q75: 75% quantile of the ratios.
+        ratio_q95: 95% quantile of the ratios.
+        fid: FID of the generated samples against the reference, or None when FID is off.
+        fid_num_samples: generated samples the FID was computed on (images), or None.
+        metrics: user metrics ``{name: value}`` computed on the same samples (``MemWatch(metrics=...)``).
+        sample_seconds: wall time of drawing the samples (seconds; global rank 0's under DDP).
+        metric_seconds: wall time of the metrics on the samples (seconds).
+        extra: further per-evaluation signals ``{name: value}`` (e.g. a probe reading at this step), logged
+            as ``memwatch/<name>`` like the user metrics.
+
+    Example:
+        >>> record = EvalRecord(step=500, f_mem=0.25, f_mem_ci_low=0.1, f_mem_ci_high=0.4, num_samples=4)
+        >>> record.f_mem, record["f_mem"], record.get("fid")
+        (0.25, 0.25, None)
+        >>> sorted(record.to_scalars())
+        ['memwatch/f_mem', 'memwatch/f_mem_ci_high', 'memwatch/f_mem_ci_low']
+        >>> EvalRecord.from_scalars(500, record.to_scalars()).f_mem_ci_high
+        0.4
+    """
+
+    step: int
+    f_mem: float
+    f_mem_ci_low: float | None = None
+    f_mem_ci_high: float | None = None
+    num_samples: int | None = None
+    ratio_q05: float | None = None
+    ratio_q25: float | None = None
+    ratio_median: float | None = None
+    ratio_q75: float | None = None
+    ratio_q95: float | None = None
+    fid: float | None = None
+    fid_num_samples: int | None = None
+    metrics: dict[str, float] = field(default_factory=dict)
+    sample_seconds: float | None = None
+    metric_seconds: float | None = None
+    extra: dict[str, float] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.step, bool) or not isinstance(self.step, int) or self.step < 0:
+            raise ValueError(f"EvalRecord.step must be an int >= 0 (optimizer steps); got {self.step!r}.")
+        object.__setattr__(self, "metrics", dict(self.metrics))
+        object.__setattr__(self, "extra", dict(self.extra))
+        clash = set(self.metrics) & set(self.extra)
+        reserved = (set(self.metrics) | set(self.extra)) & set(_FIELD_NAMES)
+        if clash or reserved:
+            raise ValueError(
+                f"EvalRecord: metric/extra names {sorted(clash | reserved)} clash with each other or with the "
+                f"record's own fields ({', '.join(RECORD_FIELDS)}); rename them."
+            )
+
+    # -- the mapping view (compatibility with the dict records of earlier versions) ------------------------
+    def _listed(self) -> list[str]:
+        """Mapping keys in the order of the dict records: the fields holding a value (``fid`` and
+        ``fid_num_samples`` always), the user metrics and extra signals by name before the timings."""
+        keys: list[str] = []
+        for name in _MAPPING_ORDER:
+            if name in _GROUPS:
+                keys += list(getattr(self, name))
+            elif name in _ALWAYS_LISTED or getattr(self, name) is not None:
+                keys.append(name)
+        return keys
+
+    def __getitem__(self, key: str) -> Any:
+        if key in self.metrics:
+            return self.metrics[key]
+        if key in self.extra:
+            return self.extra[key]
+        if key in RECORD_FIELDS:
+            value = getattr(self, key)
+            if value is not None or key in _ALWAYS_LISTED:
+                return value
+        known = self._listed()
+        close = difflib.get_close_matches(str(key), [*RECORD_FIELDS, *known], n=1)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise KeyError(f"EvalRecord has no value for {key!r}.{hint} Its keys: {', '.join(known)}.")
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._listed())
+
+    def __len__(self) -> int:
+        return len(self._listed())
+
+    def __contains__(self, key: object) -> bool:
+        return isinstance(key, str) and key in self._listed()
+
+    def __eq__(self, other: object) -> bool:
+        """Records compare by their fields; a record equals a plain mapping with the same items."""
+        if isinstance(other, EvalRecord):
+            return self.to_dict() == other.to_dict()
+        if isinstance(other, Mapping):
+            return dict(self.items()) == dict(other.items())
+        return NotImplemented
+
+    __hash__ = None  # type: ignore[assignment]  # holds dicts; equal records compare equal, never hashed
+
+    # -- copies ----------------------------------------------------------------------------------------
+    def replace(self, **changes: Any) -> EvalRecord:
+        """A copy with ``changes`` applied (e.g. ``record.replace(sample_seconds=1.5)``)."""
+        return replace(self, **changes)
+
+    # -- plain Python (checkpoints, JSON) ------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        """Every field as plain Python values; ``metrics`` and ``extra`` as nested dicts. Inverse of
+        :meth:`from_dict`; JSON- and ``torch.load(weights_only=True)``-safe."""
+        out: dict[str, Any] = {}
+        for name in _FIELD_NAMES:
+            value = getattr(self, name)
+            out[name] = dict(value) if name in _GROUPS else value
+        return out
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> EvalRecord:
+        """A record from :meth:`to_dict`'s output, or from a flat dict record of earlier versions (a
+        ``MemWatch.history`` item of an old checkpoint: keys other than the fields are user metrics).
+
+        Raises:
+            ValueError: ``step`` or ``f_mem`` missing, or (for the nested form) an unknown key.
+        """
+        if isinstance(data, EvalRecord):
+            return data
+        if not isinstance(data, Mapping) or "step" not in data or "f_mem" not in data:
+            raise ValueError(f"An EvalRecord needs at least 'step' and 'f_mem'; got {data!r}.")
+        nested = all(isinstance(data.get(g), Mapping) for g in _GROUPS)
+        values: dict[str, Any] = {}
+        metrics: dict[str, float] = {}
+        for key, value in data.items():
+            if key in _GROUPS and nested:
+                continue
+            if key in _FIELD_NAMES and key not in _GROUPS:
+                values[key] = value
+            elif nested:
+                raise ValueError(
+                    f"EvalRecord.from_dict: unknown key {key!r} (fields: {', '.join(_FIELD_NAMES)})."
+                )
+            else:  # a flat record of earlier versions: the user metrics sat beside the fields
+                metrics[key] = value
+        if nested:
+            metrics, extra = dict(data["metrics"]), dict(data["extra"])
+        else:
+            extra = {}
+        values["step"] = _as_int(values["step"], "step")
+        return cls(**values, metrics=metrics, extra=extra)
+
+    # -- logged scalars ------------------------------------------------------------------------------------
+    def to_scalars(self) -> dict[str, float]:
+        """The scalars MemWatch logs for this evaluation: ``{logged key: value}``.
+
+        The fields of :data:`SCALAR_KEYS` that hold a value, then the user metrics and the extra signals as
+        ``memwatch/<name>``. (The timescale events' :data:`TAU_GEN` / :data:`TAU_MEM` are the detector's, not
+        the record's.)
+        """
+        out = {key: float(getattr(self, name)) for name, key in SCALAR_KEYS.items() if getattr(self, name) is not None}
+        out.update({f"{PREFIX}{name}": float(value) for name, value in self.metrics.items()})
+        out.update({f"{PREFIX}{name}": float(value) for name, value in self.extra.items()})
+        return out
+
+    @classmethod
+    def from_scalars(cls, step: int, scalars: Mapping[str, float]) -> EvalRecord:
+        """The record of one evaluation rebuilt from the scalars logged at its step (inverse of
+        :meth:`to_scalars` up to what the log cannot say: other ``memwatch/<name>`` scalars come back as
+        ``metrics``, since the log does not tell user metrics from extra signals).
+
+        Args:
+            step: the step the scalars were logged at (optimizer steps).
+            scalars: ``{logged key: value}``; run-level keys (:data:`NOT_RECORD_KEYS`) are ignored. Integer
+                fields (``fid_num_samples``) are rounded back to ``int`` when finite.
+
+        Raises:
+            ValueError: a key outside ``memwatch/``, or no ``memwatch/f_mem`` among the scalars.
+        """
+        field_of = {key: name for name, key in SCALAR_KEYS.items()}
+        values: dict[str, Any] = {}
+        metrics: dict[str, float] = {}
+        for key, value in scalars.items():
+            if not isinstance(key, str) or not key.startswith(PREFIX):
+                raise ValueError(
+                    f"EvalRecord.from_scalars: {key!r} is not a MemWatch key (they start with {PREFIX!r})."
+                )
+            if key in NOT_RECORD_KEYS:
+                continue
+            name = field_of.get(key)
+            if name is None:
+                metrics[key[len(PREFIX):]] = float(value)
+                continue
+            number = float(value)
+            values[name] = int(round(number)) if name in _INT_FIELDS and math.isfinite(number) else number
+        if "f_mem" not in values:
+            raise ValueError(f"EvalRecord.from_scalars: no {F_MEM!r} among the scalars of step {step}.")
+        return cls(step=_as_int(step, "step"), **values, metrics=metrics)
+
+
+def finite_float(value: object) -> float | None:
+    """``value`` as a finite float, or None when it is missing, None, non-numeric, NaN or infinite: how the
+    detector and the stopper read a record's values (e.g. ``finite_float(record.get("fid"))``)."""
+    if value is None or isinstance(value, (str, bytes)):
+        return None
+    try:
+        out = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return None
+    return out if math.isfinite(out) else None
+
+
+def _as_int(value: Any, name: str) -> int:
+    if isinstance(value, bool):
+        raise ValueError(f"EvalRecord.{name} must be an integer; got {value!r}.")
+    try:
+        out = int(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"EvalRecord.{name} must be an integer; got {value!r}.") from None
+    if out != value:
+        raise ValueError(f"EvalRecord.{name} must be an integer; got {value!r}.")
+    return out
+
+
+_FIELD_NAMES: tuple[str, ...] = tuple(f.name for f in fields(EvalRecord))
+_INT_FIELDS = frozenset({RecordField.NUM_SAMPLES, RecordField.FID_NUM_SAMPLES})
+RECORD_FIELDS: tuple[str, ...] = tuple(name for name in _FIELD_NAMES if name not in _GROUPS)
+"""Names of the record's own fields (mapping keys besides the user metrics and extra signals)."""
+
+_MAPPING_ORDER = (
+    "step", "num_samples", "f_mem", "f_mem_ci_low", "f_mem_ci_high",
+    "ratio_q05", "ratio_q25", "ratio_median", "ratio_q75", "ratio_q95",
+    "fid", "fid_num_samples", "metrics", "extra", "metric_seconds", "sample_seconds",
+)
+_NAMED = {v for k, v in vars(RecordField).items() if k.isupper()}
+if (
+    set(_MAPPING_ORDER) != set(_FIELD_NAMES) or _NAMED != set(RECORD_FIELDS) or not set(SCALAR_KEYS) <= _NAMED
+):  # pragma: no cover
+    raise ImportError("lightning_memwatch.record: the key tables disagree with EvalRecord's fields")
