@@ -276,7 +276,7 @@ def test_bad_arguments_name_the_fix():
         MemorizationEarlyStopping(object())
     with pytest.raises(MisconfigurationException, match="patience"):
         MemorizationEarlyStopping(watch, patience=-1)
-    with pytest.raises(MisconfigurationException, match="min, max"):
+    with pytest.raises(MisconfigurationException, match="'min', 'max'"):
         MemorizationEarlyStopping(watch, mode="lower")
     stopper = MemorizationEarlyStopping(watch)
     trainer = SimpleNamespace(callbacks=[stopper], strategy=FakeStrategy())
