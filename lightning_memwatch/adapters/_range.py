@@ -77,6 +77,6 @@ def optional_import(module: str, extra: str) -> ModuleType:
         return importlib.import_module(module)
     except ImportError as err:
         raise ImportError(
-            f'This adapter needs `{module}`: pip install "lightning-memwatch[{extra}]" (or `pip install '
+            f"This adapter needs `{module}`: pip install \"lightning-memwatch[{extra}]\" (or `pip install "
             f"{module.replace('_', '-')}`)."
         ) from err

@@ -16,7 +16,8 @@ def seeds_from_noise(noise: Tensor) -> list[int]:
     """
     rows = noise.detach().to("cpu", torch.float32).contiguous().reshape(len(noise), -1)
     return [
-        int.from_bytes(hashlib.blake2b(row.numpy().tobytes(), digest_size=8).digest(), "little") >> 1 for row in rows
+        int.from_bytes(hashlib.blake2b(row.numpy().tobytes(), digest_size=8).digest(), "little") >> 1
+        for row in rows
     ]
 
 
