@@ -115,7 +115,9 @@ class LossGapProbe(Callback):
     ) -> None:
         if isinstance(every_n_train_steps, str):
             if every_n_train_steps != "auto":
-                raise ValueError(f"every_n_train_steps must be a positive int or 'auto'; got {every_n_train_steps!r}.")
+                raise ValueError(
+                    f"every_n_train_steps must be a positive int or 'auto'; got {every_n_train_steps!r}."
+                )
         elif isinstance(every_n_train_steps, bool) or int(every_n_train_steps) < 1:
             raise ValueError(
                 "every_n_train_steps must be a positive number of optimizer steps (or 'auto' for a "

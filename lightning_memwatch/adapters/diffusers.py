@@ -166,7 +166,9 @@ class DiffusersSampler:
         self.num_inference_steps = int(num_inference_steps)
         self.unet = unet
         self.model_range: Range = check_range_arg(model_range, "model_range")
-        self.data_range: Range = self.model_range if data_range is None else check_range_arg(data_range, "data_range")
+        self.data_range: Range = (
+            self.model_range if data_range is None else check_range_arg(data_range, "data_range")
+        )
         self.clamp = clamp
         self.step_kwargs = dict(step_kwargs or {})
         self.sample_shape = tuple(int(s) for s in sample_shape) if sample_shape is not None else None
