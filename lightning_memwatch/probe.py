@@ -262,9 +262,17 @@ class LossGapProbe(Callback):
         if train is None and datamodule is not None and hasattr(datamodule, "train_dataloader"):
             train = datamodule.train_dataloader()
         if train is None:
+            # the loaders given to trainer.fit (or the module's hook), looked up as MemWatch does: Lightning has
+            # no public accessor for them before they are loaded
+            source = getattr(getattr(trainer, "fit_loop", None), "_data_source", None)
+            if source is not None and source.is_defined():
+                train = source.dataloader()
+                train = train[0] if isinstance(train, (list, tuple)) and train else train
+                train = next(iter(train.values())) if isinstance(train, dict) and train else train
+        if train is None:
             raise ValueError(
-                "LossGapProbe found no training images: pass `LossGapProbe(train_data=...)` or use a datamodule "
-                "with `train_images()` or `train_dataloader()`."
+                "LossGapProbe found no training images: pass `LossGapProbe(train_data=...)`, give trainer.fit a "
+                "train dataloader, or use a datamodule with `train_images()` or `train_dataloader()`."
             )
         heldout = self.heldout_data
         for name in ("reference_images", "heldout_images"):

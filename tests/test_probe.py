@@ -193,6 +193,12 @@ def test_heldout_and_train_images_come_from_the_datamodule(tmp_path):
     assert len(probe.history) == 2
 
 
+def test_train_images_come_from_the_loader_given_to_fit(tmp_path):
+    probe = LossGapProbe(heldout_data=HELDOUT, num_triples=16, every_n_train_steps=2)
+    make_trainer(tmp_path, [probe], max_steps=1).fit(tiny_ddpm(), toy_loader(TRAIN, batch_size=8))
+    assert torch.equal(probe.triples.train, TRAIN[probe.triples.train_indices])  # the dataset's rows, unshuffled
+
+
 def test_state_dict_round_trip_and_resume(tmp_path):
     full = LossGapProbe(heldout_data=HELDOUT, train_data=TRAIN, num_triples=16, every_n_train_steps=2)
     make_trainer(tmp_path / "a", [full], max_steps=8).fit(tiny_ddpm(), toy_loader(TRAIN, batch_size=32))

@@ -3,8 +3,9 @@
 ``GaussianDiffusion.sample`` draws its initial noise from the global RNG. This adapter runs the same reverse
 process (its DDIM when ``sampling_timesteps < timesteps``, else its ancestral sampler) from MemWatch's
 per-sample noise through the model's public methods (``model_predictions``, ``p_mean_variance``), so samples
-are independent of batch size and world size, and the global RNG is not touched. The package is imported
-only to read its range convention, never by ``import lightning_memwatch``.
+are independent of batch size and world size, and the global RNG is not touched. Its
+:meth:`~LucidrainsSampler.denoising_loss` is the model's own training loss (``p_losses``) for the loss-gap
+probe. The package is never imported by ``import lightning_memwatch``.
 """
 
 from __future__ import annotations
