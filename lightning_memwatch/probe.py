@@ -16,6 +16,7 @@ samples itself provides::
 the same with the module first, ``denoising_loss(pl_module, x0, t, noise)`` and ``num_timesteps(pl_module)``
 (:class:`~lightning_memwatch.adapters.DiffusersSampler`, ``PipelineSampler``, ``LucidrainsSampler``). The probe
 takes, in this order: ``loss_fn=``, ``sampler=``, the adapter a MemWatch samples with, the module's method.
+Readings use the weights that MemWatch scores (``MemWatch(weights=...)``), swapped in as for an evaluation.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ from lightning_memwatch.metrics.loss_gap import (
     probe_period,
     reading_from_sums,
 )
+from lightning_memwatch.weights import ScoredWeights
 
 __all__ = ["LOSS_GAP", "PROBE_LOSS_HELDOUT", "PROBE_LOSS_TRAIN", "LossGapProbe"]
 
@@ -66,6 +68,7 @@ class _LossSource:
     loss: LossCallable
     num_timesteps: Callable[[LightningModule], Any]
     name: str
+    sampler: Any = None
 
 
 class LossGapProbe(Callback):
@@ -150,6 +153,7 @@ class LossGapProbe(Callback):
         self.history: list[LossGapReading] = []
         self._triples: ProbeTriples | None = None
         self._source: _LossSource | None = None
+        self._watch: Any = None  # the MemWatch whose scored weights (raw, EMA, averaged) the readings use
         self._period: int | None = None if every_n_train_steps == "auto" else int(every_n_train_steps)
         self._last_step: int | None = None
         self._listeners: list[ProbeListener] = []
@@ -221,7 +225,7 @@ class LossGapProbe(Callback):
             sampler = adapters[0] if adapters else None
         if sampler is not None:
             return _LossSource(
-                sampler.denoising_loss, sampler.num_timesteps, f"{type(sampler).__name__}.denoising_loss"
+                sampler.denoising_loss, sampler.num_timesteps, f"{type(sampler).__name__}.denoising_loss", sampler
             )
         if callable(getattr(pl_module, "denoising_loss", None)):
             return _LossSource(
@@ -237,6 +241,18 @@ class LossGapProbe(Callback):
             "`MemWatch(sample_fn=adapter)` or `LossGapProbe(sampler=adapter)`; or (3) pass "
             "`LossGapProbe(loss_fn=lambda module, x0, t, noise: ..., num_timesteps=T)`."
         )
+
+    @staticmethod
+    def _paired_watch(trainer: Trainer | None, source: _LossSource) -> Any:
+        """The MemWatch whose scored weights the probe reads: the one sampling with the probe's adapter, else
+        the trainer's only MemWatch, else None (the weights in the module)."""
+        from lightning_memwatch.callbacks.memwatch import MemWatch
+
+        watches = [cb for cb in getattr(trainer, "callbacks", None) or [] if isinstance(cb, MemWatch)]
+        for watch in watches:
+            if source.sampler is not None and watch.sample_fn is source.sampler:
+                return watch
+        return watches[0] if len(watches) == 1 else None
 
     def _timesteps(self, source: _LossSource, pl_module: LightningModule) -> int:
         value = self.num_timesteps if self.num_timesteps is not None else source.num_timesteps(pl_module)
@@ -289,6 +305,7 @@ class LossGapProbe(Callback):
         if stage != "fit":
             return
         self._source = self._resolve_loss(trainer, pl_module)  # fails here, before training, when there is none
+        self._watch = self._paired_watch(trainer, self._source)
         num_timesteps = self._timesteps(self._source, pl_module)
         if self._triples is None:
             train, heldout = self._find_images(trainer)
@@ -338,10 +355,11 @@ class LossGapProbe(Callback):
         def loss(x0: Tensor, t: Tensor, noise: Tensor) -> Tensor:
             return loss_fn(pl_module, x0, t, noise)
 
+        scored = getattr(self._watch, "scored_weights", None) or ScoredWeights()
         was_training = pl_module.training
         pl_module.eval()
         try:
-            with torch.no_grad():
+            with scored.applied(trainer, pl_module), torch.no_grad():  # the weights MemWatch samples with
                 sums = loss_sums(
                     loss, self._triples, rows, device=trainer.strategy.root_device, batch_size=self.batch_size
                 )

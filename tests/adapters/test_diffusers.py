@@ -182,3 +182,53 @@ def test_probe_reads_the_diffusers_loss_in_a_tiny_fit(tmp_path, how):
     again = measure_loss_gap(lambda x0, t, noise: sample_fn.denoising_loss(module, x0, t, noise), probe.triples)
     assert again.loss_train == pytest.approx(probe.history[-1].loss_train, rel=1e-4)
     assert again.loss_heldout == pytest.approx(probe.history[-1].loss_heldout, rel=1e-4)
+
+
+def test_probe_reads_the_averaged_weights_memwatch_scores(tmp_path):
+    """Under EMAWeightAveraging the probe's readings use the average (MemWatch's scored weights), not the raw ones."""
+    import torch.nn.functional as F
+    from _tiny import Trained, fit_with_probe
+    from lightning.pytorch.callbacks import EMAWeightAveraging
+
+    from lightning_memwatch import MemWatch
+    from lightning_memwatch.metrics.loss_gap import measure_loss_gap
+    from lightning_memwatch.probe import LossGapProbe
+
+    train_scheduler = DDPMScheduler(num_train_timesteps=1000)
+
+    def diffusers_loss(module, x0):
+        x, noise = x0 * 2 - 1, torch.randn_like(x0)
+        t = torch.randint(0, 1000, (len(x),))
+        return F.mse_loss(module.unet(train_scheduler.add_noise(x, noise, t), t).sample, noise)
+
+    sample_fn = DiffusersSampler(DDIMScheduler(num_train_timesteps=1000), 2, data_range=(0.0, 1.0))
+    train, heldout = images(16, 0.0, 1.0), images(16, 0.0, 1.0, seed=1)
+    probe = LossGapProbe(heldout_data=heldout, train_data=train, num_triples=8, every_n_train_steps=2)
+    watch = MemWatch(
+        train_data=train,
+        num_samples=4,
+        schedule=[4],
+        sample_fn=sample_fn,
+        data_range=(0.0, 1.0),
+        bootstrap=10,
+        log_images=False,
+        verbose=False,
+    )
+    raw_losses = []  # listeners run after the reading, with the raw weights back in the module
+
+    def loss_of(module):
+        was = module.training
+        module.eval()
+        with torch.no_grad():
+            value = measure_loss_gap(lambda x0, t, n: sample_fn.denoising_loss(module, x0, t, n), probe.triples)
+        module.train(was)
+        return value.loss_train
+
+    torch.manual_seed(0)
+    module = Trained("unet", tiny_unet(), diffusers_loss)
+    probe.add_listener(lambda reading: raw_losses.append(loss_of(module)))
+    fit_with_probe(tmp_path, module, train, heldout, [EMAWeightAveraging(decay=0.5), watch], probe)
+    assert watch.scored_weights.name == "averaged" and [r.step for r in probe.history] == [0, 2, 4]
+    last = probe.history[-1].loss_train
+    assert abs(last - raw_losses[-1]) > 1e-4 * abs(last)  # raw and averaged weights give other losses
+    assert last == pytest.approx(loss_of(module), rel=1e-4)  # fit ends with the average in the module
