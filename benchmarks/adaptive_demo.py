@@ -17,6 +17,11 @@ the record the dense run logged there. ``verify`` runs one live adaptive run (Me
 compares it with the replay::
 
     python benchmarks/adaptive_demo.py verify --n 64 --out runs/adaptive_demo
+
+``live`` runs the adaptive schedule live without a dense run (no recorded records needed), times the probe
+against the training steps, and compares with the replay kept in ``benchmarks/results/``::
+
+    nice -n 10 python benchmarks/adaptive_demo.py live --n 128 --out runs/adaptive_live
 """
 
 from __future__ import annotations
@@ -200,9 +205,7 @@ def run_one(n: int, out: Path, threads: int, max_steps: int | None = None) -> di
             "probe_seconds": probe.seconds,
             "probe_readings": len(probe.history),
             "fine_probe_seconds": fine.seconds,
-            "ddim_extra_seconds": sum(
-                v["seconds"] for row in ddim for k, v in row.items() if k.startswith("ddim")
-            ),
+            "ddim_extra_seconds": sum(v["seconds"] for row in ddim for k, v in row.items() if k.startswith("ddim")),
         },
         "threads": threads,
     }
@@ -217,9 +220,78 @@ def run_one(n: int, out: Path, threads: int, max_steps: int | None = None) -> di
     return result
 
 
+RECORDED_ANALYSIS = Path(__file__).with_name("results") / "adaptive_demo_analysis.json"
+
+
+def run_live(n: int, out: Path, threads: int) -> dict[str, Any]:
+    """One live adaptive run: the demo's pieces with ``AdaptiveSchedule(probe=LossGapProbe())``; ``live_n<n>.json``."""
+    import lightning as L
+    from lightning_memwatch.demo import DemoConfig, _quiet_lightning, ema_warmup_decay
+
+    from lightning_memwatch import AdaptiveSchedule
+    from lightning_memwatch.probe import LossGapProbe
+
+    torch.set_num_threads(threads)
+    _quiet_lightning()
+    config = DemoConfig(out=out)
+    out.mkdir(parents=True, exist_ok=True)
+    period = config.eval_period(n)
+    probe = LossGapProbe()
+    schedule = AdaptiveSchedule(min_every=period, max_every=16 * period, probe=probe)
+    parts = _build(n, config, _classifier(config, out), schedule)
+    watch = parts["watch"]
+
+    class EMAWarmup(L.Callback):
+        def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
+            pl_module.ema_decay = ema_warmup_decay(trainer.global_step, float(config.ema_decay))
+
+    timer = _StepTimer()
+    trainer = _trainer(config, n, [EMAWarmup(), timer.callback, watch, parts["stopper"], probe])
+    start = time.perf_counter()
+    trainer.fit(parts["model"], datamodule=parts["datamodule"])
+    wall = time.perf_counter() - start
+    eval_seconds = sum(r["sample_seconds"] + r["metric_seconds"] for r in watch.history)
+    live: dict[str, Any] = {
+        "n": n,
+        "period": period,
+        "steps": int(trainer.global_step),
+        "evaluated": [int(r["step"]) for r in watch.history],
+        "f_mem": [float(r["f_mem"]) for r in watch.history],
+        "reasons": [schedule.reason_for(int(r["step"])) for r in watch.history],
+        "tau_mem": watch.tau_mem,
+        "tau_gen": watch.tau_gen,
+        "probe_period": probe.period,
+        "probe_readings": len(probe.history),
+        "timing": {
+            "wall_seconds": wall,
+            "train_step_seconds": timer.seconds,
+            "train_steps": timer.steps,
+            "probe_seconds": probe.seconds,
+            "probe_fraction_of_train_steps": probe.seconds / max(timer.seconds, 1e-9),
+            "ms_per_reading": 1000 * probe.seconds / max(len(probe.history), 1),
+            "ms_per_train_step": 1000 * timer.seconds / max(timer.steps, 1),
+            "eval_seconds": eval_seconds,
+        },
+        "threads": threads,
+    }
+    if RECORDED_ANALYSIS.is_file():
+        recorded = json.loads(RECORDED_ANALYSIS.read_text())
+        for row in recorded.get("replay_probe", []):
+            if row.get("n") == n:
+                live["recorded_replay"] = {
+                    k: row[k] for k in ("evaluated", "tau_mem", "dense_tau_mem", "dense_evals_total")
+                }
+                dense = row["dense_tau_mem"]
+                live["tau_mem_error_steps_vs_recorded_dense"] = None if watch.tau_mem is None else watch.tau_mem - dense
+                live["evaluations_vs_recorded_dense"] = len(watch.history) / row["dense_evals_total"]
+    (out / f"live_n{n}.json").write_text(json.dumps(live, indent=1, default=float) + "\n")
+    print(json.dumps(live, indent=1, default=float), flush=True)
+    return live
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("command", choices=["run", "analyze", "verify"])
+    parser.add_argument("command", choices=["run", "analyze", "verify", "live"])
     parser.add_argument("--n", type=int, nargs="+", default=[64, 128, 256, 512])
     parser.add_argument("--out", type=Path, default=Path("runs/adaptive_demo"))
     parser.add_argument("--threads", type=int, default=1)
@@ -228,6 +300,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "run":
         for n in args.n:
             run_one(n, args.out, args.threads, args.max_steps)
+        return 0
+    if args.command == "live":
+        for n in args.n:
+            run_live(n, args.out, args.threads)
         return 0
     from benchmarks.adaptive_analysis import analyze, verify  # noqa: PLC0415 (the analysis needs more imports)
 

@@ -6,16 +6,22 @@ held-out images (:mod:`lightning_memwatch.metrics.loss_gap` has the maths). Logg
 relative gap ``(L_heldout - L_train) / L_heldout``, and per noise-level band as ``memwatch/loss_gap/t0001-0250``
 etc. A few forward passes, no sampling: by default it costs at most 1% of training compute.
 
-The module provides the loss through the optional method of the sampler contract::
+The loss comes from whatever samples, through the optional part of the sampler contract. A module that
+samples itself provides::
 
     def denoising_loss(self, x0: Tensor, t: Tensor, noise: Tensor) -> Tensor:  # per-sample loss (B,)
     num_timesteps: int                                                           # t lies in [1, T)
 
-(:meth:`lightning_memwatch.apps.models.DDPM.denoising_loss` is the reference), or through ``loss_fn=``.
+(:meth:`lightning_memwatch.apps.models.DDPM.denoising_loss` is the reference); a ``sample_fn`` adapter provides
+the same with the module first, ``denoising_loss(pl_module, x0, t, noise)`` and ``num_timesteps(pl_module)``
+(:class:`~lightning_memwatch.adapters.DiffusersSampler`, ``PipelineSampler``, ``LucidrainsSampler``). The probe
+takes, in this order: ``loss_fn=``, ``sampler=``, the adapter a MemWatch samples with, the module's method.
+Readings use the weights that MemWatch scores (``MemWatch(weights=...)``), swapped in as for an evaluation.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from collections.abc import Callable
@@ -26,7 +32,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
-from lightning_memwatch._checks import config_error, images_of_batch
+from lightning_memwatch._checks import config_error, config_type_error, images_of_batch
 from lightning_memwatch.images import collect_images
 from lightning_memwatch.metrics.loss_gap import (
     LossGapReading,
@@ -37,6 +43,7 @@ from lightning_memwatch.metrics.loss_gap import (
     probe_period,
     reading_from_sums,
 )
+from lightning_memwatch.weights import ScoredWeights
 
 __all__ = ["LOSS_GAP", "PROBE_LOSS_HELDOUT", "PROBE_LOSS_TRAIN", "LossGapProbe"]
 
@@ -47,6 +54,22 @@ PROBE_LOSS_HELDOUT = "memwatch/probe_loss_heldout"
 
 ProbeListener = Callable[[LossGapReading], None]
 LossCallable = Callable[[LightningModule, Tensor, Tensor, Tensor], Tensor]
+"""``loss_fn(pl_module, x0, t, noise) -> per-sample loss (B,)``."""
+
+
+def _provides_loss(sampler: Any) -> bool:
+    """Whether a ``sample_fn`` adapter has the loss part of the sampler contract."""
+    return callable(getattr(sampler, "denoising_loss", None)) and callable(getattr(sampler, "num_timesteps", None))
+
+
+@dataclasses.dataclass(frozen=True)
+class _LossSource:
+    """The probe's loss, resolved once at setup: ``loss(pl_module, x0, t, noise)``, ``num_timesteps(pl_module)``."""
+
+    loss: LossCallable
+    num_timesteps: Callable[[LightningModule], Any]
+    name: str
+    sampler: Any = None
 
 
 class LossGapProbe(Callback):
@@ -67,8 +90,13 @@ class LossGapProbe(Callback):
         every_n_train_steps: optimizer steps between readings, or ``"auto"``: the smallest period whose compute
             is at most ``budget`` of training's, from the first batch's size (:func:`probe_period`).
         budget: fraction of training compute the ``"auto"`` period allows (0.01: 1%).
-        loss_fn: ``loss_fn(pl_module, x0, t, noise) -> (B,)``; default ``pl_module.denoising_loss``.
-        num_timesteps: T of the diffusion; default ``pl_module.num_timesteps``.
+        loss_fn: ``loss_fn(pl_module, x0, t, noise) -> (B,)``; it overrides ``sampler``.
+        num_timesteps: T of the diffusion; default the loss source's (``sampler.num_timesteps(pl_module)``, else
+            ``pl_module.num_timesteps``).
+        sampler: a ``sample_fn`` adapter that provides the loss (``DiffusersSampler``, ``PipelineSampler``,
+            ``LucidrainsSampler``: ``denoising_loss(pl_module, x0, t, noise)`` and ``num_timesteps(pl_module)``).
+            None: the adapter a MemWatch callback samples with (``MemWatch(sample_fn=adapter)``) when it has the
+            loss, else ``pl_module.denoising_loss``.
         batch_size: triples per loss call (images).
         seed: seed of the triples (same on every rank and every run).
         verbose: print one line per reading (rank 0).
@@ -87,6 +115,7 @@ class LossGapProbe(Callback):
         batch_size: int = 512,
         seed: int = 0,
         verbose: bool = False,
+        sampler: Any = None,
     ) -> None:
         if isinstance(every_n_train_steps, str):
             if every_n_train_steps != "auto":
@@ -100,6 +129,12 @@ class LossGapProbe(Callback):
             )
         if not 0.0 < budget <= 1.0:
             raise config_error(f"budget must lie in (0, 1] (a fraction of training compute); got {budget}.")
+        if sampler is not None and not _provides_loss(sampler):
+            raise config_type_error(
+                f"sampler must provide the probe's loss (`denoising_loss(pl_module, x0, t, noise)` and "
+                f"`num_timesteps(pl_module)`, as DiffusersSampler, PipelineSampler and LucidrainsSampler do); "
+                f"{type(sampler).__name__} does not. Pass `loss_fn=` for another sampler."
+            )
         if num_triples < 1 or num_bands < 1 or batch_size < 1:
             raise config_error(
                 f"num_triples, num_bands and batch_size must be >= 1; got {num_triples}, {num_bands}, {batch_size}."
@@ -112,11 +147,14 @@ class LossGapProbe(Callback):
         self.budget = float(budget)
         self.loss_fn = loss_fn
         self.num_timesteps = num_timesteps
+        self.sampler = sampler
         self.batch_size = int(batch_size)
         self.seed = int(seed)
         self.verbose = verbose
         self.history: list[LossGapReading] = []
         self._triples: ProbeTriples | None = None
+        self._source: _LossSource | None = None
+        self._watch: Any = None  # the MemWatch whose scored weights (raw, EMA, averaged) the readings use
         self._period: int | None = None if every_n_train_steps == "auto" else int(every_n_train_steps)
         self._last_step: int | None = None
         self._listeners: list[ProbeListener] = []
@@ -160,26 +198,70 @@ class LossGapProbe(Callback):
         """Whether a reading is due at optimizer step ``step`` (step 0, then every ``period`` steps)."""
         return self._period is not None and step % self._period == 0
 
-    # -- set-up ---------------------------------------------------------------------------------------
-    def _loss(self, pl_module: LightningModule) -> Callable[[Tensor, Tensor, Tensor], Tensor]:
-        if self.loss_fn is not None:
-            fn = self.loss_fn
-            return lambda x0, t, noise: fn(pl_module, x0, t, noise)
-        method = getattr(pl_module, "denoising_loss", None)
-        if not callable(method):
-            raise AttributeError(
-                f"LossGapProbe: {type(pl_module).__name__} has no `denoising_loss` method. Add "
-                "`def denoising_loss(self, x0, t, noise) -> Tensor` returning the per-sample loss (B,), or pass "
-                "`LossGapProbe(loss_fn=lambda module, x0, t, noise: ...)`."
-            )
-        return method
+    # -- set-up ----------------------------------------------------------------------------------------
+    def _memwatch_samplers(self, trainer: Trainer | None) -> list[Any]:
+        """The distinct ``sample_fn`` adapters of the trainer's MemWatch callbacks that provide the loss."""
+        from lightning_memwatch.callbacks.memwatch import MemWatch
 
-    def _timesteps(self, pl_module: LightningModule) -> int:
-        value = self.num_timesteps if self.num_timesteps is not None else getattr(pl_module, "num_timesteps", None)
+        found: list[Any] = []
+        for callback in getattr(trainer, "callbacks", None) or []:
+            fn = getattr(callback, "sample_fn", None) if isinstance(callback, MemWatch) else None
+            if _provides_loss(fn) and all(fn is not other for other in found):
+                found.append(fn)
+        return found
+
+    def _resolve_loss(self, trainer: Trainer | None, pl_module: LightningModule) -> _LossSource:
+        """Where the loss comes from: ``loss_fn``, ``sampler``, MemWatch's adapter, or the module, in that order."""
+        module_name = type(pl_module).__name__
+        if self.loss_fn is not None:
+            return _LossSource(self.loss_fn, lambda m: getattr(m, "num_timesteps", None), "loss_fn")
+        sampler = self.sampler
+        if sampler is None:
+            adapters = self._memwatch_samplers(trainer)
+            if len(adapters) > 1:
+                raise config_error(
+                    f"LossGapProbe: {len(adapters)} MemWatch callbacks sample with different adapters that each "
+                    "have a `denoising_loss`; say which one the probe uses: `LossGapProbe(sampler=...)`."
+                )
+            sampler = adapters[0] if adapters else None
+        if sampler is not None:
+            return _LossSource(
+                sampler.denoising_loss, sampler.num_timesteps, f"{type(sampler).__name__}.denoising_loss", sampler
+            )
+        if callable(getattr(pl_module, "denoising_loss", None)):
+            return _LossSource(
+                lambda m, x0, t, noise: m.denoising_loss(x0, t, noise),
+                lambda m: getattr(m, "num_timesteps", None),
+                f"{module_name}.denoising_loss",
+            )
+        raise AttributeError(
+            f"LossGapProbe found no denoising loss: {module_name} has no `denoising_loss` method and no MemWatch "
+            "samples with an adapter that has one. Either (1) give the module `def denoising_loss(self, x0, t, "
+            "noise) -> Tensor` (the per-sample loss (B,)) and a `num_timesteps` attribute; (2) sample with an "
+            "adapter that provides it (DiffusersSampler, PipelineSampler, LucidrainsSampler) as "
+            "`MemWatch(sample_fn=adapter)` or `LossGapProbe(sampler=adapter)`; or (3) pass "
+            "`LossGapProbe(loss_fn=lambda module, x0, t, noise: ..., num_timesteps=T)`."
+        )
+
+    @staticmethod
+    def _paired_watch(trainer: Trainer | None, source: _LossSource) -> Any:
+        """The MemWatch whose scored weights the probe reads: the one sampling with the probe's adapter, else
+        the trainer's only MemWatch, else None (the weights in the module)."""
+        from lightning_memwatch.callbacks.memwatch import MemWatch
+
+        watches = [cb for cb in getattr(trainer, "callbacks", None) or [] if isinstance(cb, MemWatch)]
+        for watch in watches:
+            if source.sampler is not None and watch.sample_fn is source.sampler:
+                return watch
+        return watches[0] if len(watches) == 1 else None
+
+    def _timesteps(self, source: _LossSource, pl_module: LightningModule) -> int:
+        value = self.num_timesteps if self.num_timesteps is not None else source.num_timesteps(pl_module)
         if value is None or int(value) < 2:
             raise config_error(
-                f"LossGapProbe needs the number of diffusion steps T: give {type(pl_module).__name__} a "
-                f"`num_timesteps` attribute or pass `LossGapProbe(num_timesteps=...)`; got {value!r}."
+                f"LossGapProbe needs the number of diffusion steps T of {source.name}: give "
+                f"{type(pl_module).__name__} a `num_timesteps` attribute or pass `LossGapProbe(num_timesteps=...)`; "
+                f"got {value!r}."
             )
         return int(value)
 
@@ -195,9 +277,17 @@ class LossGapProbe(Callback):
         if train is None and datamodule is not None and hasattr(datamodule, "train_dataloader"):
             train = datamodule.train_dataloader()
         if train is None:
+            # the loaders given to trainer.fit (or the module's hook), looked up as MemWatch does: Lightning has
+            # no public accessor for them before they are loaded
+            source = getattr(getattr(trainer, "fit_loop", None), "_data_source", None)
+            if source is not None and source.is_defined():
+                train = source.dataloader()
+                train = train[0] if isinstance(train, (list, tuple)) and train else train
+                train = next(iter(train.values())) if isinstance(train, dict) and train else train
+        if train is None:
             raise config_error(
-                "LossGapProbe found no training images: pass `LossGapProbe(train_data=...)` or use a datamodule "
-                "with `train_images()` or `train_dataloader()`."
+                "LossGapProbe found no training images: pass `LossGapProbe(train_data=...)`, give trainer.fit a "
+                "train dataloader, or use a datamodule with `train_images()` or `train_dataloader()`."
             )
         heldout = self.heldout_data
         for name in ("reference_images", "heldout_images"):
@@ -213,8 +303,9 @@ class LossGapProbe(Callback):
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        self._loss(pl_module)  # fail early when there is no loss
-        num_timesteps = self._timesteps(pl_module)
+        self._source = self._resolve_loss(trainer, pl_module)  # fails here, before training, when there is none
+        self._watch = self._paired_watch(trainer, self._source)
+        num_timesteps = self._timesteps(self._source, pl_module)
         if self._triples is None:
             train, heldout = self._find_images(trainer)
             self._triples = draw_probe_triples(
@@ -257,11 +348,17 @@ class LossGapProbe(Callback):
         start = time.perf_counter()
         world, rank = trainer.world_size, trainer.global_rank
         rows = range(rank, len(self._triples), world)  # every rank takes a strided share
-        loss = self._loss(pl_module)
+        assert self._source is not None, "LossGapProbe.setup did not run"
+        loss_fn = self._source.loss
+
+        def loss(x0: Tensor, t: Tensor, noise: Tensor) -> Tensor:
+            return loss_fn(pl_module, x0, t, noise)
+
+        scored = getattr(self._watch, "scored_weights", None) or ScoredWeights()
         was_training = pl_module.training
         pl_module.eval()
         try:
-            with torch.no_grad():
+            with scored.applied(trainer, pl_module), torch.no_grad():  # the weights MemWatch samples with
                 sums = loss_sums(
                     loss, self._triples, rows, device=trainer.strategy.root_device, batch_size=self.batch_size
                 )

@@ -746,6 +746,32 @@ def test_integrations_diffusers_snippets_drive_memwatch(tmp_path, digits16):
     assert [r["step"] for r in watch.history] == [2]
 
 
+def test_integrations_probe_snippet_reads_the_adapters_loss(tmp_path, digits16):
+    """integrations_diffusers.py:probe (docs/integrations.md and docs/probe.md): the loss of MemWatch's adapter."""
+    pytest.importorskip("diffusers")
+    import integrations_diffusers as snippet
+    import lightning as L
+
+    from lightning_memwatch.metrics.loss_gap import measure_loss_gap
+    from lightning_memwatch.probe import LOSS_GAP
+
+    _, heldout, _ = digits16
+    callbacks = snippet.watch_and_probe((heldout + 1) / 2)
+    watch, probe = callbacks
+    assert watch is snippet.watch and probe.sampler is None and probe.loss_fn is None  # nothing named
+    trainer = L.Trainer(max_steps=1, callbacks=callbacks, **quiet_trainer_kwargs(tmp_path))
+    trainer.fit(snippet.DiffusersDDPM(_tiny_unet()), loader_of(_unit_digits(digits16)))
+    assert [r.step for r in probe.history] == [0] and probe.triples.edges[-1] == 1000  # T: the scheduler's
+    assert float(trainer.callback_metrics[LOSS_GAP]) == pytest.approx(probe.history[0].gap, rel=1e-6)
+    fresh = snippet.DiffusersDDPM(_tiny_unet()).eval()  # the weights of step 0 (seeded)
+    with torch.no_grad():
+        expected = measure_loss_gap(
+            lambda x0, t, noise: snippet.sample_fn.denoising_loss(fresh, x0, t, noise), probe.triples
+        )
+    assert probe.history[0].loss_train == pytest.approx(expected.loss_train, rel=1e-4)
+    assert probe.history[0].loss_heldout == pytest.approx(expected.loss_heldout, rel=1e-4)
+
+
 def test_integrations_lucidrains_snippet_drives_memwatch(tmp_path, digits16):
     pytest.importorskip("denoising_diffusion_pytorch")
     import integrations_lucidrains as snippet

@@ -10,6 +10,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from toys import toy_images, toy_loader
 
+from lightning_memwatch import MemWatch
 from lightning_memwatch.apps.models import DDPM, ResidualMLP
 from lightning_memwatch.metrics.loss_gap import (
     band_names,
@@ -192,6 +193,12 @@ def test_heldout_and_train_images_come_from_the_datamodule(tmp_path):
     assert len(probe.history) == 2
 
 
+def test_train_images_come_from_the_loader_given_to_fit(tmp_path):
+    probe = LossGapProbe(heldout_data=HELDOUT, num_triples=16, every_n_train_steps=2)
+    make_trainer(tmp_path, [probe], max_steps=1).fit(tiny_ddpm(), toy_loader(TRAIN, batch_size=8))
+    assert torch.equal(probe.triples.train, TRAIN[probe.triples.train_indices])  # the dataset's rows, unshuffled
+
+
 def test_state_dict_round_trip_and_resume(tmp_path):
     full = LossGapProbe(heldout_data=HELDOUT, train_data=TRAIN, num_triples=16, every_n_train_steps=2)
     make_trainer(tmp_path / "a", [full], max_steps=8).fit(tiny_ddpm(), toy_loader(TRAIN, batch_size=32))
@@ -245,8 +252,22 @@ def test_module_without_the_loss_method_fails_at_setup(tmp_path):
             return torch.optim.SGD(self.parameters(), lr=0.1)
 
     probe = LossGapProbe(heldout_data=HELDOUT, train_data=TRAIN)
-    with pytest.raises(AttributeError, match="denoising_loss"):
+    with pytest.raises(AttributeError, match="denoising_loss") as err:
         make_trainer(tmp_path, [probe]).fit(NoLoss(), toy_loader(TRAIN))
+    assert probe.history == [] and probe.triples is None  # at setup, before any step
+    for option in (
+        "def denoising_loss(self, x0, t, noise)",
+        "MemWatch(sample_fn=adapter)",
+        "sampler=adapter",
+        "loss_fn=",
+    ):
+        assert option in str(err.value)
+    # a MemWatch whose sample_fn has no loss does not count as one
+    watch = never_evaluating_watch(lambda module, n, generator=None: torch.zeros(n, 1, 8, 8))
+    with pytest.raises(AttributeError, match="no MemWatch samples with an adapter"):
+        make_trainer(tmp_path, [watch, LossGapProbe(heldout_data=HELDOUT, train_data=TRAIN)]).fit(
+            NoLoss(), toy_loader(TRAIN)
+        )
     # loss_fn= is the way out, and num_timesteps can be given too
     probe = LossGapProbe(
         heldout_data=HELDOUT,
@@ -258,6 +279,84 @@ def test_module_without_the_loss_method_fails_at_setup(tmp_path):
     )
     make_trainer(tmp_path, [probe], max_steps=2).fit(NoLoss(), toy_loader(TRAIN))
     assert len(probe.history) == 3 and int(probe.triples.t.max()) < 50
+
+
+class LossAdapter:
+    """A ``sample_fn`` adapter with the loss part of the contract, around a DDPM it does not own (T = 600)."""
+
+    def __init__(self, scale: float = 1.0, num_timesteps: int = 600) -> None:
+        self.scale, self.T, self.calls = scale, num_timesteps, 0
+
+    def __call__(self, pl_module, num_samples, generator=None, noise=None):
+        return pl_module.sample(num_samples, generator=generator, noise=noise)
+
+    def denoising_loss(self, pl_module, x0, t, noise):
+        self.calls += 1
+        return self.scale * pl_module.denoising_loss(x0, t, noise)
+
+    def num_timesteps(self, pl_module):
+        return self.T
+
+
+def never_evaluating_watch(sample_fn, num_samples: int = 4) -> MemWatch:
+    return MemWatch(
+        train_data=TRAIN,
+        num_samples=num_samples,
+        schedule=[10_000],
+        sample_fn=sample_fn,
+        bootstrap=10,
+        log_images=False,
+        verbose=False,
+    )
+
+
+def test_the_loss_of_memwatchs_adapter_is_found_with_its_timesteps(tmp_path):
+    adapter = LossAdapter(scale=2.0)
+    probe = LossGapProbe(heldout_data=HELDOUT, train_data=TRAIN, num_triples=12, every_n_train_steps=2)
+    trainer = make_trainer(tmp_path, [never_evaluating_watch(adapter), probe], max_steps=2)
+    trainer.fit(tiny_ddpm(), toy_loader(TRAIN, batch_size=8))
+    assert adapter.calls > 0 and int(probe.triples.t.max()) < 600 and probe.triples.edges[-1] == 600
+    assert [r.step for r in probe.history] == [0, 2] and LOSS_GAP in trainer.callback_metrics
+    module_only = LossGapProbe(heldout_data=HELDOUT, train_data=TRAIN, num_triples=12, every_n_train_steps=2)
+    make_trainer(tmp_path, [module_only], max_steps=2).fit(tiny_ddpm(), toy_loader(TRAIN, batch_size=8))
+    assert module_only.triples.edges[-1] == 1000  # no MemWatch adapter: the module's method and T
+
+
+def test_sampler_argument_and_loss_fn_take_precedence(tmp_path):
+    first, second = LossAdapter(scale=2.0), LossAdapter(scale=3.0, num_timesteps=400)
+    probe = LossGapProbe(heldout_data=HELDOUT, train_data=TRAIN, num_triples=12, every_n_train_steps=1, sampler=second)
+    make_trainer(tmp_path, [never_evaluating_watch(first), probe], max_steps=1).fit(
+        tiny_ddpm(), toy_loader(TRAIN, batch_size=8)
+    )
+    assert second.calls > 0 and first.calls == 0 and probe.triples.edges[-1] == 400
+    # the reading is the adapter's loss (3x the module's) on the probe's triples
+    model = tiny_ddpm()
+    expected = measure_loss_gap(lambda x0, t, noise: 3.0 * model.eval().denoising_loss(x0, t, noise), probe.triples)
+    assert probe.history[0].loss_train == pytest.approx(expected.loss_train, rel=1e-5)
+
+    override = LossGapProbe(
+        heldout_data=HELDOUT,
+        train_data=TRAIN,
+        num_triples=12,
+        every_n_train_steps=1,
+        sampler=second,
+        loss_fn=lambda module, x0, t, noise: module.denoising_loss(x0, t, noise),
+    )
+    second.calls = 0
+    make_trainer(tmp_path, [override], max_steps=1).fit(tiny_ddpm(), toy_loader(TRAIN, batch_size=8))
+    assert second.calls == 0 and override.triples.edges[-1] == 1000  # loss_fn wins; T from the module
+
+
+def test_two_memwatch_adapters_are_ambiguous_at_setup(tmp_path):
+    probe = LossGapProbe(heldout_data=HELDOUT, train_data=TRAIN, num_triples=8)
+    callbacks = [never_evaluating_watch(LossAdapter()), never_evaluating_watch(LossAdapter(), num_samples=6), probe]
+    with pytest.raises(ValueError, match=r"LossGapProbe\(sampler=\.\.\.\)"):
+        make_trainer(tmp_path, callbacks).fit(tiny_ddpm(), toy_loader(TRAIN))
+
+
+def test_a_sampler_without_the_loss_is_refused_at_construction():
+    with pytest.raises(TypeError, match="denoising_loss.*num_timesteps.*loss_fn"):
+        LossGapProbe(sampler=lambda module, n, generator=None: module.sample(n, generator=generator))
 
 
 def test_ddp_two_ranks_give_one_reading_on_every_rank(tmp_path):

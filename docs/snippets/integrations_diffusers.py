@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from diffusers import DDIMPipeline, DDIMScheduler, DDPMScheduler, UNet2DModel
 
-from lightning_memwatch import EvalSchedule, MemWatch
+from lightning_memwatch import EvalSchedule, LossGapProbe, MemWatch
 from lightning_memwatch.adapters import DiffusersSampler, PipelineSampler
 
 
@@ -49,3 +49,13 @@ def pipeline_watch(module: DiffusersDDPM) -> MemWatch:
     )
     # --8<-- [end:pipeline]
     return watch
+
+
+def watch_and_probe(heldout_images: torch.Tensor) -> list[L.Callback]:
+    # --8<-- [start:probe]
+    # the probe's loss is sample_fn.denoising_loss, found through the MemWatch that samples with sample_fn
+    # (or named: LossGapProbe(sampler=sample_fn)); held-out images: never trained on, e.g. the FID reference
+    probe = LossGapProbe(heldout_data=heldout_images)
+    callbacks = [watch, probe]  # L.Trainer(callbacks=callbacks)
+    # --8<-- [end:probe]
+    return callbacks

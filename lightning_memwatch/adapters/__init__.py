@@ -5,6 +5,10 @@
 * :class:`LucidrainsSampler`: lucidrains' ``GaussianDiffusion`` (denoising-diffusion-pytorch).
 * :class:`GlobalRNGSampler`: any sampler that draws its own noise from the global RNG.
 
+The diffusers and lucidrains adapters also provide the loss-gap probe's loss (the optional part of the sampler
+contract, ``denoising_loss(pl_module, x0, t, noise)`` and ``num_timesteps(pl_module)``): their model's training
+loss, which :class:`~lightning_memwatch.LossGapProbe` reads from the adapter MemWatch samples with.
+
 Each adapter lives in its own module and is imported on first use: ``import lightning_memwatch`` (or this
 package) imports neither diffusers nor denoising-diffusion-pytorch. Install them with the ``diffusers`` or
 ``lucidrains`` extra (``pip install "lightning-memwatch[diffusers]"``).

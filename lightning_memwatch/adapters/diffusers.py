@@ -51,6 +51,64 @@ def _prediction(out: Any) -> Tensor:
     )
 
 
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+"""diffusers' ``prediction_type`` values whose training loss the adapters compute."""
+
+
+def _loss_scheduler_timesteps(scheduler: Any, where: str) -> int:
+    """``num_train_timesteps`` of a scheduler the training loss can use, or an error naming what is missing."""
+    config = getattr(scheduler, "config", None)
+    steps = getattr(config, "num_train_timesteps", None)
+    prediction = getattr(config, "prediction_type", None)
+    if not callable(getattr(scheduler, "add_noise", None)) or steps is None or prediction is None:
+        raise config_type_error(
+            f"{where}.denoising_loss needs a DDPM-style diffusers scheduler (`add_noise`, `config.num_train_timesteps`"
+            f", `config.prediction_type`, e.g. DDPMScheduler or DDIMScheduler); {type(scheduler).__name__} lacks "
+            "one of them. Give the scheduler you train with, or pass `LossGapProbe(loss_fn=...)`."
+        )
+    if prediction not in PREDICTION_TYPES:
+        raise config_error(
+            f"{where}.denoising_loss supports prediction_type in {PREDICTION_TYPES}; the scheduler has "
+            f"{prediction!r}. Pass `LossGapProbe(loss_fn=...)` for another objective."
+        )
+    if prediction == "v_prediction" and not callable(getattr(scheduler, "get_velocity", None)):
+        raise config_type_error(f"{type(scheduler).__name__} has no `get_velocity`, which v_prediction's loss needs.")
+    return int(steps)
+
+
+def _training_loss(net: Any, scheduler: Any, x0: Tensor, t: Tensor, noise: Tensor) -> Tensor:
+    """Per-sample MSE (B,) of the denoiser's prediction against the target of ``scheduler``'s prediction_type.
+
+    ``x0`` is in the denoiser's range; ``t`` are integer training timesteps in ``[0, num_train_timesteps)``.
+    This is the loss of diffusers' training examples (``F.mse_loss(pred, target)``), averaged over pixels but
+    not over the batch, unweighted.
+    """
+    dtype = next(net.parameters()).dtype if hasattr(net, "parameters") else torch.float32
+    x_t = scheduler.add_noise(x0, noise, t)
+    pred = _prediction(net(x_t.to(dtype), t)).float()
+    prediction = scheduler.config.prediction_type
+    if prediction == "epsilon":
+        target = noise
+    elif prediction == "sample":
+        target = x0
+    else:
+        target = scheduler.get_velocity(x0, noise, t)
+    return (pred - target.float()).pow(2).flatten(1).mean(1)
+
+
+def _loss_inputs(x0: Tensor, t: Tensor, noise: Tensor, device: Any) -> tuple[Tensor, Tensor, Tensor]:
+    if x0.shape != noise.shape or t.shape != (len(x0),):
+        raise config_error(
+            f"denoising_loss needs x0 (B, ...), t (B,) and noise shaped like x0; got {tuple(x0.shape)}, "
+            f"{tuple(t.shape)}, {tuple(noise.shape)}."
+        )
+    return (
+        x0.to(device=device, dtype=torch.float32),
+        t.to(device=device, dtype=torch.long),
+        noise.to(device=device, dtype=torch.float32),
+    )
+
+
 class DiffusersSampler:
     """``sample_fn`` that runs a diffusers scheduler's reverse loop with a ``UNet2DModel``-like denoiser.
 
@@ -161,6 +219,32 @@ class DiffusersSampler:
                 x = scheduler.step(eps, t, x, return_dict=True, **kwargs).prev_sample
         return map_range(x.float(), self.model_range, self.data_range, clamp=self.clamp)
 
+    # -- the loss-gap probe's loss (optional part of the sampler contract) -----------------------------------
+    def num_timesteps(self, pl_module: Any = None) -> int:
+        """T of the training diffusion, the scheduler's ``num_train_timesteps``; checks the loss can be computed."""
+        return _loss_scheduler_timesteps(self.scheduler, type(self).__name__)
+
+    def denoising_loss(self, pl_module: Any, x0: Tensor, t: Tensor, noise: Tensor) -> Tensor:
+        """Per-sample training loss (B,) of the denoiser on ``x0`` noised to timesteps ``t`` with ``noise``.
+
+        The objective of the scheduler's ``prediction_type`` as diffusers' training examples write it:
+        ``x_t = scheduler.add_noise(x0, noise, t)``, then the MSE of ``unet(x_t, t)`` against ``noise``
+        (``"epsilon"``), ``scheduler.get_velocity(x0, noise, t)`` (``"v_prediction"``) or ``x0``
+        (``"sample"``), averaged over pixels. Used by :class:`~lightning_memwatch.LossGapProbe`; gradients
+        and train/eval mode follow the caller.
+
+        Args:
+            pl_module: The LightningModule holding the denoiser (found as for sampling).
+            x0: Clean images (B, C, H, W) in ``data_range``; mapped to ``model_range`` as sampling maps back.
+            t: Integer timesteps (B,) in ``[0, num_train_timesteps)``.
+            noise: Standard normal noise shaped like ``x0``.
+        """
+        _loss_scheduler_timesteps(self.scheduler, type(self).__name__)
+        net = resolve_module(pl_module, self.unet, "unet")
+        x0, t, noise = _loss_inputs(x0, t, noise, module_device(net, pl_module))
+        x0 = map_range(x0, self.data_range, self.model_range)
+        return _training_loss(net, self.scheduler, x0, t, noise)
+
 
 class PipelineSampler:
     """``sample_fn`` that calls a diffusers ``DiffusionPipeline`` (e.g. ``DDIMPipeline``) and returns tensors.
@@ -181,6 +265,8 @@ class PipelineSampler:
         data_range: ``(low, high)`` of the training images MemWatch compares with.
         output_range: ``(low, high)`` of the pipeline's ``"np"`` output: (0, 1) for diffusers' pipelines.
         call_kwargs: Extra keyword arguments of the pipeline call (``{"eta": 0.0}`` ...).
+        model_range: ``(low, high)`` of the images the pipeline's ``unet`` works in, (-1, 1) in diffusers'
+            pixel pipelines; used only by :meth:`denoising_loss`.
     """
 
     def __init__(
@@ -191,6 +277,7 @@ class PipelineSampler:
         data_range: Sequence[float] = (-1.0, 1.0),
         output_range: Sequence[float] = (0.0, 1.0),
         call_kwargs: dict[str, Any] | None = None,
+        model_range: Sequence[float] = (-1.0, 1.0),
     ) -> None:
         if not callable(pipeline) and not isinstance(pipeline, str):
             raise config_type_error(
@@ -204,6 +291,7 @@ class PipelineSampler:
         self.data_range: Range = check_range_arg(data_range, "data_range")
         self.output_range: Range = check_range_arg(output_range, "output_range")
         self.call_kwargs = dict(call_kwargs or {})
+        self.model_range: Range = check_range_arg(model_range, "model_range")
 
     def _pipeline(self, pl_module: Any) -> Any:
         diffusers = optional_import("diffusers", "diffusers")
@@ -253,3 +341,35 @@ class PipelineSampler:
                 "support (numpy NHWC) or tensors."
             )
         return map_range(images.float().to(device), self.output_range, self.data_range)
+
+    # -- the loss-gap probe's loss (optional part of the sampler contract) -----------------------------------
+    def _unet_and_scheduler(self, pl_module: Any) -> tuple[Any, Any]:
+        pipe = self._pipeline(pl_module)
+        components = getattr(pipe, "components", {})
+        unet, scheduler = components.get("unet"), components.get("scheduler")
+        latent = [name for name in ("vae", "vqvae") if components.get(name) is not None]
+        if unet is None or scheduler is None or latent:
+            why = f"it has a `{latent[0]}` (its UNet works on latents)" if latent else "it has no `unet` or `scheduler`"
+            raise config_type_error(
+                f"PipelineSampler.denoising_loss needs a pixel-space pipeline with a `unet` and a `scheduler` "
+                f"(DDPMPipeline, DDIMPipeline); {type(pipe).__name__}: {why}. Pass `LossGapProbe(loss_fn=...)`."
+            )
+        return unet, scheduler
+
+    def num_timesteps(self, pl_module: Any) -> int:
+        """T of the training diffusion: the pipeline scheduler's ``num_train_timesteps`` (checks the loss can run)."""
+        _, scheduler = self._unet_and_scheduler(pl_module)
+        return _loss_scheduler_timesteps(scheduler, type(self).__name__)
+
+    def denoising_loss(self, pl_module: Any, x0: Tensor, t: Tensor, noise: Tensor) -> Tensor:
+        """Per-sample training loss (B,) of the pipeline's ``unet`` with its ``scheduler``.
+
+        The same objective as :meth:`DiffusersSampler.denoising_loss` (the scheduler's ``prediction_type``);
+        ``x0`` (B, C, H, W) in ``data_range`` is mapped to ``model_range``; ``t`` are integer timesteps (B,) in
+        ``[0, num_train_timesteps)``; ``noise`` is standard normal, shaped like ``x0``.
+        """
+        unet, scheduler = self._unet_and_scheduler(pl_module)
+        _loss_scheduler_timesteps(scheduler, type(self).__name__)
+        x0, t, noise = _loss_inputs(x0, t, noise, module_device(unet, pl_module))
+        x0 = map_range(x0, self.data_range, self.model_range)
+        return _training_loss(unet, scheduler, x0, t, noise)

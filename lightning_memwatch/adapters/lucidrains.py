@@ -3,8 +3,9 @@
 ``GaussianDiffusion.sample`` draws its initial noise from the global RNG. This adapter runs the same reverse
 process (its DDIM when ``sampling_timesteps < timesteps``, else its ancestral sampler) from MemWatch's
 per-sample noise through the model's public methods (``model_predictions``, ``p_mean_variance``), so samples
-are independent of batch size and world size, and the global RNG is not touched. The package is imported
-only to read its range convention, never by ``import lightning_memwatch``.
+are independent of batch size and world size, and the global RNG is not touched. Its
+:meth:`~LucidrainsSampler.denoising_loss` is the model's own training loss (``p_losses``) for the loss-gap
+probe. The package is never imported by ``import lightning_memwatch``.
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ from lightning_memwatch._checks import config_error, config_type_error
 from lightning_memwatch.adapters._range import ModuleRef, Range, check_range_arg, map_range, resolve_module
 
 __all__ = ["LucidrainsSampler"]
+
+_OBJECTIVES = ("pred_noise", "pred_x0", "pred_v")
 
 
 def _model_range(diffusion: Any) -> Range:
@@ -127,6 +130,80 @@ class LucidrainsSampler:
             x = diffusion.unnormalize(x)
         model_range = _model_range(diffusion)
         return map_range(x.float(), model_range, self.data_range or model_range)
+
+    # -- the loss-gap probe's loss (optional part of the sampler contract) -----------------------------------
+    def _resolve_for_loss(self, pl_module: Any) -> Any:
+        diffusion = self._resolve(pl_module)
+        missing = [
+            attr
+            for attr in (
+                "model",
+                "objective",
+                "loss_weight",
+                "normalize",
+                "sqrt_alphas_cumprod",
+                "sqrt_one_minus_alphas_cumprod",
+                "predict_v",
+            )
+            if not hasattr(diffusion, attr)
+        ]
+        if missing or diffusion.objective not in _OBJECTIVES:
+            what = f"no `{missing[0]}`" if missing else f"objective {diffusion.objective!r} (known: {_OBJECTIVES})"
+            raise config_type_error(
+                f"LucidrainsSampler.denoising_loss needs GaussianDiffusion's training pieces; "
+                f"{type(diffusion).__name__} has {what}. Pass `LossGapProbe(loss_fn=...)` instead."
+            )
+        return diffusion
+
+    def num_timesteps(self, pl_module: Any) -> int:
+        """T of the model's diffusion (``GaussianDiffusion.num_timesteps``); checks the loss can be computed."""
+        return int(self._resolve_for_loss(pl_module).num_timesteps)
+
+    def denoising_loss(self, pl_module: Any, x0: Tensor, t: Tensor, noise: Tensor) -> Tensor:
+        """Per-sample training loss (B,) of the ``GaussianDiffusion``: its ``p_losses`` with the given t and noise.
+
+        ``x0`` (in ``data_range``) is mapped to the model's range and normalized as its ``forward`` does
+        (to [-1, 1] with ``auto_normalize``), noised to ``t`` with ``noise``, and the network's output is
+        compared with the target of its ``objective`` (``pred_noise``: the noise, ``pred_x0``: the image,
+        ``pred_v``: v); the per-sample MSE is weighted by its ``loss_weight[t]`` (SNR-based, min-SNR when
+        enabled), as ``p_losses`` does. Three random parts of ``p_losses`` are left out, so that a fixed
+        triple gives a fixed loss: offset noise, immiscible noise assignment (a batch-dependent permutation
+        of the noise) and self-conditioning (the loss is the one of its unconditioned half). Without them it
+        equals ``p_losses(x0, t, noise, loss_reduction="none")`` (tested). Gradients and train/eval mode
+        follow the caller.
+
+        Args:
+            pl_module: The LightningModule holding the model (found as for sampling).
+            x0: Clean images (B, C, H, W) in ``data_range``.
+            t: Integer timesteps (B,) in ``[0, num_timesteps)``.
+            noise: Standard normal noise shaped like ``x0``.
+        """
+        diffusion = self._resolve_for_loss(pl_module)
+        if x0.shape != noise.shape or t.shape != (len(x0),):
+            raise config_error(
+                f"denoising_loss needs x0 (B, ...), t (B,) and noise shaped like x0; got {tuple(x0.shape)}, "
+                f"{tuple(t.shape)}, {tuple(noise.shape)}."
+            )
+        device = diffusion.alphas_cumprod.device
+        model_range = _model_range(diffusion)
+        x0 = map_range(x0.to(device=device, dtype=torch.float32), self.data_range or model_range, model_range)
+        x_start = diffusion.normalize(x0)
+        t = t.to(device=device, dtype=torch.long)
+        noise = noise.to(device=device, dtype=torch.float32)
+        shape = (len(t),) + (1,) * (x_start.dim() - 1)
+        x_t = (
+            diffusion.sqrt_alphas_cumprod[t].reshape(shape) * x_start
+            + diffusion.sqrt_one_minus_alphas_cumprod[t].reshape(shape) * noise
+        )
+        out = diffusion.model(x_t, t, None)
+        if diffusion.objective == "pred_noise":
+            target = noise
+        elif diffusion.objective == "pred_x0":
+            target = x_start
+        else:
+            target = diffusion.predict_v(x_start, t, noise)
+        loss = (out.float() - target).pow(2).flatten(1).mean(1)
+        return loss * diffusion.loss_weight[t].float()
 
 
 def _randn_like(x: Tensor, generator: torch.Generator | None) -> Tensor:

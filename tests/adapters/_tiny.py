@@ -88,3 +88,36 @@ def one_evaluation(tmp_path, module: LightningModule, sample_fn, train: torch.Te
     )
     trainer.fit(module, loader)
     return watch
+
+
+def fit_with_probe(tmp_path, module: LightningModule, train: torch.Tensor, heldout: torch.Tensor, callbacks, probe):
+    """Fit 4 optimizer steps with ``callbacks`` and ``probe`` reading every 2 steps; return the trainer."""
+    loader = DataLoader(TensorDataset(train), batch_size=8, shuffle=True, generator=torch.Generator().manual_seed(0))
+    trainer = Trainer(
+        max_steps=4,
+        callbacks=[*callbacks, probe],
+        logger=False,
+        accelerator="cpu",
+        devices=1,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        default_root_dir=str(tmp_path),
+    )
+    trainer.fit(module, loader)
+    return trainer
+
+
+class Trained(LightningModule):
+    """Trains the network under ``name`` with ``loss(self, x0)`` (Adam), as a user's module would."""
+
+    def __init__(self, name: str, net: torch.nn.Module, loss) -> None:
+        super().__init__()
+        setattr(self, name, net)
+        self._loss = loss
+
+    def training_step(self, batch, batch_idx):
+        return self._loss(self, batch[0])
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.parameters(), lr=1e-3)
