@@ -92,6 +92,9 @@ _UNIT_BF16 = 2.0**-8
 # Queries per chunk of the exact re-ranking, and whether CPU re-ranking runs in numpy (see `_exact_sq`).
 _RERANK_CHUNK = 64
 _NUMPY_ON_CPU = True
+# The offset form of the float32 pass (raw rows, centred queries) is used while the longest raw row is at most
+# this many times the longest centred row: its bound grows with that ratio (see `_offset_bound`).
+_OFFSET_FORM_MAX_RATIO = 4.0
 # faiss-cpu searches centred or streamed rows in database blocks of at least this many rows.
 _FAISS_DB_BLOCK = 16384
 # Bytes of scratch per block when hashing rows and computing norms at build time.
@@ -423,10 +426,22 @@ class NearestNeighbourIndex:
             self._mean: Tensor | None = None
             norms = _blocked_sq_norms(source, self.device, mean64)
             spread = float(norms.max().sqrt()) if len(norms) else 0.0
+            # Offset form of the fast pass (see the module notes): raw rows, centred queries, norms of the
+            # centred rows; used while the raw rows are not much longer than the centred ones.
+            self._shift_norms64: Tensor | None = None
+            self._max_raw_norm = 0.0
             if float(mean64.norm()) > spread:
                 self._mean = mean64.to(torch.float32)
-                # norms of the rows as the fast pass sees them: rows - mean, rounded to float32
-                norms = _blocked_sq_norms(source, self.device, None, self._mean)
+                # norms of the rows as the centred pass sees them (rows - mean, rounded to float32), of the
+                # exact differences (the offset form), and of the raw rows
+                norms, shift_norms, raw_norms = _blocked_offset_norms(source, self.device, self._mean)
+                if self._dropped is not None:
+                    shift_norms[self._dropped.to(shift_norms.device)] = torch.inf
+                    raw_norms = raw_norms[~self._dropped.to(raw_norms.device)]
+                self._max_raw_norm = float(raw_norms.max().sqrt()) if len(raw_norms) else 0.0
+                if self._max_raw_norm <= _OFFSET_FORM_MAX_RATIO * spread:
+                    self._shift_norms64 = shift_norms
+                    self._shift_norms32 = shift_norms.to(torch.float32)
             else:
                 norms = _blocked_sq_norms(source, self.device, None)
             if self._dropped is not None:
@@ -613,13 +628,20 @@ class NearestNeighbourIndex:
         c = min(k + _candidate_slack(self.dim), self.num_train)
         q_fast = self._centred(q)
         q_norms = (q_fast * q_fast).sum(dim=1).to(torch.float64)
-        if self.backend in ("torch", "torch-bf16"):
-            scores, cand = self._torch_topc(q_fast, c)
+        torch_pass = self.backend in ("torch", "torch-bf16")
+        unit_in = _matmul_input_unit(self.device) if torch_pass else 2.0**-11 if self.backend == "faiss-gpu" else 0.0
+        # the offset form needs IEEE float32 inputs (its bound has no input-rounding term)
+        offset = self._shift_norms64 is not None and unit_in == 0.0 and self.backend != "faiss-gpu"
+        # offset form: ||x - (t - mean)||^2 = ||x||^2 + ||t - mean||^2 - 2 x.t + 2 x.mean, x = q - mean
+        shift = self._offset_shift(q_fast) if offset else None
+        lift = 0.0
+        if torch_pass:
+            scores, cand = self._torch_topc(q_fast, c, offset)
             approx = scores.to(torch.float64) + q_norms[:, None]
-            unit_in = _matmul_input_unit(self.device)
         else:
-            approx, cand = self._faiss_topc(q_fast, c)
-            unit_in = 2.0**-11 if self.backend == "faiss-gpu" else 0.0
+            approx, cand, lift = self._faiss_topc(q_fast, c, shift)
+        if shift is not None:
+            approx += shift[:, None]
         exact, cand = self._rerank(q, cand)
         d2, idx = exact[:, :k].contiguous(), cand[:, :k].contiguous()
         if c == self.num_train:
@@ -627,7 +649,7 @@ class NearestNeighbourIndex:
         # Every row outside the candidates has an approximate distance >= the largest candidate's, and its
         # true distance is at most `bound` lower: certified when that still exceeds the exact k-th distance.
         # Written so that NaN or inf anywhere (an overflowing query) leaves the row uncertified.
-        bound = self._bound(q_norms, unit_in, _UNIT_FP32)
+        bound = self._offset_bound(q_norms, lift) if offset else self._bound(q_norms, unit_in, _UNIT_FP32)
         certified = (approx.max(dim=1).values - bound > d2[:, -1]) & torch.isfinite(bound) & (not self._overflow)
         return d2, idx, (~certified).nonzero().flatten()
 
@@ -636,41 +658,76 @@ class NearestNeighbourIndex:
         coeff = _BOUND_SAFETY * (2.0 * unit_in + (self.dim + 8) * unit)
         return coeff * (q_norms.sqrt() + self._max_norm) ** 2
 
-    def _torch_topc(self, q: Tensor, c: int) -> tuple[Tensor, Tensor]:
-        """Running top-``c`` of the float32 scores ``||t||^2 - 2 q.t`` (unsorted); database blocks outermost."""
+    def _offset_shift(self, q_fast: Tensor) -> Tensor:
+        """``2 x.mean`` per centred query ``x`` (float64): the offset form's distance minus its scores."""
+        assert self._mean is not None
+        return 2 * (q_fast.to(torch.float64) @ self._mean.to(torch.float64))
+
+    def _offset_bound(self, q_norms: Tensor, lift: float) -> Tensor:
+        """Bound on |approximate - true| squared distance of the offset form, per query.
+
+        The offset form scores raw rows ``t`` against centred queries ``x = float32(q - mean)`` with the exact
+        norms ``||t - mean||^2``: ``||x||^2 + ||t - mean||^2 + lift - 2 x.t``, then subtracts ``lift`` and adds
+        ``2 x.mean`` in float64. With ``Q = ||x||``, ``T = max ||t||``, ``M = max ||t - mean||`` and ``u = 2**-24``:
+        the dot product errs by at most ``gamma_D Q T`` (any summation order), the float32 norm of ``x`` by
+        ``gamma_D Q^2``, the float32 norms and the two float32 sums by ``u`` times what they add up, and the
+        query's rounding to float32 moves its distance by at most ``2.01 u Q (Q + M)``. faiss clamps negative
+        results to 0; ``lift >= max 2 x.mean`` keeps the true value non-negative, so the clamp only moves a
+        result towards it. No row needs centring during the search (one float32 copy held, no per-search copy).
+        """
+        qn, raw, mx = q_norms.sqrt(), self._max_raw_norm, self._max_norm * (1 + 2.0**-20)
+        dot = qn * qn + 2 * qn * raw
+        sums = 2 * (qn + mx) ** 2 + lift + 2 * qn * raw
+        tiny = 2.0**-40 * (sums + lift)  # float64 corrections
+        return _BOUND_SAFETY * ((self.dim + 8) * _UNIT_FP32 * dot + 4 * _UNIT_FP32 * sums) + tiny
+
+    def _torch_topc(self, q: Tensor, c: int, offset: bool = False) -> tuple[Tensor, Tensor]:
+        """Running top-``c`` of the float32 scores ``||t||^2 - 2 q.t`` (unsorted); database blocks outermost.
+        With ``offset``, scores of the raw rows against the centred queries ``q`` (the offset form)."""
         step, bs = self.database_block_size, self.block_size
         best: list[tuple[Tensor, Tensor] | None] = [None] * len(range(0, len(q), bs))
         tile = torch.empty(min(bs, len(q)), min(step, self._n), dtype=torch.float32, device=self.device)
+        norms = self._shift_norms32 if offset else self._norms32
         for j in range(0, self._n, step):
-            rows = self._fast_block(j, min(j + step, self._n))
+            stop = min(j + step, self._n)
+            rows = self._source.block(j, stop, self.device).to(self.device) if offset else self._fast_block(j, stop)
             for b, i in enumerate(range(0, len(q), bs)):
                 qb = q[i : i + bs]
                 out = tile if tile.shape == (len(qb), len(rows)) else None
-                scores = torch.addmm(self._norms32[j : j + len(rows)], qb, rows.T, beta=1, alpha=-2, out=out)
+                scores = torch.addmm(norms[j : j + len(rows)], qb, rows.T, beta=1, alpha=-2, out=out)
                 best[b] = _merge_topc(best[b], scores, c, j)
         return _concat_best(best)
 
-    def _faiss_topc(self, q: Tensor, c: int) -> tuple[Tensor, Tensor]:
-        """faiss' top-``c`` approximate squared distances (float64) and rows."""
+    def _faiss_topc(self, q: Tensor, c: int, shift: Tensor | None = None) -> tuple[Tensor, Tensor, float]:
+        """faiss' top-``c`` approximate squared distances (float64), rows, and the lift of the offset form
+        (with ``shift``, :meth:`_offset_shift` of the centred queries ``q``: raw rows against them; the caller
+        adds ``shift`` to the distances)."""
         faiss = self._faiss
         q = q.contiguous()
         if self.backend == "faiss-gpu":  # pragma: no cover - needs a GPU build of faiss
             device = self.device.index if self.device.index is not None else torch.cuda.current_device()
             rows = self._source.rows if self._mean is None else self._source.rows - self._mean
             dist, cand = faiss.knn_gpu(self._faiss_res, q, rows, c, device=device)
-            return dist.to(torch.float64), cand
+            return dist.to(torch.float64), cand, 0.0
         q_np = q.numpy()
-        whole = self._mean is None and self._source.held
+        lift, all_norms, offset = 0.0, self._norms32, shift is not None
+        if shift is not None:
+            # faiss clamps negative distances to 0: lift every score by at least max 2 x.mean (>= 0)
+            assert self._shift_norms64 is not None
+            lift = max(0.0, float(shift.max())) * (1 + 2.0**-40) if len(q) else 0.0
+            all_norms = (self._shift_norms64 + lift).to(torch.float32)
+        whole = (self._mean is None or offset) and self._source.held
         step = self._n if whole else max(self.database_block_size, _FAISS_DB_BLOCK)
         best: tuple[Tensor, Tensor] | None = None
         for j in range(0, self._n, step):
-            rows = self._fast_block(j, min(j + step, self._n)).contiguous()
+            stop = min(j + step, self._n)
+            rows = (self._source.block(j, stop, self.device) if offset else self._fast_block(j, stop)).contiguous()
             dropped = None if self._dropped is None else self._dropped[j : j + len(rows)]
             extra = 0 if dropped is None else int(dropped.sum())  # masked duplicates faiss may still return
             cc = min(c + extra, len(rows))
             dist = torch.empty(len(q), cc, dtype=torch.float32)
             cand = torch.empty(len(q), cc, dtype=torch.int64)
-            norms = self._norms32[j : j + len(rows)].contiguous()
+            norms = all_norms[j : j + len(rows)].contiguous()
             faiss.knn_L2sqr(
                 faiss.swig_ptr(q_np),
                 faiss.swig_ptr(rows.numpy()),
@@ -687,7 +744,7 @@ class NearestNeighbourIndex:
                 dist[dropped[cand.clamp_min(0)]] = torch.inf
             best = _merge_topc(best, dist, c, j, cand)
         assert best is not None
-        return best[0].to(torch.float64), best[1]
+        return best[0].to(torch.float64) - lift, best[1], lift
 
     # ------------------------------------------------------------------------------- split-bf16 screening
     def _screen_rows(self, start: int, stop: int) -> Tensor:
@@ -980,6 +1037,24 @@ def _blocked_sq_norms(
             part = part - centre64
         parts.append((part * part).sum(dim=1))
     return torch.cat(parts) if parts else torch.empty(0, dtype=torch.float64, device=device)
+
+
+def _blocked_offset_norms(source: _Rows, device: torch.device, centre32: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """float64 squared norms of ``float32(rows - centre32)``, of the exact ``rows - centre32`` and of the rows,
+    in one pass over the rows."""
+    step = _build_block(source.dim)
+    rounded, exact, raw = [], [], []
+    centre64 = centre32.to(torch.float64)
+    for j in range(0, source.n, step):
+        part = source.block(j, min(j + step, source.n), device).to(device)
+        diff = (part - centre32).to(torch.float64)
+        rounded.append((diff * diff).sum(dim=1))
+        part = part.to(torch.float64)
+        raw.append((part * part).sum(dim=1))
+        part -= centre64
+        exact.append((part * part).sum(dim=1))
+    empty = torch.empty(0, dtype=torch.float64, device=device)
+    return tuple(torch.cat(x) if x else empty for x in (rounded, exact, raw))  # type: ignore[return-value]
 
 
 def _best_per_row(
