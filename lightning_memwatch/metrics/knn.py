@@ -642,14 +642,13 @@ class NearestNeighbourIndex:
             approx, cand, lift = self._faiss_topc(q_fast, c, shift)
         if shift is not None:
             approx += shift[:, None]
-        exact, cand = self._rerank(q, cand)
-        d2, idx = exact[:, :k].contiguous(), cand[:, :k].contiguous()
+        bound = self._offset_bound(q_norms, lift) if offset else self._bound(q_norms, unit_in, _UNIT_FP32)
+        d2, idx = self._rerank_near(q, approx, cand, bound, k)
         if c == self.num_train:
             return d2, idx, torch.empty(0, dtype=torch.int64, device=self.device)
         # Every row outside the candidates has an approximate distance >= the largest candidate's, and its
         # true distance is at most `bound` lower: certified when that still exceeds the exact k-th distance.
         # Written so that NaN or inf anywhere (an overflowing query) leaves the row uncertified.
-        bound = self._offset_bound(q_norms, lift) if offset else self._bound(q_norms, unit_in, _UNIT_FP32)
         certified = (approx.max(dim=1).values - bound > d2[:, -1]) & torch.isfinite(bound) & (not self._overflow)
         return d2, idx, (~certified).nonzero().flatten()
 
@@ -877,6 +876,33 @@ class NearestNeighbourIndex:
         for i in range(0, len(pair_q), step):
             out[i : i + step] = self._exact_sq(q[pair_q[i : i + step]], pair_t[i : i + step, None])[:, 0]
         return out
+
+    def _rerank_near(self, q: Tensor, approx: Tensor, cand: Tensor, bound: Tensor, k: int) -> tuple[Tensor, Tensor]:
+        """Exact top-``k`` (squared distances, rows) among the candidates, computing exact distances only for
+        those that can belong to it.
+
+        With ``a_k`` the k-th smallest approximate distance of a row, a candidate with approximate distance
+        above ``a_k + 2 bound`` is, in exact arithmetic, strictly farther than the ``k`` candidates at or
+        below ``a_k`` (each within ``bound`` of its approximation), so it is skipped; rows where any later
+        candidate is not that far (or a value is not finite) get all their candidates re-ranked.
+        """
+        if cand.shape[1] <= k or self._overflow:
+            exact, cand = self._rerank(q, cand)
+            return exact[:, :k].contiguous(), cand[:, :k].contiguous()
+        approx, order = approx.sort(dim=1)
+        cand = torch.gather(cand, 1, order)
+        far = approx[:, k:] > approx[:, k - 1 : k] + 2 * bound[:, None]  # False for NaN
+        few = far.all(dim=1)
+        d2 = torch.empty(len(q), k, dtype=torch.float64, device=self.device)
+        idx = torch.empty(len(q), k, dtype=torch.int64, device=self.device)
+        for rows, width in ((few.nonzero().flatten(), k), ((~few).nonzero().flatten(), cand.shape[1])):
+            if len(rows) == len(q):
+                rows = slice(None)  # type: ignore[assignment]
+            elif len(rows) == 0:
+                continue
+            exact, found = self._rerank(q[rows], cand[rows, :width])
+            d2[rows], idx[rows] = exact[:, :k], found[:, :k]
+        return d2, idx
 
     def _rerank(self, q: Tensor, cand: Tensor) -> tuple[Tensor, Tensor]:
         """Exact squared distances of the candidates, sorted; ties by lower row."""
