@@ -96,7 +96,7 @@ _NUMPY_ON_CPU = True
 # this many times the longest centred row: its bound grows with that ratio (see `_offset_bound`).
 _OFFSET_FORM_MAX_RATIO = 4.0
 # faiss-cpu searches centred or streamed rows in database blocks of at least this many rows.
-_FAISS_DB_BLOCK = 16384
+_FAISS_DB_BLOCK = 4096
 # Bytes of scratch per block when hashing rows and computing norms at build time.
 _BUILD_SCRATCH = 4 * 2**20
 
@@ -630,19 +630,17 @@ class NearestNeighbourIndex:
         q_norms = (q_fast * q_fast).sum(dim=1).to(torch.float64)
         torch_pass = self.backend in ("torch", "torch-bf16")
         unit_in = _matmul_input_unit(self.device) if torch_pass else 2.0**-11 if self.backend == "faiss-gpu" else 0.0
-        # the offset form needs IEEE float32 inputs (its bound has no input-rounding term)
-        offset = self._shift_norms64 is not None and unit_in == 0.0 and self.backend != "faiss-gpu"
-        # offset form: ||x - (t - mean)||^2 = ||x||^2 + ||t - mean||^2 - 2 x.t + 2 x.mean, x = q - mean
-        shift = self._offset_shift(q_fast) if offset else None
-        lift = 0.0
+        # The offset form (torch only: faiss computes its own norms of the rows it gets) needs IEEE float32
+        # inputs (its bound has no input-rounding term).
+        offset = self._shift_norms64 is not None and unit_in == 0.0 and torch_pass
         if torch_pass:
             scores, cand = self._torch_topc(q_fast, c, offset)
             approx = scores.to(torch.float64) + q_norms[:, None]
         else:
-            approx, cand, lift = self._faiss_topc(q_fast, c, shift)
-        if shift is not None:
-            approx += shift[:, None]
-        bound = self._offset_bound(q_norms, lift) if offset else self._bound(q_norms, unit_in, _UNIT_FP32)
+            approx, cand = self._faiss_topc(q_fast, c)
+        if offset:  # ||x - (t - mean)||^2 = ||x||^2 + ||t - mean||^2 - 2 x.t + 2 x.mean, with x = q - mean
+            approx += self._offset_shift(q_fast)[:, None]
+        bound = self._offset_bound(q_norms) if offset else self._bound(q_norms, unit_in, _UNIT_FP32)
         d2, idx = self._rerank_near(q, approx, cand, bound, k)
         if c == self.num_train:
             return d2, idx, torch.empty(0, dtype=torch.int64, device=self.device)
@@ -662,22 +660,21 @@ class NearestNeighbourIndex:
         assert self._mean is not None
         return 2 * (q_fast.to(torch.float64) @ self._mean.to(torch.float64))
 
-    def _offset_bound(self, q_norms: Tensor, lift: float) -> Tensor:
+    def _offset_bound(self, q_norms: Tensor) -> Tensor:
         """Bound on |approximate - true| squared distance of the offset form, per query.
 
         The offset form scores raw rows ``t`` against centred queries ``x = float32(q - mean)`` with the exact
-        norms ``||t - mean||^2``: ``||x||^2 + ||t - mean||^2 + lift - 2 x.t``, then subtracts ``lift`` and adds
-        ``2 x.mean`` in float64. With ``Q = ||x||``, ``T = max ||t||``, ``M = max ||t - mean||`` and ``u = 2**-24``:
-        the dot product errs by at most ``gamma_D Q T`` (any summation order), the float32 norm of ``x`` by
-        ``gamma_D Q^2``, the float32 norms and the two float32 sums by ``u`` times what they add up, and the
-        query's rounding to float32 moves its distance by at most ``2.01 u Q (Q + M)``. faiss clamps negative
-        results to 0; ``lift >= max 2 x.mean`` keeps the true value non-negative, so the clamp only moves a
-        result towards it. No row needs centring during the search (one float32 copy held, no per-search copy).
+        norms ``||t - mean||^2``: ``||t - mean||^2 - 2 x.t`` in float32, then adds ``||x||^2`` (a float32 sum)
+        and ``2 x.mean`` in float64. With ``Q = ||x||``, ``T = max ||t||``, ``M = max ||t - mean||`` and
+        ``u = 2**-24``: the dot product errs by at most ``gamma_D Q T`` (any summation order), the float32 norm
+        of ``x`` by ``gamma_D Q^2``, the float32 norms and the float32 sum by ``u`` times what they add up, and
+        the query's rounding to float32 moves its distance by at most ``2.01 u Q (Q + M)``. No row is centred
+        during the search: one float32 copy held, and no per-search copy of a block.
         """
         qn, raw, mx = q_norms.sqrt(), self._max_raw_norm, self._max_norm * (1 + 2.0**-20)
         dot = qn * qn + 2 * qn * raw
-        sums = 2 * (qn + mx) ** 2 + lift + 2 * qn * raw
-        tiny = 2.0**-40 * (sums + lift)  # float64 corrections
+        sums = 2 * (qn + mx) ** 2 + 2 * qn * raw
+        tiny = 2.0**-40 * sums  # float64 corrections
         return _BOUND_SAFETY * ((self.dim + 8) * _UNIT_FP32 * dot + 4 * _UNIT_FP32 * sums) + tiny
 
     def _torch_topc(self, q: Tensor, c: int, offset: bool = False) -> tuple[Tensor, Tensor]:
@@ -697,36 +694,33 @@ class NearestNeighbourIndex:
                 best[b] = _merge_topc(best[b], scores, c, j)
         return _concat_best(best)
 
-    def _faiss_topc(self, q: Tensor, c: int, shift: Tensor | None = None) -> tuple[Tensor, Tensor, float]:
-        """faiss' top-``c`` approximate squared distances (float64), rows, and the lift of the offset form
-        (with ``shift``, :meth:`_offset_shift` of the centred queries ``q``: raw rows against them; the caller
-        adds ``shift`` to the distances)."""
+    def _faiss_topc(self, q: Tensor, c: int) -> tuple[Tensor, Tensor]:
+        """faiss' top-``c`` approximate squared distances (float64) and rows. Centred rows are made block by
+        block in one reused buffer (a fresh block per call costs more than the subtraction: page faults)."""
         faiss = self._faiss
         q = q.contiguous()
         if self.backend == "faiss-gpu":  # pragma: no cover - needs a GPU build of faiss
             device = self.device.index if self.device.index is not None else torch.cuda.current_device()
             rows = self._source.rows if self._mean is None else self._source.rows - self._mean
             dist, cand = faiss.knn_gpu(self._faiss_res, q, rows, c, device=device)
-            return dist.to(torch.float64), cand, 0.0
+            return dist.to(torch.float64), cand
         q_np = q.numpy()
-        lift, all_norms, offset = 0.0, self._norms32, shift is not None
-        if shift is not None:
-            # faiss clamps negative distances to 0: lift every score by at least max 2 x.mean (>= 0)
-            assert self._shift_norms64 is not None
-            lift = max(0.0, float(shift.max())) * (1 + 2.0**-40) if len(q) else 0.0
-            all_norms = (self._shift_norms64 + lift).to(torch.float32)
-        whole = (self._mean is None or offset) and self._source.held
+        whole = self._mean is None and self._source.held
         step = self._n if whole else max(self.database_block_size, _FAISS_DB_BLOCK)
+        buffer = None if self._mean is None else torch.empty(min(step, self._n), self.dim)
         best: tuple[Tensor, Tensor] | None = None
         for j in range(0, self._n, step):
             stop = min(j + step, self._n)
-            rows = (self._source.block(j, stop, self.device) if offset else self._fast_block(j, stop)).contiguous()
+            rows = self._source.block(j, stop, self.device)
+            if buffer is not None:
+                rows = torch.sub(rows, self._mean, out=buffer[: len(rows)])
+            rows = rows.contiguous()
             dropped = None if self._dropped is None else self._dropped[j : j + len(rows)]
             extra = 0 if dropped is None else int(dropped.sum())  # masked duplicates faiss may still return
             cc = min(c + extra, len(rows))
             dist = torch.empty(len(q), cc, dtype=torch.float32)
             cand = torch.empty(len(q), cc, dtype=torch.int64)
-            norms = all_norms[j : j + len(rows)].contiguous()
+            norms = self._norms32[j : j + len(rows)].contiguous()  # faiss builds may recompute them
             faiss.knn_L2sqr(
                 faiss.swig_ptr(q_np),
                 faiss.swig_ptr(rows.numpy()),
@@ -743,7 +737,7 @@ class NearestNeighbourIndex:
                 dist[dropped[cand.clamp_min(0)]] = torch.inf
             best = _merge_topc(best, dist, c, j, cand)
         assert best is not None
-        return best[0].to(torch.float64) - lift, best[1], lift
+        return best[0].to(torch.float64), best[1]
 
     # ------------------------------------------------------------------------------- split-bf16 screening
     def _screen_rows(self, start: int, stop: int) -> Tensor:
