@@ -437,8 +437,10 @@ class NearestNeighbourIndex:
                 norms, shift_norms, raw_norms = _blocked_offset_norms(source, self.device, self._mean)
                 if self._dropped is not None:
                     shift_norms[self._dropped.to(shift_norms.device)] = torch.inf
-                    raw_norms = raw_norms[~self._dropped.to(raw_norms.device)]
-                self._max_raw_norm = float(raw_norms.max().sqrt()) if len(raw_norms) else 0.0
+                    raw_norms[self._dropped.to(raw_norms.device)] = torch.inf
+                finite_raw = raw_norms[torch.isfinite(raw_norms)]
+                self._max_raw_norm = float(finite_raw.max().sqrt()) if len(finite_raw) else 0.0
+                self._raw_norms32 = raw_norms.to(torch.float32)
                 if self._max_raw_norm <= _OFFSET_FORM_MAX_RATIO * spread:
                     self._shift_norms64 = shift_norms
                     self._shift_norms32 = shift_norms.to(torch.float32)
@@ -630,17 +632,23 @@ class NearestNeighbourIndex:
         q_norms = (q_fast * q_fast).sum(dim=1).to(torch.float64)
         torch_pass = self.backend in ("torch", "torch-bf16")
         unit_in = _matmul_input_unit(self.device) if torch_pass else 2.0**-11 if self.backend == "faiss-gpu" else 0.0
-        # The offset form (torch only: faiss computes its own norms of the rows it gets) needs IEEE float32
-        # inputs (its bound has no input-rounding term).
-        offset = self._shift_norms64 is not None and unit_in == 0.0 and torch_pass
+        # A moderate offset (raw rows at most _OFFSET_FORM_MAX_RATIO times the centred ones) is handled without
+        # centring any row: the torch pass uses the offset form (it needs IEEE float32 inputs: its bound has
+        # no input-rounding term), faiss-cpu (which computes its own norms of the rows it gets) the raw rows.
+        moderate = self._shift_norms64 is not None and unit_in == 0.0 and self.backend != "faiss-gpu"
         if torch_pass:
-            scores, cand = self._torch_topc(q_fast, c, offset)
+            scores, cand = self._torch_topc(q_fast, c, moderate)
             approx = scores.to(torch.float64) + q_norms[:, None]
+            if moderate:  # ||x - (t - mean)||^2 = ||x||^2 + ||t - mean||^2 - 2 x.t + 2 x.mean, x = q - mean
+                approx += self._offset_shift(q_fast)[:, None]
+            bound = self._offset_bound(q_norms) if moderate else self._bound(q_norms, unit_in, _UNIT_FP32)
+        elif moderate:
+            approx, cand = self._faiss_topc(q, c, raw=True)
+            raw_norms = (q.to(torch.float64) ** 2).sum(dim=1)
+            bound = _BOUND_SAFETY * (self.dim + 8) * _UNIT_FP32 * (raw_norms.sqrt() + self._max_raw_norm) ** 2
         else:
             approx, cand = self._faiss_topc(q_fast, c)
-        if offset:  # ||x - (t - mean)||^2 = ||x||^2 + ||t - mean||^2 - 2 x.t + 2 x.mean, with x = q - mean
-            approx += self._offset_shift(q_fast)[:, None]
-        bound = self._offset_bound(q_norms) if offset else self._bound(q_norms, unit_in, _UNIT_FP32)
+            bound = self._bound(q_norms, unit_in, _UNIT_FP32)
         d2, idx = self._rerank_near(q, approx, cand, bound, k)
         if c == self.num_train:
             return d2, idx, torch.empty(0, dtype=torch.int64, device=self.device)
@@ -694,9 +702,10 @@ class NearestNeighbourIndex:
                 best[b] = _merge_topc(best[b], scores, c, j)
         return _concat_best(best)
 
-    def _faiss_topc(self, q: Tensor, c: int) -> tuple[Tensor, Tensor]:
-        """faiss' top-``c`` approximate squared distances (float64) and rows. Centred rows are made block by
-        block in one reused buffer (a fresh block per call costs more than the subtraction: page faults)."""
+    def _faiss_topc(self, q: Tensor, c: int, raw: bool = False) -> tuple[Tensor, Tensor]:
+        """faiss' top-``c`` approximate squared distances (float64) and rows, of the rows as the fast pass sees
+        them (``raw``: of the raw rows). Centred rows are made block by block in one reused buffer (a fresh
+        block per call costs more than the subtraction: page faults)."""
         faiss = self._faiss
         q = q.contiguous()
         if self.backend == "faiss-gpu":  # pragma: no cover - needs a GPU build of faiss
@@ -705,9 +714,9 @@ class NearestNeighbourIndex:
             dist, cand = faiss.knn_gpu(self._faiss_res, q, rows, c, device=device)
             return dist.to(torch.float64), cand
         q_np = q.numpy()
-        whole = self._mean is None and self._source.held
-        step = self._n if whole else max(self.database_block_size, _FAISS_DB_BLOCK)
-        buffer = None if self._mean is None else torch.empty(min(step, self._n), self.dim)
+        centre = self._mean is not None and not raw
+        step = self._n if self._source.held and not centre else max(self.database_block_size, _FAISS_DB_BLOCK)
+        buffer = torch.empty(min(step, self._n), self.dim) if centre else None
         best: tuple[Tensor, Tensor] | None = None
         for j in range(0, self._n, step):
             stop = min(j + step, self._n)
@@ -720,7 +729,8 @@ class NearestNeighbourIndex:
             cc = min(c + extra, len(rows))
             dist = torch.empty(len(q), cc, dtype=torch.float32)
             cand = torch.empty(len(q), cc, dtype=torch.int64)
-            norms = self._norms32[j : j + len(rows)].contiguous()  # faiss builds may recompute them
+            # faiss (1.15) computes the norms of the rows itself: give them as the rows are anyway
+            norms = (self._raw_norms32 if raw else self._norms32)[j : j + len(rows)].contiguous()
             faiss.knn_L2sqr(
                 faiss.swig_ptr(q_np),
                 faiss.swig_ptr(rows.numpy()),
