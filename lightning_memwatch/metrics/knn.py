@@ -33,10 +33,15 @@ Decisions, in one place:
   that report ``amx_bf16`` (documented rule, :func:`has_fast_bfloat16`). It keeps a bfloat16 screening copy of
   the rows (1.5x the float32 rows) unless the rows are streamed.
 * **Offsets.** When the data share a common offset larger than their spread (e.g. images in [0, 1], or
-  anything far from the origin), the fast pass runs on rows centred on the training mean, which keeps the
-  bound small. The centring is done per database block during a search (database blocks are the outer
-  loop, so each block is centred once per search), so the index holds one float32 copy of the rows. Exact
-  distances always use the original rows.
+  anything far from the origin), the raw expansion's bound grows with the offset. For a moderate offset (the
+  longest raw row at most 4 times the longest centred one, as for images) no row is centred during a search:
+  the torch pass uses the *offset form* (raw rows against centred queries, with the exact norms of the
+  centred rows and a per-query float64 correction, bounded in ``_offset_bound``), and faiss-cpu, which
+  computes its own norms of the rows it is given, searches the raw rows with the raw bound. For a larger
+  offset the fast pass runs on rows centred on the training mean, block by block (one reused buffer), which
+  keeps the bound small. Either way the index holds one float32 copy of the rows, and exact distances always
+  use the original rows. Only candidates that can still be among the ``k`` nearest (within twice the bound
+  of the k-th approximate distance) get exact distances.
 * **Exact duplicates** in the training set would make ``d2 = 0`` for a copy of them. They are removed at build
   time (``dedupe=True``, with a warning), found by a 64-bit hash of each row's bits and confirmed by exact
   comparison; returned indices point to the first original row of each group. With ``dedupe=False``
