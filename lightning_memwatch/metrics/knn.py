@@ -446,7 +446,8 @@ class NearestNeighbourIndex:
                 finite_raw = raw_norms[torch.isfinite(raw_norms)]
                 self._max_raw_norm = float(finite_raw.max().sqrt()) if len(finite_raw) else 0.0
                 self._raw_norms32 = raw_norms.to(torch.float32)
-                if self._max_raw_norm <= _OFFSET_FORM_MAX_RATIO * spread:
+                # (and only while float32 holds every raw expansion term, (2 max ||t||)^2, with room to spare)
+                if self._max_raw_norm <= _OFFSET_FORM_MAX_RATIO * spread and self._max_raw_norm < 2.0**60:
                     self._shift_norms64 = shift_norms
                     self._shift_norms32 = shift_norms.to(torch.float32)
             else:
