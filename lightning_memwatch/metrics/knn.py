@@ -33,10 +33,15 @@ Decisions, in one place:
   that report ``amx_bf16`` (documented rule, :func:`has_fast_bfloat16`). It keeps a bfloat16 screening copy of
   the rows (1.5x the float32 rows) unless the rows are streamed.
 * **Offsets.** When the data share a common offset larger than their spread (e.g. images in [0, 1], or
-  anything far from the origin), the fast pass runs on rows centred on the training mean, which keeps the
-  bound small. The centring is done per database block during a search (database blocks are the outer
-  loop, so each block is centred once per search), so the index holds one float32 copy of the rows. Exact
-  distances always use the original rows.
+  anything far from the origin), the raw expansion's bound grows with the offset. For a moderate offset (the
+  longest raw row at most 4 times the longest centred one, as for images) no row is centred during a search:
+  the torch pass uses the *offset form* (raw rows against centred queries, with the exact norms of the
+  centred rows and a per-query float64 correction, bounded in ``_offset_bound``), and faiss-cpu, which
+  computes its own norms of the rows it is given, searches the raw rows with the raw bound. For a larger
+  offset the fast pass runs on rows centred on the training mean, block by block (one reused buffer), which
+  keeps the bound small. Either way the index holds one float32 copy of the rows, and exact distances always
+  use the original rows. Only candidates that can still be among the ``k`` nearest (within twice the bound
+  of the k-th approximate distance) get exact distances.
 * **Exact duplicates** in the training set would make ``d2 = 0`` for a copy of them. They are removed at build
   time (``dedupe=True``, with a warning), found by a 64-bit hash of each row's bits and confirmed by exact
   comparison; returned indices point to the first original row of each group. With ``dedupe=False``
@@ -92,8 +97,11 @@ _UNIT_BF16 = 2.0**-8
 # Queries per chunk of the exact re-ranking, and whether CPU re-ranking runs in numpy (see `_exact_sq`).
 _RERANK_CHUNK = 64
 _NUMPY_ON_CPU = True
+# The offset form of the float32 pass (raw rows, centred queries) is used while the longest raw row is at most
+# this many times the longest centred row: its bound grows with that ratio (see `_offset_bound`).
+_OFFSET_FORM_MAX_RATIO = 4.0
 # faiss-cpu searches centred or streamed rows in database blocks of at least this many rows.
-_FAISS_DB_BLOCK = 16384
+_FAISS_DB_BLOCK = 4096
 # Bytes of scratch per block when hashing rows and computing norms at build time.
 _BUILD_SCRATCH = 4 * 2**20
 
@@ -423,10 +431,25 @@ class NearestNeighbourIndex:
             self._mean: Tensor | None = None
             norms = _blocked_sq_norms(source, self.device, mean64)
             spread = float(norms.max().sqrt()) if len(norms) else 0.0
+            # Offset form of the fast pass (see the module notes): raw rows, centred queries, norms of the
+            # centred rows; used while the raw rows are not much longer than the centred ones.
+            self._shift_norms64: Tensor | None = None
+            self._max_raw_norm = 0.0
             if float(mean64.norm()) > spread:
                 self._mean = mean64.to(torch.float32)
-                # norms of the rows as the fast pass sees them: rows - mean, rounded to float32
-                norms = _blocked_sq_norms(source, self.device, None, self._mean)
+                # norms of the rows as the centred pass sees them (rows - mean, rounded to float32), of the
+                # exact differences (the offset form), and of the raw rows
+                norms, shift_norms, raw_norms = _blocked_offset_norms(source, self.device, self._mean)
+                if self._dropped is not None:
+                    shift_norms[self._dropped.to(shift_norms.device)] = torch.inf
+                    raw_norms[self._dropped.to(raw_norms.device)] = torch.inf
+                finite_raw = raw_norms[torch.isfinite(raw_norms)]
+                self._max_raw_norm = float(finite_raw.max().sqrt()) if len(finite_raw) else 0.0
+                self._raw_norms32 = raw_norms.to(torch.float32)
+                # (and only while float32 holds every raw expansion term, (2 max ||t||)^2, with room to spare)
+                if self._max_raw_norm <= _OFFSET_FORM_MAX_RATIO * spread and self._max_raw_norm < 2.0**60:
+                    self._shift_norms64 = shift_norms
+                    self._shift_norms32 = shift_norms.to(torch.float32)
             else:
                 norms = _blocked_sq_norms(source, self.device, None)
             if self._dropped is not None:
@@ -614,21 +637,31 @@ class NearestNeighbourIndex:
         c = min(k + _candidate_slack(self.dim), self.num_train)
         q_fast = self._centred(q)
         q_norms = (q_fast * q_fast).sum(dim=1).to(torch.float64)
-        if self.backend in ("torch", "torch-bf16"):
-            scores, cand = self._torch_topc(q_fast, c)
+        torch_pass = self.backend in ("torch", "torch-bf16")
+        unit_in = _matmul_input_unit(self.device) if torch_pass else 2.0**-11 if self.backend == "faiss-gpu" else 0.0
+        # A moderate offset (raw rows at most _OFFSET_FORM_MAX_RATIO times the centred ones) is handled without
+        # centring any row: the torch pass uses the offset form (it needs IEEE float32 inputs: its bound has
+        # no input-rounding term), faiss-cpu (which computes its own norms of the rows it gets) the raw rows.
+        moderate = self._shift_norms64 is not None and unit_in == 0.0 and self.backend != "faiss-gpu"
+        if torch_pass:
+            scores, cand = self._torch_topc(q_fast, c, moderate)
             approx = scores.to(torch.float64) + q_norms[:, None]
-            unit_in = _matmul_input_unit(self.device)
+            if moderate:  # ||x - (t - mean)||^2 = ||x||^2 + ||t - mean||^2 - 2 x.t + 2 x.mean, x = q - mean
+                approx += self._offset_shift(q_fast)[:, None]
+            bound = self._offset_bound(q_norms) if moderate else self._bound(q_norms, unit_in, _UNIT_FP32)
+        elif moderate:
+            approx, cand = self._faiss_topc(q, c, raw=True)
+            raw_norms = (q.to(torch.float64) ** 2).sum(dim=1)
+            bound = _BOUND_SAFETY * (self.dim + 8) * _UNIT_FP32 * (raw_norms.sqrt() + self._max_raw_norm) ** 2
         else:
             approx, cand = self._faiss_topc(q_fast, c)
-            unit_in = 2.0**-11 if self.backend == "faiss-gpu" else 0.0
-        exact, cand = self._rerank(q, cand)
-        d2, idx = exact[:, :k].contiguous(), cand[:, :k].contiguous()
+            bound = self._bound(q_norms, unit_in, _UNIT_FP32)
+        d2, idx = self._rerank_near(q, approx, cand, bound, k)
         if c == self.num_train:
             return d2, idx, torch.empty(0, dtype=torch.int64, device=self.device)
         # Every row outside the candidates has an approximate distance >= the largest candidate's, and its
         # true distance is at most `bound` lower: certified when that still exceeds the exact k-th distance.
         # Written so that NaN or inf anywhere (an overflowing query) leaves the row uncertified.
-        bound = self._bound(q_norms, unit_in, _UNIT_FP32)
         certified = (approx.max(dim=1).values - bound > d2[:, -1]) & torch.isfinite(bound) & (not self._overflow)
         return d2, idx, (~certified).nonzero().flatten()
 
@@ -637,22 +670,49 @@ class NearestNeighbourIndex:
         coeff = _BOUND_SAFETY * (2.0 * unit_in + (self.dim + 8) * unit)
         return coeff * (q_norms.sqrt() + self._max_norm) ** 2
 
-    def _torch_topc(self, q: Tensor, c: int) -> tuple[Tensor, Tensor]:
-        """Running top-``c`` of the float32 scores ``||t||^2 - 2 q.t`` (unsorted); database blocks outermost."""
+    def _offset_shift(self, q_fast: Tensor) -> Tensor:
+        """``2 x.mean`` per centred query ``x`` (float64): the offset form's distance minus its scores."""
+        assert self._mean is not None
+        return 2 * (q_fast.to(torch.float64) @ self._mean.to(torch.float64))
+
+    def _offset_bound(self, q_norms: Tensor) -> Tensor:
+        """Bound on |approximate - true| squared distance of the offset form, per query.
+
+        The offset form scores raw rows ``t`` against centred queries ``x = float32(q - mean)`` with the exact
+        norms ``||t - mean||^2``: ``||t - mean||^2 - 2 x.t`` in float32, then adds ``||x||^2`` (a float32 sum)
+        and ``2 x.mean`` in float64. With ``Q = ||x||``, ``T = max ||t||``, ``M = max ||t - mean||`` and
+        ``u = 2**-24``: the dot product errs by at most ``gamma_D Q T`` (any summation order), the float32 norm
+        of ``x`` by ``gamma_D Q^2``, the float32 norms and the float32 sum by ``u`` times what they add up, and
+        the query's rounding to float32 moves its distance by at most ``2.01 u Q (Q + M)``. No row is centred
+        during the search: one float32 copy held, and no per-search copy of a block.
+        """
+        qn, raw, mx = q_norms.sqrt(), self._max_raw_norm, self._max_norm * (1 + 2.0**-20)
+        dot = qn * qn + 2 * qn * raw
+        sums = 2 * (qn + mx) ** 2 + 2 * qn * raw
+        tiny = 2.0**-40 * sums  # float64 corrections
+        return _BOUND_SAFETY * ((self.dim + 8) * _UNIT_FP32 * dot + 4 * _UNIT_FP32 * sums) + tiny
+
+    def _torch_topc(self, q: Tensor, c: int, offset: bool = False) -> tuple[Tensor, Tensor]:
+        """Running top-``c`` of the float32 scores ``||t||^2 - 2 q.t`` (unsorted); database blocks outermost.
+        With ``offset``, scores of the raw rows against the centred queries ``q`` (the offset form)."""
         step, bs = self.database_block_size, self.block_size
         best: list[tuple[Tensor, Tensor] | None] = [None] * len(range(0, len(q), bs))
         tile = torch.empty(min(bs, len(q)), min(step, self._n), dtype=torch.float32, device=self.device)
+        norms = self._shift_norms32 if offset else self._norms32
         for j in range(0, self._n, step):
-            rows = self._fast_block(j, min(j + step, self._n))
+            stop = min(j + step, self._n)
+            rows = self._source.block(j, stop, self.device).to(self.device) if offset else self._fast_block(j, stop)
             for b, i in enumerate(range(0, len(q), bs)):
                 qb = q[i : i + bs]
                 out = tile if tile.shape == (len(qb), len(rows)) else None
-                scores = torch.addmm(self._norms32[j : j + len(rows)], qb, rows.T, beta=1, alpha=-2, out=out)
+                scores = torch.addmm(norms[j : j + len(rows)], qb, rows.T, beta=1, alpha=-2, out=out)
                 best[b] = _merge_topc(best[b], scores, c, j)
         return _concat_best(best)
 
-    def _faiss_topc(self, q: Tensor, c: int) -> tuple[Tensor, Tensor]:
-        """faiss' top-``c`` approximate squared distances (float64) and rows."""
+    def _faiss_topc(self, q: Tensor, c: int, raw: bool = False) -> tuple[Tensor, Tensor]:
+        """faiss' top-``c`` approximate squared distances (float64) and rows, of the rows as the fast pass sees
+        them (``raw``: of the raw rows). Centred rows are made block by block in one reused buffer (a fresh
+        block per call costs more than the subtraction: page faults)."""
         faiss = self._faiss
         q = q.contiguous()
         if self.backend == "faiss-gpu":  # pragma: no cover - needs a GPU build of faiss
@@ -661,17 +721,23 @@ class NearestNeighbourIndex:
             dist, cand = faiss.knn_gpu(self._faiss_res, q, rows, c, device=device)
             return dist.to(torch.float64), cand
         q_np = q.numpy()
-        whole = self._mean is None and self._source.held
-        step = self._n if whole else max(self.database_block_size, _FAISS_DB_BLOCK)
+        centre = self._mean is not None and not raw
+        step = self._n if self._source.held and not centre else max(self.database_block_size, _FAISS_DB_BLOCK)
+        buffer = torch.empty(min(step, self._n), self.dim) if centre else None
         best: tuple[Tensor, Tensor] | None = None
         for j in range(0, self._n, step):
-            rows = self._fast_block(j, min(j + step, self._n)).contiguous()
+            stop = min(j + step, self._n)
+            rows = self._source.block(j, stop, self.device)
+            if buffer is not None:
+                rows = torch.sub(rows, self._mean, out=buffer[: len(rows)])
+            rows = rows.contiguous()
             dropped = None if self._dropped is None else self._dropped[j : j + len(rows)]
             extra = 0 if dropped is None else int(dropped.sum())  # masked duplicates faiss may still return
             cc = min(c + extra, len(rows))
             dist = torch.empty(len(q), cc, dtype=torch.float32)
             cand = torch.empty(len(q), cc, dtype=torch.int64)
-            norms = self._norms32[j : j + len(rows)].contiguous()
+            # faiss (1.15) computes the norms of the rows itself: give them as the rows are anyway
+            norms = (self._raw_norms32 if raw else self._norms32)[j : j + len(rows)].contiguous()
             faiss.knn_L2sqr(
                 faiss.swig_ptr(q_np),
                 faiss.swig_ptr(rows.numpy()),
@@ -821,6 +887,33 @@ class NearestNeighbourIndex:
         for i in range(0, len(pair_q), step):
             out[i : i + step] = self._exact_sq(q[pair_q[i : i + step]], pair_t[i : i + step, None])[:, 0]
         return out
+
+    def _rerank_near(self, q: Tensor, approx: Tensor, cand: Tensor, bound: Tensor, k: int) -> tuple[Tensor, Tensor]:
+        """Exact top-``k`` (squared distances, rows) among the candidates, computing exact distances only for
+        those that can belong to it.
+
+        With ``a_k`` the k-th smallest approximate distance of a row, a candidate with approximate distance
+        above ``a_k + 2 bound`` is, in exact arithmetic, strictly farther than the ``k`` candidates at or
+        below ``a_k`` (each within ``bound`` of its approximation), so it is skipped; rows where any later
+        candidate is not that far (or a value is not finite) get all their candidates re-ranked.
+        """
+        if cand.shape[1] <= k or self._overflow:
+            exact, cand = self._rerank(q, cand)
+            return exact[:, :k].contiguous(), cand[:, :k].contiguous()
+        approx, order = approx.sort(dim=1)
+        cand = torch.gather(cand, 1, order)
+        far = approx[:, k:] > approx[:, k - 1 : k] + 2 * bound[:, None]  # False for NaN
+        few = far.all(dim=1)
+        d2 = torch.empty(len(q), k, dtype=torch.float64, device=self.device)
+        idx = torch.empty(len(q), k, dtype=torch.int64, device=self.device)
+        for rows, width in ((few.nonzero().flatten(), k), ((~few).nonzero().flatten(), cand.shape[1])):
+            if len(rows) == len(q):
+                rows = slice(None)  # type: ignore[assignment]
+            elif len(rows) == 0:
+                continue
+            exact, found = self._rerank(q[rows], cand[rows, :width])
+            d2[rows], idx[rows] = exact[:, :k], found[:, :k]
+        return d2, idx
 
     def _rerank(self, q: Tensor, cand: Tensor) -> tuple[Tensor, Tensor]:
         """Exact squared distances of the candidates, sorted; ties by lower row."""
@@ -981,6 +1074,24 @@ def _blocked_sq_norms(
             part = part - centre64
         parts.append((part * part).sum(dim=1))
     return torch.cat(parts) if parts else torch.empty(0, dtype=torch.float64, device=device)
+
+
+def _blocked_offset_norms(source: _Rows, device: torch.device, centre32: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """float64 squared norms of ``float32(rows - centre32)``, of the exact ``rows - centre32`` and of the rows,
+    in one pass over the rows."""
+    step = _build_block(source.dim)
+    rounded, exact, raw = [], [], []
+    centre64 = centre32.to(torch.float64)
+    for j in range(0, source.n, step):
+        part = source.block(j, min(j + step, source.n), device).to(device)
+        diff = (part - centre32).to(torch.float64)
+        rounded.append((diff * diff).sum(dim=1))
+        part = part.to(torch.float64)
+        raw.append((part * part).sum(dim=1))
+        part -= centre64
+        exact.append((part * part).sum(dim=1))
+    empty = torch.empty(0, dtype=torch.float64, device=device)
+    return tuple(torch.cat(x) if x else empty for x in (rounded, exact, raw))  # type: ignore[return-value]
 
 
 def _best_per_row(

@@ -326,3 +326,109 @@ def test_bad_inputs_get_errors_that_name_the_fix() -> None:
         NearestNeighbourIndex(train, backend="sklearn")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="block_size must be a positive int"):
         NearestNeighbourIndex(train, block_size=0)
+
+
+# ------------------------------------------------------------------- offset form of the float32 pass
+FLOAT32_CPU = [b for b in CPU_BACKENDS if b in ("torch", "faiss-cpu")]
+
+
+def offset_sets(seed: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Image-like sets with a common offset: uniform [0, 1], low-rank in [0, 1] with duplicates, and queries
+    with exact copies, near copies (near ties) and rows far out along the mean (large ``x . mean``)."""
+    g = torch.Generator().manual_seed(seed)
+    uniform = torch.rand(500, 64, generator=g)
+    basis = torch.randn(4, 64, generator=g)
+    lowrank = torch.sigmoid(torch.randn(500, 4, generator=g) @ basis).clamp(0, 1)
+    out = {}
+    for name, train in (("uniform", uniform), ("lowrank", lowrank)):
+        train[400:410] = train[10:20]  # exact duplicates inside the training set
+        mean = train.mean(dim=0)
+        queries = torch.cat(
+            [
+                train[[0, 15, 405, 499]],  # exact copies (405 duplicates 15)
+                train[100:130] + 1e-5 * torch.randn(30, 64, generator=g),  # near copies
+                torch.rand(30, 64, generator=g),
+                mean + 3 * (train[200:210] - mean),  # far from the mean, both ways
+                4 * mean + 0.1 * torch.rand(5, 64, generator=g),  # far along the mean: x . mean >> 0
+                (-2 * mean)[None],  # far against it: x . mean << 0
+            ]
+        )
+        out[name] = (train, queries)
+    return out
+
+
+@pytest.mark.parametrize("backend", FLOAT32_CPU)
+@pytest.mark.parametrize("kind", ["uniform", "lowrank"])
+@pytest.mark.parametrize("dedupe", [True, False])
+def test_offset_form_equals_float64_brute_force(backend: str, kind: str, dedupe: bool) -> None:
+    train, queries = offset_sets(7)[kind]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the duplicate warning
+        index = NearestNeighbourIndex(train, backend=backend, dedupe=dedupe, database_block_size=128, block_size=32)
+    assert index._shift_norms64 is not None  # [0, 1] data: raw rows at most ~2-3x the centred ones
+    d, i = index.search(queries, k=3)
+    keep = torch.ones(len(train), dtype=torch.bool)
+    if dedupe:
+        keep[400:410] = False
+    want_d, want_local = brute_force(queries, train[keep], 3)
+    assert torch.equal(i, keep.nonzero().flatten()[want_local])
+    torch.testing.assert_close(d.double(), want_d, rtol=1e-6, atol=0)
+    assert d[:4, 0].tolist() == [0.0] * 4
+    if not dedupe:  # the copy of a duplicated row ties at 0 with it: lower row first
+        assert i[2, :2].tolist() == [15, 405] and d[2, :2].tolist() == [0.0, 0.0]
+
+
+@pytest.mark.parametrize("device", ["cpu"] + (["cuda"] if CUDA else []))
+def test_offset_form_bound_holds_for_every_row(device: str) -> None:
+    # All rows as candidates: every approximate distance of the offset form lies within its bound of the
+    # float64 one, and the bound is not vacuous (within 10^4 of the largest error seen).
+    train, queries = offset_sets(8)["uniform"]
+    train, queries = train.to(device), queries.to(device)
+    index = NearestNeighbourIndex(train, backend="torch", dedupe=False)
+    q_fast = index._centred(queries)
+    q_norms = (q_fast * q_fast).sum(dim=1).double()
+    shift = index._offset_shift(q_fast)
+    scores, cand = index._torch_topc(q_fast, index.num_train, True)
+    approx = scores.double() + q_norms[:, None] + shift[:, None]
+    true = ((queries.double()[:, None, :] - train.double()[cand]) ** 2).sum(dim=2)  # cand: all rows
+    err = (approx - true).abs()
+    bound = index._offset_bound(q_norms)[:, None]
+    assert bool((err <= bound).all())
+    assert float((err / bound).max()) > 1e-4
+
+
+@pytest.mark.parametrize("backend", FLOAT32_CPU)
+def test_far_offset_keeps_centred_rows_and_stays_exact(backend: str) -> None:
+    # An offset 1000x the spread would make the offset form's bound useless: the pass centres the rows instead.
+    g = torch.Generator().manual_seed(9)
+    train = 1000.0 + torch.rand(300, 32, generator=g)
+    queries = torch.cat([train[:5], 1000.0 + torch.rand(20, 32, generator=g)])
+    index = NearestNeighbourIndex(train, backend=backend, database_block_size=64)
+    assert index._mean is not None and index._shift_norms64 is None
+    d, i = index.search(queries, k=2)
+    want_d, want_i = brute_force(queries, train, 2)
+    assert torch.equal(i, want_i)
+    torch.testing.assert_close(d.double(), want_d, rtol=1e-6, atol=0)
+
+
+def test_reranking_skips_candidates_that_cannot_be_nearest(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Well-separated rows: only the k nearest candidates of each query get exact distances; near ties still
+    # get all of them (and the answer stays exact).
+    g = torch.Generator().manual_seed(10)
+    train = torch.randn(300, 16, generator=g) * 10
+    queries = torch.cat([train[:20] + 0.01 * torch.randn(20, 16, generator=g), (train[[30]] + train[[31]]) / 2])
+    widths: list[int] = []
+    exact_sq = NearestNeighbourIndex._exact_sq
+
+    def counting(self: NearestNeighbourIndex, q: torch.Tensor, cand: torch.Tensor) -> torch.Tensor:
+        widths.extend([cand.shape[1]] * len(q))
+        return exact_sq(self, q, cand)
+
+    monkeypatch.setattr(NearestNeighbourIndex, "_exact_sq", counting)
+    index = NearestNeighbourIndex(train, backend="torch")
+    d, i = index.search(queries, k=2)
+    want_d, want_i = brute_force(queries, train, 2)
+    assert torch.equal(i, want_i)
+    torch.testing.assert_close(d.double(), want_d, rtol=1e-6, atol=0)
+    assert widths.count(2) >= 20  # the near copies: their two nearest only
+    assert max(widths) == 2 + knn_module._candidate_slack(16)  # the midpoint's tie: every candidate
