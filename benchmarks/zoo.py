@@ -35,6 +35,7 @@ import argparse
 import json
 import logging
 import math
+import os
 import time
 import warnings
 from collections.abc import Callable
@@ -50,7 +51,6 @@ from lightning_memwatch import FID, MemorizationEarlyStopping, MemWatch
 from lightning_memwatch.data import DigitsDataModule
 
 NUM_HELDOUT = 512
-EVERY = 250  # evaluation period (optimizer steps): the default 500 misses the onset at these n
 SAMPLER_STEPS = 20  # each model's own evaluation sampler: DDIM with 20 steps (CPU budget; the paper uses 100)
 
 
@@ -220,7 +220,7 @@ def _trainer(max_steps: int, callbacks: list, root: str) -> L.Trainer:
 
 def run_setup(setup: Setup, classifier: nn.Module, *, n: int, max_steps: int, seed: int, root: str) -> dict:
     """Train one setup with default MemWatch + MemorizationEarlyStopping, then re-evaluate the final module."""
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     L.seed_everything(seed, verbose=False)
     dm = DigitsDataModule(
         n=n,
@@ -245,17 +245,22 @@ def run_setup(setup: Setup, classifier: nn.Module, *, n: int, max_steps: int, se
             fid=FID(feature_extractor=feat, cache=False),
             verbose=False,
             log_images=False,
-            schedule=EVERY,
         )
 
     live = watch()
-    live.add_listener(
-        lambda trainer, module, r: print(
+    curve: list[dict[str, Any]] = []
+
+    def record(trainer: L.Trainer, module: L.LightningModule, r: dict) -> None:
+        point = {k: r[k] for k in ("step", "f_mem", "f_mem_ci_low", "f_mem_ci_high", "fid")}
+        point["status"] = live.detector.status  # where each rule stands after this record
+        curve.append(point)
+        print(
             f"  [{setup.name}] step {r['step']}: f_mem {r['f_mem']:.3f} [{r['f_mem_ci_low']:.3f}, "
-            f"{r['f_mem_ci_high']:.3f}], FD {r['fid']:.2f} ({time.perf_counter() - start:.0f} s)",
+            f"{r['f_mem_ci_high']:.3f}], FD {r['fid']:.2f} ({time.perf_counter() - start:.0f} s) {point['status']}",
             flush=True,
         )
-    )
+
+    live.add_listener(record)
     stopper = MemorizationEarlyStopping(live)
     callbacks: list = []
     if setup.ema:
@@ -293,10 +298,14 @@ def run_setup(setup: Setup, classifier: nn.Module, *, n: int, max_steps: int, se
         "final_f_mem": final["f_mem"],
         "final_ci": (final["f_mem_ci_low"], final["f_mem_ci_high"]),
         "final_fid": final["fid"],
-        "history": [(r["step"], r["f_mem"], r["f_mem_ci_low"], r["fid"]) for r in live.history],
+        "fid_train_floor": live.fid_train_floor,
+        "tau_gen_event": None if live.detector.tau_gen is None else live.detector.tau_gen.to_dict(),
+        "history": curve,
         "warnings": sorted({str(w.message)[:160] for w in caught if "MemorizationEarlyStopping" in str(w.message)}),
         "seconds": time.perf_counter() - start,
+        "cpu_seconds": time.process_time() - cpu_start,  # user + sys of this process: load-independent
         "fit_seconds": fit_seconds,
+        "load_average": os.getloadavg(),  # 1, 5, 15 min at the end of the setup (the machine is shared)
     }
     row["pre_onset"] = row["final_ci"][0] == 0.0
     row["reproduced"] = (
@@ -386,8 +395,8 @@ def main(argv: list[str] | None = None) -> int:
         n = args.n or SETUPS[name].n
         row = run_setup(SETUPS[name], classifier, n=n, max_steps=args.max_steps, seed=args.seed, root=args.root)
         rows.append(row)
-        print(f"{name}: {row['seconds']:.0f} s, history (step, f_mem, ci_low, FD): "
-              + ", ".join(f"({s}, {f:.3f}, {c:.3f}, {q:.1f})" for s, f, c, q in row["history"]), flush=True)
+        print(f"{name}: {row['seconds']:.0f} s wall, {row['cpu_seconds']:.0f} s CPU, load {row['load_average']}, "
+              f"FD(train, reference) {row['fid_train_floor']}", flush=True)
         for w in row["warnings"]:
             print(f"  warning: {w}", flush=True)
     print(table(rows))
