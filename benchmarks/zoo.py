@@ -47,7 +47,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightning_memwatch import FID, MemorizationEarlyStopping, MemWatch
+from lightning_memwatch import FID, MemorizationEarlyStopping, MemWatch, TimescaleDetector
 from lightning_memwatch.data import DigitsDataModule
 
 NUM_HELDOUT = 512
@@ -343,6 +343,63 @@ class _Classifier8(nn.Module):
         return self.classifier(x)
 
 
+# ------------------------------------------------------------------------------------------------ plateau
+PLATEAU_REL_TOL = 0.05  # "flat": within 5% of the distance above the training images' level (the rule's rel_tol)
+
+
+def hindsight_plateau(row: dict) -> dict:
+    """Did quality plateau before copying began? Judged with hindsight from the recorded pre-onset curve.
+
+    The level is the best FD before the onset C (tau_mem; the whole run when it never came). The noise sd is
+    the median |difference| of successive pre-onset FDs at steps > C / 2, over 0.6745 sqrt(2) (0 with fewer
+    than 3 of them). The plateau began at P, the first evaluation within max(5% of the level's distance
+    above the training images' FD, 2 noise sd) of the level. Quality plateaued before copying when it had
+    fallen by >= 20% of that distance from the first evaluation and stayed flat for a doubling of training
+    time before the onset (C >= 2 P): a shorter pause cannot be told from a pause in a descent on the paper's
+    log-time axes, and no causal rule can confirm it before C.
+    """
+    onset = row["tau_mem"]
+    curve = [(p["step"], p["fid"]) for p in row["history"] if onset is None or p["step"] < onset]
+    if not curve:
+        return {"plateau_step": None, "level": None, "noise_sd": None, "doublings": None, "plateaued": False}
+    end = onset if onset is not None else curve[-1][0]
+    floor = row["fid_train_floor"] or 0.0
+    level = min(q for _, q in curve)
+    late = [q for s, q in curve if s > end / 2]
+    diffs = sorted(abs(b - a) for a, b in zip(late, late[1:]))
+    noise = 0.0
+    if len(diffs) >= 2:
+        mid = len(diffs) // 2
+        median = diffs[mid] if len(diffs) % 2 else 0.5 * (diffs[mid - 1] + diffs[mid])
+        noise = median / (0.6745 * math.sqrt(2.0))
+    within = max(PLATEAU_REL_TOL * max(level - floor, 0.0), 2.0 * noise)
+    start = next(s for s, q in curve if q <= level + within)
+    fell = (curve[0][1] - level) >= 0.2 * max(curve[0][1] - floor, 0.0)
+    doublings = math.log2(end / start) if start > 0 else math.inf
+    return {
+        "plateau_step": start,
+        "level": level,
+        "noise_sd": noise,
+        "doublings": doublings,
+        "plateaued": bool(fell and doublings >= 1.0),
+    }
+
+
+def redetect(row: dict) -> dict:
+    """tau_gen and tau_mem of the recorded curve under this version's default detector (the rows of older runs
+    were flagged live by the version they ran with; the weights restored do not depend on tau_gen)."""
+    detector = TimescaleDetector()
+    detector.set_reference_floor(row["fid_train_floor"])
+    for point in row["history"]:
+        detector.update(point)
+    gen, mem = detector.tau_gen, detector.tau_mem
+    return {
+        "tau_gen": None if gen is None else gen.step,
+        "tau_gen_confirmed": None if gen is None else gen.confirmed_step,
+        "tau_mem": None if mem is None else mem.step,
+    }
+
+
 # ------------------------------------------------------------------------------------------------ table
 def _fmt(v: Any, spec: str = "") -> str:
     if v is None:
@@ -352,20 +409,30 @@ def _fmt(v: Any, spec: str = "") -> str:
 
 def table(rows: list[dict]) -> str:
     head = (
-        "| setup | steps | tau_gen | tau_mem | restored step | f_mem at restored [95% CI] | FD at restored "
-        "| final f_mem [95% CI] | final FD | pre-onset | reproduced | tau_gen < tau_mem | s |"
+        "| setup | n | steps | tau_gen (confirmed) | tau_mem | plateau before onset | restored step "
+        "| f_mem at restored [95% CI] | FD at restored | final f_mem [95% CI] | final FD | pre-onset | reproduced "
+        "| tau_gen < tau_mem | CPU s | wall s (load) |"
     )
-    lines = [head, "|" + "---|" * 13]
+    lines = [head, "|" + "---|" * 16]
     for r in rows:
+        now = redetect(r)
+        plateau = hindsight_plateau(r)
+        gen = "-" if now["tau_gen"] is None else f"{now['tau_gen']} ({now['tau_gen_confirmed']})"
+        flat = (
+            "-" if plateau["plateau_step"] is None
+            else f"{'yes' if plateau['plateaued'] else 'no'}: from {plateau['plateau_step']}, "
+            f"{plateau['doublings']:.2f} doublings"
+        )
+        before = now["tau_gen"] is not None and (now["tau_mem"] is None or now["tau_gen"] < now["tau_mem"])
         kept = "-"
         if r["kept_f_mem"] is not None:
             kept = f"{r['kept_f_mem']:.3f} [{r['kept_ci'][0]:.3f}, {r['kept_ci'][1]:.3f}]"
         lines.append(
-            f"| {r['setup']} | {r['steps']} | {_fmt(r['tau_gen'])} | {_fmt(r['tau_mem'])} | "
+            f"| {r['setup']} | {r['n']} | {r['steps']} | {gen} | {_fmt(now['tau_mem'])} | {flat} | "
             f"{_fmt(r['restored_step'])} | {kept} | {_fmt(r['kept_fid'], '.2f')} | "
             f"{r['final_f_mem']:.3f} [{r['final_ci'][0]:.3f}, {r['final_ci'][1]:.3f}] | {r['final_fid']:.2f} | "
             f"{'yes' if r['pre_onset'] else 'NO'} | {'yes' if r['reproduced'] else 'NO'} | "
-            f"{'yes' if r['gen_before_mem'] else 'no'} | {r['seconds']:.0f} |"
+            f"{'yes' if before else 'no'} | {r['cpu_seconds']:.0f} | {r['seconds']:.0f} ({r['load_average'][0]:.1f}) |"
         )
     return "\n".join(lines)
 
