@@ -18,11 +18,18 @@ held-out digits (never trained on by the diffusion models): ``FID(feature_extrac
 no download, and like Inception-FID it compares the class-level content and diversity of the samples with real
 held-out images (Inception itself means nothing at 8x8).
 
+MemWatch runs at its defaults, schedule included (every 500 optimizer steps, 1000 samples). Not defaults, and
+why: each model's own sampler takes 20 DDIM steps (the paper uses 100; CPU budget), one torch thread, and the
+training-set size ``n`` per setup is chosen so that the model copies after MemWatch's first evaluation at
+step 500 (at n = 16 the diffusers UNet, and lucidrains' at n = 32, copied before it) and within the run.
+
 For each setup the table reports tau_gen, tau_mem, the step whose weights ``fit`` ended with, f_mem (with its
 95% CI) and quality at that evaluation, then f_mem and quality of the final module re-evaluated by a fresh
 MemWatch after ``fit`` (same seeds). Targets: the final weights are from before the onset (f_mem CI lower bound
 0); the re-evaluation reproduces the restored evaluation; tau_gen comes before tau_mem where quality plateaus
-before copying begins.
+before copying begins (judged with hindsight by :func:`hindsight_plateau`). Each row's JSON holds every
+evaluation (step, f_mem and its CI, FD, where each rule stood), the training images' FD, CPU seconds (user +
+sys: independent of the machine's load) and the load average.
 
 Run: ``python benchmarks/zoo.py`` (all setups in turn; measured 4-16 min each on a loaded 2-core VM, see
 docs/integrations.md), ``--setups mlp lucidrains-ddim``,
@@ -149,7 +156,8 @@ class Setup:
     image_size: int = 8
     normalization: str = "minus_one_one"
     ema: bool = False
-    n: int = 16  # training images: small enough to copy within the run, large enough not to copy by step 250
+    n: int = 16  # training images: small enough to copy within the run, large enough not to copy by step 500
+    max_steps: int = 3000  # optimizer steps if tau_mem never stops fit
     note: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -184,11 +192,12 @@ def _mlp() -> tuple[L.LightningModule, Any]:
 SETUPS = {
     s.name: s
     for s in [
-        Setup("diffusers-ddim", _diffusers),
-        Setup("lucidrains-ddim", _lucidrains, n=32),
-        Setup("diffusers-ema", _diffusers, ema=True),
-        Setup("paper-unet-16", _paper_unet, image_size=16, normalization="center"),
-        Setup("mlp", _mlp, n=8),
+        # at n = 16 (32 for lucidrains) these copied by step 500, MemWatch's first default evaluation
+        Setup("diffusers-ddim", _diffusers, n=40),
+        Setup("lucidrains-ddim", _lucidrains, n=64),
+        Setup("diffusers-ema", _diffusers, ema=True),  # the average lags the raw weights: copies later
+        Setup("paper-unet-16", _paper_unet, image_size=16, normalization="center", max_steps=4000),
+        Setup("mlp", _mlp, n=8, max_steps=6000),
     ]
 }
 
@@ -441,7 +450,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--setups", nargs="+", default=list(SETUPS), choices=list(SETUPS))
     parser.add_argument("--n", type=int, default=None, help="training images (digits); default per setup")
-    parser.add_argument("--max-steps", type=int, default=2000, help="optimizer steps if tau_mem never stops fit")
+    parser.add_argument("--max-steps", type=int, default=None, help="optimizer steps if tau_mem never stops fit "
+                        "(default per setup)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per setup")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", default=None, help="write the rows (and each evaluation) to this file")
@@ -460,7 +470,8 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for name in args.setups:
         n = args.n or SETUPS[name].n
-        row = run_setup(SETUPS[name], classifier, n=n, max_steps=args.max_steps, seed=args.seed, root=args.root)
+        max_steps = args.max_steps or SETUPS[name].max_steps
+        row = run_setup(SETUPS[name], classifier, n=n, max_steps=max_steps, seed=args.seed, root=args.root)
         rows.append(row)
         print(f"{name}: {row['seconds']:.0f} s wall, {row['cpu_seconds']:.0f} s CPU, load {row['load_average']}, "
               f"FD(train, reference) {row['fid_train_floor']}", flush=True)
