@@ -370,7 +370,8 @@ def hindsight_plateau(row: dict) -> dict:
     onset = row["tau_mem"]
     curve = [(p["step"], p["fid"]) for p in row["history"] if onset is None or p["step"] < onset]
     if not curve:
-        return {"plateau_step": None, "level": None, "noise_sd": None, "doublings": None, "plateaued": False}
+        return {"plateau_step": None, "level": None, "noise_sd": None, "doublings": None, "plateaued": False,
+                "why": "no pre-onset evaluation"}
     end = onset if onset is not None else curve[-1][0]
     floor = row["fid_train_floor"] or 0.0
     level = min(q for _, q in curve)
@@ -385,12 +386,19 @@ def hindsight_plateau(row: dict) -> dict:
     start = next(s for s, q in curve if q <= level + within)
     fell = (curve[0][1] - level) >= 0.2 * max(curve[0][1] - floor, 0.0)
     doublings = math.log2(end / start) if start > 0 else math.inf
+    if len(curve) < 2:
+        why = "one pre-onset evaluation"
+    elif not fell:
+        why = "fell < 20% before the onset"
+    else:
+        why = f"at its level from step {start}, {doublings:.2f} doublings before the onset"
     return {
         "plateau_step": start,
         "level": level,
         "noise_sd": noise,
         "doublings": doublings,
-        "plateaued": bool(fell and doublings >= 1.0),
+        "plateaued": bool(len(curve) >= 2 and fell and doublings >= 1.0),
+        "why": why,
     }
 
 
@@ -427,11 +435,7 @@ def table(rows: list[dict]) -> str:
         now = redetect(r)
         plateau = hindsight_plateau(r)
         gen = "-" if now["tau_gen"] is None else f"{now['tau_gen']} ({now['tau_gen_confirmed']})"
-        flat = (
-            "-" if plateau["plateau_step"] is None
-            else f"{'yes' if plateau['plateaued'] else 'no'}: from {plateau['plateau_step']}, "
-            f"{plateau['doublings']:.2f} doublings"
-        )
+        flat = f"{'yes' if plateau['plateaued'] else 'no'} ({plateau['why']})"
         before = now["tau_gen"] is not None and (now["tau_mem"] is None or now["tau_gen"] < now["tau_mem"])
         kept = "-"
         if r["kept_f_mem"] is not None:
