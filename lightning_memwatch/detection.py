@@ -27,7 +27,7 @@ Rules and their defaults (times are the ``step`` of an evaluation, in optimizer 
   first evaluation whose quality is within the tolerance of the plateau's level); ``confirmed_step`` is the
   evaluation at which the causal rule confirmed it.
 * **noise allowance** (plateau rule, ``noise_z=2``): a quality signal measured on a finite sample (FID on
-  1000 images: sd about 12 at FD about 240, 5%, for the zoo's MLP at n = 8) moves by more than
+  1000 images: sd 10-12 at FD 230-260, 4-5%, on the zoo's MLP plateau at n = 8) moves by more than
   ``rel_tol`` on a true plateau, so a fixed 5% would wait for lucky draws. The rule measures the noise from
   the evaluations in the window themselves: each is compared with the straight line through its two
   neighbours (a linear trend leaves no residual), and the median of the normalised residuals over 0.6745 is
