@@ -308,6 +308,7 @@ def run_setup(setup: Setup, classifier: nn.Module, *, n: int, max_steps: int, se
         "final_ci": (final["f_mem_ci_low"], final["f_mem_ci_high"]),
         "final_fid": final["fid"],
         "fid_train_floor": live.fid_train_floor,
+        "stop_message": stopper.stopping_reason_message,
         "tau_gen_event": None if live.detector.tau_gen is None else live.detector.tau_gen.to_dict(),
         "history": curve,
         "warnings": sorted({str(w.message)[:160] for w in caught if "MemorizationEarlyStopping" in str(w.message)}),
