@@ -31,9 +31,10 @@ before copying begins (judged with hindsight by :func:`hindsight_plateau`). Each
 evaluation (step, f_mem and its CI, FD, where each rule stood), the training images' FD, CPU seconds (user +
 sys: independent of the machine's load) and the load average.
 
-Run: ``python benchmarks/zoo.py`` (all setups in turn; measured 4-16 min each on a loaded 2-core VM, see
-docs/integrations.md), ``--setups mlp lucidrains-ddim``,
-``--json out.json``.
+Run: ``python benchmarks/zoo.py`` (all setups in turn; measured 67-194 s of CPU each for diffusers-ddim,
+diffusers-ema and mlp on one thread of a 2-core AMD EPYC VM, 8-19 min of wall time under a load average of
+6-12, see docs/integrations.md), ``--setups mlp lucidrains-ddim``, ``--json out.json``,
+``--table-from benchmarks/results/zoo_*.json``.
 """
 
 from __future__ import annotations
