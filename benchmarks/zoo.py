@@ -21,7 +21,7 @@ held-out images (Inception itself means nothing at 8x8).
 MemWatch runs at its defaults, schedule included (every 500 optimizer steps, 1000 samples). Not defaults, and
 why: each model's own sampler takes 20 DDIM steps (the paper uses 100; CPU budget), one torch thread, and the
 training-set size ``n`` per setup is chosen so that the model copies after MemWatch's first evaluation at
-step 500 (at n = 16 the diffusers UNet, and lucidrains' at n = 32, copied before it) and within the run.
+step 500 (at n = 16 the diffusers UNet, and lucidrains' at n = 32 and 64, copied before it) and within the run.
 
 For each setup the table reports tau_gen, tau_mem, the step whose weights ``fit`` ended with, f_mem (with its
 95% CI) and quality at that evaluation, then f_mem and quality of the final module re-evaluated by a fresh
@@ -32,9 +32,9 @@ evaluation (step, f_mem and its CI, FD, where each rule stood), the training ima
 sys: independent of the machine's load) and the load average.
 
 Run: ``python benchmarks/zoo.py`` (all setups in turn; measured 67-194 s of CPU each for diffusers-ddim,
-diffusers-ema and mlp on one thread of a 2-core AMD EPYC VM, 8-19 min of wall time under a load average of
-6-12, see docs/integrations.md), ``--setups mlp lucidrains-ddim``, ``--json out.json``,
-``--table-from benchmarks/results/zoo_*.json``.
+diffusers-ema and mlp, 364 s for lucidrains-ddim at n = 128, on one thread of a 2-core AMD EPYC VM, 8-19 min
+of wall time under a load average of 4-12; see docs/integrations.md), ``--setups mlp lucidrains-ddim``,
+``--json out.json``, ``--table-from benchmarks/results/zoo_*.json``.
 """
 
 from __future__ import annotations
@@ -195,7 +195,7 @@ SETUPS = {
     for s in [
         # at n = 16 (32 for lucidrains) these copied by step 500, MemWatch's first default evaluation
         Setup("diffusers-ddim", _diffusers, n=40),
-        Setup("lucidrains-ddim", _lucidrains, n=64),
+        Setup("lucidrains-ddim", _lucidrains, n=128),  # at n = 64 it still copied by step 500
         Setup("diffusers-ema", _diffusers, ema=True),  # the average lags the raw weights: copies later
         Setup("paper-unet-16", _paper_unet, image_size=16, normalization="center", max_steps=4000),
         Setup("mlp", _mlp, n=8, max_steps=6000),
