@@ -18,15 +18,23 @@ held-out digits (never trained on by the diffusion models): ``FID(feature_extrac
 no download, and like Inception-FID it compares the class-level content and diversity of the samples with real
 held-out images (Inception itself means nothing at 8x8).
 
+MemWatch runs at its defaults, schedule included (every 500 optimizer steps, 1000 samples). Not defaults, and
+why: each model's own sampler takes 20 DDIM steps (the paper uses 100; CPU budget), one torch thread, and the
+training-set size ``n`` per setup is chosen so that the model copies after MemWatch's first evaluation at
+step 500 (at n = 16 the diffusers UNet, and lucidrains' at n = 32 and 64, copied before it) and within the run.
+
 For each setup the table reports tau_gen, tau_mem, the step whose weights ``fit`` ended with, f_mem (with its
 95% CI) and quality at that evaluation, then f_mem and quality of the final module re-evaluated by a fresh
 MemWatch after ``fit`` (same seeds). Targets: the final weights are from before the onset (f_mem CI lower bound
 0); the re-evaluation reproduces the restored evaluation; tau_gen comes before tau_mem where quality plateaus
-before copying begins.
+before copying begins (judged with hindsight by :func:`hindsight_plateau`). Each row's JSON holds every
+evaluation (step, f_mem and its CI, FD, where each rule stood), the training images' FD, CPU seconds (user +
+sys: independent of the machine's load) and the load average.
 
-Run: ``python benchmarks/zoo.py`` (all setups in turn; measured 4-16 min each on a loaded 2-core VM, see
-docs/integrations.md), ``--setups mlp lucidrains-ddim``,
-``--json out.json``.
+Run: ``python benchmarks/zoo.py`` (all setups in turn; measured 67-194 s of CPU each for diffusers-ddim,
+diffusers-ema and mlp, 364 s for lucidrains-ddim at n = 128, on one thread of a 2-core AMD EPYC VM, 8-19 min
+of wall time under a load average of 4-12; see docs/integrations.md), ``--setups mlp lucidrains-ddim``,
+``--json out.json``, ``--table-from benchmarks/results/zoo_*.json``.
 """
 
 from __future__ import annotations
@@ -35,6 +43,7 @@ import argparse
 import json
 import logging
 import math
+import os
 import time
 import warnings
 from collections.abc import Callable
@@ -46,11 +55,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightning_memwatch import FID, MemorizationEarlyStopping, MemWatch
+from lightning_memwatch import FID, MemorizationEarlyStopping, MemWatch, TimescaleDetector
 from lightning_memwatch.apps.data import DigitsDataModule
 
 NUM_HELDOUT = 512
-EVERY = 250  # evaluation period (optimizer steps): the default 500 misses the onset at these n
 SAMPLER_STEPS = 20  # each model's own evaluation sampler: DDIM with 20 steps (CPU budget; the paper uses 100)
 
 
@@ -149,7 +157,8 @@ class Setup:
     image_size: int = 8
     normalization: str = "minus_one_one"
     ema: bool = False
-    n: int = 16  # training images: small enough to copy within the run, large enough not to copy by step 250
+    n: int = 16  # training images: small enough to copy within the run, large enough not to copy by step 500
+    max_steps: int = 3000  # optimizer steps if tau_mem never stops fit
     note: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -184,11 +193,12 @@ def _mlp() -> tuple[L.LightningModule, Any]:
 SETUPS = {
     s.name: s
     for s in [
-        Setup("diffusers-ddim", _diffusers),
-        Setup("lucidrains-ddim", _lucidrains, n=32),
-        Setup("diffusers-ema", _diffusers, ema=True),
-        Setup("paper-unet-16", _paper_unet, image_size=16, normalization="center"),
-        Setup("mlp", _mlp, n=8),
+        # at n = 16 (32 for lucidrains) these copied by step 500, MemWatch's first default evaluation
+        Setup("diffusers-ddim", _diffusers, n=40),
+        Setup("lucidrains-ddim", _lucidrains, n=128),  # at n = 64 it still copied by step 500
+        Setup("diffusers-ema", _diffusers, ema=True),  # the average lags the raw weights: copies later
+        Setup("paper-unet-16", _paper_unet, image_size=16, normalization="center", max_steps=4000),
+        Setup("mlp", _mlp, n=8, max_steps=6000),
     ]
 }
 
@@ -220,7 +230,7 @@ def _trainer(max_steps: int, callbacks: list, root: str) -> L.Trainer:
 
 def run_setup(setup: Setup, classifier: nn.Module, *, n: int, max_steps: int, seed: int, root: str) -> dict:
     """Train one setup with default MemWatch + MemorizationEarlyStopping, then re-evaluate the final module."""
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     L.seed_everything(seed, verbose=False)
     dm = DigitsDataModule(
         n=n,
@@ -245,17 +255,22 @@ def run_setup(setup: Setup, classifier: nn.Module, *, n: int, max_steps: int, se
             fid=FID(feature_extractor=feat, cache=False),
             verbose=False,
             log_images=False,
-            schedule=EVERY,
         )
 
     live = watch()
-    live.add_listener(
-        lambda trainer, module, r: print(
+    curve: list[dict[str, Any]] = []
+
+    def record(trainer: L.Trainer, module: L.LightningModule, r: dict) -> None:
+        point = {k: r[k] for k in ("step", "f_mem", "f_mem_ci_low", "f_mem_ci_high", "fid")}
+        point["status"] = live.detector.status  # where each rule stands after this record
+        curve.append(point)
+        print(
             f"  [{setup.name}] step {r['step']}: f_mem {r['f_mem']:.3f} [{r['f_mem_ci_low']:.3f}, "
-            f"{r['f_mem_ci_high']:.3f}], FD {r['fid']:.2f} ({time.perf_counter() - start:.0f} s)",
+            f"{r['f_mem_ci_high']:.3f}], FD {r['fid']:.2f} ({time.perf_counter() - start:.0f} s) {point['status']}",
             flush=True,
         )
-    )
+
+    live.add_listener(record)
     stopper = MemorizationEarlyStopping(live)
     callbacks: list = []
     if setup.ema:
@@ -293,10 +308,15 @@ def run_setup(setup: Setup, classifier: nn.Module, *, n: int, max_steps: int, se
         "final_f_mem": final["f_mem"],
         "final_ci": (final["f_mem_ci_low"], final["f_mem_ci_high"]),
         "final_fid": final["fid"],
-        "history": [(r["step"], r["f_mem"], r["f_mem_ci_low"], r["fid"]) for r in live.history],
+        "fid_train_floor": live.fid_train_floor,
+        "stop_message": stopper.stopping_reason_message,
+        "tau_gen_event": None if live.detector.tau_gen is None else live.detector.tau_gen.to_dict(),
+        "history": curve,
         "warnings": sorted({str(w.message)[:160] for w in caught if "MemorizationEarlyStopping" in str(w.message)}),
         "seconds": time.perf_counter() - start,
+        "cpu_seconds": time.process_time() - cpu_start,  # user + sys of this process: load-independent
         "fit_seconds": fit_seconds,
+        "load_average": os.getloadavg(),  # 1, 5, 15 min at the end of the setup (the machine is shared)
     }
     row["pre_onset"] = row["final_ci"][0] == 0.0
     row["reproduced"] = (
@@ -334,6 +354,71 @@ class _Classifier8(nn.Module):
         return self.classifier(x)
 
 
+# ------------------------------------------------------------------------------------------------ plateau
+PLATEAU_REL_TOL = 0.05  # "flat": within 5% of the distance above the training images' level (the rule's rel_tol)
+
+
+def hindsight_plateau(row: dict) -> dict:
+    """Did quality plateau before copying began? Judged with hindsight from the recorded pre-onset curve.
+
+    The level is the best FD before the onset C (tau_mem; the whole run when it never came). The noise sd is
+    the median |difference| of successive pre-onset FDs at steps > C / 2, over 0.6745 sqrt(2) (0 with fewer
+    than 3 of them). The plateau began at P, the first evaluation within max(5% of the level's distance
+    above the training images' FD, 2 noise sd) of the level. Quality plateaued before copying when it had
+    fallen by >= 20% of that distance from the first evaluation and stayed flat for a doubling of training
+    time before the onset (C >= 2 P): a shorter pause cannot be told from a pause in a descent on the paper's
+    log-time axes, and no causal rule can confirm it before C.
+    """
+    onset = row["tau_mem"]
+    curve = [(p["step"], p["fid"]) for p in row["history"] if onset is None or p["step"] < onset]
+    if not curve:
+        return {"plateau_step": None, "level": None, "noise_sd": None, "doublings": None, "plateaued": False,
+                "why": "no pre-onset evaluation"}
+    end = onset if onset is not None else curve[-1][0]
+    floor = row["fid_train_floor"] or 0.0
+    level = min(q for _, q in curve)
+    late = [q for s, q in curve if s > end / 2]
+    diffs = sorted(abs(b - a) for a, b in zip(late, late[1:]))
+    noise = 0.0
+    if len(diffs) >= 2:
+        mid = len(diffs) // 2
+        median = diffs[mid] if len(diffs) % 2 else 0.5 * (diffs[mid - 1] + diffs[mid])
+        noise = median / (0.6745 * math.sqrt(2.0))
+    within = max(PLATEAU_REL_TOL * max(level - floor, 0.0), 2.0 * noise)
+    start = next(s for s, q in curve if q <= level + within)
+    fell = (curve[0][1] - level) >= 0.2 * max(curve[0][1] - floor, 0.0)
+    doublings = math.log2(end / start) if start > 0 else math.inf
+    if len(curve) < 2:
+        why = "one pre-onset evaluation"
+    elif not fell:
+        why = "fell < 20% before the onset"
+    else:
+        why = f"at its level from step {start}, {doublings:.2f} doublings before the onset"
+    return {
+        "plateau_step": start,
+        "level": level,
+        "noise_sd": noise,
+        "doublings": doublings,
+        "plateaued": bool(len(curve) >= 2 and fell and doublings >= 1.0),
+        "why": why,
+    }
+
+
+def redetect(row: dict) -> dict:
+    """tau_gen and tau_mem of the recorded curve under this version's default detector (the rows of older runs
+    were flagged live by the version they ran with; the weights restored do not depend on tau_gen)."""
+    detector = TimescaleDetector()
+    detector.set_reference_floor(row["fid_train_floor"])
+    for point in row["history"]:
+        detector.update(point)
+    gen, mem = detector.tau_gen, detector.tau_mem
+    return {
+        "tau_gen": None if gen is None else gen.step,
+        "tau_gen_confirmed": None if gen is None else gen.confirmed_step,
+        "tau_mem": None if mem is None else mem.step,
+    }
+
+
 # ------------------------------------------------------------------------------------------------ table
 def _fmt(v: Any, spec: str = "") -> str:
     if v is None:
@@ -343,20 +428,26 @@ def _fmt(v: Any, spec: str = "") -> str:
 
 def table(rows: list[dict]) -> str:
     head = (
-        "| setup | steps | tau_gen | tau_mem | restored step | f_mem at restored [95% CI] | FD at restored "
-        "| final f_mem [95% CI] | final FD | pre-onset | reproduced | tau_gen < tau_mem | s |"
+        "| setup | n | steps | tau_gen (confirmed) | tau_mem | plateau before onset | restored step "
+        "| f_mem at restored [95% CI] | FD at restored | final f_mem [95% CI] | final FD | pre-onset | reproduced "
+        "| tau_gen < tau_mem | CPU s | wall s (load) |"
     )
-    lines = [head, "|" + "---|" * 13]
+    lines = [head, "|" + "---|" * 16]
     for r in rows:
+        now = redetect(r)
+        plateau = hindsight_plateau(r)
+        gen = "-" if now["tau_gen"] is None else f"{now['tau_gen']} ({now['tau_gen_confirmed']})"
+        flat = f"{'yes' if plateau['plateaued'] else 'no'} ({plateau['why']})"
+        before = now["tau_gen"] is not None and (now["tau_mem"] is None or now["tau_gen"] < now["tau_mem"])
         kept = "-"
         if r["kept_f_mem"] is not None:
             kept = f"{r['kept_f_mem']:.3f} [{r['kept_ci'][0]:.3f}, {r['kept_ci'][1]:.3f}]"
         lines.append(
-            f"| {r['setup']} | {r['steps']} | {_fmt(r['tau_gen'])} | {_fmt(r['tau_mem'])} | "
+            f"| {r['setup']} | {r['n']} | {r['steps']} | {gen} | {_fmt(now['tau_mem'])} | {flat} | "
             f"{_fmt(r['restored_step'])} | {kept} | {_fmt(r['kept_fid'], '.2f')} | "
             f"{r['final_f_mem']:.3f} [{r['final_ci'][0]:.3f}, {r['final_ci'][1]:.3f}] | {r['final_fid']:.2f} | "
             f"{'yes' if r['pre_onset'] else 'NO'} | {'yes' if r['reproduced'] else 'NO'} | "
-            f"{'yes' if r['gen_before_mem'] else 'no'} | {r['seconds']:.0f} |"
+            f"{'yes' if before else 'no'} | {r['cpu_seconds']:.0f} | {r['seconds']:.0f} ({r['load_average'][0]:.1f}) |"
         )
     return "\n".join(lines)
 
@@ -365,7 +456,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--setups", nargs="+", default=list(SETUPS), choices=list(SETUPS))
     parser.add_argument("--n", type=int, default=None, help="training images (digits); default per setup")
-    parser.add_argument("--max-steps", type=int, default=2000, help="optimizer steps if tau_mem never stops fit")
+    parser.add_argument("--max-steps", type=int, default=None, help="optimizer steps if tau_mem never stops fit "
+                        "(default per setup)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per setup")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", default=None, help="write the rows (and each evaluation) to this file")
@@ -384,10 +476,11 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for name in args.setups:
         n = args.n or SETUPS[name].n
-        row = run_setup(SETUPS[name], classifier, n=n, max_steps=args.max_steps, seed=args.seed, root=args.root)
+        max_steps = args.max_steps or SETUPS[name].max_steps
+        row = run_setup(SETUPS[name], classifier, n=n, max_steps=max_steps, seed=args.seed, root=args.root)
         rows.append(row)
-        print(f"{name}: {row['seconds']:.0f} s, history (step, f_mem, ci_low, FD): "
-              + ", ".join(f"({s}, {f:.3f}, {c:.3f}, {q:.1f})" for s, f, c, q in row["history"]), flush=True)
+        print(f"{name}: {row['seconds']:.0f} s wall, {row['cpu_seconds']:.0f} s CPU, load {row['load_average']}, "
+              f"FD(train, reference) {row['fid_train_floor']}", flush=True)
         for w in row["warnings"]:
             print(f"  warning: {w}", flush=True)
     print(table(rows))

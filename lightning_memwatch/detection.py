@@ -25,8 +25,18 @@ Rules and their defaults (times are the ``step`` of an evaluation, in optimizer 
   signal that is flat from the start (a model that has not started learning, FID stuck near 300) from being
   called "generating well": such a signal never flags tau_gen. If your schedule starts after the plateau,
   pass ``min_improvement=0`` (or use the floor rule). The event's ``step`` is the onset of the plateau (the
-  first evaluation whose quality is within ``rel_tol`` of the plateau's level); ``confirmed_step`` is the
+  first evaluation whose quality is within the tolerance of the plateau's level); ``confirmed_step`` is the
   evaluation at which the causal rule confirmed it.
+* **noise allowance** (plateau rule, ``noise_z=2``): a quality signal measured on a finite sample (FID on
+  1000 images: sd 10-12 at FD 230-260, 4-5%, on the zoo's MLP plateau at n = 8) moves by more than
+  ``rel_tol`` on a true plateau, so a fixed 5% would wait for lucky draws. The rule measures the noise from
+  the evaluations in the window themselves: each is compared with the straight line through its two
+  neighbours (a linear trend leaves no residual), and the median of the normalised residuals over 0.6745 is
+  the noise sd s (robust to one outlier; measured once the window holds 5 evaluations, 0 before). A gain
+  below ``noise_z * sqrt(2) * s`` (the noise of a difference of two evaluations, 2 sd) is no gain, and the
+  onset is the first evaluation within ``max(rel_tol x level, noise_z * s)`` of the level. A curve that falls
+  by more than that noise over a doubling of training time is still falling and is not flagged;
+  ``noise_z=0`` gives the rule without the allowance.
 * **reference level** (default rule, when given by :meth:`TimescaleDetector.set_reference_floor`; MemWatch
   gives FID(training images, reference) when FID is on, logged as ``memwatch/fid_train_floor``): the plateau
   rule then measures gains relative to the distance above this level, so a feature space with an offset
@@ -90,6 +100,8 @@ _MEM_RULES = ("ci", "threshold")
 _MODES = ("min", "max")
 _MEM_KEYS = {"ci": RecordField.F_MEM_CI_LOW, "threshold": RecordField.F_MEM}  # the field each tau_mem rule tests
 _STATE_VERSION = 1
+_MAD_TO_SD = 0.6745  # median |N(0, 1)|: median absolute residual / 0.6745 estimates a standard deviation
+_MIN_NOISE_RESIDUALS = 3  # evaluations in the plateau window, minus 2, before its noise is measured
 
 
 @dataclass(frozen=True)
@@ -145,6 +157,29 @@ def _relative_gain(reference: float, new: float) -> float:
     return gain / abs(reference)
 
 
+def _noise_sd(points: Sequence[Sequence[float]]) -> float:
+    """Robust estimate of the evaluation-to-evaluation noise (standard deviation) of ``[step, value]`` points.
+
+    Each inner point is compared with the straight line through its two neighbours; for white noise of
+    standard deviation s that residual has standard deviation ``s * sqrt(1 + a^2 + b^2)`` (``a``, ``b`` the
+    interpolation weights, ``a + b = 1``), so the normalised residuals estimate s whatever the grid, and a
+    linear trend leaves them at 0. The median of their magnitudes over 0.6745 (the normal MAD) resists one
+    outlier. 0.0 with fewer than ``_MIN_NOISE_RESIDUALS`` residuals (``+ 2`` points): one or two residuals
+    are too noisy themselves (a single bump of a falling curve would pass for noise).
+    """
+    scaled = []
+    for (s0, v0), (s1, v1), (s2, v2) in zip(points, points[1:], points[2:]):
+        b = (s1 - s0) / (s2 - s0)  # weight of the right neighbour
+        a = 1.0 - b
+        scaled.append(abs(v1 - (a * v0 + b * v2)) / math.sqrt(1.0 + a * a + b * b))
+    if len(scaled) < _MIN_NOISE_RESIDUALS:
+        return 0.0
+    scaled.sort()
+    mid = len(scaled) // 2
+    median = scaled[mid] if len(scaled) % 2 else 0.5 * (scaled[mid - 1] + scaled[mid])
+    return median / _MAD_TO_SD
+
+
 @dataclass
 class _GenState:
     first: float | None = None  # first quality value (oriented: lower is better)
@@ -177,6 +212,9 @@ class TimescaleDetector:
             less than this fraction.
         min_improvement: the plateau rule needs the best quality so far to have improved on the first
             evaluation's by at least this fraction (0 disables the requirement).
+        noise_z: a gain of the plateau rule also counts as no gain while it is below ``noise_z`` standard
+            deviations of the difference of two evaluations, the noise measured from the window's own
+            evaluations (0 disables the noise allowance: only ``rel_tol`` counts).
         floor: reference quality for the floor rule (e.g. FID(train, test)), in the signal's units, or
             ``"train"``: the FID of the training images against the reference, computed by MemWatch at setup.
         eps: the floor rule fires at ``quality <= (1 + eps) * floor`` (``>= (1 - eps) * floor`` in max mode).
@@ -209,6 +247,7 @@ class TimescaleDetector:
         window_factor: float = 2.0,
         rel_tol: float = 0.05,
         min_improvement: float = 0.2,
+        noise_z: float = 2.0,
         floor: float | Literal["train"] | None = None,
         eps: float = 0.1,
         mem_rule: MemRule = "ci",
@@ -251,6 +290,7 @@ class TimescaleDetector:
         self.window_factor = window_factor
         self.rel_tol = check_float(rel_tol, "rel_tol", low=0)
         self.min_improvement = check_float(min_improvement, "min_improvement", low=0)
+        self.noise_z = check_float(noise_z, "noise_z", low=0)
         self.floor: float | None = None if floor is None or self.floor_source else float(floor)
         self.eps = check_float(eps, "eps", low=0)
         self.mem_rule = check_choice(mem_rule, "mem_rule", _MEM_RULES)
@@ -279,6 +319,7 @@ class TimescaleDetector:
             "window_factor": self.window_factor,
             "rel_tol": self.rel_tol,
             "min_improvement": self.min_improvement,
+            "noise_z": self.noise_z,
             "floor": self.floor_source or self.floor,
             "eps": self.eps,
             "mem_rule": self.mem_rule,
@@ -427,33 +468,40 @@ class TimescaleDetector:
             return None
         best_recent = min(value for _, value in state.recent)
         best = min(state.best_before, best_recent)
-        if floor_raw is not None:  # gains relative to the distance above the reference level
-            ref = self._oriented(floor_raw)
-            gain = _relative_gain(state.best_before - ref, best_recent - ref)
-            total = _relative_gain(state.first - ref, best - ref)
-            scale, per = best - ref, "of the distance to the training images' level "
+        ref = self._oriented(floor_raw) if floor_raw is not None else 0.0  # gains relative to the distance above it
+        per = "of the distance to the training images' level " if floor_raw is not None else ""
+        denominator = abs(state.best_before - ref)  # what _relative_gain divides by
+        gain = _relative_gain(state.best_before - ref, best_recent - ref)
+        total = _relative_gain(state.first - ref, best - ref)
+        # a gain below the noise of a difference of two evaluations is no gain: sqrt(2) x the window's noise
+        noise = self.noise_z * math.sqrt(2.0) * _noise_sd(state.recent)
+        if denominator > 0.0:
+            tol = max(self.rel_tol, noise / denominator)
         else:
-            gain = _relative_gain(state.best_before, best_recent)
-            total = _relative_gain(state.first, best)
-            scale, per = abs(best), ""
-        plateau = gain < self.rel_tol and total >= self.min_improvement
+            tol = math.inf if noise > 0.0 else self.rel_tol
+        plateau = gain < tol and total >= self.min_improvement
+        noise_note = f", noise allowance {100 * tol:.1f}%" if tol > self.rel_tol else ""
         status = (
-            f"plateau: {100 * gain:.1f}% gained over ({boundary:.6g}, {step}] (fires < {100 * self.rel_tol:g}%), "
-            f"{100 * total:.0f}% since the first (needs >= {100 * self.min_improvement:g}%)"
+            f"plateau: {100 * gain:.1f}% gained over ({boundary:.6g}, {step}] (fires < {100 * self.rel_tol:g}%"
+            f"{noise_note}), {100 * total:.0f}% since the first (needs >= {100 * self.min_improvement:g}%)"
         )
         state.status = f"{state.status}; {status}" if floor_raw is not None else f"tau_gen {status}"
         if not plateau:
             return None
-        # the onset: the first evaluation already within rel_tol of the plateau's level
-        onset_step, onset_q = next(
-            (int(s_), v) for s_, v in state.seen if v <= best + self.rel_tol * max(scale, 0.0)
-        )
+        # the onset: the first evaluation already within the tolerance (rel_tol or the noise) of the plateau's level
+        scale = max(best - ref, 0.0) if floor_raw is not None else abs(best)
+        within = max(self.rel_tol * scale, noise / math.sqrt(2.0))  # one evaluation against the level: z x sd
+        onset_step, onset_q = next((int(s_), v) for s_, v in state.seen if v <= best + within)
         recent_raw, before_raw = self._oriented(best_recent), self._oriented(state.best_before)
+        if tol > self.rel_tol:
+            sd = noise / (self.noise_z * math.sqrt(2.0))
+            against = f"the noise allowance {100 * tol:.2f}% ({self.noise_z:g} x sqrt(2) x noise sd {sd:.3g}), "
+        else:
+            against = f"rel_tol {100 * self.rel_tol:g}%, "
         return TimescaleEvent(
             "tau_gen", onset_step, "plateau",
             f"{key}: best over steps ({boundary:.6g}, {step}] ({recent_raw:.4g}) improves on the best up "
-            f"to step {boundary:.6g} ({before_raw:.4g}) by {100 * gain:.2f}% {per}< rel_tol "
-            f"{100 * self.rel_tol:g}%, "
+            f"to step {boundary:.6g} ({before_raw:.4g}) by {100 * gain:.2f}% {per}< {against}"
             f"after a {100 * total:.1f}% improvement since the first evaluation "
             f"(>= min_improvement {100 * self.min_improvement:g}%); the plateau began at step {onset_step} "
             f"({key} = {self._oriented(onset_q):.4g}), confirmed at step {step}",
