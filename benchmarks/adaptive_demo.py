@@ -226,9 +226,9 @@ RECORDED_ANALYSIS = Path(__file__).with_name("results") / "adaptive_demo_analysi
 def run_live(n: int, out: Path, threads: int) -> dict[str, Any]:
     """One live adaptive run: the demo's pieces with ``AdaptiveSchedule(probe=LossGapProbe())``; ``live_n<n>.json``."""
     import lightning as L
-    from lightning_memwatch.apps.demo import DemoConfig, _quiet_lightning, ema_warmup_decay
 
     from lightning_memwatch import AdaptiveSchedule
+    from lightning_memwatch.apps.demo import DemoConfig, _quiet_lightning, ema_warmup_decay
     from lightning_memwatch.probe import LossGapProbe
 
     torch.set_num_threads(threads)
