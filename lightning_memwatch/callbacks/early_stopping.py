@@ -72,7 +72,8 @@ class MemorizationEarlyStopping(Callback):
     fires nothing stops and the final weights stay. If no evaluation came before the onset (the model copies
     from the first evaluation on) a warning says so and the weights stay. When tau_gen had not been flagged
     before the onset, the stop message and a TensorBoard text entry (``memwatch/early_stopping``) say that
-    quality was still improving when copying began.
+    quality was still improving when copying began (the kept evaluation is the last one before the onset), or
+    that it had stopped improving after the kept step without the plateau rule confirming it.
 
     The kept weights belong to the watch's history: after a resume where the watch could not restore its
     state (other settings, or none in the checkpoint), the stopper drops its kept weights with a warning
@@ -333,12 +334,24 @@ class MemorizationEarlyStopping(Callback):
                 f"{verb} step {self.best_step}, f_mem {fmem}."
             )
         kept = f"{verb} step {self.best_step}, {self.monitor} {self.best_score:.4g}, f_mem {fmem}"
-        if self._still_improving(tau_gen, tau_mem):
+        if self._still_improving(tau_gen, tau_mem) and self._best_is_latest_before(tau_mem):
             return (
                 f"{head}: quality was still improving when copying began (tau_gen not flagged before the onset); "
                 f"{kept}."
             )
+        if self._still_improving(tau_gen, tau_mem):
+            return (
+                f"{head}: quality stopped improving after step {self.best_step}, but tau_gen's rule had not "
+                f"confirmed a plateau when copying began; {kept}."
+            )
         return f"{head}; tau_gen = {tau_gen.step if tau_gen is not None else 'n/a'}; {kept}."
+
+    def _best_is_latest_before(self, tau_mem: Any) -> bool:
+        """Whether the kept evaluation is the watch's last one before the onset (quality still improving)."""
+        onset = None if tau_mem is None else int(tau_mem.step)
+        steps = [int(r[RecordField.STEP]) for r in getattr(self.watch, "history", [])]
+        before = [s for s in steps if onset is None or s < onset]
+        return not before or max(before) == self.best_step
 
     def _keep(
         self, trainer: Trainer, pl_module: LightningModule, step: int, score: float | None, record: Mapping[str, Any]

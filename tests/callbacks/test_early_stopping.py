@@ -457,6 +457,20 @@ def test_copying_before_the_quality_plateau_restores_the_best_pre_onset_weights(
     assert texts == [("memwatch/early_stopping", stopper.stopping_reason_message, 60)]
 
 
+def test_stop_message_says_when_quality_had_stopped_improving_before_the_onset(monkeypatch):
+    # FID turned up at step 50 (best at 40), then copying began at 60 before the plateau rule confirmed anything:
+    # the message must not claim that quality was still improving
+    history = [rec(10, 300.0), rec(20, 150.0), rec(30, 80.0), rec(40, 50.0), rec(50, 55.0),
+               rec(60, 60.0, 0.3), rec(70, 65.0, 0.5)]
+    monkeypatch.setattr("lightning_memwatch.callbacks.early_stopping.mwlog.log_text", lambda *a: None)
+    watch, stopper, trainer, module = make(ScriptedWatch())
+    train(watch, stopper, trainer, module, history)
+    assert watch.tau_gen is None and stopper.stopped_step == 60 and stopper.restored_step == 40
+    message = stopper.stopping_reason_message
+    assert "quality stopped improving after step 40" in message and "still improving" not in message
+    assert "restored step 40, fid 50, f_mem 0" in message
+
+
 # -- EMA / WeightAveraging (issue 10, item 4) --------------------------------------------------------------
 class OwnEMA:
     """Recomputes EMAWeightAveraging's average from the raw weights (public hooks only), to check MemWatch."""
