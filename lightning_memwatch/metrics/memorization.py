@@ -107,8 +107,8 @@ def _as_index(index_or_train: KnnIndex | Tensor) -> KnnIndex:
     if isinstance(index_or_train, KnnIndex):
         return index_or_train
     raise config_type_error(
-        "index_or_train must be a nearest-neighbour index (e.g. a NearestNeighbourIndex) or the training set as "
-        f"a tensor; got {type(index_or_train).__name__}."
+        "index_or_train must be a NearestNeighbourIndex or the training set as a tensor (or another index with "
+        f"`num_train`, `search` and `train_images`, see KnnIndex); got {type(index_or_train).__name__}."
     )
 
 
