@@ -189,6 +189,8 @@ class MemWatch(Callback):
         # from setup until the evaluator indexes them: rank 0's whole set, or each rank's block when sharded
         self._train_images: Tensor | None = None
         self._sharded = False  # whether this fit's index is sharded over the ranks (decided at setup)
+        # sharded, when the index does not hold this rank's block of images unchanged (feature_fn, duplicates)
+        self._train_block: Tensor | None = None
         self._sample_shape: tuple[int, ...] | None = None
         self._fid_evaluator: FIDEvaluator | None = None
         # a FID state loaded before setup built the evaluator (a manual load_state_dict); handed to it at build
@@ -427,15 +429,15 @@ class MemWatch(Callback):
         if builds and self._evaluator is None and self._train_images is not None:
             assert self.data_range is not None
             main = trainer.is_global_zero
-            train: Tensor | KnnIndex = self._train_images
+            sharded: ShardedNearestNeighbourIndex | None = None
             if self._sharded:
-                train = ShardedNearestNeighbourIndex(
+                sharded = ShardedNearestNeighbourIndex(
                     self._train_images.to(trainer.strategy.root_device),
                     backend=self.knn_backend,  # type: ignore[arg-type]
                     feature_fn=self.feature_fn,
                 )
             self._evaluator = Evaluator(
-                train,
+                self._train_images if sharded is None else sharded,
                 data_range=self.data_range,
                 threshold=self.threshold,
                 bootstrap=self.bootstrap,
@@ -448,7 +450,9 @@ class MemWatch(Callback):
                 device=trainer.strategy.root_device,
                 inputs_checked=True,  # checked at setup and at every evaluation on every rank, below
             )
-            self._train_images = None  # the evaluator keeps the one copy
+            if sharded is not None and (self.feature_fn is not None or sharded.num_duplicates > 0):
+                self._train_block = self._train_images  # the images, for the pair grid and the FID train floor
+            self._train_images = None  # the evaluator (or _train_block) keeps the one copy
         # MemWatch's settings join the hparams session Lightning logs right after this hook (one session)
         if trainer.is_global_zero:
             if self._fid_evaluator is not None and not trainer.strategy.restore_checkpoint_after_setup:
@@ -485,7 +489,12 @@ class MemWatch(Callback):
             value = None
             if self._evaluator is not None:  # rank 0, or every rank when sharded (a collective then)
                 fid_n = self.fid.num_samples or self.num_samples  # type: ignore[union-attr]
-                first = self._evaluator.first_train_images(fid_n)  # as many as sampled
+                if self._train_block is None:
+                    first = self._evaluator.first_train_images(fid_n)  # as many as sampled
+                else:  # a collective: every rank sends its share of the first rows
+                    index = self._evaluator.index
+                    total = index.num_train + index.num_duplicates  # type: ignore[attr-defined]
+                    first = self._train_images_at(torch.arange(min(fid_n, total)))
                 if trainer.is_global_zero:
                     value = evaluator.train_floor(first)
             value = trainer.strategy.broadcast(value, src=0)
@@ -579,14 +588,33 @@ class MemWatch(Callback):
         assert evaluator is not None
         record = evaluator.evaluate(generated, step, sample_seconds=sample_seconds)
         result = evaluator.last_result
-        if self.log_images and trainer.loggers and result is not None and evaluator.can_show_train_images:
-            nearest = evaluator.train_images(result.nn_indices[:, 0])
+        can_show = evaluator.can_show_train_images or self._train_block is not None
+        if self.log_images and trainer.loggers and result is not None and can_show:
+            nearest = self._train_images_at(result.nn_indices[:, 0])
             if trainer.is_global_zero:
                 mwlog.log_images(
                     trainer, step, generated[: self.num_samples], result.ratios.float(), nearest, self.data_range,
                     threshold=self.threshold,
                 )
         return record
+
+    def _train_images_at(self, rows: Tensor) -> Tensor:
+        """Training images at global ``rows`` (CPU). A collective when sharded: every rank calls it alike."""
+        assert self._evaluator is not None
+        block = self._train_block
+        if block is None:
+            return self._evaluator.train_images(rows)
+        # the shards hold features (or dropped duplicates): each rank sends the rows of its block of images
+        index = self._evaluator.index
+        assert isinstance(index, ShardedNearestNeighbourIndex)
+        flat = rows.reshape(-1).cpu().long()
+        mine = ((flat >= index.offset) & (flat < index.offset + len(block))).nonzero().flatten()
+        parts: list[Any] = [None] * index.world_size
+        dist.all_gather_object(parts, (mine, block[flat[mine] - index.offset].cpu()), group=index.group)
+        out = torch.empty(len(flat), *block.shape[1:])
+        for positions, images in parts:
+            out[positions] = images
+        return out.reshape(*rows.shape, *block.shape[1:])
 
     def _evaluate(self, trainer: Trainer, pl_module: LightningModule, step: int, *, can_log: bool) -> None:
         # the scored weights (raw, EMA or averaged) stay in the module until every listener has seen them

@@ -1,6 +1,6 @@
 """MemWatch under 1 or 2 CPU processes (gloo) with a given ``knn_sharding``; each rank writes a JSON report.
 
-Usage: python _ddp_memwatch_sharded.py OUTDIR DEVICES SHARDING   (launched by test_memwatch_sharded.py;
+Usage: python _ddp_memwatch_sharded.py OUTDIR DEVICES SHARDING [features]   (launched by test_memwatch_sharded.py;
 Lightning re-runs it once per rank; the test calls ``run(out, 1, ...)`` in its own process). Every pixel and
 sample value is a multiple of 2**-7 in [-1, 1], so every squared distance (and its partial sums, of 64 terms
 below 4) is exact whatever the order of summation: one process and the shards must give bit-identical
@@ -84,16 +84,27 @@ class Report(Callback):
             "shard_rows": getattr(index, "shard_rows", None),
             "num_train": None if index is None else index.num_train,
             "fid_train_floor": self.watch.fid_train_floor,
+            "keeps_block": self.watch._train_block is not None,
+            "num_duplicates": getattr(index, "num_duplicates", None),
         }
         self.out.mkdir(parents=True, exist_ok=True)
         (self.out / f"rank{trainer.global_rank}.json").write_text(json.dumps(report))
 
 
-def run(out: Path, devices: int, sharding: str) -> None:
-    """One fit; each rank writes ``out/rank{r}.json``."""
+def double_pixels(x: torch.Tensor) -> torch.Tensor:
+    """A feature map that keeps every value dyadic (exact distances in any order)."""
+    return 2 * x.flatten(1)
+
+
+def run(out: Path, devices: int, sharding: str, features: bool = False) -> None:
+    """One fit; each rank writes ``out/rank{r}.json``. ``features``: feature-space neighbours
+    (``feature_fn``) and a training image duplicated across the shards (the index then holds features and
+    drops the copy, so MemWatch keeps each rank's block of images for the pair grid and the FID train floor)."""
     torch.manual_seed(0)
     torch.set_num_threads(1)
     train = dyadic_images(NUM_TRAIN, seed=0)
+    if features:
+        train[30] = train[3]  # rank 0's row 3 again in rank 1's block
     dataset = RecordingDataset(train)
     fid = FID(reference=dyadic_images(24, seed=1), feature_extractor=TinyFeatures(), num_samples=24, cache=False)
     watch = MemWatch(
@@ -106,6 +117,7 @@ def run(out: Path, devices: int, sharding: str) -> None:
         metrics={"mean_pixel": lambda x: float(x.double().mean())},
         verbose=False,
         knn_sharding=sharding,
+        feature_fn=double_pixels if features else None,
     )
     trainer = Trainer(
         max_steps=8,
@@ -122,4 +134,4 @@ def run(out: Path, devices: int, sharding: str) -> None:
 
 
 if __name__ == "__main__":
-    run(Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3])
+    run(Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3], features=sys.argv[4:] == ["features"])
