@@ -108,8 +108,9 @@ class MemWatch(Callback):
             indexes only its contiguous block of the training rows (a
             :class:`~lightning_memwatch.metrics.knn_sharded.ShardedNearestNeighbourIndex`: no rank holds the
             whole set) and every rank takes part in the nearest-neighbour search of the gathered samples; the
-            record is the one a single process computes (exact search, ties merged alike). ``"rank0"``: global
-            rank 0 reads and indexes the whole set and searches alone. In one process both build the one index.
+            record is the one a single process computes (exact search, ties merged alike). ``"rank0"``: every
+            rank reads the whole set at setup (to check it), global rank 0 keeps and indexes it and searches
+            alone. In one process both build the one index.
             FID, the user metrics and image logging run on rank 0 in every mode.
     """
 
