@@ -16,7 +16,7 @@ import dataclasses
 import difflib
 import time
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.distributed as dist
@@ -52,8 +52,9 @@ Listener = Callable[[Trainer, LightningModule, EvalRecord], None]
 """``fn(trainer, pl_module, record)``, called on every rank after each evaluation."""
 EventListener = Callable[[Trainer, LightningModule, TimescaleEvent], None]
 """``fn(trainer, pl_module, event)``, called on every rank for each tau_gen / tau_mem event the detector fires."""
-KNN_SHARDING = ("auto", "sharded", "rank0")
-"""Choices of ``MemWatch(knn_sharding=...)``."""
+KnnSharding = Literal["auto", "sharded", "rank0"]
+"""Where ``MemWatch(knn_sharding=...)`` indexes the training images under DDP."""
+KNN_SHARDING: tuple[str, ...] = ("auto", "sharded", "rank0")
 
 
 class MemWatch(Callback):
@@ -134,7 +135,7 @@ class MemWatch(Callback):
         log_images: bool = True,
         verbose: bool = True,
         weights: WeightsChoice = "auto",
-        knn_sharding: str = "auto",
+        knn_sharding: KnnSharding = "auto",
     ) -> None:
         num_samples = _checks.check_int(num_samples, "num_samples", minimum=2, unit="images")
         sample_batch_size = _checks.check_int(sample_batch_size, "sample_batch_size", minimum=1, unit="images")
@@ -179,7 +180,7 @@ class MemWatch(Callback):
             knn_sharding,
             "knn_sharding",
             KNN_SHARDING,
-            hint="'auto'/'sharded': each DDP rank indexes its block of the training rows; 'rank0': rank 0 all.",
+            hint="'auto'/'sharded': each DDP rank indexes its block of the training rows; 'rank0': rank 0 all rows.",
         )
         self.scored_weights: ScoredWeights | None = None  # resolved at setup
 
