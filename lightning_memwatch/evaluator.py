@@ -1,7 +1,7 @@
 """Evaluator: samples in, :class:`~lightning_memwatch.EvalRecord` out. No Lightning import.
 
-The evaluation core that :class:`~lightning_memwatch.MemWatch` calls on global rank 0 after each sampling
-pass, usable as it is from a plain PyTorch loop::
+The evaluation core that :class:`~lightning_memwatch.MemWatch` calls after each sampling pass, usable as it
+is from a plain PyTorch loop::
 
     evaluator = Evaluator(train_images, data_range=(0.0, 1.0))
     for step in range(num_steps):
@@ -14,6 +14,11 @@ One call checks the samples against ``data_range``, searches the nearest and sec
 of each (the :class:`~lightning_memwatch.NearestNeighbourIndex`, built once here), computes f_mem with its
 bootstrap interval and the ratio quantiles, the FID against the reference statistics (when FID is on) and the
 user metrics, all on the same samples. Drawing the samples (seeds, eval mode, ranks) is the caller's job.
+
+The index may also be built by the caller, e.g. a
+:class:`~lightning_memwatch.metrics.knn_sharded.ShardedNearestNeighbourIndex` whose training rows are split
+over a process group: its search is a collective, so every rank then calls :meth:`Evaluator.evaluate` with the
+same samples (MemWatch gives FID and the user metrics to the evaluator of rank 0 only).
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ from torch import Tensor
 from lightning_memwatch import _checks
 from lightning_memwatch.metrics.fid import FID, FIDEvaluator
 from lightning_memwatch.metrics.knn import NearestNeighbourIndex
-from lightning_memwatch.metrics.memorization import MemorizationResult, memorization_fraction
+from lightning_memwatch.metrics.memorization import KnnIndex, MemorizationResult, memorization_fraction
 from lightning_memwatch.record import RECORD_FIELDS, EvalRecord
 
 __all__ = ["RATIO_QUANTILES", "Evaluator"]
@@ -58,8 +63,11 @@ class Evaluator:
         (100, 16, 0.25)
 
     Args:
-        train: the training images ``(n, ...)`` (float, in ``data_range``), or a built
-            :class:`~lightning_memwatch.NearestNeighbourIndex` of them. Never modified.
+        train: the training images ``(n, ...)`` (float, in ``data_range``), or a built index of them: a
+            :class:`~lightning_memwatch.NearestNeighbourIndex` or any
+            :class:`~lightning_memwatch.metrics.memorization.KnnIndex` (e.g. a sharded index, whose methods are
+            collectives: every rank then calls :meth:`evaluate`, :meth:`train_images` and
+            :meth:`first_train_images` alike). Never modified.
         data_range: (low, high) of the training images and the samples.
         threshold: a sample is memorized when d1/d2 < threshold (the paper: 1/3).
         bootstrap: bootstrap resamples for the f_mem confidence interval.
@@ -86,7 +94,7 @@ class Evaluator:
 
     def __init__(
         self,
-        train: Tensor | NearestNeighbourIndex,
+        train: Tensor | KnnIndex,
         *,
         data_range: tuple[float, float],
         threshold: float = 1 / 3,
@@ -113,7 +121,8 @@ class Evaluator:
         self.inputs_checked = bool(inputs_checked)
         self._overshoot_warned = False
         train_images: Tensor | None = None
-        if isinstance(train, NearestNeighbourIndex):
+        self.index: KnnIndex
+        if not isinstance(train, Tensor) and isinstance(train, KnnIndex):
             self.index = train
         else:
             train_images = _checks.check_batch(train, "train", min_rows=2)
@@ -125,7 +134,7 @@ class Evaluator:
             where = train_images.device if device is None else torch.device(device)
             self.index = NearestNeighbourIndex(train_images.to(where), backend=knn_backend, feature_fn=feature_fn)
         # one copy of the training images: the index's rows when it holds them unchanged, else our own
-        holds_originals = self.index.holds_images and self.index.num_duplicates == 0
+        holds_originals = _holds_images(self.index) and getattr(self.index, "num_duplicates", 0) == 0
         self._train_images = None if holds_originals or train_images is None else train_images.detach()
         if isinstance(fid, FID):
             if train_images is None and fid.reference is None:
@@ -135,7 +144,7 @@ class Evaluator:
                 )
             fid = fid.build(
                 data_range=self.data_range,
-                device=self.index.device,
+                device=getattr(self.index, "device", "cpu"),
                 fallback_reference=train_images,
                 num_samples=self.num_samples,
             )
@@ -154,16 +163,19 @@ class Evaluator:
     def can_show_train_images(self) -> bool:
         """Whether :meth:`train_images` can return training images (it cannot for a prebuilt index of
         features whose images were not kept)."""
-        return self._train_images is not None or self.index.holds_images
+        return self._train_images is not None or _holds_images(self.index)
 
     def train_images(self, indices: Tensor) -> Tensor:
-        """The training images at row ``indices`` (e.g. ``last_result.nn_indices[:, 0]``), on the CPU."""
+        """The training images at row ``indices`` (e.g. ``last_result.nn_indices[:, 0]``), on the CPU.
+        A collective when the index is sharded."""
         if self._train_images is not None:
             return self._train_images[indices.cpu()].cpu()
         return self.index.train_images(indices).cpu()
 
     def first_train_images(self, count: int) -> Tensor:
-        """The first ``count`` training images (fewer when the set is smaller), e.g. for the FID train floor."""
+        """The first ``count`` training images (fewer when the set is smaller), e.g. for the FID train floor.
+        A collective when the index is sharded (where, with duplicates removed, a dropped row reads as the
+        next kept one)."""
         if self._train_images is not None:
             return self._train_images[:count]
         return self.index.train_images(torch.arange(min(count, self.index.num_train)))
@@ -224,9 +236,16 @@ class Evaluator:
     def __repr__(self) -> str:
         fid = "off" if self.fid_evaluator is None else self.fid_evaluator.extractor.name
         return (
-            f"Evaluator(num_train={self.num_train}, backend={self.index.backend!r}, threshold={self.threshold:g}, "
+            f"Evaluator(num_train={self.num_train}, backend={getattr(self.index, 'backend', None)!r}, "
+            f"threshold={self.threshold:g}, "
             f"fid={fid}, metrics={list(self.metrics)})"
         )
+
+
+def _holds_images(index: KnnIndex) -> bool:
+    """Whether ``index.train_images`` returns images (not ``feature_fn`` features)."""
+    holds = getattr(index, "holds_images", None)
+    return bool(holds) if holds is not None else getattr(index, "feature_fn", None) is None
 
 
 def check_metric_names(metrics: Mapping[str, Callable[[Tensor], float]] | None) -> dict[str, Callable[..., Any]]:

@@ -34,7 +34,7 @@ from torch.utils.data import (
 
 from lightning_memwatch import _checks
 
-__all__ = ["ImageSource", "collect_images", "iter_image_batches", "num_images", "sampler_rows"]
+__all__ = ["ImageSource", "collect_images", "iter_image_batches", "num_images", "sampler_rows", "select_rows"]
 
 ImageSource = Tensor | Dataset | DataLoader
 """What the package accepts wherever it takes images: a tensor, a map-style or iterable Dataset, a DataLoader."""
@@ -131,7 +131,9 @@ def iter_image_batches(source: ImageSource, batch_size: int, name: str = "images
         yield pending[0] if len(pending) == 1 else torch.cat(pending)
 
 
-def collect_images(source: ImageSource, name: str = "train_data", batch_size: int = 512) -> Tensor:
+def collect_images(
+    source: ImageSource, name: str = "train_data", batch_size: int = 512, *, min_rows: int = 2
+) -> Tensor:
     """All images of a tensor, Dataset or DataLoader as one float tensor, in dataset order, labels dropped.
 
     Read by the rules of this module (a DataLoader: only the rows its sampler can draw, in dataset order).
@@ -141,10 +143,12 @@ def collect_images(source: ImageSource, name: str = "train_data", batch_size: in
         source: the images.
         name: what they are, for error messages.
         batch_size: rows per read of a Dataset or DataLoader (images).
+        min_rows: fewer images raise (e.g. 1 for one rank's block of the training rows).
 
     Raises:
         TypeError: not an image source, or integer images (convert them to floats in your data_range).
-        ValueError: fewer than 2 images, NaN/Inf values, or a DataLoader whose sampler cannot be read.
+        ValueError: fewer than ``min_rows`` images, no image at all, NaN/Inf values, or a DataLoader whose
+            sampler cannot be read.
     """
     _check_source(source, name)
     if isinstance(source, Tensor):
@@ -154,7 +158,7 @@ def collect_images(source: ImageSource, name: str = "train_data", batch_size: in
         if not chunks:
             raise _checks.config_error(f"{name} is empty: it yielded no images. Pass a source that holds images.")
         images = torch.cat(chunks)
-    return _checks.check_batch(images, name, min_rows=2).float()
+    return _checks.check_batch(images, name, min_rows=min_rows).float()
 
 
 def num_images(source: ImageSource, name: str = "images") -> int | None:
@@ -172,3 +176,32 @@ def num_images(source: ImageSource, name: str = "images") -> int | None:
         return len(source)  # type: ignore[arg-type]
     except TypeError:
         return None
+
+
+def select_rows(source: ImageSource, rows: range, name: str = "images") -> ImageSource:
+    """The images ``rows`` (positions in the order :func:`collect_images` reads ``source``) as a source that
+    reads only those rows: a view of a tensor, a ``Subset`` of a Dataset, a sequential loader over a ``Subset``
+    of a DataLoader's dataset (its sampler's rows, its ``collate_fn``). E.g. one rank's block of the training
+    set, read without reading the rest.
+
+    Raises:
+        TypeError: ``source`` is an iterable Dataset (its rows cannot be picked without reading it) or no
+            image source.
+        ValueError: ``rows`` reaches past the end of ``source``, or a DataLoader whose sampler cannot be read.
+    """
+    _check_source(source, name)
+    total = num_images(source, name)
+    if total is None:
+        raise _checks.config_type_error(
+            f"{name}: an iterable Dataset has no rows to pick without reading it; pass a map-style Dataset, a "
+            "DataLoader of one, or a tensor."
+        )
+    if rows.step != 1 or rows.start < 0 or rows.stop > total or rows.start > rows.stop:
+        raise _checks.config_error(f"{name}: rows {rows} do not lie in the {total} images of the source.")
+    if isinstance(source, Tensor):
+        return source[rows.start : rows.stop]
+    if isinstance(source, DataLoader):
+        drawn = sampler_rows(source, name)
+        picked = list(rows) if drawn is None else drawn[rows.start : rows.stop]
+        return DataLoader(Subset(source.dataset, picked), batch_size=1, shuffle=False, collate_fn=source.collate_fn)
+    return Subset(source, list(rows))

@@ -2,9 +2,10 @@
 
 The callback is the Lightning adapter of the evaluation core: it decides when to evaluate (the schedule),
 which weights are scored, draws the samples on every rank and gathers them, hands them to the
-:class:`~lightning_memwatch.Evaluator` on global rank 0 (which returns an
-:class:`~lightning_memwatch.EvalRecord`), broadcasts the record, logs it, feeds the detector, emits the
-detector's events and keeps the state. Sampling rules live in :mod:`lightning_memwatch.sampling`, the maths in
+:class:`~lightning_memwatch.Evaluator` (which returns an :class:`~lightning_memwatch.EvalRecord`; under DDP
+every rank's evaluator searches its block of the training rows, rank 0's alone computes FID and the user
+metrics), broadcasts rank 0's record, logs it, feeds the detector, emits the detector's events and keeps the
+state. Sampling rules live in :mod:`lightning_memwatch.sampling`, the maths in
 :mod:`lightning_memwatch.metrics`, the timescale flags in :mod:`lightning_memwatch.detection`, and logging
 helpers in :mod:`lightning_memwatch.log`.
 """
@@ -15,9 +16,10 @@ import dataclasses
 import difflib
 import time
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, Literal
 
 import torch
+import torch.distributed as dist
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
@@ -32,10 +34,11 @@ from lightning_memwatch._checks import (
 )
 from lightning_memwatch.detection import TimescaleDetector, TimescaleEvent
 from lightning_memwatch.evaluator import RATIO_QUANTILES, Evaluator, check_metric_names
-from lightning_memwatch.images import collect_images
+from lightning_memwatch.images import collect_images, num_images, select_rows
 from lightning_memwatch.images import sampler_rows as _sampler_rows  # noqa: F401  (its old home)
 from lightning_memwatch.metrics.fid import FID, FIDEvaluator
-from lightning_memwatch.metrics.knn import NearestNeighbourIndex
+from lightning_memwatch.metrics.knn_sharded import ShardedNearestNeighbourIndex
+from lightning_memwatch.metrics.memorization import KnnIndex
 from lightning_memwatch.progress import EvalProgress, setup_summary
 from lightning_memwatch.record import FID_TRAIN_FLOOR, RECORD_FIELDS, EvalRecord, RecordField
 from lightning_memwatch.sampling import draw_samples, rank_slice
@@ -49,6 +52,9 @@ Listener = Callable[[Trainer, LightningModule, EvalRecord], None]
 """``fn(trainer, pl_module, record)``, called on every rank after each evaluation."""
 EventListener = Callable[[Trainer, LightningModule, TimescaleEvent], None]
 """``fn(trainer, pl_module, event)``, called on every rank for each tau_gen / tau_mem event the detector fires."""
+KnnSharding = Literal["auto", "sharded", "rank0"]
+"""Where ``MemWatch(knn_sharding=...)`` indexes the training images under DDP."""
+KNN_SHARDING: tuple[str, ...] = ("auto", "sharded", "rank0")
 
 
 class MemWatch(Callback):
@@ -98,6 +104,15 @@ class MemWatch(Callback):
             callbacks, else the raw weights), ``"averaged"``, ``"raw"``, or ``ModuleEMA("ema", target="net")``
             for an EMA copy the module keeps itself. The module holds the scored weights during the whole
             evaluation (sampling and listeners, e.g. the early stopping's copy).
+        knn_sharding: where the training images are indexed under DDP (more than one process and
+            ``torch.distributed`` initialised). ``"auto"`` (default) and ``"sharded"``: each rank reads and
+            indexes only its contiguous block of the training rows (a
+            :class:`~lightning_memwatch.metrics.knn_sharded.ShardedNearestNeighbourIndex`: no rank holds the
+            whole set) and every rank takes part in the nearest-neighbour search of the gathered samples; the
+            record is the one a single process computes (exact search, ties merged alike). ``"rank0"``: every
+            rank reads the whole set at setup (to check it), global rank 0 keeps and indexes it and searches
+            alone. In one process both build the one index.
+            FID, the user metrics and image logging run on rank 0 in every mode.
     """
 
     def __init__(
@@ -120,6 +135,7 @@ class MemWatch(Callback):
         log_images: bool = True,
         verbose: bool = True,
         weights: WeightsChoice = "auto",
+        knn_sharding: KnnSharding = "auto",
     ) -> None:
         num_samples = _checks.check_int(num_samples, "num_samples", minimum=2, unit="images")
         sample_batch_size = _checks.check_int(sample_batch_size, "sample_batch_size", minimum=1, unit="images")
@@ -160,13 +176,23 @@ class MemWatch(Callback):
                 f"got {weights!r}."
             )
         self.weights = weights
+        self.knn_sharding = _checks.check_choice(
+            knn_sharding,
+            "knn_sharding",
+            KNN_SHARDING,
+            hint="'auto'/'sharded': each DDP rank indexes its block of the training rows; 'rank0': rank 0 all rows.",
+        )
         self.scored_weights: ScoredWeights | None = None  # resolved at setup
 
         self.history: list[EvalRecord] = []
         self._listeners: list[Listener] = []
         self._event_listeners: list[EventListener] = []
-        self._evaluator: Evaluator | None = None  # rank 0, built once per fit in on_fit_start
-        self._train_images: Tensor | None = None  # rank 0, from setup until the evaluator indexes them
+        self._evaluator: Evaluator | None = None  # rank 0 (every rank when sharded), built in on_fit_start
+        # from setup until the evaluator indexes them: rank 0's whole set, or each rank's block when sharded
+        self._train_images: Tensor | None = None
+        self._sharded = False  # whether this fit's index is sharded over the ranks (decided at setup)
+        # sharded, when the index does not hold this rank's block of images unchanged (feature_fn, duplicates)
+        self._train_block: Tensor | None = None
         self._sample_shape: tuple[int, ...] | None = None
         self._fid_evaluator: FIDEvaluator | None = None
         # a FID state loaded before setup built the evaluator (a manual load_state_dict); handed to it at build
@@ -208,12 +234,16 @@ class MemWatch(Callback):
 
     @property
     def evaluator(self) -> Evaluator | None:
-        """The :class:`~lightning_memwatch.Evaluator` (global rank 0, from ``on_fit_start``; None elsewhere)."""
+        """The :class:`~lightning_memwatch.Evaluator` (from ``on_fit_start``: on every rank when the index is
+        sharded, else on global rank 0 and None elsewhere)."""
         return self._evaluator
 
     @property
-    def index(self) -> NearestNeighbourIndex | None:
-        """The nearest-neighbour index of the training images (global rank 0, from ``on_fit_start``)."""
+    def index(self) -> KnnIndex | None:
+        """The nearest-neighbour index of the training images (from ``on_fit_start``, where the evaluator is):
+        a :class:`~lightning_memwatch.NearestNeighbourIndex`, or under DDP by default a
+        :class:`~lightning_memwatch.metrics.knn_sharded.ShardedNearestNeighbourIndex` (its methods are
+        collectives)."""
         return None if self._evaluator is None else self._evaluator.index
 
     @property
@@ -300,16 +330,22 @@ class MemWatch(Callback):
         if self.data_range is None:
             self.data_range = self._find_data_range(trainer, pl_module)
         device = trainer.strategy.root_device
-        train: Tensor | None = None
+        train: ImageSource | None = None  # FID's fallback reference: the training images (or their source)
         if self._sample_shape is None:
-            train = collect_images(self._find_train_data(trainer))
-            check_range(train, "train_data", self.data_range)
-            small_use = check_range_use(train, "train_data", self.data_range)
-            if small_use is not None:
-                rank_zero_warn(f"MemWatch: {small_use}")
-            self._sample_shape = tuple(train.shape[1:])
-            if trainer.is_global_zero:  # metrics are computed once, on rank 0; the index is built in on_fit_start
-                self._train_images = train
+            source = self._find_train_data(trainer)
+            self._sharded = self._shards_index(trainer)
+            if self._sharded:  # each rank reads its block only; FID (rank 0) streams the whole source if needed
+                images = self._collect_block(trainer, source)
+                train = source
+            else:
+                images = train = collect_images(source)
+                check_range(images, "train_data", self.data_range)
+                small_use = check_range_use(images, "train_data", self.data_range)
+                if small_use is not None:
+                    rank_zero_warn(f"MemWatch: {small_use}")
+            self._sample_shape = tuple(images.shape[1:])
+            if self._sharded or trainer.is_global_zero:  # the index is built in on_fit_start
+                self._train_images = images
         if self.fid is not None and self._fid_evaluator is None:
             if train is None:
                 train = self._train_images
@@ -327,27 +363,98 @@ class MemWatch(Callback):
             )
             self._pending_fid_state = None
 
+    def _shards_index(self, trainer: Trainer) -> bool:
+        """Whether this fit's index is sharded over the ranks (``knn_sharding`` and the process group)."""
+        if self.knn_sharding == "rank0" or trainer.world_size == 1:
+            return False
+        if dist.is_available() and dist.is_initialized():
+            return True
+        if self.knn_sharding == "sharded":
+            raise _checks.config_error(
+                f"MemWatch(knn_sharding='sharded') runs on {trainer.world_size} processes without an initialised "
+                "torch.distributed process group, which the sharded index needs: use a DDP strategy, or "
+                "knn_sharding='rank0'."
+            )
+        return False
+
+    def _collect_block(self, trainer: Trainer, source: ImageSource) -> Tensor:
+        """This rank's contiguous block of the training images (rank 0 the first rows; may hold none), read
+        without reading the other blocks, and checked against ``data_range``. A collective: a problem on one
+        rank raises on every rank."""
+        assert self.data_range is not None
+        world, rank = trainer.world_size, trainer.global_rank
+        block: Tensor | None = None
+        problem: BaseException | None = None
+        try:
+            total = num_images(source, "train_data")
+            if total is None:  # an iterable Dataset: its rows cannot be picked without reading them all
+                images = collect_images(source)
+                rows = rank_slice(len(images), rank, world)
+                block = images[rows.start : rows.stop].clone()  # the rest is freed
+            else:
+                rows = rank_slice(total, rank, world)
+                if len(rows):
+                    block = collect_images(select_rows(source, rows, "train_data"), min_rows=1)
+            if block is not None:
+                check_range(block, "train_data", self.data_range)
+        except (TypeError, ValueError) as err:
+            problem = err
+        reports: list[Any] = [None] * world
+        shape = None if block is None else tuple(block.shape[1:])
+        mine = (None if problem is None else str(problem), shape, 0 if block is None else len(block))
+        dist.all_gather_object(reports, mine)
+        if problem is not None:
+            raise problem
+        failed = [f"rank {r}: {msg}" for r, (msg, _, _) in enumerate(reports) if msg]
+        if failed:
+            raise _checks.config_error(
+                "MemWatch could not read the training images on another rank: " + "; ".join(failed)
+            )
+        num_rows = sum(n for _, _, n in reports)
+        if num_rows < 2:
+            raise _checks.config_error(
+                f"train_data holds {num_rows} image(s) in all, but the memorization ratio compares the nearest and "
+                "second-nearest training images: pass at least 2."
+            )
+        if block is None:
+            block = torch.empty(0, *next(s for _, s, _ in reports if s is not None))
+        elif trainer.is_global_zero and (small_use := check_range_use(block, "train_data", self.data_range)):
+            rank_zero_warn(f"MemWatch: {small_use} (measured on rank 0's block of the training images)")
+        return block
+
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         # The evaluator (and its index) is built here, not in setup: the module is on its device now, so a
         # feature_fn using its submodules (e.g. a VAE encoder) runs where its weights are. Once per fit, never
-        # on the training step.
-        if trainer.is_global_zero and self._evaluator is None and self._train_images is not None:
+        # on the training step. Sharded: every rank builds its evaluator (the index is built collectively);
+        # FID and the user metrics go to rank 0's only.
+        builds = self._sharded or trainer.is_global_zero
+        if builds and self._evaluator is None and self._train_images is not None:
             assert self.data_range is not None
+            main = trainer.is_global_zero
+            sharded: ShardedNearestNeighbourIndex | None = None
+            if self._sharded:
+                sharded = ShardedNearestNeighbourIndex(
+                    self._train_images.to(trainer.strategy.root_device),
+                    backend=self.knn_backend,  # type: ignore[arg-type]
+                    feature_fn=self.feature_fn,
+                )
             self._evaluator = Evaluator(
-                self._train_images,
+                self._train_images if sharded is None else sharded,
                 data_range=self.data_range,
                 threshold=self.threshold,
                 bootstrap=self.bootstrap,
                 seed=self.seed,
                 num_samples=self.num_samples,
-                fid=self._fid_evaluator,
-                metrics=self.metrics,
+                fid=self._fid_evaluator if main else None,
+                metrics=self.metrics if main else None,
                 feature_fn=self.feature_fn,
                 knn_backend=self.knn_backend,  # type: ignore[arg-type]
                 device=trainer.strategy.root_device,
                 inputs_checked=True,  # checked at setup and at every evaluation on every rank, below
             )
-            self._train_images = None  # the evaluator keeps the one copy
+            if sharded is not None and (self.feature_fn is not None or sharded.num_duplicates > 0):
+                self._train_block = self._train_images  # the images, for the pair grid and the FID train floor
+            self._train_images = None  # the evaluator (or _train_block) keeps the one copy
         # MemWatch's settings join the hparams session Lightning logs right after this hook (one session)
         if trainer.is_global_zero:
             if self._fid_evaluator is not None and not trainer.strategy.restore_checkpoint_after_setup:
@@ -382,9 +489,16 @@ class MemWatch(Callback):
         assert evaluator is not None
         if self.fid_train_floor is None and evaluator.reference_source != "train":
             value = None
-            if trainer.is_global_zero and self._evaluator is not None:
+            if self._evaluator is not None:  # rank 0, or every rank when sharded (a collective then)
                 fid_n = self.fid.num_samples or self.num_samples  # type: ignore[union-attr]
-                value = evaluator.train_floor(self._evaluator.first_train_images(fid_n))  # as many as sampled
+                if self._train_block is None:
+                    first = self._evaluator.first_train_images(fid_n)  # as many as sampled
+                else:  # a collective: every rank sends its share of the first rows
+                    index = self._evaluator.index
+                    total = index.num_train + index.num_duplicates  # type: ignore[attr-defined]
+                    first = self._train_images_at(torch.arange(min(fid_n, total)))
+                if trainer.is_global_zero:
+                    value = evaluator.train_floor(first)
             value = trainer.strategy.broadcast(value, src=0)
             self.fid_train_floor = value
             if value is not None and trainer.is_global_zero:
@@ -469,18 +583,40 @@ class MemWatch(Callback):
         return torch.cat(parts)
 
     def _measure(self, trainer: Trainer, generated: Tensor, step: int, sample_seconds: float) -> EvalRecord:
-        """The evaluator's record of the gathered samples (rank 0), and the image panels to the loggers."""
+        """The evaluator's record of the gathered samples, and the image panels to the loggers (rank 0).
+        On rank 0, or on every rank when the index is sharded (its search and ``train_images`` are collectives,
+        entered by every rank under the same conditions)."""
         evaluator = self._evaluator
         assert evaluator is not None
         record = evaluator.evaluate(generated, step, sample_seconds=sample_seconds)
         result = evaluator.last_result
-        if self.log_images and result is not None and evaluator.can_show_train_images:
-            nearest = evaluator.train_images(result.nn_indices[:, 0])
-            mwlog.log_images(
-                trainer, step, generated[: self.num_samples], result.ratios.float(), nearest, self.data_range,
-                threshold=self.threshold,
-            )
+        can_show = evaluator.can_show_train_images or self._train_block is not None
+        if self.log_images and trainer.loggers and result is not None and can_show:
+            nearest = self._train_images_at(result.nn_indices[:, 0])
+            if trainer.is_global_zero:
+                mwlog.log_images(
+                    trainer, step, generated[: self.num_samples], result.ratios.float(), nearest, self.data_range,
+                    threshold=self.threshold,
+                )
         return record
+
+    def _train_images_at(self, rows: Tensor) -> Tensor:
+        """Training images at global ``rows`` (CPU). A collective when sharded: every rank calls it alike."""
+        assert self._evaluator is not None
+        block = self._train_block
+        if block is None:
+            return self._evaluator.train_images(rows)
+        # the shards hold features (or dropped duplicates): each rank sends the rows of its block of images
+        index = self._evaluator.index
+        assert isinstance(index, ShardedNearestNeighbourIndex)
+        flat = rows.reshape(-1).cpu().long()
+        mine = ((flat >= index.offset) & (flat < index.offset + len(block))).nonzero().flatten()
+        parts: list[Any] = [None] * index.world_size
+        dist.all_gather_object(parts, (mine, block[flat[mine] - index.offset].cpu()), group=index.group)
+        out = torch.empty(len(flat), *block.shape[1:])
+        for positions, images in parts:
+            out[positions] = images
+        return out.reshape(*rows.shape, *block.shape[1:])
 
     def _evaluate(self, trainer: Trainer, pl_module: LightningModule, step: int, *, can_log: bool) -> None:
         # the scored weights (raw, EMA or averaged) stay in the module until every listener has seen them
@@ -502,10 +638,11 @@ class MemWatch(Callback):
                 self._overshoot_warned = True
                 rank_zero_warn(overshoot)
             state = None
-            if trainer.is_global_zero:
+            if trainer.is_global_zero or self._sharded:  # sharded: every rank searches its block
                 progress.phase("nearest neighbours" + (" and FID" if self._fid_evaluator is not None else ""))
-                # rank 0's sample time, so every rank holds the same record
-                state = self._measure(trainer, generated, step, sample_seconds).to_dict()
+                record = self._measure(trainer, generated, step, sample_seconds)
+                # rank 0's record (its sample time, FID, metrics), so every rank holds the same record
+                state = record.to_dict() if trainer.is_global_zero else None
         record = EvalRecord.from_dict(trainer.strategy.broadcast(state, src=0))  # plain values across ranks
         self.history.append(record)
         self._last_evaluated_step = step

@@ -22,6 +22,7 @@ Decisions:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
 
 import numpy as np
 import torch
@@ -31,9 +32,38 @@ from torch import Tensor
 from lightning_memwatch._checks import check_batch, check_float, check_int, config_error, config_type_error
 from lightning_memwatch.metrics.knn import NearestNeighbourIndex
 
-__all__ = ["MemorizationFraction", "MemorizationResult", "memorization_fraction", "memorization_ratios"]
+__all__ = [
+    "KnnIndex",
+    "MemorizationFraction",
+    "MemorizationResult",
+    "memorization_fraction",
+    "memorization_ratios",
+]
 
 DEFAULT_THRESHOLD = 1.0 / 3.0
+
+
+@runtime_checkable
+class KnnIndex(Protocol):
+    """What f_mem needs of a nearest-neighbour index of the training images.
+
+    :class:`~lightning_memwatch.NearestNeighbourIndex` (one process) and
+    :class:`~lightning_memwatch.metrics.knn_sharded.ShardedNearestNeighbourIndex` (rows split over a process
+    group; its methods are collectives, so every rank calls them) both satisfy it. An index may also have
+    ``sample_shape`` (per-sample shape of the training images, checked against the samples), ``backend``,
+    ``dim``, ``device``, ``num_duplicates`` and ``holds_images``.
+    """
+
+    num_train: int
+    """Distinct training rows indexed."""
+
+    def search(self, queries: Tensor, k: int = 2) -> tuple[Tensor, Tensor]:
+        """``(distances, indices)``, both ``(m, k)``: L2 distances (ascending) and training rows, nearest first."""
+        ...
+
+    def train_images(self, indices: Tensor) -> Tensor:
+        """The training images at rows ``indices`` (as :meth:`search` returns them)."""
+        ...
 
 
 @dataclass(frozen=True, eq=False)
@@ -71,18 +101,18 @@ class MemorizationResult:
         return int(self.memorized.sum())
 
 
-def _as_index(index_or_train: NearestNeighbourIndex | Tensor) -> NearestNeighbourIndex:
-    if isinstance(index_or_train, NearestNeighbourIndex):
-        return index_or_train
+def _as_index(index_or_train: KnnIndex | Tensor) -> KnnIndex:
     if isinstance(index_or_train, Tensor):
         return NearestNeighbourIndex(index_or_train)
+    if isinstance(index_or_train, KnnIndex):
+        return index_or_train
     raise config_type_error(
-        "index_or_train must be a NearestNeighbourIndex or the training set as a tensor; "
-        f"got {type(index_or_train).__name__}."
+        "index_or_train must be a NearestNeighbourIndex or the training set as a tensor (or another index with "
+        f"`num_train`, `search` and `train_images`, see KnnIndex); got {type(index_or_train).__name__}."
     )
 
 
-def _sample_shape(index_or_train: NearestNeighbourIndex | Tensor) -> tuple[int, ...] | None:
+def _sample_shape(index_or_train: KnnIndex | Tensor) -> tuple[int, ...] | None:
     """Per-sample shape of the training images, when known (the index may record it)."""
     if isinstance(index_or_train, Tensor):
         return tuple(index_or_train.shape[1:])
@@ -107,21 +137,24 @@ def check_sample_shape(generated: Tensor, shape: tuple[int, ...] | None) -> None
 
 
 def _neighbours(
-    generated: Tensor, index_or_train: NearestNeighbourIndex | Tensor, shape: tuple[int, ...] | None = None
+    generated: Tensor, index_or_train: KnnIndex | Tensor, shape: tuple[int, ...] | None = None
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Ratios, distances and nn indices, on ``generated``'s device."""
     if not isinstance(index_or_train, NearestNeighbourIndex):
         check_batch(generated, "generated")  # fail before building an index; the search checks it otherwise
     check_sample_shape(generated, shape if shape is not None else _sample_shape(index_or_train))
     index = _as_index(index_or_train)
-    distances, nn_indices = index.search(generated, 2, name="generated")
+    if isinstance(index, NearestNeighbourIndex):  # its errors then name the samples "generated"
+        distances, nn_indices = index.search(generated, 2, name="generated")
+    else:
+        distances, nn_indices = index.search(generated, 2)
     d1, d2 = distances[:, 0], distances[:, 1]
     ratios = torch.where(d2 > 0, d1 / torch.where(d2 > 0, d2, torch.ones_like(d2)), torch.zeros_like(d1))
     device = generated.device
     return ratios.to(device), distances.to(device), nn_indices.to(device)
 
 
-def memorization_ratios(generated: Tensor, index_or_train: NearestNeighbourIndex | Tensor) -> Tensor:
+def memorization_ratios(generated: Tensor, index_or_train: KnnIndex | Tensor) -> Tensor:
     """Per-sample ratio d1/d2 of the distances to the nearest and second-nearest training examples.
 
     Args:
@@ -142,7 +175,7 @@ def memorization_ratios(generated: Tensor, index_or_train: NearestNeighbourIndex
 
 def memorization_fraction(
     generated: Tensor,
-    index_or_train: NearestNeighbourIndex | Tensor,
+    index_or_train: KnnIndex | Tensor,
     threshold: float = DEFAULT_THRESHOLD,
     bootstrap: int = 1000,
     seed: int = 0,
@@ -152,7 +185,8 @@ def memorization_fraction(
 
     Args:
         generated: ``(m, ...)`` floating-point samples shaped like the training images, ``m >= 1``.
-        index_or_train: a :class:`NearestNeighbourIndex`, or the training set as a tensor.
+        index_or_train: a :class:`NearestNeighbourIndex` (or any :class:`KnnIndex`, e.g. a sharded one: every
+            rank then calls this with the same samples), or the training set as a tensor.
         threshold: memorization threshold on the ratio, in (0, 1]; the paper uses 1/3.
         bootstrap: number of bootstrap resamples (>= 1) for the confidence interval.
         seed: seed of the bootstrap's random generator (results are reproducible).
