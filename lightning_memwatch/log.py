@@ -334,6 +334,10 @@ def memwatch_settings(watch: Any) -> dict[str, Any]:
         "seed": watch.seed,
         "data_range": None if watch.data_range is None else str(tuple(watch.data_range)),
         "knn_backend": index.backend if index is not None else watch.knn_backend,
+        # what was built: "sharded" (split across ranks) or "single" (one index); before that, the setting
+        "knn_sharding": getattr(watch, "knn_sharding", None)
+        if index is None
+        else ("sharded" if getattr(index, "world_size", 1) > 1 else "single"),
         "feature_fn": None if watch.feature_fn is None else getattr(watch.feature_fn, "__name__", "custom"),
         "num_train": None if index is None else index.num_train,
     }

@@ -33,6 +33,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
 from lightning_memwatch._checks import config_error, config_type_error, images_of_batch
+from lightning_memwatch.callbacks._trainer import train_loader_of
 from lightning_memwatch.images import collect_images
 from lightning_memwatch.metrics.loss_gap import (
     LossGapReading,
@@ -274,16 +275,8 @@ class LossGapProbe(Callback):
         train = self.train_data
         if train is None and callable(getattr(datamodule, "train_images", None)):
             train = datamodule.train_images()  # type: ignore[union-attr]
-        if train is None and datamodule is not None and hasattr(datamodule, "train_dataloader"):
-            train = datamodule.train_dataloader()
         if train is None:
-            # the loaders given to trainer.fit (or the module's hook), looked up as MemWatch does: Lightning has
-            # no public accessor for them before they are loaded
-            source = getattr(getattr(trainer, "fit_loop", None), "_data_source", None)
-            if source is not None and source.is_defined():
-                train = source.dataloader()
-                train = train[0] if isinstance(train, (list, tuple)) and train else train
-                train = next(iter(train.values())) if isinstance(train, dict) and train else train
+            train = train_loader_of(trainer)  # the datamodule's, or the loaders given to trainer.fit
         if train is None:
             raise config_error(
                 "LossGapProbe found no training images: pass `LossGapProbe(train_data=...)`, give trainer.fit a "

@@ -32,6 +32,7 @@ from lightning_memwatch._checks import (
     check_range_use,
     check_sample_range,
 )
+from lightning_memwatch.callbacks._trainer import train_loader_of
 from lightning_memwatch.detection import TimescaleDetector, TimescaleEvent
 from lightning_memwatch.evaluator import RATIO_QUANTILES, Evaluator, check_metric_names
 from lightning_memwatch.images import collect_images, num_images, select_rows
@@ -287,23 +288,7 @@ class MemWatch(Callback):
     def _find_train_data(self, trainer: Trainer) -> ImageSource:
         if self.train_data is not None:
             return self.train_data
-        loader: Any = None
-        datamodule = getattr(trainer, "datamodule", None)
-        if datamodule is not None and hasattr(datamodule, "train_dataloader"):
-            loader = datamodule.train_dataloader()
-        if loader is None:
-            # The loaders given to `trainer.fit(...)` or the module's hook. Private, because no public API holds
-            # them at setup: `trainer.train_dataloader` is filled only by the fit loop's `setup_data()`, after
-            # `setup` and `on_fit_start`, and the module's `train_dataloader` hook is not set when loaders are
-            # passed to `fit`. The training images are needed here (range checks, FID's fallback reference)
-            # so that a bad input fails before training starts, on every rank.
-            source = trainer.fit_loop._data_source
-            if source.is_defined():
-                loader = source.dataloader()
-        if isinstance(loader, (list, tuple)) and loader:
-            loader = loader[0]
-        if isinstance(loader, Mapping) and loader:
-            loader = next(iter(loader.values()))
+        loader = train_loader_of(trainer)
         if not isinstance(loader, (DataLoader, Dataset, Tensor)):
             raise _checks.config_error(
                 "MemWatch found no training data: pass `MemWatch(train_data=...)` (a tensor, Dataset or "
