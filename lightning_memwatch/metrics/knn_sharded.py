@@ -10,6 +10,11 @@ removed across shards (the first global copy is kept), as one process's index do
 shard plus ``O(block)``; time per rank proportional to its shard's rows.
 
 Every method is a collective: all ranks of the group call it, in the same order.
+
+This module is the distributed half of :mod:`lightning_memwatch.metrics.knn` and reads that module's internals
+on purpose (``_search_sq``, ``_source``, ``_row_hashes``, ``_duplicate_groups``, ``_resolve_backend``): the squared
+float64 distances, row sources and duplicate hashing are what each shard must share exactly with the
+single-process index for the merged result to equal it, and they are not a public API for users.
 """
 
 from __future__ import annotations
