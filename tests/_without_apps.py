@@ -1,16 +1,18 @@
 """The core without the ``[apps]`` extra, in a process of its own; launched by tests/test_layout.py.
 
-Usage: python _without_apps.py OUTDIR {fit,cli}
+Usage: python _without_apps.py OUTDIR
 
 Before anything else it hides the extra's packages as if they were not installed: their imports fail
 (``sys.modules[name] = None``) and their distribution metadata is absent (``importlib.metadata`` raises
-PackageNotFoundError, which is what Lightning's optional-import checks read). Then
+PackageNotFoundError, which is what Lightning's optional-import checks read). Then, in the same process (one
+interpreter start serves both checks),
 
-* ``fit``: imports lightning_memwatch, builds MemWatch (TensorBoard logger, image logging on) and
+* the fit: imports lightning_memwatch, builds MemWatch (TensorBoard logger, image logging on) and
   MemorizationEarlyStopping and runs a tiny fit of the test toy that starts copying its training images;
-* ``cli``: runs the ``memwatch`` entry point for ``demo`` and ``report``, which must exit with code 2;
+  it records which application modules that imported;
+* the command: runs the ``memwatch`` entry point for ``demo`` and ``report``, which must exit with code 2;
 
-and writes ``OUTDIR/result.json``: what happened, and which application modules ended up imported.
+and writes ``OUTDIR/result.json``: what happened (``fit``, ``cli``) and whether the hidden packages stayed hidden.
 """
 
 from __future__ import annotations
@@ -61,16 +63,28 @@ def run_fit(out: Path) -> dict:
     train = toy_images(32, seed=0)
     model = ToyDiffusion(train, memorize_from=20)
     watch = MemWatch(
-        train_data=train, num_samples=16, sample_batch_size=16, schedule=EvalSchedule.every(5), bootstrap=50,
-        data_range=(-1.0, 1.0), verbose=False, log_images=True,
+        train_data=train,
+        num_samples=16,
+        sample_batch_size=16,
+        schedule=EvalSchedule.every(5),
+        bootstrap=50,
+        data_range=(-1.0, 1.0),
+        verbose=False,
+        log_images=True,
         metrics={"quality": lambda generated: float(generated.abs().mean())},  # no FID: its weights are offline
         detector=TimescaleDetector(quality_key="quality", mem_rule="threshold", f0=0.5),
     )
     stopper = MemorizationEarlyStopping(watch, monitor="quality")
     trainer = Trainer(
-        max_steps=60, callbacks=[watch, stopper], logger=TensorBoardLogger(str(out), name="tb"),
-        accelerator="cpu", devices=1, enable_progress_bar=False, enable_model_summary=False,
-        enable_checkpointing=False, default_root_dir=str(out),
+        max_steps=60,
+        callbacks=[watch, stopper],
+        logger=TensorBoardLogger(str(out), name="tb"),
+        accelerator="cpu",
+        devices=1,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        default_root_dir=str(out),
     )
     trainer.fit(model, toy_loader(train))
     return {
@@ -95,12 +109,17 @@ def run_cli() -> dict:
     return result
 
 
-if __name__ == "__main__":
-    torch.set_num_threads(1)
-    outdir, mode = Path(sys.argv[1]), sys.argv[2]
-    result = run_fit(outdir) if mode == "fit" else run_cli()
-    result["imported"] = sorted(
+def imported_apps() -> list[str]:
+    return sorted(
         name for name in sys.modules if name.startswith("lightning_memwatch.apps") and sys.modules[name] is not None
     )
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(1)
+    outdir = Path(sys.argv[1])
+    result = {"fit": run_fit(outdir)}
+    result["fit"]["imported"] = imported_apps()  # before the command imports lightning_memwatch.apps.cli
+    result["cli"] = run_cli()
     result["hidden_importable"] = [name for name in HIDDEN_MODULES if sys.modules.get(name) is not None]
     (outdir / "result.json").write_text(json.dumps(result))

@@ -99,18 +99,20 @@ def test_core_dependencies_are_the_designs_and_the_apps_sit_behind_an_extra():
     assert project["scripts"]["memwatch"] == "lightning_memwatch.apps.cli:main"
 
 
-def _without_apps(tmp_path: Path, mode: str) -> dict:
+@pytest.fixture(scope="module")
+def without_apps(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """The result of tests/_without_apps.py: a fit and the command, in one process with the extra hidden."""
+    out = tmp_path_factory.mktemp("without_apps")
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MASTER_", "PL_", "LOCAL_RANK", "NODE_RANK"))}
     env.update(OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "tests")]))
-    subprocess.run(
-        [sys.executable, str(SCRIPT), str(tmp_path), mode], check=True, env=env, timeout=WALL, cwd=tmp_path
-    )
-    return json.loads((tmp_path / "result.json").read_text())
-
-
-def test_the_callbacks_fit_without_the_apps_extra(tmp_path):
-    result = _without_apps(tmp_path, "fit")
+    subprocess.run([sys.executable, str(SCRIPT), str(out)], check=True, env=env, timeout=WALL, cwd=out)
+    result = json.loads((out / "result.json").read_text())
     assert result["hidden_importable"] == []  # the packages really were out of reach
+    return result
+
+
+def test_the_callbacks_fit_without_the_apps_extra(without_apps):
+    result = without_apps["fit"]
     # the toy copies its training images from step 20: evaluations at 5, 10, 15, 20, stop at the onset
     assert result["f_mem"] == [0.0, 0.0, 0.0, 1.0]
     assert result["tau_mem"] == 20 and result["stopped_step"] == 20 and result["global_step"] == 20
@@ -118,11 +120,10 @@ def test_the_callbacks_fit_without_the_apps_extra(tmp_path):
     assert result["imported"] == []  # nothing of lightning_memwatch.apps was loaded
 
 
-def test_the_memwatch_command_without_the_extra_names_it(tmp_path):
-    result = _without_apps(tmp_path, "cli")
+def test_the_memwatch_command_without_the_extra_names_it(without_apps):
     for command in ("demo", "report"):
-        assert result[command]["code"] == 2
-        message = result[command]["stderr"]
+        assert without_apps["cli"][command]["code"] == 2
+        message = without_apps["cli"][command]["stderr"]
         assert "pip install 'lightning-memwatch[apps]'" in message
         assert "scikit-learn" in message and "matplotlib" in message
 
@@ -164,7 +165,11 @@ def test_python_dash_m_runs_an_old_path():
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     proc = subprocess.run(
         [sys.executable, "-W", "always::DeprecationWarning", "-m", "lightning_memwatch.cli", "--help"],
-        capture_output=True, text=True, env=env, timeout=WALL, check=False,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=WALL,
+        check=False,
     )
     assert proc.returncode == 0, proc.stderr
     assert "usage: memwatch" in proc.stdout
