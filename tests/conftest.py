@@ -1,7 +1,8 @@
 """Suite-wide test policy: every test starts from the same RNG state, whatever ran before it.
 
-CI runs the suite in random order (pytest-randomly prints its seed on the first line; rerun an order with
-``-p randomly --randomly-seed=N``). pytest-randomly reseeds ``random`` and numpy before each test, not torch: the
+CI runs the suite in random order, spread over the cores by pytest-xdist a file at a time (``-n auto --dist
+loadfile``: a file's tests and its module fixtures stay in one worker); the last line prints the seed and the
+options that rerun the same order. pytest-randomly reseeds ``random`` and numpy before each test, not torch: the
 fixture below resets torch's global generator too, so a model a test builds without its own seed gets the same
 weights in any order. Tests still seed what they build themselves; this is the safety net.
 """
@@ -51,6 +52,8 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter, config: p
     """Print the order's seed even under ``-q`` (pytest-randomly prints it only in the header)."""
     seed = getattr(config.option, "randomly_seed", None)
     if config.pluginmanager.hasplugin("randomly") and getattr(config.option, "randomly_reorganize", True):
-        terminalreporter.write_line(f"random test order: rerun it with -p randomly --randomly-seed={seed}")
+        workers = getattr(config.option, "numprocesses", None)  # pytest-xdist's -n: each worker's share is reordered
+        spread = f" -n {workers} --dist {config.option.dist}" if workers else ""
+        terminalreporter.write_line(f"random test order: rerun it with -p randomly --randomly-seed={seed}{spread}")
     else:
         terminalreporter.write_line("fixed test order (pytest-randomly not active)")
