@@ -19,7 +19,7 @@ no download, and like Inception-FID it compares the class-level content and dive
 held-out images (Inception itself means nothing at 8x8).
 
 MemWatch runs at its defaults, schedule included (every 500 optimizer steps, 1000 samples). Not defaults, and
-why: each model's own sampler takes 20 DDIM steps (the paper uses 100; CPU budget), one torch thread, and the
+why: each model's own sampler takes 20 DDIM steps (the paper uses 100; CPU budget), and the
 training-set size ``n`` per setup is chosen so that the model copies after MemWatch's first evaluation at
 step 500 (at n = 16 the diffusers UNet, and lucidrains' at n = 32 and 64, copied before it) and within the run.
 
@@ -31,10 +31,10 @@ before copying begins (judged with hindsight by :func:`hindsight_plateau`). Each
 evaluation (step, f_mem and its CI, FD, where each rule stood), the training images' FD, CPU seconds (user +
 sys: independent of the machine's load) and the load average.
 
-Run: ``python benchmarks/zoo.py`` (all setups in turn; measured 67-194 s of CPU each for diffusers-ddim,
-diffusers-ema and mlp, 364 s for lucidrains-ddim at n = 128, on one thread of a 2-core AMD EPYC VM, 8-19 min
-of wall time under a load average of 4-12; see docs/integrations.md), ``--setups mlp lucidrains-ddim``,
-``--json out.json``, ``--table-from benchmarks/results/zoo_*.json``.
+Run: ``python benchmarks/zoo.py`` (all setups in turn, 2 torch threads), ``--setups mlp lucidrains-ddim``,
+``--json out.json``, ``--table-from benchmarks/results/zoo_*.json``. Measured one setup at a time on an idle
+2-core AMD EPYC VM: 50-280 s of wall time for mlp, diffusers-ddim, diffusers-ema and lucidrains-ddim, 678 s
+for paper-unet-16 (see docs/integrations.md).
 """
 
 from __future__ import annotations
