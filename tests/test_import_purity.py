@@ -7,12 +7,12 @@ because every interpreter start with torch costs seconds of the CI budget.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from _child_env import child_env
 
 SCRIPT = Path(__file__).with_name("_import_stages.py")
 ROOT = SCRIPT.parents[1]
@@ -22,8 +22,7 @@ WALL = 300  # seconds: far above the ~10 s the process takes
 @pytest.fixture(scope="module")
 def stages(tmp_path_factory: pytest.TempPathFactory) -> dict:
     out = tmp_path_factory.mktemp("import_stages") / "stages.json"
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MASTER_", "PL_", "LOCAL_RANK", "NODE_RANK"))}
-    env["PYTHONPATH"] = str(ROOT)
+    env = child_env()
     done = subprocess.run(
         [sys.executable, str(SCRIPT), str(out)], capture_output=True, text=True, timeout=WALL, env=env, check=False
     )

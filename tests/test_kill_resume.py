@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from _child_env import child_env
 
 SCRIPT = Path(__file__).with_name("_kill_resume_fit.py")
 ROOT = Path(__file__).resolve().parents[1]
@@ -26,11 +27,7 @@ WALL = 240  # seconds per fit, far above the ~10 s one takes on an idle 2-core m
 
 
 def _env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MASTER_", "PL_", "LOCAL_RANK", "NODE_RANK"))}
-    env.update(
-        OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
-    )
-    return env
+    return child_env(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
 
 
 def _fit(out: Path, *args: str) -> dict:

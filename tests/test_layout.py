@@ -18,6 +18,7 @@ import warnings
 from pathlib import Path
 
 import pytest
+from _child_env import child_env
 
 from lightning_memwatch import _moved
 
@@ -103,8 +104,7 @@ def test_core_dependencies_are_the_designs_and_the_apps_sit_behind_an_extra():
 def without_apps(tmp_path_factory: pytest.TempPathFactory) -> dict:
     """The result of tests/_without_apps.py: a fit and the command, in one process with the extra hidden."""
     out = tmp_path_factory.mktemp("without_apps")
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MASTER_", "PL_", "LOCAL_RANK", "NODE_RANK"))}
-    env.update(OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "tests")]))
+    env = child_env(OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "tests")]))
     subprocess.run([sys.executable, str(SCRIPT), str(out)], check=True, env=env, timeout=WALL, cwd=out)
     result = json.loads((out / "result.json").read_text())
     assert result["hidden_importable"] == []  # the packages really were out of reach
