@@ -411,6 +411,35 @@ def test_far_offset_keeps_centred_rows_and_stays_exact(backend: str) -> None:
     torch.testing.assert_close(d.double(), want_d, rtol=1e-6, atol=0)
 
 
+@pytest.mark.skipif("faiss-cpu" not in FLOAT32_CPU, reason="needs faiss-cpu")
+@pytest.mark.parametrize(("dim", "raw"), [(1024, True), (8200, False)])
+def test_faiss_cpu_searches_raw_rows_of_images_up_to_8192_dimensions(
+    dim: int, raw: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Above 8,192 dimensions the raw rows' bound (about 4x the centred one for [0, 1] data) leaves many rows
+    # uncertified: faiss-cpu centres the blocks instead. Either way the answer is the float64 one.
+    g = torch.Generator().manual_seed(11)
+    train = torch.rand(120, dim, generator=g)
+    queries = torch.cat(
+        [train[:3], train[3:8] + 1e-4 * torch.rand(5, dim, generator=g), torch.rand(4, dim, generator=g)]
+    )
+    index = NearestNeighbourIndex(train, backend="faiss-cpu")
+    assert index._shift_norms64 is not None  # a moderate offset: the raw rows are candidates for the raw pass
+    seen: list[bool] = []
+    search = NearestNeighbourIndex._faiss_topc
+
+    def spy(self: NearestNeighbourIndex, q: torch.Tensor, c: int, raw: bool = False) -> tuple:
+        seen.append(raw)
+        return search(self, q, c, raw=raw)
+
+    monkeypatch.setattr(NearestNeighbourIndex, "_faiss_topc", spy)
+    d, i = index.search(queries, k=2)
+    assert seen and set(seen) == {raw}
+    want_d, want_i = brute_force(queries, train, 2)
+    assert torch.equal(i, want_i)
+    torch.testing.assert_close(d.double(), want_d, rtol=1e-6, atol=0)
+
+
 def test_reranking_skips_candidates_that_cannot_be_nearest(monkeypatch: pytest.MonkeyPatch) -> None:
     # Well-separated rows: only the k nearest candidates of each query get exact distances; near ties still
     # get all of them (and the answer stays exact).
