@@ -145,7 +145,9 @@ def test_cache_round_trip_and_miss(tmp_path: Path) -> None:
     assert [p.name for p in path.parent.iterdir()] == ["unit-k.pt"]  # no temporary file left
 
 
-def test_failed_write_leaves_previous_entry_and_no_temp_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_failed_write_leaves_previous_entry_and_no_temp_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     store = TensorCache(tmp_path, namespace="unit")
     store.save("k", {"x": torch.zeros(3)})
 

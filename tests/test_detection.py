@@ -283,18 +283,8 @@ def reference_noise(points):
     return statistics.median(res) / 0.6745 if len(res) >= 3 else 0.0
 
 
-def reference_timescales(
-    history,
-    window_factor=2.0,
-    rel_tol=0.05,
-    min_improvement=0.2,
-    floor=None,
-    eps=0.1,
-    mem_rule="ci",
-    f0=0.0,
-    patience=0,
-    noise_z=2.0,
-):
+def reference_timescales(history, window_factor=2.0, rel_tol=0.05, min_improvement=0.2, floor=None, eps=0.1,
+                         mem_rule="ci", f0=0.0, patience=0, noise_z=2.0):
     """Brute-force restatement of the documented definitions (min mode), for comparison."""
     qs = [(r["step"], r["fid"]) for r in history if isinstance(r["fid"], float) and math.isfinite(r["fid"])]
     tau_gen = None
@@ -507,7 +497,9 @@ def test_floor_train_waits_for_the_training_images_level_and_round_trips():
     again = TimescaleDetector(floor="train")
     again.load_state_dict(json.loads(json.dumps(det.state_dict())))
     assert again.floor == 10.0
-    assert [e.name for e in again.update({"step": 1, "f_mem": 0.0, "f_mem_ci_low": 0.0, "fid": 10.5})] == ["tau_gen"]
+    assert [e.name for e in again.update({"step": 1, "f_mem": 0.0, "f_mem_ci_low": 0.0, "fid": 10.5})] == [
+        "tau_gen"
+    ]
 
 
 # -- the plateau rule's noise allowance ----------------------------------------------------------------------

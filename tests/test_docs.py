@@ -440,13 +440,14 @@ def test_ema_sampler_evaluates_the_averaged_weights(tmp_path, digits16):
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             raw = {k: v.detach().clone() for k, v in pl_module.named_parameters()}
             self.raw = raw
-            self.average = (
-                raw if self.average is None else {k: decay * self.average[k] + (1 - decay) * raw[k] for k in raw}
-            )
+            self.average = raw if self.average is None else {
+                k: decay * self.average[k] + (1 - decay) * raw[k] for k in raw
+            }
 
     own = OwnAverage()
     ema = EMAWeightAveraging(decay=decay)
-    watch = MemWatch(num_samples=8, sample_batch_size=8, schedule=EvalSchedule.at([3, 6]), bootstrap=50, verbose=False)
+    watch = MemWatch(num_samples=8, sample_batch_size=8, schedule=EvalSchedule.at([3, 6]), bootstrap=50,
+                     verbose=False)
     seen = []
 
     def check(trainer, module, record):  # during the evaluation the module holds the averaged weights
@@ -675,8 +676,6 @@ def test_browser_check_fails_rather_than_skips_under_ci(monkeypatch):
     monkeypatch.delenv("CI")
     with pytest.raises(pytest.skip.Exception):
         require_chromium()
-
-
 # ------------------------------------------------------------------------------------------------ integrations page
 # (docs/integrations.md: the adapters' snippets; owned with lightning_memwatch/adapters/)
 

@@ -132,12 +132,8 @@ def test_forecast_tau_mem_is_the_flat_view_of_fit_tau_mem():
     assert (forecast.slope, forecast.r2) == (fit.origin.slope, fit.origin.r2)
     assert (forecast.intercept, forecast.intercept_slope) == (fit.affine.intercept, fit.affine.slope)
     assert (forecast.exponent, forecast.prefactor, forecast.num_points) == (fit.exponent, fit.prefactor, 5)
-    assert fit_summary(NS, taus) == {
-        "slope": fit.origin.slope,
-        "intercept": 0.0,
-        "r2": fit.origin.r2,
-        "exponent": fit.exponent,
-    }
+    assert fit_summary(NS, taus) == {"slope": fit.origin.slope, "intercept": 0.0, "r2": fit.origin.r2,
+                                     "exponent": fit.exponent}
 
 
 def test_forecast_still_warns_about_skipped_runs_and_fit_summary_stays_silent():

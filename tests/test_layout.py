@@ -162,14 +162,9 @@ def test_only_moved_names_are_aliased():
 
 
 def test_python_dash_m_runs_an_old_path():
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
     proc = subprocess.run(
         [sys.executable, "-W", "always::DeprecationWarning", "-m", "lightning_memwatch.cli", "--help"],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=WALL,
-        check=False,
+        capture_output=True, text=True, env=child_env(), timeout=WALL, check=False,
     )
     assert proc.returncode == 0, proc.stderr
     assert "usage: memwatch" in proc.stdout

@@ -54,14 +54,8 @@ def test_tqdm_bar_shows_sampling_progress_under_the_training_bar(tmp_path, monke
     import lightning.pytorch.callbacks.progress.tqdm_progress as tqdm_progress
 
     monkeypatch.setattr(tqdm_progress.sys, "stdout", out)  # the bars write to sys.stdout
-    watch = MemWatch(
-        num_samples=24,
-        sample_batch_size=8,
-        schedule=EvalSchedule.every(5),
-        bootstrap=50,
-        verbose=False,
-        log_images=False,
-    )
+    watch = MemWatch(num_samples=24, sample_batch_size=8, schedule=EvalSchedule.every(5), bootstrap=50,
+                     verbose=False, log_images=False)
     _fit(tmp_path, TQDMProgressBar(refresh_rate=1), watch, ToyDiffusion(TRAIN))
     text = out.getvalue()
     # 3 sampler calls of 8 per evaluation: the bar counts 8, 16, 24 of 24 images at steps 5 and 10
@@ -73,14 +67,8 @@ def test_tqdm_bar_shows_sampling_progress_under_the_training_bar(tmp_path, monke
 
 def test_rich_bar_shows_a_task_per_evaluation_and_removes_it(tmp_path):
     pytest.importorskip("rich")
-    watch = MemWatch(
-        num_samples=24,
-        sample_batch_size=8,
-        schedule=EvalSchedule.every(5),
-        bootstrap=50,
-        verbose=False,
-        log_images=False,
-    )
+    watch = MemWatch(num_samples=24, sample_batch_size=8, schedule=EvalSchedule.every(5), bootstrap=50,
+                     verbose=False, log_images=False)
     model = BarReadingToy(TRAIN)
     bar = RichProgressBar(refresh_rate=1)
     _fit(tmp_path, bar, watch, model)
@@ -91,14 +79,8 @@ def test_rich_bar_shows_a_task_per_evaluation_and_removes_it(tmp_path):
 
 
 def test_silent_without_a_progress_bar(tmp_path, capsys):
-    watch = MemWatch(
-        num_samples=16,
-        sample_batch_size=8,
-        schedule=EvalSchedule.every(5),
-        bootstrap=50,
-        verbose=False,
-        log_images=False,
-    )
+    watch = MemWatch(num_samples=16, sample_batch_size=8, schedule=EvalSchedule.every(5), bootstrap=50,
+                     verbose=False, log_images=False)
     _fit(tmp_path, None, watch, ToyDiffusion(TRAIN))
     assert "MemWatch step" not in capsys.readouterr().out
     trainer = Trainer(enable_progress_bar=False, logger=False)
@@ -108,15 +90,8 @@ def test_silent_without_a_progress_bar(tmp_path, capsys):
 
 
 def test_one_setup_summary_line_per_fit(tmp_path, caplog):
-    watch = MemWatch(
-        num_samples=16,
-        sample_batch_size=8,
-        schedule=EvalSchedule.every(5),
-        bootstrap=50,
-        verbose=True,
-        log_images=False,
-        knn_backend="torch",
-    )
+    watch = MemWatch(num_samples=16, sample_batch_size=8, schedule=EvalSchedule.every(5), bootstrap=50,
+                     verbose=True, log_images=False, knn_backend="torch")
     with caplog.at_level(logging.INFO, logger="lightning.pytorch.utilities.rank_zero"):
         _fit(tmp_path, None, watch, ToyDiffusion(TRAIN), max_steps=5)
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("MemWatch: indexed")]
@@ -131,34 +106,17 @@ def test_one_setup_summary_line_per_fit(tmp_path, caplog):
 
 def test_setup_summary_wording():
     fid = {"extractor": "inception-v3", "reference": "reference", "num_reference": 10000, "reference_stats": "cache"}
-    line = setup_summary(
-        num_train=50000,
-        image_shape=(3, 32, 32),
-        backend="faiss-cpu",
-        feature_dim=None,
-        fid=fid,
-        next_step=None,
-        num_samples=1000,
-        sample_batch_size=250,
-    )
+    line = setup_summary(num_train=50000, image_shape=(3, 32, 32), backend="faiss-cpu", feature_dim=None,
+                         fid=fid, next_step=None, num_samples=1000, sample_batch_size=250)
     assert "50,000 training images (3x32x32, pixel space) with the faiss-cpu backend" in line
     assert "FID with inception-v3 against 10,000 reference images (cache hit)" in line
     assert line.endswith("no evaluation left in the schedule")
     fid["reference_stats"] = "computed"
-    line = setup_summary(
-        num_train=10,
-        image_shape=(1, 8, 8),
-        backend="torch",
-        feature_dim=16,
-        fid=fid,
-        next_step=500,
-        num_samples=1000,
-        sample_batch_size=250,
-        world_size=2,
-        last_seconds=52.4,
-    )
+    line = setup_summary(num_train=10, image_shape=(1, 8, 8), backend="torch", feature_dim=16, fid=fid,
+                         next_step=500, num_samples=1000, sample_batch_size=250, world_size=2, last_seconds=52.4)
     assert "(1x8x8, 16-d features)" in line and "(cache miss, computed)" in line
     assert line.endswith(
         "next evaluation at step 500: 1,000 samples in 2 sampler calls of up to 250 images on each of 2 ranks, "
         "about 52 s as the last evaluation took"
     )
+

@@ -25,21 +25,9 @@ from lightning_memwatch.record import (
 
 def full_record(**changes) -> EvalRecord:
     values = dict(
-        step=500,
-        num_samples=1000,
-        f_mem=0.25,
-        f_mem_ci_low=0.2,
-        f_mem_ci_high=0.3,
-        ratio_q05=0.05,
-        ratio_q25=0.3,
-        ratio_median=0.6,
-        ratio_q75=0.8,
-        ratio_q95=0.95,
-        fid=12.5,
-        fid_num_samples=2000,
-        metrics={"sharpness": 3.5},
-        sample_seconds=4.0,
-        metric_seconds=0.25,
+        step=500, num_samples=1000, f_mem=0.25, f_mem_ci_low=0.2, f_mem_ci_high=0.3,
+        ratio_q05=0.05, ratio_q25=0.3, ratio_median=0.6, ratio_q75=0.8, ratio_q95=0.95,
+        fid=12.5, fid_num_samples=2000, metrics={"sharpness": 3.5}, sample_seconds=4.0, metric_seconds=0.25,
     )
     return EvalRecord(**(values | changes))
 
@@ -47,21 +35,8 @@ def full_record(**changes) -> EvalRecord:
 def test_the_mapping_view_is_the_dict_record_of_earlier_versions():
     record = full_record()
     assert list(record) == [
-        "step",
-        "num_samples",
-        "f_mem",
-        "f_mem_ci_low",
-        "f_mem_ci_high",
-        "ratio_q05",
-        "ratio_q25",
-        "ratio_median",
-        "ratio_q75",
-        "ratio_q95",
-        "fid",
-        "fid_num_samples",
-        "sharpness",
-        "metric_seconds",
-        "sample_seconds",
+        "step", "num_samples", "f_mem", "f_mem_ci_low", "f_mem_ci_high", "ratio_q05", "ratio_q25", "ratio_median",
+        "ratio_q75", "ratio_q95", "fid", "fid_num_samples", "sharpness", "metric_seconds", "sample_seconds",
     ]
     assert record["f_mem"] == record.f_mem == 0.25 and record["sharpness"] == 3.5 and record.get("missing") is None
     assert "sharpness" in record and "metrics" not in record and len(record) == 15
@@ -103,14 +78,9 @@ def test_scalars_round_trip_through_the_one_mapping():
     record = full_record(extra={"loss_gap": 0.1})
     scalars = record.to_scalars()
     assert scalars == {
-        "memwatch/f_mem": 0.25,
-        "memwatch/f_mem_ci_low": 0.2,
-        "memwatch/f_mem_ci_high": 0.3,
-        "memwatch/ratio_median": 0.6,
-        "memwatch/fid": 12.5,
-        "memwatch/fid_num_samples": 2000.0,
-        "memwatch/sharpness": 3.5,
-        "memwatch/loss_gap": 0.1,
+        "memwatch/f_mem": 0.25, "memwatch/f_mem_ci_low": 0.2, "memwatch/f_mem_ci_high": 0.3,
+        "memwatch/ratio_median": 0.6, "memwatch/fid": 12.5, "memwatch/fid_num_samples": 2000.0,
+        "memwatch/sharpness": 3.5, "memwatch/loss_gap": 0.1,
     }
     back = EvalRecord.from_scalars(500, scalars | {TAU_MEM: 400.0, FID_TRAIN_FLOOR: 3.0})  # run-level keys skipped
     assert back.step == 500 and back.fid_num_samples == 2000 and isinstance(back.fid_num_samples, int)
@@ -133,10 +103,8 @@ def test_plain_dicts_for_checkpoints_and_json_and_old_flat_records():
 
 
 def test_the_detector_reads_records_and_dicts_alike():
-    records = [
-        full_record(step=s, f_mem=f, f_mem_ci_low=f, fid=q)
-        for s, f, q in [(100, 0.0, 50.0), (200, 0.0, 10.4), (300, 0.2, 10.0)]
-    ]
+    records = [full_record(step=s, f_mem=f, f_mem_ci_low=f, fid=q) for s, f, q in
+               [(100, 0.0, 50.0), (200, 0.0, 10.4), (300, 0.2, 10.0)]]
     a, b = TimescaleDetector(floor=10.0), TimescaleDetector(floor=10.0)
     for record in records:
         assert [e.to_dict() for e in a.update(record)] == [e.to_dict() for e in b.update(dict(record))]

@@ -651,7 +651,8 @@ class NearestNeighbourIndex:
         unit_in = _matmul_input_unit(self.device) if torch_pass else 2.0**-11 if self.backend == "faiss-gpu" else 0.0
         # A moderate offset (raw rows at most _OFFSET_FORM_MAX_RATIO times the centred ones) is handled without
         # centring any row: the torch pass uses the offset form (it needs IEEE float32 inputs: its bound has
-        # no input-rounding term), faiss-cpu (which computes its own norms of the rows it gets) the raw rows.
+        # no input-rounding term), faiss-cpu (which computes its own norms of the rows it gets) the raw rows, up to
+        # _FAISS_RAW_MAX_DIM dimensions.
         moderate = self._shift_norms64 is not None and unit_in == 0.0 and self.backend != "faiss-gpu"
         if self.backend == "faiss-cpu":
             moderate = moderate and self.dim <= _FAISS_RAW_MAX_DIM

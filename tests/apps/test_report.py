@@ -40,18 +40,10 @@ def planted_history(n: int, tau_gen: int, tau_mem: int, last: int) -> list[dict]
             f_mem = 0.02 if step == tau_mem - 2 * EVERY else 0.0
         else:
             f_mem = 0.05 + 0.01 * (step - tau_mem) / EVERY
-        records.append(
-            {
-                "step": step,
-                "f_mem": f_mem,
-                "f_mem_ci_low": max(0.0, f_mem - 0.01),
-                "f_mem_ci_high": f_mem + 0.01,
-                "ratio_median": 0.8 - f_mem,
-                "fid": fid,
-                "fid_num_samples": 512,
-                "sharpness": float(step) / 7,
-            }
-        )
+        records.append({
+            "step": step, "f_mem": f_mem, "f_mem_ci_low": max(0.0, f_mem - 0.01), "f_mem_ci_high": f_mem + 0.01,
+            "ratio_median": 0.8 - f_mem, "fid": fid, "fid_num_samples": 512, "sharpness": float(step) / 7,
+        })
     return records
 
 
@@ -237,10 +229,8 @@ def test_plot_legends_name_every_line_and_band(logdir, monkeypatch):
     title = quality.get_title()
     assert "dashed" not in title and "dotted" not in title  # the legend says which line is which
     labels = [t.get_text() for t in quality.get_legend().get_texts()]
-    styles = {
-        t.get_text(): h.get_linestyle()
-        for t, h in zip(quality.get_legend().get_texts(), quality.get_legend().legend_handles)
-    }
+    styles = {t.get_text(): h.get_linestyle() for t, h in zip(quality.get_legend().get_texts(),
+                                                               quality.get_legend().legend_handles)}
     assert "tau_gen of the run (its colour)" in labels and "tau_mem of the run (its colour)" in labels
     # three different line styles: tau_gen, tau_mem and the threshold are never confused
     marks = [styles[k] for k in labels if k.startswith("tau_")]

@@ -50,15 +50,9 @@ def main():
     watch.add_listener(snapshot_listener(snapshots))
     stopper = MemorizationEarlyStopping(watch, dirpath=str(out / "best"))
     trainer = Trainer(
-        max_steps=100,
-        accelerator="cpu",
-        devices=devices,
-        strategy="ddp" if devices > 1 else "auto",
-        callbacks=[watch, stopper, Dump(watch, stopper, snapshots, out)],
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
+        max_steps=100, accelerator="cpu", devices=devices, strategy="ddp" if devices > 1 else "auto",
+        callbacks=[watch, stopper, Dump(watch, stopper, snapshots, out)], logger=False,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
     )
     trainer.fit(model, loader())
 

@@ -30,7 +30,9 @@ def main():
     out, devices = Path(sys.argv[1]), int(sys.argv[2])
     torch.manual_seed(0)
     train = toy_images(64)
-    watch = MemWatch(num_samples=30, sample_batch_size=4, schedule=EvalSchedule.every(8), bootstrap=100, verbose=False)
+    watch = MemWatch(
+        num_samples=30, sample_batch_size=4, schedule=EvalSchedule.every(8), bootstrap=100, verbose=False
+    )
     trainer = Trainer(
         max_steps=16,
         accelerator="cpu",

@@ -78,11 +78,8 @@ def make(watch=None, other_ranks_stop=False, **kwargs):
     watch = watch if watch is not None else ScriptedWatch(TimescaleDetector(floor=20.0))
     stopper = MemorizationEarlyStopping(watch, **kwargs)
     trainer = SimpleNamespace(
-        callbacks=[watch, stopper],
-        strategy=FakeStrategy(other_ranks_stop),
-        should_stop=False,
-        is_global_zero=True,
-        global_step=0,
+        callbacks=[watch, stopper], strategy=FakeStrategy(other_ranks_stop), should_stop=False,
+        is_global_zero=True, global_step=0,
     )
     module = Tiny()
     stopper.setup(trainer, module, "fit")
@@ -114,15 +111,8 @@ def weights_step(module) -> float:
 
 # floor 20, eps 0.1 -> tau_gen at the first FID <= 22 (step 30); memorization from step 70, with great FIDs
 FLOOR_RUN = [
-    rec(10, 300.0),
-    rec(20, 100.0),
-    rec(30, 21.5),
-    rec(40, 20.8),
-    rec(50, 21.2),
-    rec(60, 20.9),
-    rec(70, 18.0, 0.3),
-    rec(80, 17.0, 0.5),
-    rec(90, 16.0, 0.7),
+    rec(10, 300.0), rec(20, 100.0), rec(30, 21.5), rec(40, 20.8), rec(50, 21.2), rec(60, 20.9),
+    rec(70, 18.0, 0.3), rec(80, 17.0, 0.5), rec(90, 16.0, 0.7),
 ]
 
 
@@ -216,13 +206,8 @@ def test_strict_requires_the_quality_signal():
 
 def test_a_user_quality_metric_and_max_mode_come_from_the_detector():
     detector = TimescaleDetector(quality_key="score", quality_mode="max", floor=10.0)
-    history = [
-        rec(10, None, score=1.0),
-        rec(20, None, score=9.5),
-        rec(30, None, score=9.8),
-        rec(40, None, score=9.6),
-        rec(50, None, 0.2, score=12.0),
-    ]
+    history = [rec(10, None, score=1.0), rec(20, None, score=9.5), rec(30, None, score=9.8),
+               rec(40, None, score=9.6), rec(50, None, 0.2, score=12.0)]
     watch, stopper, trainer, module = make(ScriptedWatch(detector))
     assert (stopper.monitor, stopper.mode) == ("score", "max")
     assert stopper.state_key == "MemorizationEarlyStopping{'monitor': 'score', 'mode': 'max'}"
@@ -353,13 +338,8 @@ def real_watch(model):
     from lightning_memwatch import EvalSchedule, MemWatch
 
     return MemWatch(
-        num_samples=24,
-        sample_batch_size=12,
-        schedule=EvalSchedule.every(5),
-        bootstrap=100,
-        verbose=False,
-        log_images=False,
-        metrics={"quality": lambda generated: QUALITY[model.global_step]},
+        num_samples=24, sample_batch_size=12, schedule=EvalSchedule.every(5), bootstrap=100, verbose=False,
+        log_images=False, metrics={"quality": lambda generated: QUALITY[model.global_step]},
         detector=TimescaleDetector(quality_key="quality", floor=1.0),
     )
 
@@ -375,16 +355,9 @@ def fit(tmp_path, model, watch, stopper, max_steps=100, ckpt_path=None, extra=()
     from lightning.pytorch import Trainer
 
     trainer = Trainer(
-        max_steps=max_steps,
-        callbacks=[watch, stopper, *extra],
-        logger=False,
-        accelerator="cpu",
-        devices=1,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=str(tmp_path),
-        enable_checkpointing=bool(extra),
-        **kwargs,
+        max_steps=max_steps, callbacks=[watch, stopper, *extra], logger=False, accelerator="cpu", devices=1,
+        enable_progress_bar=False, enable_model_summary=False, default_root_dir=str(tmp_path),
+        enable_checkpointing=bool(extra), **kwargs,
     )
     trainer.fit(model, loader(), ckpt_path=ckpt_path)
     return trainer
@@ -457,14 +430,8 @@ def test_ddp_two_ranks_stop_at_the_same_step(tmp_path):
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert ranks[0] == ranks[1]
     assert ranks[0] == {
-        "global_step": MEMORIZE_FROM,
-        "stopped_step": MEMORIZE_FROM,
-        "tau_gen": 15,
-        "tau_mem": MEMORIZE_FROM,
-        "best_step": 25,
-        "restored_step": 25,
-        "weights_are_step_25": True,
-        "stopping_reason": 1,
+        "global_step": MEMORIZE_FROM, "stopped_step": MEMORIZE_FROM, "tau_gen": 15, "tau_mem": MEMORIZE_FROM,
+        "best_step": 25, "restored_step": 25, "weights_are_step_25": True, "stopping_reason": 1,
     }
     assert (tmp_path / "best" / BEST_FILENAME).exists()
 
@@ -472,15 +439,8 @@ def test_ddp_two_ranks_stop_at_the_same_step(tmp_path):
 # -- copying before the quality plateau (issue 10, item 2) -------------------------------------------------
 def test_copying_before_the_quality_plateau_restores_the_best_pre_onset_weights(monkeypatch):
     # FID still falls when f_mem becomes significant at step 60: tau_gen never fires (default plateau rule)
-    history = [
-        rec(10, 300.0),
-        rec(20, 150.0),
-        rec(30, 80.0),
-        rec(40, 50.0),
-        rec(50, 35.0),
-        rec(60, 30.0, 0.3),
-        rec(70, 28.0, 0.5),
-    ]
+    history = [rec(10, 300.0), rec(20, 150.0), rec(30, 80.0), rec(40, 50.0), rec(50, 35.0),
+               rec(60, 30.0, 0.3), rec(70, 28.0, 0.5)]
     texts = []
     monkeypatch.setattr(
         "lightning_memwatch.callbacks.early_stopping.mwlog.log_text",
@@ -500,15 +460,8 @@ def test_copying_before_the_quality_plateau_restores_the_best_pre_onset_weights(
 def test_stop_message_says_when_quality_had_stopped_improving_before_the_onset(monkeypatch):
     # FID turned up at step 50 (best at 40), then copying began at 60 before the plateau rule confirmed anything:
     # the message must not claim that quality was still improving
-    history = [
-        rec(10, 300.0),
-        rec(20, 150.0),
-        rec(30, 80.0),
-        rec(40, 50.0),
-        rec(50, 55.0),
-        rec(60, 60.0, 0.3),
-        rec(70, 65.0, 0.5),
-    ]
+    history = [rec(10, 300.0), rec(20, 150.0), rec(30, 80.0), rec(40, 50.0), rec(50, 55.0),
+               rec(60, 60.0, 0.3), rec(70, 65.0, 0.5)]
     monkeypatch.setattr("lightning_memwatch.callbacks.early_stopping.mwlog.log_text", lambda *a: None)
     watch, stopper, trainer, module = make(ScriptedWatch())
     train(watch, stopper, trainer, module, history)
@@ -537,9 +490,7 @@ class OwnEMA:
                 else:
                     outer.average = {
                         k: outer.decay * outer.average[k] + (1 - outer.decay) * raw[k]
-                        if raw[k].is_floating_point()
-                        else raw[k]
-                        for k in raw
+                        if raw[k].is_floating_point() else raw[k] for k in raw
                     }
 
         self.callback = Recorder()
@@ -561,15 +512,8 @@ def test_under_an_averaging_callback_the_restored_weights_are_the_scored_ones(tm
     from lightning.pytorch import Trainer
 
     Trainer(
-        max_steps=100,
-        callbacks=callbacks,
-        logger=False,
-        accelerator="cpu",
-        devices=1,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=str(tmp_path),
-        enable_checkpointing=False,
+        max_steps=100, callbacks=callbacks, logger=False, accelerator="cpu", devices=1, enable_progress_bar=False,
+        enable_model_summary=False, default_root_dir=str(tmp_path), enable_checkpointing=False,
     ).fit(model, loader())
     assert watch.scored_weights.name == "averaged" and stopper.restored_step == 25
     if not ema_last:  # EMA updated before MemWatch evaluated: the scored weights are the average of this step
@@ -659,13 +603,8 @@ def test_a_watch_that_restored_nothing_says_so_and_the_stopper_drops_its_kept_we
 
     model = CopyingToy()
     other = MemWatch(  # another num_samples: Lightning has no state for this watch's state_key
-        num_samples=12,
-        sample_batch_size=12,
-        schedule=EvalSchedule.every(5),
-        bootstrap=100,
-        verbose=False,
-        log_images=False,
-        metrics={"quality": lambda generated: QUALITY[model.global_step]},
+        num_samples=12, sample_batch_size=12, schedule=EvalSchedule.every(5), bootstrap=100, verbose=False,
+        log_images=False, metrics={"quality": lambda generated: QUALITY[model.global_step]},
         detector=TimescaleDetector(quality_key="quality", floor=1.0),
     )
     stopper = MemorizationEarlyStopping(other)

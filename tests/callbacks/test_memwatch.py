@@ -40,7 +40,9 @@ def make_trainer(tmp_path, callbacks, max_steps=40, logger=True, **kwargs):
 
 
 def make_watch(**kwargs):
-    defaults = dict(num_samples=32, sample_batch_size=8, schedule=EvalSchedule.every(10), bootstrap=200, verbose=False)
+    defaults = dict(
+        num_samples=32, sample_batch_size=8, schedule=EvalSchedule.every(10), bootstrap=200, verbose=False
+    )
     defaults.update(kwargs)
     return MemWatch(**defaults)
 
@@ -136,7 +138,9 @@ def test_stock_early_stopping_and_checkpoint_monitor_fmem(tmp_path):
     stop = EarlyStopping(
         monitor=F_MEM, mode="min", patience=100, divergence_threshold=0.5, check_on_train_epoch_end=True
     )
-    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", monitor=F_MEM, mode="min", every_n_train_steps=10, save_top_k=1)
+    ckpt = ModelCheckpoint(
+        dirpath=tmp_path / "ckpt", monitor=F_MEM, mode="min", every_n_train_steps=10, save_top_k=1
+    )
     trainer = make_trainer(tmp_path, [watch, stop, ckpt], max_steps=100)
     trainer.fit(ToyDiffusion(TRAIN, memorize_from=20), toy_loader(TRAIN))
     assert trainer.global_step == 20  # epochs are 4 steps: the epoch ending at step 20 saw f_mem = 1
@@ -174,23 +178,9 @@ def test_state_dict_round_trip():
 
 
 def test_a_checkpoint_with_the_dict_records_of_earlier_versions_loads():
-    old = {
-        "step": 10,
-        "num_samples": 4,
-        "f_mem": 0.25,
-        "f_mem_ci_low": 0.0,
-        "f_mem_ci_high": 0.6,
-        "ratio_q05": 0.1,
-        "ratio_q25": 0.2,
-        "ratio_median": 0.5,
-        "ratio_q75": 0.7,
-        "ratio_q95": 0.9,
-        "fid": None,
-        "fid_num_samples": None,
-        "sharpness": 3.0,
-        "metric_seconds": 0.1,
-        "sample_seconds": 1.0,
-    }
+    old = {"step": 10, "num_samples": 4, "f_mem": 0.25, "f_mem_ci_low": 0.0, "f_mem_ci_high": 0.6,
+           "ratio_q05": 0.1, "ratio_q25": 0.2, "ratio_median": 0.5, "ratio_q75": 0.7, "ratio_q95": 0.9,
+           "fid": None, "fid_num_samples": None, "sharpness": 3.0, "metric_seconds": 0.1, "sample_seconds": 1.0}
     state = make_watch().state_dict() | {"history": [old], "last_evaluated_step": 10}
     watch = make_watch()
     watch.load_state_dict(state)

@@ -52,11 +52,7 @@ def _fit_in_parallel(tmp_path: Path, modes: dict[str, list[str]], features: bool
     runs = {
         name: subprocess.Popen(
             [sys.executable, str(SCRIPT), str(tmp_path / name), "2", *args],
-            env=env,
-            cwd=tmp_path,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
+            env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         )  # fmt: skip
         for name, args in modes.items()
     }

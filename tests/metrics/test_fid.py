@@ -121,7 +121,8 @@ def test_fid_of_reference_against_itself_is_zero(tmp_path: Path) -> None:
 def test_fid_does_not_depend_on_batch_size(tmp_path: Path) -> None:
     reference, generated = _images(100, seed=0), _images(90, seed=1)
     values = [
-        _build(reference, tmp_path / str(bs), batch_size=bs, cache=False).compute(generated) for bs in (7, 64, 500)
+        _build(reference, tmp_path / str(bs), batch_size=bs, cache=False).compute(generated)
+        for bs in (7, 64, 500)
     ]
     assert values[0] == pytest.approx(values[1], rel=1e-6)
     assert values[0] == pytest.approx(values[2], rel=1e-6)
@@ -131,7 +132,9 @@ def test_fid_grows_as_generated_drifts_from_reference(tmp_path: Path) -> None:
     reference, fresh = _images(150, seed=0), _images(150, seed=1)
     evaluator = _build(reference, tmp_path)
     direction = _images(1, seed=9)[0]
-    fids = [evaluator.compute((fresh + level * direction).clamp(-1, 1)) for level in (0.0, 0.1, 0.3, 0.6, 1.0)]
+    fids = [
+        evaluator.compute((fresh + level * direction).clamp(-1, 1)) for level in (0.0, 0.1, 0.3, 0.6, 1.0)
+    ]
     assert all(a < b for a, b in zip(fids[:-1], fids[1:], strict=True)), fids
     assert fids[-1] > 10 * fids[0]
 
@@ -418,7 +421,9 @@ def test_inception_from_weights_path_gives_finite_fid(inception_weights: Path, o
 def test_inception_identity_and_zero_self_distance(
     inception_weights: Path, offline: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setenv(INCEPTION_WEIGHTS_ENV, str(inception_weights))  # found through the environment variable
+    monkeypatch.setenv(
+        INCEPTION_WEIGHTS_ENV, str(inception_weights)
+    )  # found through the environment variable
     reference = _gray32(4, seed=0)
 
     def build(**kwargs: object) -> FIDEvaluator:
@@ -443,7 +448,9 @@ def test_inception_found_in_torch_hub_cache(inception_weights: Path, offline: Pa
     assert str(hub_file).startswith(str(offline))
     hub_file.parent.mkdir(parents=True)
     shutil.copyfile(inception_weights, hub_file)
-    evaluator = FID(reference=_gray32(3, 0), feature_layer=64, cache=False).build(data_range=(-1, 1), device="cpu")
+    evaluator = FID(reference=_gray32(3, 0), feature_layer=64, cache=False).build(
+        data_range=(-1, 1), device="cpu"
+    )
     assert evaluator.extractor.weights_path == hub_file  # type: ignore[attr-defined]
 
 
@@ -462,7 +469,9 @@ def test_missing_weights_fail_at_build_with_instructions(offline: Path) -> None:
         assert needle in message
     assert INCEPTION_WEIGHTS_FILENAME == "weights-inception-2015-12-05-6726825d.pth"
     with pytest.raises(InceptionWeightsNotFoundError, match="does not exist"):
-        FID(reference=_gray32(3, 0), weights_path=offline / "nope.pth").build(data_range=(-1, 1), device="cpu")
+        FID(reference=_gray32(3, 0), weights_path=offline / "nope.pth").build(
+            data_range=(-1, 1), device="cpu"
+        )
 
 
 def test_env_var_pointing_nowhere_fails(offline: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -471,7 +480,9 @@ def test_env_var_pointing_nowhere_fails(offline: Path, monkeypatch: pytest.Monke
         FID(reference=_gray32(3, 0)).build(data_range=(-1, 1), device="cpu")
 
 
-def test_download_only_when_asked(inception_weights: Path, offline: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_download_only_when_asked(
+    inception_weights: Path, offline: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     calls: list[tuple[str, str]] = []
 
     def fake_download(url: str, dst: str, **kwargs: object) -> None:
@@ -482,7 +493,9 @@ def test_download_only_when_asked(inception_weights: Path, offline: Path, monkey
     with pytest.raises(InceptionWeightsNotFoundError):
         FID(reference=_gray32(3, 0), feature_layer=64).build(data_range=(-1, 1), device="cpu")
     assert calls == []
-    FID(reference=_gray32(3, 0), feature_layer=64, download=True, cache=False).build(data_range=(-1, 1), device="cpu")
+    FID(reference=_gray32(3, 0), feature_layer=64, download=True, cache=False).build(
+        data_range=(-1, 1), device="cpu"
+    )
     assert calls == [(INCEPTION_WEIGHTS_URL, str(hub_inception_weights_path()))]
 
 
@@ -495,7 +508,9 @@ def test_wrong_weights_file_is_named(offline: Path) -> None:
 
 def test_inception_on_cpu_with_many_samples_warns(inception_weights: Path, offline: Path) -> None:
     settings = FID(reference=_gray32(3, 0), weights_path=inception_weights, feature_layer=64, cache=False)
-    with pytest.warns(UserWarning, match=r"Inception FID will run on CPU: .*~8 images/s.* 2000 generated images"):
+    with pytest.warns(
+        UserWarning, match=r"Inception FID will run on CPU: .*~8 images/s.* 2000 generated images"
+    ):
         settings.build(data_range=(-1.0, 1.0), device="cpu", num_samples=2000)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
@@ -509,9 +524,9 @@ def test_inception_refuses_out_of_range_reference_and_clamps_generated(inception
     ).build(data_range=(-1.0, 1.0), device="cpu")
     with pytest.raises(ValueError, match="data_range"):
         evaluator.prepare_reference()
-    evaluator = FID(reference=_gray32(3, 0), weights_path=inception_weights, feature_layer=64, cache=False).build(
-        data_range=(-1.0, 1.0), device="cpu"
-    )
+    evaluator = FID(
+        reference=_gray32(3, 0), weights_path=inception_weights, feature_layer=64, cache=False
+    ).build(data_range=(-1.0, 1.0), device="cpu")
     far_off = _gray32(3, 1) * 100  # an untrained sampler overshooting: training must go on
     with pytest.warns(UserWarning, match="clamped to data_range"):
         value = evaluator.compute(far_off)

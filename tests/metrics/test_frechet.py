@@ -86,7 +86,9 @@ def test_frechet_distance_refuses_bad_shapes() -> None:
 
 
 def test_running_moments_equal_feature_statistics_for_any_split() -> None:
-    x = torch.randn(37, 5, generator=torch.Generator().manual_seed(0)) * 3 + 100  # large mean: cancellation test
+    x = (
+        torch.randn(37, 5, generator=torch.Generator().manual_seed(0)) * 3 + 100
+    )  # large mean: cancellation test
     mean, cov = feature_statistics(x)
     assert torch.allclose(cov, torch.cov(x.double().T), rtol=1e-10)
     for split in ([37], [1, 36], [10, 10, 10, 7], [2] * 18 + [1]):

@@ -18,7 +18,9 @@ def test_w32_parameter_count_matches_the_paper_model() -> None:
     assert round(count_parameters(model) / 1e6, 3) == 4.023
 
 
-@pytest.mark.parametrize(("width", "millions"), [(8, 0.255), (16, 1.011), (24, 2.267), (48, 9.038), (64, 16.05)])
+@pytest.mark.parametrize(
+    ("width", "millions"), [(8, 0.255), (16, 1.011), (24, 2.267), (48, 9.038), (64, 16.05)]
+)
 def test_parameter_count_table_for_other_widths(width: int, millions: float) -> None:
     assert count_parameters(UNet(base_width=width)) / 1e6 == pytest.approx(millions, rel=1e-3)
 
@@ -52,7 +54,9 @@ def test_attention_only_at_16_and_8_pixels_and_in_the_first_bottleneck_block() -
         h.remove()
     # encoder 2 + 2, bottleneck 1, decoder 3 + 3 (decoder order: 8 px first)
     assert sorted(sizes) == [8] * 6 + [16] * 5
-    assert isinstance(model.middle[0].attn, SelfAttention2d) and not isinstance(model.middle[1].attn, SelfAttention2d)
+    assert isinstance(model.middle[0].attn, SelfAttention2d) and not isinstance(
+        model.middle[1].attn, SelfAttention2d
+    )
     heads = {m.attn.num_heads for m in model.modules() if isinstance(m, SelfAttention2d)}
     assert heads == {4}
 
