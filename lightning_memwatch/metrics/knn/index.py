@@ -22,7 +22,7 @@ from lightning_memwatch.metrics.knn.backends import (
     matmul_input_unit,
     resolve_backend,
 )
-from lightning_memwatch.metrics.knn.build import centred_sq_norms, duplicate_mask, row_stats
+from lightning_memwatch.metrics.knn.build import duplicate_mask, row_stats
 from lightning_memwatch.metrics.knn.rows import HeldRows, as_row_source, source_device
 
 __all__ = ["NearestNeighbourIndex", "SearchStats"]
@@ -183,7 +183,16 @@ class NearestNeighbourIndex:
     ) -> None:
         """Duplicates, centre and norms in two passes over the rows (see :mod:`.build`)."""
         n = source.n
-        stats = row_stats(source, self.device, hashes=dedupe)
+        owned = None  # the index owns its rows: later edits of `train` do not reach it
+        if (
+            source.held
+            and tensor is not None
+            and source.rows.untyped_storage().data_ptr() == tensor.untyped_storage().data_ptr()
+        ):
+            owned = torch.empty(source.rows.shape, dtype=torch.float32, device=source.rows.device)
+        stats = row_stats(source, self.device, hashes=dedupe, copy_to=owned)
+        if owned is not None:
+            source = HeldRows(owned)
         self.num_duplicates = 0
         self._row_ids: Tensor | None = None  # original row of each held row, when rows were dropped
         dropped: Tensor | None = None  # streamed rows: mask of dropped duplicates
@@ -210,18 +219,16 @@ class NearestNeighbourIndex:
         if min_rows:
             _check_enough_rows(self.num_train, "train", after_dedupe=True)
         if source.held:
-            rows = source.rows
-            if tensor is not None and rows.untyped_storage().data_ptr() == tensor.untyped_storage().data_ptr():
-                rows = rows.clone()  # the index owns its rows: later edits of `train` do not reach it
-            source = HeldRows(rows.contiguous())
+            source = HeldRows(source.rows.contiguous())
         self.row_source = source
         self.num_rows = source.n  # physical rows (streamed: dropped rows included, masked)
-        kept = sq_norms if dropped is None else sq_norms[~dropped.to(sq_norms.device)]
-        mean = stats.mean
+        centred_sq = stats.centred_sq_norms
+        if self._row_ids is not None:
+            centred_sq = centred_sq[self._row_ids.to(centred_sq.device)]
+        live = slice(None) if dropped is None else ~dropped.to(sq_norms.device)
         centre = None
-        if len(kept) and float(mean.square().sum()) * len(kept) > _CENTRE_GAIN * float(kept.sum()):
-            centre = mean.to(torch.float32)
-            sq_norms = centred_sq_norms(source, self.device, centre)
+        if float(centred_sq[live].sum()) < (1 - _CENTRE_GAIN) * float(sq_norms[live].sum()):
+            centre, sq_norms = stats.centre, centred_sq
         if dropped is not None:
             sq_norms = torch.where(dropped.to(sq_norms.device), 0.0, sq_norms)
         y_norm = sq_norms.sqrt()
