@@ -9,9 +9,9 @@ import warnings
 import pytest
 import torch
 
+from lightning_memwatch.metrics.knn import NearestNeighbourIndex, available_backends
 from lightning_memwatch.metrics.knn import backends as knn_backends
 from lightning_memwatch.metrics.knn import exact as knn_exact
-from lightning_memwatch.metrics.knn import NearestNeighbourIndex, available_backends
 
 torch.set_num_threads(1)
 

@@ -174,3 +174,22 @@ def test_hypothesis_random_sets_are_exact(
                 return  # fewer than 2 distinct rows
             assert_exact(index, queries, train, k)
             assert index.last_search is not None and index.last_search.scans == 1
+
+
+@pytest.mark.parametrize("name", ["saturated", "near_ties", "mixed_scales", "subnormal"])
+def test_screen_with_float32_accumulator_output_as_on_cuda(name: str) -> None:
+    # The CUDA screen reads the GEMM's float32 accumulator (no bfloat16 rounding of the result, rho ~ 0): the
+    # same arithmetic emulated on CPU (a float32 GEMM of the bfloat16 values) must keep the bounds and the answer.
+    train, queries = DATA[name]
+    index = NearestNeighbourIndex(train, backend="torch-bf16", dedupe=False, database_block_size=128)
+    index._screen_float32_output = True
+    lower, upper = index._all_bounds(index.prepare_queries(queries))
+    true = brute_force_sq(queries, train)
+    assert bool((lower <= true).all()) and bool((true <= upper).all())
+    for k in (1, 2, 5):
+        assert_exact(index, queries, train, k)
+    stats = index.last_search
+    assert stats is not None and stats.scans == 1
+    rounded = NearestNeighbourIndex(train, backend="torch-bf16", dedupe=False, database_block_size=128)
+    rounded.search(queries, 5)
+    assert rounded.last_search is not None and stats.candidates <= rounded.last_search.candidates

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from lightning_memwatch.metrics.knn.backends import import_faiss
 from lightning_memwatch.metrics.knn import NearestNeighbourIndex
+from lightning_memwatch.metrics.knn.backends import import_faiss
 
 torch.set_num_threads(1)
 

@@ -244,6 +244,8 @@ class NearestNeighbourIndex:
         if dropped is not None:
             bias[dropped.to(bias.device)] = torch.inf
         self._bias32 = bias
+        # the screen reads its GEMM's float32 accumulator where torch gives it (CUDA), else a bfloat16 result
+        self._screen_float32_output = scan.float32_screen_output(self.device)
         self._screen: Tensor | None = None
         if self.backend == "torch-bf16" and source.held and screen_copy and self.num_rows and not self._overflow:
             width = bounds.screen_width(self.dim)
@@ -455,7 +457,7 @@ class NearestNeighbourIndex:
 
     def _screen_pass(self, x: Tensor, x_sq: Tensor, x_norm: Tensor, k: int) -> tuple[Tensor, Tensor]:
         fast, bs = self._fast, self.block_size
-        f32_out = scan.float32_screen_output(self.device)
+        f32_out = self._screen_float32_output
         model = bounds.screen_model(
             self.dim, centred=self._mean is not None, float32_output=f32_out, cuda=self.device.type == "cuda"
         )
@@ -568,7 +570,7 @@ class NearestNeighbourIndex:
                 upper[:, j : j + len(rows)].scatter_(1, lab, model.upper_from_lower(low, eps))
             return lower, upper
         screen = self.backend == "torch-bf16"
-        f32_out = scan.float32_screen_output(self.device)
+        f32_out = self._screen_float32_output
         model = (
             bounds.screen_model(self.dim, centred=self._mean is not None, float32_output=f32_out, cuda=False)
             if screen

@@ -13,6 +13,7 @@ candidates (:mod:`.exact`) is the exact answer, without a second scan.
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -190,13 +191,28 @@ def screen_queries(x: Tensor, x_sq: Tensor) -> Tensor:
     return out
 
 
+@functools.lru_cache(maxsize=8)
 def float32_screen_output(device: torch.device) -> bool:
-    """Whether the screen's GEMM can return its float32 accumulator (CUDA, ``torch.mm(..., out_dtype=...)``)."""
-    return device.type == "cuda"
+    """Whether the screen's GEMM returns its float32 accumulator: CUDA with ``torch.mm(..., out_dtype=...)``
+    (torch 2.9 and later); elsewhere the result is rounded to bfloat16 (the bound's ``rho``, see
+    :mod:`.bounds`)."""
+    if device.type != "cuda":
+        return False
+    try:
+        one = torch.ones(1, 1, dtype=torch.bfloat16, device=device)
+        return torch.mm(one, one, out_dtype=torch.float32).dtype == torch.float32  # type: ignore[call-arg]
+    except (TypeError, RuntimeError):  # pragma: no cover - older torch
+        return False
 
 
 def screen_mm(qs: Tensor, rows: Tensor, float32_output: bool) -> Tensor:
-    """``qs @ rows.T``: bfloat16 inputs, float32 accumulation; the float32 accumulator where available."""
+    """``qs @ rows.T``: bfloat16 inputs, float32 accumulation; the float32 accumulator where asked for.
+
+    On CPU the float32 accumulator comes from a float32 GEMM of the bfloat16 values (products of bfloat16
+    numbers are exact in float32): the same arithmetic the CUDA path assumes, which the property tests use.
+    """
+    if float32_output and qs.device.type != "cuda":
+        return torch.mm(qs.to(torch.float32), rows.to(torch.float32).T)
     if float32_output:
         return torch.mm(qs, rows.T, out_dtype=torch.float32)  # type: ignore[call-arg]
     return torch.mm(qs, rows.T)
