@@ -512,7 +512,7 @@ class NearestNeighbourIndex:
             threshold = coll.threshold
             y_block = float(fast.y_norm[j:stop].max())
             unseen = last - model.eps(x_norm, y_block, fast.y_max)  # type: ignore[arg-type]
-            full = ~(unseen > threshold) if kc < len(rows) else torch.zeros(len(x), dtype=torch.bool)
+            full = ~(unseen > threshold) if kc < len(rows) else torch.zeros(len(x), dtype=torch.bool, device=x.device)
             qi, ci = (~(lower > threshold[:, None]) & ~full[:, None] & (lab >= 0)).nonzero(as_tuple=True)
             coll.keep(qi, lab[qi, ci] + j, lower[qi, ci])
             if bool(full.any()):
