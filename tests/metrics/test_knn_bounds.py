@@ -182,7 +182,7 @@ def test_screen_with_float32_accumulator_output_as_on_cuda(name: str) -> None:
     # same arithmetic emulated on CPU (a float32 GEMM of the bfloat16 values) must keep the bounds and the answer.
     train, queries = DATA[name]
     index = NearestNeighbourIndex(train, backend="torch-bf16", dedupe=False, database_block_size=128)
-    index._screen_float32_output = True
+    index._passes.screen_float32_output = True
     lower, upper = index._all_bounds(index.prepare_queries(queries))
     true = brute_force_sq(queries, train)
     assert bool((lower <= true).all()) and bool((true <= upper).all())

@@ -19,7 +19,6 @@ from lightning_memwatch.metrics.knn.backends import (
     SCREEN_MAX_AUTO_DIM,
     Backend,
     import_faiss,
-    matmul_input_unit,
     resolve_backend,
 )
 from lightning_memwatch.metrics.knn.build import duplicate_mask, row_stats
@@ -243,15 +242,21 @@ class NearestNeighbourIndex:
         bias = (sq_norms - c_yy * sq_norms).to(torch.float32)
         if dropped is not None:
             bias[dropped.to(bias.device)] = torch.inf
-        self._bias32 = bias
-        # the screen reads its GEMM's float32 accumulator where torch gives it (CUDA), else a bfloat16 result
-        self._screen_float32_output = scan.float32_screen_output(self.device)
-        self._screen: Tensor | None = None
+        screen = None
         if self.backend == "torch-bf16" and source.held and screen_copy and self.num_rows and not self._overflow:
             width = bounds.screen_width(self.dim)
-            self._screen = torch.empty(self.num_rows, width, dtype=torch.bfloat16, device=self.device)
+            screen = torch.empty(self.num_rows, width, dtype=torch.bfloat16, device=self.device)
             for j, rows in self._fast.blocks():
-                self._screen[j : j + len(rows)] = scan.screen_rows(rows, sq_norms[j : j + len(rows)])
+                screen[j : j + len(rows)] = scan.screen_rows(rows, sq_norms[j : j + len(rows)])
+        self._passes = scan.FastPasses(
+            self._fast,
+            dim=self.dim,
+            block_size=self.block_size,
+            bias32=bias,
+            screen_copy=screen,
+            screen_on=self.backend == "torch-bf16",
+            overflow=self._overflow,
+        )
 
     @property
     def _mean(self) -> Tensor | None:
@@ -380,7 +385,7 @@ class NearestNeighbourIndex:
                 seconds["scan"] = time.perf_counter() - start
             if len(slow_rows):
                 start = time.perf_counter()
-                a, b = self._float64_pass(q[slow_rows], kk)
+                a, b = self._passes.float64(q[slow_rows], kk)
                 pq.append(slow_rows[a])
                 pt.append(b)
                 seconds["float64"] = time.perf_counter() - start
@@ -409,187 +414,14 @@ class NearestNeighbourIndex:
     def _fast_pass(self, x: Tensor, x_sq: Tensor, x_norm: Tensor, k: int) -> tuple[Tensor, Tensor, int]:
         """Candidate pairs (query, row) of the backend's fast pass, and the faiss blocks it re-scored."""
         if self.backend == "torch-bf16":
-            return (*self._screen_pass(x, x_sq, x_norm, k), 0)
+            return (*self._passes.screen(x, x_sq, x_norm, k), 0)
         if self.backend.startswith("faiss"):
-            return self._faiss_pass(x, x_sq, x_norm, k)
-        return (*self._float32_pass(x, x_sq, x_norm, k), 0)
-
-    def _expansion(self) -> bounds.ErrorModel:
-        return bounds.expansion_model(self.dim, centred=self._mean is not None, unit_in=matmul_input_unit(self.device))
-
-    @staticmethod
-    def _cq(model: bounds.ErrorModel, x_sq: Tensor, x_norm: Tensor, y_max: float, has_x_sq: bool) -> Tensor:
-        """The per-query part of the lower bound that the tile leaves out (see :mod:`.bounds`)."""
-        cq = -(model.c_xx * x_sq + model.tiny * (1 + x_norm + y_max))
-        return cq + x_sq if has_x_sq else cq
-
-    def _float32_tile(self, xb: Tensor, coef: Tensor, j: int, rows: Tensor, out: Tensor | None) -> Tensor:
-        """``fl(b_t - 2 x.y) - c_xy X Y`` for one block of queries and rows (lower bound minus ``cq``)."""
-        tile = torch.addmm(self._bias32[j : j + len(rows)], xb, rows.T, beta=1, alpha=-2, out=out)
-        return tile.addr_(coef, self._fast.y_norm[j : j + len(rows)].to(torch.float32), alpha=-1)
-
-    def _collectors(self, x_norm: Tensor, k: int) -> list[scan.Candidates]:
-        return [scan.Candidates(k, x_norm[i : i + self.block_size]) for i in range(0, len(x_norm), self.block_size)]
-
-    def _pairs(self, collectors: list[scan.Candidates]) -> tuple[Tensor, Tensor]:
-        qs, ts = [], []
-        for b, coll in enumerate(collectors):
-            q, t = coll.result()
-            qs.append(q + b * self.block_size)
-            ts.append(t)
-        return torch.cat(qs), torch.cat(ts)
-
-    def _float32_pass(self, x: Tensor, x_sq: Tensor, x_norm: Tensor, k: int) -> tuple[Tensor, Tensor]:
-        fast, bs = self._fast, self.block_size
-        model = self._expansion()
-        cq = self._cq(model, x_sq, x_norm, fast.y_max, True)
-        coef = (model.c_xy * x_norm).to(torch.float32)
-        colls = self._collectors(x_norm, k)
-        tile = torch.empty(min(bs, len(x)), min(fast.block_rows, self.num_rows), device=self.device)
-        for j, rows in fast.blocks():
-            for b, coll in enumerate(colls):
-                i = b * bs
-                xb = x[i : i + bs]
-                out = tile if tile.shape == (len(xb), len(rows)) else None
-                t = self._float32_tile(xb, coef[i : i + bs], j, rows, out)
-                coll.add_tile(t, j, fast.y_norm[j : j + len(rows)], cq[i : i + bs], model, fast.y_max)
-        return self._pairs(colls)
-
-    def _screen_pass(self, x: Tensor, x_sq: Tensor, x_norm: Tensor, k: int) -> tuple[Tensor, Tensor]:
-        fast, bs = self._fast, self.block_size
-        f32_out = self._screen_float32_output
-        model = bounds.screen_model(
-            self.dim, centred=self._mean is not None, float32_output=f32_out, cuda=self.device.type == "cuda"
-        )
-        cq = self._cq(model, x_sq, x_norm, fast.y_max, False)
-        coef = (model.c_xy * x_norm).to(torch.float32)
-        scale = -2 * (1 - model.rho)
-        qs = scan.screen_queries(x, x_sq)
-        colls = self._collectors(x_norm, k)
-        with scan.float32_accumulation(self.device):
-            for j, rows in fast.blocks():
-                stop = j + len(rows)
-                srows = self._screen[j:stop] if self._screen is not None else scan.screen_rows(rows, fast.y_sq[j:stop])
-                y32 = fast.y_norm[j:stop].to(torch.float32)
-                yy = (model.c_yy * fast.y_sq[j:stop]).to(torch.float32)
-                for b, coll in enumerate(colls):
-                    i = b * bs
-                    out = scan.screen_mm(qs[i : i + bs], srows, f32_out)
-                    tile = out.to(torch.float32).mul_(scale) if not f32_out else out.mul_(scale)
-                    tile.sub_(yy).addr_(coef[i : i + bs], y32, alpha=-1)
-                    fast.mask_dropped(tile, j)
-                    coll.add_tile(tile, j, fast.y_norm[j:stop], cq[i : i + bs], model, fast.y_max)
-        return self._pairs(colls)
-
-    def _faiss_pass(self, x: Tensor, x_sq: Tensor, x_norm: Tensor, k: int) -> tuple[Tensor, Tensor, int]:
-        """faiss' top lists per block of rows; a block whose top list might miss candidates of some queries is
-        scored again for those with the float32 tile (it is in memory: no second scan)."""
-        fast = self._fast
-        gpu = self.backend == "faiss-gpu"
-        model = bounds.faiss_model(self.dim, centred=self._mean is not None, unit_in=2.0**-11 if gpu else 0.0)
-        tile_model = self._expansion()
-        cq_t = self._cq(tile_model, x_sq, x_norm, fast.y_max, True)
-        coef = (tile_model.c_xy * x_norm).to(torch.float32)
-        coll = scan.Candidates(k, x_norm)
-        rescans = 0
-        for j, rows in fast.blocks():
-            stop = j + len(rows)
-            dropped = None if fast.dropped is None else fast.dropped[j:stop].to(self.device)
-            extra = 0 if dropped is None else int(dropped.sum())
-            kc = min(k + scan.TILE_SLACK + extra, len(rows))
-            norms = fast.y_sq[j:stop].to(torch.float32)
-            dist, lab = scan.faiss_block(self._faiss, x, rows, norms, kc, self._faiss_res)
-            approx = dist.to(torch.float64)
-            # rows outside the top list are at least as far (approximately) as its last row
-            last = approx.nan_to_num(nan=torch.inf).max(dim=1).values
-            if dropped is not None and extra:
-                approx[dropped[lab.clamp_min(0)]] = torch.inf
-            approx[lab < 0] = torch.inf
-            y_lab = fast.y_norm[j:stop][lab.clamp_min(0)]
-            eps = model.eps(x_norm[:, None], y_lab, fast.y_max)
-            lower = model.lower(approx, eps)
-            coll.offer(model.upper_from_lower(lower, eps))
-            threshold = coll.threshold
-            y_block = float(fast.y_norm[j:stop].max())
-            unseen = last - model.eps(x_norm, y_block, fast.y_max)  # type: ignore[arg-type]
-            full = ~(unseen > threshold) if kc < len(rows) else torch.zeros(len(x), dtype=torch.bool, device=x.device)
-            qi, ci = (~(lower > threshold[:, None]) & ~full[:, None] & (lab >= 0)).nonzero(as_tuple=True)
-            coll.keep(qi, lab[qi, ci] + j, lower[qi, ci])
-            if bool(full.any()):
-                rescans += 1
-                sel = full.nonzero().flatten()
-                tile = self._float32_tile(x[sel], coef[sel], j, rows, None)
-                thr = coll.tile_threshold(cq_t, torch.float32)[sel]
-                qi, ti = (tile <= thr[:, None]).nonzero(as_tuple=True)
-                coll.keep(sel[qi], ti + j, tile[qi, ti].to(torch.float64) + cq_t[sel[qi]])
-        q, t = coll.result()
-        return q, t, rescans
-
-    def _float64_pass(self, q: Tensor, k: int) -> tuple[Tensor, Tensor]:
-        """The same scan in float64 on the raw rows, for queries (or rows) float32 cannot hold."""
-        model = bounds.expansion_model(self.dim, centred=False, float64=True)
-        q64 = q.to(torch.float64)
-        x_sq = (q64 * q64).sum(dim=1)
-        x_norm = x_sq.sqrt()
-        colls = self._collectors(x_norm, k)
-        bs = self.block_size
-        for j, rows in self._fast.blocks(centred=False):
-            r64 = rows.to(torch.float64)
-            y_sq = (r64 * r64).sum(dim=1)
-            y_norm = y_sq.sqrt()
-            y_max = float(y_norm.max())
-            bias = y_sq - model.c_yy * y_sq
-            if self._fast.dropped is not None:
-                bias[self._fast.dropped[j : j + len(rows)].to(bias.device)] = torch.inf
-            cq = self._cq(model, x_sq, x_norm, y_max, True)
-            for b, coll in enumerate(colls):
-                i = b * bs
-                tile = torch.addmm(bias, q64[i : i + bs], r64.T, beta=1, alpha=-2)
-                tile.addr_(model.c_xy * x_norm[i : i + bs], y_norm, alpha=-1)
-                coll.add_tile(tile, j, y_norm, cq[i : i + bs], model, y_max)
-        return self._pairs(colls)
+            return self._passes.faiss(self._faiss, self._faiss_res, x, x_sq, x_norm, k)
+        return (*self._passes.float32(x, x_sq, x_norm, k), 0)
 
     def _all_bounds(self, q: Tensor) -> tuple[Tensor, Tensor]:
-        """Lower and upper bounds of the backend's fast pass on every squared distance, ``(m, num_rows)``
-        float64 (for the property tests of the bounds; dropped rows ``inf``)."""
-        fast = self._fast
-        x = fast.centred(q)
-        x_sq = torch.linalg.vector_norm(x, dim=1, dtype=torch.float64).square()
-        x_norm = x_sq.sqrt()
-        lower = torch.empty(len(q), self.num_rows, dtype=torch.float64, device=self.device)
-        upper = torch.empty_like(lower)
-        if self._overflow or bool(((x_norm + fast.y_max) ** 2 >= bounds.FLOAT32_SAFE_SQ).any()):
-            raise ValueError("values beyond float32: the float64 pass is used")
-        if self.backend.startswith("faiss"):
-            model = bounds.faiss_model(self.dim, centred=self._mean is not None)
-            for j, rows in fast.blocks():
-                dist, lab = scan.faiss_block(self._faiss, x, rows, fast.y_sq[j : j + len(rows)].float(), len(rows))
-                eps = model.eps(x_norm[:, None], fast.y_norm[j : j + len(rows)][lab], fast.y_max)
-                low = model.lower(dist.double(), eps)
-                lower[:, j : j + len(rows)].scatter_(1, lab, low)
-                upper[:, j : j + len(rows)].scatter_(1, lab, model.upper_from_lower(low, eps))
-            return lower, upper
-        screen = self.backend == "torch-bf16"
-        f32_out = self._screen_float32_output
-        model = (
-            bounds.screen_model(self.dim, centred=self._mean is not None, float32_output=f32_out, cuda=False)
-            if screen
-            else self._expansion()
-        )
-        cq = self._cq(model, x_sq, x_norm, fast.y_max, not screen)
-        coef = (model.c_xy * x_norm).to(torch.float32)
-        for j, rows in fast.blocks():
-            stop = j + len(rows)
-            if screen:
-                out = scan.screen_mm(scan.screen_queries(x, x_sq), scan.screen_rows(rows, fast.y_sq[j:stop]), f32_out)
-                tile = out.to(torch.float32).mul_(-2 * (1 - model.rho))
-                tile.sub_((model.c_yy * fast.y_sq[j:stop]).float()).addr_(coef, fast.y_norm[j:stop].float(), alpha=-1)
-            else:
-                tile = self._float32_tile(x, coef, j, rows, None)
-            low = tile.double() + cq[:, None]
-            eps = model.eps(x_norm[:, None], fast.y_norm[None, j:stop], fast.y_max)
-            lower[:, j:stop], upper[:, j:stop] = low, model.upper_from_lower(low, eps)
-        return lower, upper
+        """The fast pass's bounds on every squared distance (for the property tests, see :mod:`.scan`)."""
+        return self._passes.all_bounds(q, self._faiss)
 
     # ---------------------------------------------------------------------------------------------- queries
     def _prepare(self, x: Tensor, name: str) -> Tensor:

@@ -21,10 +21,18 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lightning_memwatch.metrics.knn.bounds import ErrorModel, screen_width
+from lightning_memwatch.metrics.knn.backends import matmul_input_unit
+from lightning_memwatch.metrics.knn.bounds import (
+    FLOAT32_SAFE_SQ,
+    ErrorModel,
+    expansion_model,
+    faiss_model,
+    screen_model,
+    screen_width,
+)
 from lightning_memwatch.metrics.knn.rows import HeldRows
 
-__all__ = ["Candidates", "FastRows", "float32_screen_output", "screen_queries", "screen_rows", "split3"]
+__all__ = ["Candidates", "FastPasses", "FastRows", "float32_screen_output", "screen_queries", "screen_rows", "split3"]
 
 # Approximate candidates taken per tile before the threshold test (more only where the threshold asks).
 TILE_SLACK = 4
@@ -256,3 +264,218 @@ def faiss_block(
         faiss.swig_ptr(norms.contiguous().numpy()),
     )
     return dist, cand
+
+
+# ------------------------------------------------------------------------------------------ the passes
+class FastPasses:
+    """The fast passes over one index's rows; each returns the candidate pairs ``(query, row)`` of its scan.
+
+    Args:
+        fast: the rows as the passes see them.
+        dim: row length. block_size: queries per block.
+        bias32: the float32 pass's per-row bias (``+inf`` for dropped rows).
+        screen_copy: the bfloat16 screening copy of held rows, or None (made per block).
+        screen_on: whether the backend is the split-bfloat16 screen.
+        overflow: whether some row holds values float32 cannot (every query then takes the float64 pass).
+    """
+
+    def __init__(
+        self,
+        fast: FastRows,
+        *,
+        dim: int,
+        block_size: int,
+        bias32: Tensor,
+        screen_copy: Tensor | None,
+        screen_on: bool,
+        overflow: bool,
+    ) -> None:
+        self.fast, self.dim, self.block_size = fast, dim, block_size
+        self.device = fast.device
+        self.bias32, self.screen_copy, self.screen_on, self.overflow = bias32, screen_copy, screen_on, overflow
+        # the screen reads its GEMM's float32 accumulator where torch gives it (CUDA), else a bfloat16 result
+        self.screen_float32_output = float32_screen_output(self.device)
+
+    def expansion(self) -> ErrorModel:
+        """The float32 pass's error model under torch's current matmul precision."""
+        return expansion_model(self.dim, centred=self.fast.centre is not None, unit_in=matmul_input_unit(self.device))
+
+    @staticmethod
+    def cq(model: ErrorModel, x_sq: Tensor, x_norm: Tensor, y_max: float, has_x_sq: bool) -> Tensor:
+        """The per-query part of the lower bound that the tile leaves out (see :mod:`.bounds`)."""
+        cq = -(model.c_xx * x_sq + model.tiny * (1 + x_norm + y_max))
+        return cq + x_sq if has_x_sq else cq
+
+    def float32_tile(self, xb: Tensor, coef: Tensor, j: int, rows: Tensor, out: Tensor | None) -> Tensor:
+        """``fl(b_t - 2 x.y) - c_xy X Y`` for one block of queries and rows (lower bound minus ``cq``)."""
+        tile = torch.addmm(self.bias32[j : j + len(rows)], xb, rows.T, beta=1, alpha=-2, out=out)
+        return tile.addr_(coef, self.fast.y_norm[j : j + len(rows)].to(torch.float32), alpha=-1)
+
+    def _collectors(self, x_norm: Tensor, k: int) -> list[Candidates]:
+        return [Candidates(k, x_norm[i : i + self.block_size]) for i in range(0, len(x_norm), self.block_size)]
+
+    def _pairs(self, collectors: list[Candidates]) -> tuple[Tensor, Tensor]:
+        qs, ts = [], []
+        for b, coll in enumerate(collectors):
+            q, t = coll.result()
+            qs.append(q + b * self.block_size)
+            ts.append(t)
+        return torch.cat(qs), torch.cat(ts)
+
+    def float32(self, x: Tensor, x_sq: Tensor, x_norm: Tensor, k: int) -> tuple[Tensor, Tensor]:
+        """The float32 GEMM pass (``backend=\"torch\"``) over fast queries ``x`` with their float64 norms."""
+        fast, bs = self.fast, self.block_size
+        model = self.expansion()
+        cq = self.cq(model, x_sq, x_norm, fast.y_max, True)
+        coef = (model.c_xy * x_norm).to(torch.float32)
+        colls = self._collectors(x_norm, k)
+        tile = torch.empty(min(bs, len(x)), min(fast.block_rows, self.fast.source.n), device=self.device)
+        for j, rows in fast.blocks():
+            for b, coll in enumerate(colls):
+                i = b * bs
+                xb = x[i : i + bs]
+                out = tile if tile.shape == (len(xb), len(rows)) else None
+                t = self.float32_tile(xb, coef[i : i + bs], j, rows, out)
+                coll.add_tile(t, j, fast.y_norm[j : j + len(rows)], cq[i : i + bs], model, fast.y_max)
+        return self._pairs(colls)
+
+    def screen(self, x: Tensor, x_sq: Tensor, x_norm: Tensor, k: int) -> tuple[Tensor, Tensor]:
+        """The split-bfloat16 screen (``backend=\"torch-bf16\"``)."""
+        fast, bs = self.fast, self.block_size
+        f32_out = self.screen_float32_output
+        model = screen_model(
+            self.dim, centred=self.fast.centre is not None, float32_output=f32_out, cuda=self.device.type == "cuda"
+        )
+        cq = self.cq(model, x_sq, x_norm, fast.y_max, False)
+        coef = (model.c_xy * x_norm).to(torch.float32)
+        scale = -2 * (1 - model.rho)
+        qs = screen_queries(x, x_sq)
+        colls = self._collectors(x_norm, k)
+        with float32_accumulation(self.device):
+            for j, rows in fast.blocks():
+                stop = j + len(rows)
+                srows = (
+                    self.screen_copy[j:stop] if self.screen_copy is not None else screen_rows(rows, fast.y_sq[j:stop])
+                )
+                y32 = fast.y_norm[j:stop].to(torch.float32)
+                yy = (model.c_yy * fast.y_sq[j:stop]).to(torch.float32)
+                for b, coll in enumerate(colls):
+                    i = b * bs
+                    out = screen_mm(qs[i : i + bs], srows, f32_out)
+                    tile = out.to(torch.float32).mul_(scale) if not f32_out else out.mul_(scale)
+                    tile.sub_(yy).addr_(coef[i : i + bs], y32, alpha=-1)
+                    fast.mask_dropped(tile, j)
+                    coll.add_tile(tile, j, fast.y_norm[j:stop], cq[i : i + bs], model, fast.y_max)
+        return self._pairs(colls)
+
+    def faiss(
+        self, faiss: Any, gpu_res: Any, x: Tensor, x_sq: Tensor, x_norm: Tensor, k: int
+    ) -> tuple[Tensor, Tensor, int]:
+        """faiss' top lists per block of rows; a block whose top list might miss candidates of some queries is
+        scored again for those with the float32 tile (it is in memory: no second scan)."""
+        fast = self.fast
+        gpu = gpu_res is not None
+        model = faiss_model(self.dim, centred=self.fast.centre is not None, unit_in=2.0**-11 if gpu else 0.0)
+        tile_model = self.expansion()
+        cq_t = self.cq(tile_model, x_sq, x_norm, fast.y_max, True)
+        coef = (tile_model.c_xy * x_norm).to(torch.float32)
+        coll = Candidates(k, x_norm)
+        rescans = 0
+        for j, rows in fast.blocks():
+            stop = j + len(rows)
+            dropped = None if fast.dropped is None else fast.dropped[j:stop].to(self.device)
+            extra = 0 if dropped is None else int(dropped.sum())
+            kc = min(k + TILE_SLACK + extra, len(rows))
+            norms = fast.y_sq[j:stop].to(torch.float32)
+            dist, lab = faiss_block(faiss, x, rows, norms, kc, gpu_res)
+            approx = dist.to(torch.float64)
+            # rows outside the top list are at least as far (approximately) as its last row
+            last = approx.nan_to_num(nan=torch.inf).max(dim=1).values
+            if dropped is not None and extra:
+                approx[dropped[lab.clamp_min(0)]] = torch.inf
+            approx[lab < 0] = torch.inf
+            y_lab = fast.y_norm[j:stop][lab.clamp_min(0)]
+            eps = model.eps(x_norm[:, None], y_lab, fast.y_max)
+            lower = model.lower(approx, eps)
+            coll.offer(model.upper_from_lower(lower, eps))
+            threshold = coll.threshold
+            y_block = float(fast.y_norm[j:stop].max())
+            unseen = last - model.eps(x_norm, y_block, fast.y_max)  # type: ignore[arg-type]
+            full = ~(unseen > threshold) if kc < len(rows) else torch.zeros(len(x), dtype=torch.bool, device=x.device)
+            qi, ci = (~(lower > threshold[:, None]) & ~full[:, None] & (lab >= 0)).nonzero(as_tuple=True)
+            coll.keep(qi, lab[qi, ci] + j, lower[qi, ci])
+            if bool(full.any()):
+                rescans += 1
+                sel = full.nonzero().flatten()
+                tile = self.float32_tile(x[sel], coef[sel], j, rows, None)
+                thr = coll.tile_threshold(cq_t, torch.float32)[sel]
+                qi, ti = (tile <= thr[:, None]).nonzero(as_tuple=True)
+                coll.keep(sel[qi], ti + j, tile[qi, ti].to(torch.float64) + cq_t[sel[qi]])
+        q, t = coll.result()
+        return q, t, rescans
+
+    def float64(self, q: Tensor, k: int) -> tuple[Tensor, Tensor]:
+        """The same scan in float64 on the raw rows, for queries (or rows) float32 cannot hold."""
+        model = expansion_model(self.dim, centred=False, float64=True)
+        q64 = q.to(torch.float64)
+        x_sq = (q64 * q64).sum(dim=1)
+        x_norm = x_sq.sqrt()
+        colls = self._collectors(x_norm, k)
+        bs = self.block_size
+        for j, rows in self.fast.blocks(centred=False):
+            r64 = rows.to(torch.float64)
+            y_sq = (r64 * r64).sum(dim=1)
+            y_norm = y_sq.sqrt()
+            y_max = float(y_norm.max())
+            bias = y_sq - model.c_yy * y_sq
+            if self.fast.dropped is not None:
+                bias[self.fast.dropped[j : j + len(rows)].to(bias.device)] = torch.inf
+            cq = self.cq(model, x_sq, x_norm, y_max, True)
+            for b, coll in enumerate(colls):
+                i = b * bs
+                tile = torch.addmm(bias, q64[i : i + bs], r64.T, beta=1, alpha=-2)
+                tile.addr_(model.c_xy * x_norm[i : i + bs], y_norm, alpha=-1)
+                coll.add_tile(tile, j, y_norm, cq[i : i + bs], model, y_max)
+        return self._pairs(colls)
+
+    def all_bounds(self, q: Tensor, faiss: Any) -> tuple[Tensor, Tensor]:
+        """Lower and upper bounds of the backend's fast pass on every squared distance, ``(m, num_rows)``
+        float64 (for the property tests of the bounds; dropped rows ``inf``)."""
+        fast = self.fast
+        x = fast.centred(q)
+        x_sq = torch.linalg.vector_norm(x, dim=1, dtype=torch.float64).square()
+        x_norm = x_sq.sqrt()
+        lower = torch.empty(len(q), self.fast.source.n, dtype=torch.float64, device=self.device)
+        upper = torch.empty_like(lower)
+        if self.overflow or bool(((x_norm + fast.y_max) ** 2 >= FLOAT32_SAFE_SQ).any()):
+            raise ValueError("values beyond float32: the float64 pass is used")
+        if faiss is not None:
+            model = faiss_model(self.dim, centred=self.fast.centre is not None)
+            for j, rows in fast.blocks():
+                dist, lab = faiss_block(faiss, x, rows, fast.y_sq[j : j + len(rows)].float(), len(rows))
+                eps = model.eps(x_norm[:, None], fast.y_norm[j : j + len(rows)][lab], fast.y_max)
+                low = model.lower(dist.double(), eps)
+                lower[:, j : j + len(rows)].scatter_(1, lab, low)
+                upper[:, j : j + len(rows)].scatter_(1, lab, model.upper_from_lower(low, eps))
+            return lower, upper
+        screen = self.screen_on
+        f32_out = self.screen_float32_output
+        model = (
+            screen_model(self.dim, centred=self.fast.centre is not None, float32_output=f32_out, cuda=False)
+            if screen
+            else self.expansion()
+        )
+        cq = self.cq(model, x_sq, x_norm, fast.y_max, not screen)
+        coef = (model.c_xy * x_norm).to(torch.float32)
+        for j, rows in fast.blocks():
+            stop = j + len(rows)
+            if screen:
+                out = screen_mm(screen_queries(x, x_sq), screen_rows(rows, fast.y_sq[j:stop]), f32_out)
+                tile = out.to(torch.float32).mul_(-2 * (1 - model.rho))
+                tile.sub_((model.c_yy * fast.y_sq[j:stop]).float()).addr_(coef, fast.y_norm[j:stop].float(), alpha=-1)
+            else:
+                tile = self.float32_tile(x, coef, j, rows, None)
+            low = tile.double() + cq[:, None]
+            eps = model.eps(x_norm[:, None], fast.y_norm[None, j:stop], fast.y_max)
+            lower[:, j:stop], upper[:, j:stop] = low, model.upper_from_lower(low, eps)
+        return lower, upper
