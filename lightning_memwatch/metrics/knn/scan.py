@@ -323,7 +323,7 @@ class FastPasses:
         return torch.cat(qs), torch.cat(ts)
 
     def float32(self, x: Tensor, x_sq: Tensor, x_norm: Tensor, k: int) -> tuple[Tensor, Tensor]:
-        """The float32 GEMM pass (``backend=\"torch\"``) over fast queries ``x`` with their float64 norms."""
+        """The float32 GEMM pass (``backend="torch"``) over fast queries ``x`` with their float64 norms."""
         fast, bs = self.fast, self.block_size
         model = self.expansion()
         cq = self.cq(model, x_sq, x_norm, fast.y_max, True)
@@ -340,7 +340,7 @@ class FastPasses:
         return self._pairs(colls)
 
     def screen(self, x: Tensor, x_sq: Tensor, x_norm: Tensor, k: int) -> tuple[Tensor, Tensor]:
-        """The split-bfloat16 screen (``backend=\"torch-bf16\"``)."""
+        """The split-bfloat16 screen (``backend="torch-bf16"``)."""
         fast, bs = self.fast, self.block_size
         f32_out = self.screen_float32_output
         model = screen_model(
