@@ -36,6 +36,9 @@ __all__ = ["Candidates", "FastPasses", "FastRows", "float32_screen_output", "scr
 
 # Approximate candidates taken per tile before the threshold test (more only where the threshold asks).
 TILE_SLACK = 4
+# faiss' top lists are k + this long (its selection slows with k); a block whose list may miss candidates of a
+# query is scored again with the float32 tile for that query.
+FAISS_SLACK = 1
 # Candidates kept per query beyond which the kept list is pruned against the current threshold.
 _PRUNE_EVERY = 4096
 
@@ -385,7 +388,7 @@ class FastPasses:
             stop = j + len(rows)
             dropped = None if fast.dropped is None else fast.dropped[j:stop].to(self.device)
             extra = 0 if dropped is None else int(dropped.sum())
-            kc = min(k + TILE_SLACK + extra, len(rows))
+            kc = min(k + FAISS_SLACK + extra, len(rows))
             norms = fast.y_sq[j:stop].to(torch.float32)
             dist, lab = faiss_block(faiss, x, rows, norms, kc, gpu_res)
             approx = dist.to(torch.float64)
