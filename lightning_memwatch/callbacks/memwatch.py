@@ -44,6 +44,7 @@ from lightning_memwatch.progress import EvalProgress, setup_summary
 from lightning_memwatch.record import FID_TRAIN_FLOOR, RECORD_FIELDS, EvalRecord, RecordField
 from lightning_memwatch.sampling import draw_samples, rank_slice
 from lightning_memwatch.schedule import EvalSchedule
+from lightning_memwatch.value_check import ValueProfile, check_values
 from lightning_memwatch.weights import ModuleEMA, ScoredWeights, WeightsChoice, resolve_weights
 
 __all__ = ["FID_TRAIN_FLOOR", "MemWatch", "collect_images"]
@@ -202,6 +203,7 @@ class MemWatch(Callback):
         self._moved_device_warned = False
         self._overshoot_warned = False
         self.fid_train_floor: float | None = None
+        self._values: ValueProfile | None = None  # the training images' values (setup), checked against samples
 
     # -- public read-only views -------------------------------------------------------------------------
     @property
@@ -329,6 +331,7 @@ class MemWatch(Callback):
                 if small_use is not None:
                     rank_zero_warn(f"MemWatch: {small_use}")
             self._sample_shape = tuple(images.shape[1:])
+            self._values = self._value_profile(trainer, images)
             if self._sharded or trainer.is_global_zero:  # the index is built in on_fit_start
                 self._train_images = images
         if self.fid is not None and self._fid_evaluator is None:
@@ -347,6 +350,20 @@ class MemWatch(Callback):
                 state=self._pending_fid_state,  # held by the evaluator until its reference is prepared
             )
             self._pending_fid_state = None
+
+    def _value_profile(self, trainer: Trainer, images: Tensor) -> ValueProfile:
+        """The training images' :class:`~lightning_memwatch.value_check.ValueProfile`, the same on every rank:
+        the ranks' blocks merged when sharded, else rank 0's (a collective under DDP)."""
+        if self._sharded:
+
+            def gather(obj: object) -> list[Any]:
+                out: list[Any] = [None] * trainer.world_size
+                dist.all_gather_object(out, obj)
+                return out
+
+            return ValueProfile.build(images, gather)
+        profile = ValueProfile.of(images)
+        return trainer.strategy.broadcast(profile, src=0) if trainer.world_size > 1 else profile
 
     def _shards_index(self, trainer: Trainer) -> bool:
         """Whether this fit's index is sharded over the ranks (``knn_sharding`` and the process group)."""
@@ -622,6 +639,8 @@ class MemWatch(Callback):
             if overshoot is not None and not self._overshoot_warned:
                 self._overshoot_warned = True
                 rank_zero_warn(overshoot)
+            if self._values is not None:  # where the values sit, not only their range (value_check)
+                check_values(generated, self._values, f"MemWatch samples at step {step}")
             state = None
             if trainer.is_global_zero or self._sharded:  # sharded: every rank searches its block
                 progress.phase("nearest neighbours" + (" and FID" if self._fid_evaluator is not None else ""))
