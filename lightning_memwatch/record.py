@@ -32,6 +32,9 @@ __all__ = [
     "FID_NUM_SAMPLES",
     "FID_TRAIN_FLOOR",
     "NOT_RECORD_KEYS",
+    "ONSET_FORECAST",
+    "ONSET_FORECAST_HIGH",
+    "ONSET_FORECAST_LOW",
     "PREFIX",
     "RATIO_MEDIAN",
     "RECORD_FIELDS",
@@ -50,6 +53,10 @@ F_MEM_CI_HIGH = "memwatch/f_mem_ci_high"
 RATIO_MEDIAN = "memwatch/ratio_median"
 FID_KEY = "memwatch/fid"
 FID_NUM_SAMPLES = "memwatch/fid_num_samples"
+ONSET_FORECAST = "memwatch/onset_forecast"
+"""Forecast step (optimizer steps) at which f_mem leaves zero (:mod:`lightning_memwatch.onset`)."""
+ONSET_FORECAST_LOW = "memwatch/onset_forecast_low"
+ONSET_FORECAST_HIGH = "memwatch/onset_forecast_high"
 TAU_GEN = "memwatch/tau_gen"
 """Logged once, at the evaluation that flags tau_gen: the event's step (optimizer steps)."""
 TAU_MEM = "memwatch/tau_mem"
@@ -79,6 +86,10 @@ class RecordField:
     FID_NUM_SAMPLES = "fid_num_samples"
     SAMPLE_SECONDS = "sample_seconds"
     METRIC_SECONDS = "metric_seconds"
+    SCORED_WEIGHTS = "scored_weights"
+    ONSET_FORECAST = "onset_forecast"
+    ONSET_FORECAST_LOW = "onset_forecast_low"
+    ONSET_FORECAST_HIGH = "onset_forecast_high"
 
 
 #: record field -> logged scalar key (the fields logged under their own constant; user metrics and extra
@@ -90,6 +101,9 @@ SCALAR_KEYS: dict[str, str] = {
     RecordField.RATIO_MEDIAN: RATIO_MEDIAN,
     RecordField.FID: FID_KEY,
     RecordField.FID_NUM_SAMPLES: FID_NUM_SAMPLES,
+    RecordField.ONSET_FORECAST: ONSET_FORECAST,
+    RecordField.ONSET_FORECAST_LOW: ONSET_FORECAST_LOW,
+    RecordField.ONSET_FORECAST_HIGH: ONSET_FORECAST_HIGH,
 }
 
 _ALWAYS_LISTED = ("fid", "fid_num_samples")  # mapping keys even when None (FID off), as in the dict records
@@ -121,6 +135,14 @@ class EvalRecord(Mapping[str, Any]):
         metric_seconds: wall time of the metrics on the samples (seconds).
         extra: further per-evaluation signals ``{name: value}`` (e.g. a probe reading at this step), logged
             as ``memwatch/<name>`` like the user metrics.
+        scored_weights: which weights were scored (``"raw"``, ``"averaged"``, ``"module_ema"``, or
+            ``"raw_warmup"``: the raw weights, because the chosen average had not been updated yet; see
+            :mod:`lightning_memwatch.weights`), or None when not known (a plain Evaluator call).
+        onset_forecast: forecast step (optimizer steps) at which f_mem leaves zero, from the drift of the low
+            ratio quantiles (:mod:`lightning_memwatch.onset`); None when there is none (no drift yet, or f_mem
+            already above zero).
+        onset_forecast_low: early end of the forecast's interval (optimizer steps), or None.
+        onset_forecast_high: late end of the forecast's interval (optimizer steps), or None (unbounded).
 
     Example:
         >>> record = EvalRecord(step=500, f_mem=0.25, f_mem_ci_low=0.1, f_mem_ci_high=0.4, num_samples=4)
@@ -148,6 +170,10 @@ class EvalRecord(Mapping[str, Any]):
     sample_seconds: float | None = None
     metric_seconds: float | None = None
     extra: dict[str, float] = field(default_factory=dict)
+    scored_weights: str | None = None
+    onset_forecast: float | None = None
+    onset_forecast_low: float | None = None
+    onset_forecast_high: float | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.step, bool) or not isinstance(self.step, int) or self.step < 0:
@@ -336,6 +362,7 @@ _MAPPING_ORDER = (
     "step", "num_samples", "f_mem", "f_mem_ci_low", "f_mem_ci_high",
     "ratio_q05", "ratio_q25", "ratio_median", "ratio_q75", "ratio_q95",
     "fid", "fid_num_samples", "metrics", "extra", "metric_seconds", "sample_seconds",
+    "scored_weights", "onset_forecast", "onset_forecast_low", "onset_forecast_high",
 )
 _NAMED = {v for k, v in vars(RecordField).items() if k.isupper()}
 if (

@@ -40,12 +40,13 @@ from lightning_memwatch.images import sampler_rows as _sampler_rows  # noqa: F40
 from lightning_memwatch.metrics.fid import FID, FIDEvaluator
 from lightning_memwatch.metrics.knn_sharded import ShardedNearestNeighbourIndex
 from lightning_memwatch.metrics.memorization import KnnIndex
+from lightning_memwatch.onset import OnsetForecast, forecast_onset
 from lightning_memwatch.progress import EvalProgress, setup_summary
 from lightning_memwatch.record import FID_TRAIN_FLOOR, RECORD_FIELDS, EvalRecord, RecordField
 from lightning_memwatch.sampling import draw_samples, rank_slice
 from lightning_memwatch.schedule import EvalSchedule
 from lightning_memwatch.value_check import ValueProfile, check_values
-from lightning_memwatch.weights import ModuleEMA, ScoredWeights, WeightsChoice, resolve_weights
+from lightning_memwatch.weights import RAW_WARMUP, ModuleEMA, ScoredWeights, WeightsChoice, resolve_weights
 
 __all__ = ["FID_TRAIN_FLOOR", "MemWatch", "collect_images"]
 
@@ -623,10 +624,39 @@ class MemWatch(Callback):
     def _evaluate(self, trainer: Trainer, pl_module: LightningModule, step: int, *, can_log: bool) -> None:
         # the scored weights (raw, EMA or averaged) stay in the module until every listener has seen them
         scored = self.scored_weights if self.scored_weights is not None else ScoredWeights()
+        in_use = scored.in_use(pl_module)  # the raw weights while a chosen average was never updated
         with scored.applied(trainer, pl_module):
-            self._evaluate_scored(trainer, pl_module, step, can_log=can_log)
+            self._evaluate_scored(trainer, pl_module, step, can_log=can_log, scored_weights=in_use)
+        if in_use == RAW_WARMUP or (len(self.history) > 1 and self.history[-2].scored_weights == RAW_WARMUP):
+            self._say_warmup(trainer, scored, in_use, step)
 
-    def _evaluate_scored(self, trainer: Trainer, pl_module: LightningModule, step: int, *, can_log: bool) -> None:
+    def _say_warmup(self, trainer: Trainer, scored: ScoredWeights, in_use: str, step: int) -> None:
+        """Say in the TensorBoard text (and once in the log) that the raw weights were scored, and when the
+        average takes over."""
+        if in_use == RAW_WARMUP:
+            text = f"step {step}: {scored.warmup_note()}."
+            if len(self.history) == 1 or self.history[-2].scored_weights != RAW_WARMUP:
+                rank_zero_info(f"MemWatch: {text} The average is scored from its first update on.")
+        else:
+            text = f"step {step}: the {scored.describe()} are scored from here on (the average has been updated)."
+            rank_zero_info(f"MemWatch: {text}")
+        if trainer.is_global_zero:
+            mwlog.log_text(trainer, mwlog.TIMESCALE_TEXT, text, step)
+
+    def _annotate(self, record: EvalRecord, scored_weights: str) -> EvalRecord:
+        """The record with what MemWatch knows beyond the samples: the weights scored and the onset forecast
+        (:mod:`lightning_memwatch.onset`, from the history and this record)."""
+        forecast: OnsetForecast = forecast_onset([*self.history, record], threshold=self.threshold)
+        return record.replace(
+            scored_weights=scored_weights,
+            onset_forecast=forecast.step,
+            onset_forecast_low=forecast.low,
+            onset_forecast_high=forecast.high,
+        )
+
+    def _evaluate_scored(
+        self, trainer: Trainer, pl_module: LightningModule, step: int, *, can_log: bool, scored_weights: str = "raw"
+    ) -> None:
         start = time.perf_counter()
         # progress of the evaluation inside the trainer's progress bar (silent without one)
         mine = len(rank_slice(self.num_generated, trainer.global_rank, trainer.world_size))
@@ -648,6 +678,7 @@ class MemWatch(Callback):
                 # rank 0's record (its sample time, FID, metrics), so every rank holds the same record
                 state = record.to_dict() if trainer.is_global_zero else None
         record = EvalRecord.from_dict(trainer.strategy.broadcast(state, src=0))  # plain values across ranks
+        record = self._annotate(record, scored_weights)
         self.history.append(record)
         self._last_evaluated_step = step
         events = self.detector.update(record)
@@ -789,4 +820,9 @@ def _describe(record: EvalRecord) -> str:
     )
     if record.fid is not None:
         text += f", FID={record.fid:.3f} ({record.fid_num_samples} samples)"
+    if record.onset_forecast is not None:
+        high = "open" if record.onset_forecast_high is None else f"{record.onset_forecast_high:.0f}"
+        text += f", onset forecast ~{record.onset_forecast:.0f} [{record.onset_forecast_low:.0f}, {high}]"
+    if record.scored_weights == RAW_WARMUP:
+        text += ", raw weights (the average is not updated yet)"
     return text + f" (sampling {record.sample_seconds:.1f} s, metrics {record.metric_seconds:.2f} s)"

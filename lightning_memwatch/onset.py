@@ -1,0 +1,165 @@
+"""A forecast of the onset of copying: the step at which f_mem will leave zero, read from the drift of the ratios.
+
+Copies are the last symptom of a drift toward the training set: for several evaluations before f_mem leaves
+zero, the whole distribution of the nearest-neighbour ratios d1/d2 slides down. f_mem leaves zero when the
+lowest of the ``m`` ratios of an evaluation falls below the threshold (1/3). This module forecasts that step
+from the records alone (a pure function of the history, no model, no samples):
+
+1. each record's lowest ratio is estimated from its two lowest stored quantiles (5% and 25%) with a normal
+   tail: ``sigma = (q25 - q05) / (z(0.25) - z(0.05))``, ``lowest = q05 + sigma * (z(1 / m) - z(0.05))`` for
+   ``m`` samples (``z`` the standard normal quantile);
+2. a straight line (least squares, optimizer steps on the x axis) is fitted to the last ``window``
+   evaluations' lowest ratios; a forecast exists only while the line falls (slope below zero by more than
+   twice its standard error) and f_mem is still zero;
+3. the forecast is where the line meets the threshold (never before the last evaluation); its interval runs
+   from where a line steeper by two standard errors, starting two fit errors lower, meets it, to the later of
+   where a line shallower by two standard errors meets it and where the fitted line of the 5% quantile itself
+   meets it (by then 5% of the samples are copies) -- unbounded (None) when the shallow line does not fall.
+
+:class:`~lightning_memwatch.MemWatch` puts the forecast in every record (``record.onset_forecast``, ``_low``,
+``_high``; logged as :data:`~lightning_memwatch.record.ONSET_FORECAST`), its verbose line and TensorBoard; an
+:class:`~lightning_memwatch.AdaptiveSchedule` evaluates densely around it. How far to trust it is measured in
+docs/onset_forecast.md. No torch or Lightning import.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping, Sequence
+from statistics import NormalDist
+from typing import Any
+
+__all__ = ["OnsetForecast", "forecast_onset", "lowest_ratio"]
+
+_Z = NormalDist().inv_cdf
+_Z05, _Z25 = _Z(0.05), _Z(0.25)
+DEFAULT_WINDOW = 5
+"""Evaluations the trend is fitted on (the most recent ones)."""
+MIN_POINTS = 3
+"""Fewest evaluations with ratio quantiles a forecast needs."""
+SIGNIFICANCE = 2.0
+"""The slope must lie this many standard errors below zero; the interval spans as many."""
+
+
+@dataclasses.dataclass(frozen=True)
+class OnsetForecast:
+    """The forecast step at which f_mem leaves zero, with its interval.
+
+    Attributes:
+        step: forecast step (optimizer steps), or None when there is no forecast.
+        low: early end of the interval (optimizer steps), or None.
+        high: late end of the interval (optimizer steps), or None when unbounded (or no forecast).
+        reason: one line for people: the trend read, or why there is no forecast.
+    """
+
+    step: float | None
+    low: float | None
+    high: float | None
+    reason: str
+
+    def describe(self) -> str:
+        """``"onset forecast ~1234 [1100, 1500]"``, or the reason there is none."""
+        if self.step is None:
+            return f"no onset forecast ({self.reason})"
+        high = "open" if self.high is None else f"{self.high:.0f}"
+        return f"onset forecast ~{self.step:.0f} [{self.low:.0f}, {high}]"
+
+
+def lowest_ratio(record: Mapping[str, Any], default_samples: int = 1000) -> float | None:
+    """Estimated lowest of a record's ratios d1/d2 (normal tail through its 5% and 25% quantiles; see the module
+    notes), or None when the record lacks them."""
+    q05, q25 = _number(record.get("ratio_q05")), _number(record.get("ratio_q25"))
+    if q05 is None or q25 is None:
+        return None
+    m = _number(record.get("num_samples")) or default_samples
+    sigma = max(q25 - q05, 0.0) / (_Z25 - _Z05)
+    return q05 + sigma * (_Z(1.0 / max(m, 2.0)) - _Z05)
+
+
+def forecast_onset(
+    history: Sequence[Mapping[str, Any]],
+    *,
+    threshold: float = 1 / 3,
+    window: int = DEFAULT_WINDOW,
+) -> OnsetForecast:
+    """Forecast, after the last record of ``history``, the step at which f_mem leaves zero.
+
+    Args:
+        history: evaluation records in step order (:class:`~lightning_memwatch.EvalRecord` or dicts with
+            ``step``, ``f_mem``, ``ratio_q05``, ``ratio_q25`` and optionally ``num_samples``).
+        threshold: the memorization threshold on d1/d2 (MemWatch's ``threshold``).
+        window: most recent evaluations the trend is fitted on (at least :data:`MIN_POINTS`).
+
+    Returns:
+        An :class:`OnsetForecast` (``step`` None when f_mem is already above zero, when fewer than
+        :data:`MIN_POINTS` records hold the quantiles, or when the ratios do not fall significantly).
+
+    Example:
+        >>> history = [{"step": s, "f_mem": 0.0, "ratio_q05": 0.9 - s / 2000, "ratio_q25": 1.0 - s / 2000,
+        ...             "num_samples": 512} for s in (0, 100, 200, 300, 400)]
+        >>> forecast = forecast_onset(history)
+        >>> round(forecast.step), forecast.low <= forecast.step <= forecast.high
+        (780, True)
+    """
+    if not history:
+        return OnsetForecast(None, None, None, "no evaluation yet")
+    last = history[-1]
+    f_last = _number(last.get("f_mem"))
+    if f_last is not None and f_last > 0:
+        return OnsetForecast(None, None, None, "f_mem is already above zero")
+    points = [(int(r["step"]), lowest_ratio(r), _number(r.get("ratio_q05"))) for r in history]
+    points = [(s, low, q) for s, low, q in points if low is not None and q is not None]
+    points = points[-max(int(window), MIN_POINTS) :]
+    if len(points) < MIN_POINTS:
+        return OnsetForecast(None, None, None, f"{len(points)} evaluation(s) with ratio quantiles, {MIN_POINTS} needed")
+    steps = [float(s) for s, _, _ in points]
+    fit = _line(steps, [low for _, low, _ in points])
+    if fit is None:
+        return OnsetForecast(None, None, None, "all evaluations at one step")
+    slope, slope_se, at_last, fit_se = fit
+    t_last = steps[-1]
+    if not slope + SIGNIFICANCE * slope_se < 0:
+        return OnsetForecast(None, None, None, f"the lowest ratio does not fall (slope {slope * 1000:+.3g} per 1000 steps)")
+    step = t_last + max(at_last - threshold, 0.0) / -slope
+    steep = slope - SIGNIFICANCE * slope_se
+    low = t_last + max(at_last - SIGNIFICANCE * fit_se - threshold, 0.0) / -steep
+    shallow = slope + SIGNIFICANCE * slope_se
+    high: float | None = t_last + max(at_last + SIGNIFICANCE * fit_se - threshold, 0.0) / -shallow
+    q_fit = _line(steps, [q for _, _, q in points])
+    if q_fit is not None and q_fit[0] < 0:
+        q_cross = t_last + max(q_fit[2] - threshold, 0.0) / -q_fit[0]
+        high = max(high, q_cross)
+    reason = (
+        f"lowest ratio ~{at_last:.3f} at step {t_last:.0f}, falling {-slope * 1000:.3g} per 1000 steps over "
+        f"{len(points)} evaluations"
+    )
+    return OnsetForecast(step, min(low, step), None if high is None else max(high, step), reason)
+
+
+def _line(x: Sequence[float], y: Sequence[float]) -> tuple[float, float, float, float] | None:
+    """Least-squares line through (x, y): ``(slope, its standard error, value at the last x, standard error of
+    that value)``; None when all x coincide. With 2 points the errors are 0."""
+    n = len(x)
+    mx, my = sum(x) / n, sum(y) / n
+    sxx = sum((a - mx) ** 2 for a in x)
+    if sxx <= 0:
+        return None
+    slope = sum((a - mx) * (b - my) for a, b in zip(x, y, strict=True)) / sxx
+    intercept = my - slope * mx
+    residual = sum((b - intercept - slope * a) ** 2 for a, b in zip(x, y, strict=True))
+    sigma2 = residual / (n - 2) if n > 2 else 0.0
+    slope_se = math.sqrt(sigma2 / sxx)
+    at_last = intercept + slope * x[-1]
+    fit_se = math.sqrt(sigma2 * (1.0 / n + (x[-1] - mx) ** 2 / sxx))
+    return slope, slope_se, at_last, fit_se
+
+
+def _number(value: object) -> float | None:
+    if value is None or isinstance(value, (bool, str, bytes)):
+        return None
+    try:
+        out = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return None
+    return out if math.isfinite(out) else None
