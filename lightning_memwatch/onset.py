@@ -6,15 +6,19 @@ lowest of the ``m`` ratios of an evaluation falls below the threshold (1/3). Thi
 from the records alone (a pure function of the history, no model, no samples):
 
 1. each record's lowest ratio is estimated from its two lowest stored quantiles (5% and 25%) with a normal
-   tail: ``sigma = (q25 - q05) / (z(0.25) - z(0.05))``, ``lowest = q05 + sigma * (z(1 / m) - z(0.05))`` for
-   ``m`` samples (``z`` the standard normal quantile);
+   tail: ``sigma = (q25 - q05) / (z(0.25) - z(0.05))``, ``lowest = q05 + sigma * (z_min(p) - z(0.05))``,
+   where ``z`` is the standard normal quantile and ``z_min(p)`` the ``p`` quantile of the smallest of ``m``
+   standard normal draws (``m`` samples): ``p = 1/2`` for the forecast, ``p = 5%`` and ``95%`` for the ends
+   of its interval (the lowest of ``m`` ratios is itself uncertain);
 2. a straight line (least squares, optimizer steps on the x axis) is fitted to the last ``window``
    evaluations' lowest ratios; a forecast exists only while the line falls (slope below zero by more than
    twice its standard error) and f_mem is still zero;
 3. the forecast is where the line meets the threshold (never before the last evaluation); its interval runs
-   from where a line steeper by two standard errors, starting two fit errors lower, meets it, to the later of
-   where a line shallower by two standard errors meets it and where the fitted line of the 5% quantile itself
-   meets it (by then 5% of the samples are copies) -- unbounded (None) when the shallow line does not fall.
+   from where the line of the 5%-quantile lowest ratio, steeper by two standard errors and two fit errors
+   lower, meets it, to where the line of the 95%-quantile lowest ratio, shallower by two standard errors and
+   two fit errors higher, meets it (at least one evaluation period after the last evaluation) -- unbounded
+   (None) when that line does not fall. This is a forecast
+   from a straight-line drift: a drift that accelerates makes it late, one that slows makes it early.
 
 :class:`~lightning_memwatch.MemWatch` puts the forecast in every record (``record.onset_forecast``, ``_low``,
 ``_high``; logged as :data:`~lightning_memwatch.record.ONSET_FORECAST`), its verbose line and TensorBoard; an
@@ -66,15 +70,16 @@ class OnsetForecast:
         return f"onset forecast ~{self.step:.0f} [{self.low:.0f}, {high}]"
 
 
-def lowest_ratio(record: Mapping[str, Any], default_samples: int = 1000) -> float | None:
-    """Estimated lowest of a record's ratios d1/d2 (normal tail through its 5% and 25% quantiles; see the module
-    notes), or None when the record lacks them."""
+def lowest_ratio(record: Mapping[str, Any], p: float = 0.5, default_samples: int = 1000) -> float | None:
+    """The ``p`` quantile of the estimated lowest of a record's ratios d1/d2 (normal tail through its 5% and
+    25% quantiles; see the module notes), or None when the record lacks them."""
     q05, q25 = _number(record.get("ratio_q05")), _number(record.get("ratio_q25"))
     if q05 is None or q25 is None:
         return None
-    m = _number(record.get("num_samples")) or default_samples
+    m = max(_number(record.get("num_samples")) or default_samples, 2.0)
     sigma = max(q25 - q05, 0.0) / (_Z25 - _Z05)
-    return q05 + sigma * (_Z(1.0 / max(m, 2.0)) - _Z05)
+    z_min = _Z(1.0 - (1.0 - p) ** (1.0 / m))  # P(min of m draws <= z_min) = p
+    return q05 + sigma * (z_min - _Z05)
 
 
 def forecast_onset(
@@ -100,7 +105,7 @@ def forecast_onset(
         ...             "num_samples": 512} for s in (0, 100, 200, 300, 400)]
         >>> forecast = forecast_onset(history)
         >>> round(forecast.step), forecast.low <= forecast.step <= forecast.high
-        (780, True)
+        (854, True)
     """
     if not history:
         return OnsetForecast(None, None, None, "no evaluation yet")
@@ -108,28 +113,31 @@ def forecast_onset(
     f_last = _number(last.get("f_mem"))
     if f_last is not None and f_last > 0:
         return OnsetForecast(None, None, None, "f_mem is already above zero")
-    points = [(int(r["step"]), lowest_ratio(r), _number(r.get("ratio_q05"))) for r in history]
-    points = [(s, low, q) for s, low, q in points if low is not None and q is not None]
+    points = [(int(r["step"]), *(lowest_ratio(r, p) for p in (0.5, 0.05, 0.95))) for r in history]
+    points = [point for point in points if None not in point]
     points = points[-max(int(window), MIN_POINTS) :]
     if len(points) < MIN_POINTS:
-        return OnsetForecast(None, None, None, f"{len(points)} evaluation(s) with ratio quantiles, {MIN_POINTS} needed")
-    steps = [float(s) for s, _, _ in points]
-    fit = _line(steps, [low for _, low, _ in points])
+        why = f"{len(points)} evaluation(s) with ratio quantiles, {MIN_POINTS} needed"
+        return OnsetForecast(None, None, None, why)
+    steps = [float(point[0]) for point in points]
+    fit = _line(steps, [point[1] for point in points])
     if fit is None:
         return OnsetForecast(None, None, None, "all evaluations at one step")
     slope, slope_se, at_last, fit_se = fit
     t_last = steps[-1]
     if not slope + SIGNIFICANCE * slope_se < 0:
-        return OnsetForecast(None, None, None, f"the lowest ratio does not fall (slope {slope * 1000:+.3g} per 1000 steps)")
+        why = f"the lowest ratio does not fall (slope {slope * 1000:+.3g} per 1000 steps)"
+        return OnsetForecast(None, None, None, why)
     step = t_last + max(at_last - threshold, 0.0) / -slope
-    steep = slope - SIGNIFICANCE * slope_se
-    low = t_last + max(at_last - SIGNIFICANCE * fit_se - threshold, 0.0) / -steep
-    shallow = slope + SIGNIFICANCE * slope_se
-    high: float | None = t_last + max(at_last + SIGNIFICANCE * fit_se - threshold, 0.0) / -shallow
-    q_fit = _line(steps, [q for _, _, q in points])
-    if q_fit is not None and q_fit[0] < 0:
-        q_cross = t_last + max(q_fit[2] - threshold, 0.0) / -q_fit[0]
-        high = max(high, q_cross)
+    early = _line(steps, [point[2] for point in points])
+    late = _line(steps, [point[3] for point in points])
+    assert early is not None and late is not None  # the same steps as `fit`
+    steep = early[0] - SIGNIFICANCE * early[1]
+    low = t_last + max(early[2] - SIGNIFICANCE * early[3] - threshold, 0.0) / -min(steep, slope)
+    shallow = late[0] + SIGNIFICANCE * late[1]
+    high = None if shallow >= 0 else t_last + max(late[2] + SIGNIFICANCE * late[3] - threshold, 0.0) / -shallow
+    if high is not None:  # f_mem was 0 at t_last: an onset is seen at the next evaluation at the earliest
+        high = max(high, t_last + (steps[-1] - steps[-2]))
     reason = (
         f"lowest ratio ~{at_last:.3f} at step {t_last:.0f}, falling {-slope * 1000:.3g} per 1000 steps over "
         f"{len(points)} evaluations"

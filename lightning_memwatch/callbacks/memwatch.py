@@ -501,7 +501,7 @@ class MemWatch(Callback):
                     total = index.num_train + index.num_duplicates  # type: ignore[attr-defined]
                     first = self._train_images_at(torch.arange(min(fid_n, total)))
                 if trainer.is_global_zero:
-                    value = evaluator.train_floor(first)
+                    value = evaluator.train_floor(first, num_samples=fid_n)  # the level of fid_n images
             value = trainer.strategy.broadcast(value, src=0)
             self.fid_train_floor = value
             if value is not None and trainer.is_global_zero:
