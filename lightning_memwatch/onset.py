@@ -2,14 +2,17 @@
 
 Copies are the last symptom of a drift toward the training set: for several evaluations before f_mem leaves
 zero, the whole distribution of the nearest-neighbour ratios d1/d2 slides down. f_mem leaves zero when the
-lowest of the ``m`` ratios of an evaluation falls below the threshold (1/3). This module forecasts that step
-from the records alone (a pure function of the history, no model, no samples):
+lowest of the ``m`` ratios of an evaluation falls below the threshold (1/3); more generally f_mem exceeds a
+level ``f0`` (the detector's tau_mem rule: 0 by default, e.g. 3% in the demo) when the ``k``-th lowest ratio
+does, ``k = floor(f0 * m) + 1``. This module forecasts that step from the records alone (a pure function of
+the history, no model, no samples):
 
-1. each record's lowest ratio is estimated from its two lowest stored quantiles (5% and 25%) with a normal
-   tail: ``sigma = (q25 - q05) / (z(0.25) - z(0.05))``, ``lowest = q05 + sigma * (z_min(p) - z(0.05))``,
-   where ``z`` is the standard normal quantile and ``z_min(p)`` the ``p`` quantile of the smallest of ``m``
-   standard normal draws (``m`` samples): ``p = 1/2`` for the forecast, ``p = 5%`` and ``95%`` for the ends
-   of its interval (the lowest of ``m`` ratios is itself uncertain);
+1. each record's ``k``-th lowest ratio is estimated from its two lowest stored quantiles (5% and 25%) with a
+   normal tail: ``sigma = (q25 - q05) / (z(0.25) - z(0.05))``, ``ratio = q05 + sigma * (z(u) - z(0.05))``,
+   where ``z`` is the standard normal quantile and ``u`` the ``p`` quantile of the ``k``-th smallest of ``m``
+   uniform draws (a Beta(k, m - k + 1) law; exact for ``k = 1``, normal approximation above): ``p = 1/2`` for
+   the forecast, ``p = 5%`` and ``95%`` for the ends of its interval (the ``k``-th lowest of ``m`` ratios is
+   itself uncertain);
 2. a straight line (least squares, optimizer steps on the x axis) is fitted to the last ``window``
    evaluations' lowest ratios; a forecast exists only while the line falls (slope below zero by more than
    twice its standard error) and f_mem is still zero;
@@ -70,34 +73,49 @@ class OnsetForecast:
         return f"onset forecast ~{self.step:.0f} [{self.low:.0f}, {high}]"
 
 
-def lowest_ratio(record: Mapping[str, Any], p: float = 0.5, default_samples: int = 1000) -> float | None:
-    """The ``p`` quantile of the estimated lowest of a record's ratios d1/d2 (normal tail through its 5% and
-    25% quantiles; see the module notes), or None when the record lacks them."""
+def lowest_ratio(
+    record: Mapping[str, Any], p: float = 0.5, *, level: float = 0.0, default_samples: int = 1000
+) -> float | None:
+    """The ``p`` quantile of the estimated ``k``-th lowest of a record's ratios d1/d2, ``k = floor(level * m)
+    + 1`` (the lowest for ``level = 0``; normal tail through its 5% and 25% quantiles, see the module notes),
+    or None when the record lacks them."""
     q05, q25 = _number(record.get("ratio_q05")), _number(record.get("ratio_q25"))
     if q05 is None or q25 is None:
         return None
-    m = max(_number(record.get("num_samples")) or default_samples, 2.0)
+    m = int(max(_number(record.get("num_samples")) or default_samples, 2.0))
     sigma = max(q25 - q05, 0.0) / (_Z25 - _Z05)
-    z_min = _Z(1.0 - (1.0 - p) ** (1.0 / m))  # P(min of m draws <= z_min) = p
-    return q05 + sigma * (z_min - _Z05)
+    return q05 + sigma * (_Z(_order_statistic(int(level * m) + 1, m, p)) - _Z05)
+
+
+def _order_statistic(k: int, m: int, p: float) -> float:
+    """The ``p`` quantile of the ``k``-th smallest of ``m`` uniform draws (Beta(k, m - k + 1))."""
+    k = min(max(k, 1), m)
+    if k == 1:
+        return 1.0 - (1.0 - p) ** (1.0 / m)  # P(min <= u) = p
+    mean = k / (m + 1)
+    sd = math.sqrt(k * (m - k + 1) / ((m + 1) ** 2 * (m + 2)))
+    return min(max(mean + _Z(p) * sd, 1e-9), 1 - 1e-9)
 
 
 def forecast_onset(
     history: Sequence[Mapping[str, Any]],
     *,
     threshold: float = 1 / 3,
+    level: float = 0.0,
     window: int = DEFAULT_WINDOW,
 ) -> OnsetForecast:
-    """Forecast, after the last record of ``history``, the step at which f_mem leaves zero.
+    """Forecast, after the last record of ``history``, the step at which f_mem leaves zero (exceeds ``level``).
 
     Args:
         history: evaluation records in step order (:class:`~lightning_memwatch.EvalRecord` or dicts with
             ``step``, ``f_mem``, ``ratio_q05``, ``ratio_q25`` and optionally ``num_samples``).
         threshold: the memorization threshold on d1/d2 (MemWatch's ``threshold``).
+        level: the f_mem the onset is counted from (a fraction): 0 (f_mem leaves zero), or the detector's
+            ``f0`` (MemWatch passes it).
         window: most recent evaluations the trend is fitted on (at least :data:`MIN_POINTS`).
 
     Returns:
-        An :class:`OnsetForecast` (``step`` None when f_mem is already above zero, when fewer than
+        An :class:`OnsetForecast` (``step`` None when f_mem is already above ``level``, when fewer than
         :data:`MIN_POINTS` records hold the quantiles, or when the ratios do not fall significantly).
 
     Example:
@@ -111,9 +129,9 @@ def forecast_onset(
         return OnsetForecast(None, None, None, "no evaluation yet")
     last = history[-1]
     f_last = _number(last.get("f_mem"))
-    if f_last is not None and f_last > 0:
-        return OnsetForecast(None, None, None, "f_mem is already above zero")
-    points = [(int(r["step"]), *(lowest_ratio(r, p) for p in (0.5, 0.05, 0.95))) for r in history]
+    if f_last is not None and f_last > level:
+        return OnsetForecast(None, None, None, f"f_mem is already above {'zero' if level == 0 else f'{level:g}'}")
+    points = [(int(r["step"]), *(lowest_ratio(r, p, level=level) for p in (0.5, 0.05, 0.95))) for r in history]
     points = [point for point in points if None not in point]
     points = points[-max(int(window), MIN_POINTS) :]
     if len(points) < MIN_POINTS:
@@ -139,7 +157,7 @@ def forecast_onset(
     if high is not None:  # f_mem was 0 at t_last: an onset is seen at the next evaluation at the earliest
         high = max(high, t_last + (steps[-1] - steps[-2]))
     reason = (
-        f"lowest ratio ~{at_last:.3f} at step {t_last:.0f}, falling {-slope * 1000:.3g} per 1000 steps over "
+        f"{'lowest' if level == 0 else f'{level:g}-quantile'} ratio ~{at_last:.3f} at step {t_last:.0f}, falling {-slope * 1000:.3g} per 1000 steps over "
         f"{len(points)} evaluations"
     )
     return OnsetForecast(step, min(low, step), None if high is None else max(high, step), reason)

@@ -645,8 +645,10 @@ class MemWatch(Callback):
 
     def _annotate(self, record: EvalRecord, scored_weights: str) -> EvalRecord:
         """The record with what MemWatch knows beyond the samples: the weights scored and the onset forecast
-        (:mod:`lightning_memwatch.onset`, from the history and this record)."""
-        forecast: OnsetForecast = forecast_onset([*self.history, record], threshold=self.threshold)
+        (:mod:`lightning_memwatch.onset`, from the history and this record: when f_mem will exceed the
+        detector's ``f0``, 0 by default)."""
+        level = float(getattr(self.detector, "f0", 0.0))  # the f_mem the detector's tau_mem counts from
+        forecast: OnsetForecast = forecast_onset([*self.history, record], threshold=self.threshold, level=level)
         return record.replace(
             scored_weights=scored_weights,
             onset_forecast=forecast.step,

@@ -481,7 +481,8 @@ class FIDEvaluator:
         images ``n`` than ``num_samples`` (a small training set), the FID of the ``n`` images would overstate
         the level of ``num_samples`` real images; it is extrapolated instead from the FID of the ``n`` images
         and the mean FID of their two halves, with ``FID(N) = a + b / N`` (Chong & Forsyth 2020), to
-        ``N = num_samples`` (never above the FID of the ``n`` images, never below 0). With ``n >=
+        ``N = num_samples`` (never above the FID of the ``n`` images, never below 0), when each half holds at
+        least as many images as the features have dimensions (else the FID of the ``n`` images). With ``n >=
         num_samples`` (or None) it is the FID of the first ``num_samples`` images.
 
         Args:
@@ -493,7 +494,10 @@ class FIDEvaluator:
             return self.compute(train if num_samples is None else train[:num_samples], name="train")
         full = self.compute(train, name="train")
         half = n // 2
-        if half < 4:  # too few images to read the trend: the FID of all of them
+        self.prepare_reference()
+        if half < max(4, len(self.reference_statistics[0])):
+            # halves below the feature dimension have rank-deficient covariances, off the 1/N law: keep the FID
+            # of all n images (biased upward, as the warning of compute says)
             return full
         halves = 0.5 * (self.compute(train[:half], name="train") + self.compute(train[half : 2 * half], name="train"))
         slope = (halves - full) / (1.0 / half - 1.0 / n)  # b in FID(N) = a + b / N
