@@ -15,7 +15,8 @@ forecast targets: MemWatch forecasts the step at which f_mem exceeds the detecto
 at the evaluations nearest 1/2 and 3/4 of tau_mem, with its relative error ``(forecast - tau_mem) / tau_mem``
 and whether tau_mem lies in the forecast's interval. The first evaluation with f_mem > 0 is listed too.
 
-``analyze`` also reads the JSON rows of ``benchmarks/zoo.py --json`` (the zoo's default detector: f0 = 0).
+``analyze`` also reads the JSON rows of ``benchmarks/zoo.py --json`` (the zoo's default detector: rule "ci",
+f0 = 0, 1000 samples: the forecast aims at the f_mem where that rule holds, ``onset.detector_level``).
 The table goes to docs/onset_forecast.md; the JSON summary to ``benchmarks/results/onset_forecast.json``.
 """
 
@@ -100,6 +101,8 @@ def analyze_one(run_data: dict) -> dict[str, Any]:
 
 
 def analyze(out: Path) -> dict[str, Any]:
+    from lightning_memwatch.onset import detector_level
+
     runs = []
     for path in sorted(out.glob("*.json")):
         if path.name == "analysis.json":
@@ -107,7 +110,8 @@ def analyze(out: Path) -> dict[str, Any]:
         data = json.loads(path.read_text())
         if isinstance(data, list):  # benchmarks/zoo.py rows: the default detector (f0 = 0)
             runs += [{"setup": row["setup"], "seed": 0, "n": row["n"], "history": row["history"],
-                      "tau_mem": row["tau_mem"], "level": 0.0} for row in data]  # fmt: skip
+                      "tau_mem": row["tau_mem"], "level": detector_level("ci", 0.0, 1000)}
+                     for row in data]  # fmt: skip
         else:
             runs.append(data)
     rows = [analyze_one(r) for r in runs]

@@ -37,7 +37,7 @@ from collections.abc import Mapping, Sequence
 from statistics import NormalDist
 from typing import Any
 
-__all__ = ["OnsetForecast", "forecast_onset", "lowest_ratio"]
+__all__ = ["OnsetForecast", "detector_level", "forecast_onset", "lowest_ratio"]
 
 _Z = NormalDist().inv_cdf
 _Z05, _Z25 = _Z(0.05), _Z(0.25)
@@ -71,6 +71,16 @@ class OnsetForecast:
             return f"no onset forecast ({self.reason})"
         high = "open" if self.high is None else f"{self.high:.0f}"
         return f"onset forecast ~{self.step:.0f} [{self.low:.0f}, {high}]"
+
+
+def detector_level(mem_rule: str, f0: float, num_samples: int, confidence: float = 0.95) -> float:
+    """The f_mem at which a :class:`~lightning_memwatch.TimescaleDetector` rule starts to hold, the level the
+    forecast aims at: ``f0`` for the rule ``"threshold"`` (``f_mem > f0``); for ``"ci"`` (the interval's lower
+    end above ``f0``) ``f0`` plus the count at which ``m`` samples' 95% interval leaves it, about
+    ``ln(1 / 0.025) / m`` (3.7 copies: four of 1000 samples for ``f0 = 0``)."""
+    if mem_rule != "ci":
+        return float(f0)
+    return float(f0) + math.log(2.0 / (1.0 - confidence)) / max(int(num_samples), 1)
 
 
 def lowest_ratio(
@@ -130,7 +140,7 @@ def forecast_onset(
     last = history[-1]
     f_last = _number(last.get("f_mem"))
     if f_last is not None and f_last > level:
-        return OnsetForecast(None, None, None, f"f_mem is already above {'zero' if level == 0 else f'{level:g}'}")
+        return OnsetForecast(None, None, None, f"f_mem is already above {'zero' if level == 0 else f'{level:.3g}'}")
     points = [(int(r["step"]), *(lowest_ratio(r, p, level=level) for p in (0.5, 0.05, 0.95))) for r in history]
     points = [point for point in points if None not in point]
     points = points[-max(int(window), MIN_POINTS) :]
@@ -156,8 +166,9 @@ def forecast_onset(
     high = None if shallow >= 0 else t_last + max(late[2] + SIGNIFICANCE * late[3] - threshold, 0.0) / -shallow
     if high is not None:  # f_mem was 0 at t_last: an onset is seen at the next evaluation at the earliest
         high = max(high, t_last + (steps[-1] - steps[-2]))
+    which = "lowest" if level == 0 else f"{level:.3g}-quantile"
     reason = (
-        f"{'lowest' if level == 0 else f'{level:g}-quantile'} ratio ~{at_last:.3f} at step {t_last:.0f}, falling {-slope * 1000:.3g} per 1000 steps over "
+        f"{which} ratio ~{at_last:.3f} at step {t_last:.0f}, falling {-slope * 1000:.3g} per 1000 steps over "
         f"{len(points)} evaluations"
     )
     return OnsetForecast(step, min(low, step), None if high is None else max(high, step), reason)

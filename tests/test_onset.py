@@ -129,3 +129,11 @@ def test_the_window_bounds_the_evaluations_used(window):
     records, onset = drifting_history(seed=3)
     forecast = forecast_onset(_before(records, 0.75 * onset), window=window)
     assert f"over {window} evaluations" in forecast.reason
+
+
+def test_the_level_aimed_at_is_where_the_detectors_rule_holds():
+    from lightning_memwatch.onset import detector_level
+
+    assert detector_level("threshold", 0.03, 512) == 0.03
+    level = detector_level("ci", 0.0, 1000)  # the default rule: the 95% interval's lower end leaves 0
+    assert 3 / 1000 < level < 4 / 1000  # the fourth copy of 1000 samples

@@ -169,7 +169,6 @@ def run_finetune(config: FinetuneConfig | None = None, *, echo: Callable[[str], 
     """Pretrain (or load), fine-tune with MemWatch's defaults, print and return what happened."""
     import lightning as L
     from lightning.pytorch.loggers import TensorBoardLogger
-    from torch.utils.data import DataLoader, TensorDataset
 
     from lightning_memwatch import FID, MemorizationEarlyStopping, MemWatch
     from lightning_memwatch.apps.demo import train_digit_classifier
@@ -204,8 +203,7 @@ def run_finetune(config: FinetuneConfig | None = None, *, echo: Callable[[str], 
         log_every_n_steps=50,
     )  # fmt: skip
     start = time.perf_counter()
-    loader = DataLoader(TensorDataset(train, torch.zeros(len(train))), batch_size=len(train))  # full batch
-    trainer.fit(model, loader)
+    trainer.fit(model, datamodule=finetune_datamodule(config.digit, config.n, config.seed))  # full batch
     first = watch.history[0] if watch.history else None
     kept_step = stopper.restored_step if stopper.restored_step is not None else trainer.global_step
     kept = next((r for r in watch.history if r.step == kept_step), None)

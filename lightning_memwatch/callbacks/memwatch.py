@@ -40,7 +40,7 @@ from lightning_memwatch.images import sampler_rows as _sampler_rows  # noqa: F40
 from lightning_memwatch.metrics.fid import FID, FIDEvaluator
 from lightning_memwatch.metrics.knn_sharded import ShardedNearestNeighbourIndex
 from lightning_memwatch.metrics.memorization import KnnIndex
-from lightning_memwatch.onset import OnsetForecast, forecast_onset
+from lightning_memwatch.onset import OnsetForecast, detector_level, forecast_onset
 from lightning_memwatch.progress import EvalProgress, setup_summary
 from lightning_memwatch.record import FID_TRAIN_FLOOR, RECORD_FIELDS, EvalRecord, RecordField
 from lightning_memwatch.sampling import draw_samples, rank_slice
@@ -645,9 +645,11 @@ class MemWatch(Callback):
 
     def _annotate(self, record: EvalRecord, scored_weights: str) -> EvalRecord:
         """The record with what MemWatch knows beyond the samples: the weights scored and the onset forecast
-        (:mod:`lightning_memwatch.onset`, from the history and this record: when f_mem will exceed the
-        detector's ``f0``, 0 by default)."""
-        level = float(getattr(self.detector, "f0", 0.0))  # the f_mem the detector's tau_mem counts from
+        (:mod:`lightning_memwatch.onset`, from the history and this record: when f_mem will reach the level at
+        which the detector's tau_mem rule holds, :func:`~lightning_memwatch.onset.detector_level`)."""
+        # the f_mem at which the detector's tau_mem rule starts to hold
+        level = detector_level(getattr(self.detector, "mem_rule", "ci"), getattr(self.detector, "f0", 0.0),
+                               self.num_samples)  # fmt: skip
         forecast: OnsetForecast = forecast_onset([*self.history, record], threshold=self.threshold, level=level)
         return record.replace(
             scored_weights=scored_weights,
