@@ -700,11 +700,12 @@ def config_from_args(args: Any) -> DemoConfig:
 def main(argv: Sequence[str] | None = None) -> int:
     """``memwatch demo [--out DIR] [--quick] [--n 64 128 ...] ...``: run the demo; returns the exit code (0)."""
     args = build_parser().parse_args(list(argv) if argv is not None else None)
-    if args.finetune:  # apps/finetune.py: its own settings; --out (when given) and --seed apply
+    if args.finetune:  # apps/finetune.py: its own settings; --out (when given), --seed and --threads apply
         from lightning_memwatch.apps.finetune import FinetuneConfig, run_finetune
 
-        given = {"out": args.out} if args.out != DemoConfig().out else {}
-        run_finetune(FinetuneConfig(**given, **({"seed": args.seed} if args.seed is not None else {})))
+        given: dict[str, Any] = {"out": args.out} if args.out != DemoConfig().out else {}
+        given.update({k: v for k, v in (("seed", args.seed), ("threads", args.threads)) if v is not None})
+        run_finetune(FinetuneConfig(**given))
         return 0
     run_demo(config_from_args(args))
     return 0
