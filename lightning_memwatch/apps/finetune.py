@@ -214,7 +214,7 @@ def run_finetune(config: FinetuneConfig | None = None, *, echo: Callable[[str], 
         "tau_gen": watch.tau_gen,
         "tau_mem": watch.tau_mem,
         "restored_step": stopper.restored_step,
-        "start": None if first is None else {"f_mem": first.f_mem, "fid": first.fid},
+        "first": None if first is None else {"step": first.step, "f_mem": first.f_mem, "fid": first.fid},
         "kept": None if kept is None else {"step": kept.step, "f_mem": kept.f_mem, "fid": kept.fid},
         "fid_train_floor": watch.fid_train_floor,
         "history": [r.to_dict() for r in watch.history],
@@ -222,7 +222,9 @@ def run_finetune(config: FinetuneConfig | None = None, *, echo: Callable[[str], 
         "settings": {k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(config).items()},
     }
     (config.out / "finetune.json").write_text(json.dumps(result, indent=1) + "\n")
-    start_text = "" if first is None else f" (step 0: f_mem {first.f_mem:.3f}, FID {first.fid:.1f})"
+    start_text = (
+        "" if first is None else f" (first evaluation, step {first.step}: f_mem {first.f_mem:.3f}, FID {first.fid:.1f})"
+    )
     kept_text = "" if kept is None else f": f_mem {kept.f_mem:.3f}, FID {kept.fid:.1f}"
     echo(f"  fine-tune: tau_gen={watch.tau_gen}, tau_mem={watch.tau_mem}, stopped at step {trainer.global_step}")
     echo(f"  fit ended with the weights of step {kept_step}{kept_text}{start_text}")
