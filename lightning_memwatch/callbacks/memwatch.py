@@ -518,6 +518,19 @@ class MemWatch(Callback):
         if step != self._last_evaluated_step and step in self.schedule:
             self._evaluate(trainer, pl_module, step, can_log=True)
 
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # Lightning's WeightAveraging copies its average into the module when training ends, updated or not:
+        # a never-updated average is the initial weights. MemWatch scored the raw weights; say what fit returns.
+        scored = self.scored_weights
+        if scored is not None and self.history and scored.in_use(pl_module) == RAW_WARMUP:
+            rank_zero_warn(
+                f"MemWatch: training ended at step {trainer.global_step} before {scored.describe()} was ever "
+                f"updated ({scored.warmup_note()}): MemWatch scored the raw weights, but the averaging callback "
+                "copies its never-updated average, the initial weights, into the module at the end of fit. Start "
+                "the average earlier (update_starting_at_step below the steps you train), or take the raw weights "
+                "from a checkpoint."
+            )
+
     def _setup_summary(self, trainer: Trainer, step: int) -> str:
         """The one line printed per fit (what was indexed, backend, FID reference, next evaluation)."""
         pending = step in self.schedule and step != self._last_evaluated_step

@@ -148,3 +148,19 @@ def test_module_ema_held_as_an_averaged_model_is_scored_once_updated():
         assert float(module.layer.weight.detach().unique()) == 1.0  # raw weights scored
     module.ema.update_parameters(module.layer)
     assert scored.in_use(module) == "module_ema"
+
+
+def test_a_fit_that_ends_inside_the_warmup_says_fit_returns_the_initial_weights(tmp_path):
+    """Lightning's averaging callback copies its average into the module at the end of fit even when it was
+    never updated: MemWatch scored the raw weights, and warns that fit hands back the initial weights."""
+    import warnings
+
+    torch.manual_seed(0)
+    model = CopyingToy()
+    watch, _, scored = _parts(model, tmp_path)
+    ema = EMAWeightAveraging(decay=0.5, update_starting_at_step=1000)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _trainer(tmp_path, [ema, watch], max_steps=10).fit(model, _loader())
+    assert [r.scored_weights for r in watch.history] == [RAW_WARMUP, RAW_WARMUP]
+    assert any("never-updated average, the initial weights" in str(w.message) for w in caught)
