@@ -169,3 +169,31 @@ def test_python_dash_m_runs_an_old_path():
     assert proc.returncode == 0, proc.stderr
     assert "usage: memwatch" in proc.stdout
     assert "lightning_memwatch.cli moved to lightning_memwatch.apps.cli" in proc.stderr
+
+
+# The benchmark scripts import each other's pieces; a pair importing each other is a circle (one script's
+# pieces need a home of their own). The knn pair is left to the exact-search issue, which gives its shared
+# pieces one home: drop it from this set then.
+_BENCHMARK_CIRCLES_LEFT = {frozenset({"knn", "knn_scale"})}
+
+
+def _benchmark_imports() -> dict[str, set[str]]:
+    """``{script: sibling scripts it imports}`` for ``benchmarks/*.py`` (``benchmarks.x`` or a bare ``x``)."""
+    scripts = {p.stem: p for p in (ROOT / "benchmarks").glob("*.py")}
+    graph = {}
+    for name, path in scripts.items():
+        found = set()
+        for _, imported in _imported_names(path):
+            parts = imported.split(".")
+            stem = parts[1] if parts[0] == "benchmarks" and len(parts) > 1 else parts[0]
+            if stem in scripts and stem != name:
+                found.add(stem)
+        graph[name] = found
+    return graph
+
+
+def test_no_two_benchmark_scripts_import_each_other():
+    graph = _benchmark_imports()
+    circles = {frozenset({a, b}) for a, deps in graph.items() for b in deps if a in graph.get(b, set())}
+    assert circles <= _BENCHMARK_CIRCLES_LEFT, sorted(map(sorted, circles - _BENCHMARK_CIRCLES_LEFT))
+    assert "adaptive_parts" in graph["adaptive_demo"] and "adaptive_parts" in graph["adaptive_analysis"]
