@@ -33,6 +33,7 @@ __all__ = [
     "batch_generator",
     "check_sampler_signature",
     "draw_samples",
+    "gather_in_order",
     "per_sample_noise",
     "rank_slice",
 ]
@@ -113,6 +114,24 @@ def rank_slice(num_samples: int, rank: int, world_size: int) -> range:
     per_rank, extra = divmod(num_samples, world_size)
     start = rank * per_rank + min(rank, extra)
     return range(start, start + per_rank + (1 if rank < extra else 0))
+
+
+def gather_in_order(
+    local: Tensor, total: int, world_size: int, all_gather: Callable[[Tensor], Tensor]
+) -> Tensor:
+    """Every rank's share of ``total`` samples (its :func:`rank_slice`), concatenated in index order.
+
+    A collective: every rank calls it with its own ``local`` share. Shares differ in length by one at most, so
+    each is padded to the longest before ``all_gather`` (``(world_size, longest, ...)``, e.g. Lightning's
+    ``trainer.strategy.all_gather``) and cut back after.
+    """
+    if world_size == 1:
+        return local
+    longest = len(rank_slice(total, 0, world_size))
+    padded = torch.zeros((longest, *local.shape[1:]), device=local.device, dtype=local.dtype)
+    padded[: len(local)] = local
+    gathered = all_gather(padded)  # (world_size, longest, ...)
+    return torch.cat([gathered[r, : len(rank_slice(total, r, world_size))] for r in range(world_size)])
 
 
 def draw_samples(

@@ -36,7 +36,14 @@ from torch import Tensor, nn
 
 from lightning_memwatch._checks import check_choice, config_error
 
-__all__ = ["ModuleEMA", "ScoredWeights", "WeightsChoice", "find_weight_averaging", "resolve_weights"]
+__all__ = [
+    "ModuleEMA",
+    "ScoredWeights",
+    "WeightsChoice",
+    "find_weight_averaging",
+    "resolve_weights",
+    "scoring",
+]
 
 
 @dataclass(frozen=True)
@@ -193,3 +200,17 @@ def resolve_weights(choice: Any, trainer: Trainer, pl_module: LightningModule) -
             )
         return ScoredWeights()
     return _Averaged(callback)
+
+
+@contextlib.contextmanager
+def scoring(trainer: Trainer, pl_module: LightningModule, scored: ScoredWeights | None) -> Iterator[None]:
+    """The module as it is scored, for one evaluation or probe reading: the ``scored`` weights in it (None: the
+    weights it holds) and eval mode. Its own weights and training mode come back afterwards, also on an error.
+    MemWatch and LossGapProbe both read the module through this bracket."""
+    was_training = pl_module.training
+    with (scored if scored is not None else ScoredWeights()).applied(trainer, pl_module):
+        pl_module.eval()
+        try:
+            yield
+        finally:
+            pl_module.train(was_training)
