@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Mapping
 from typing import Any, Literal
 
 from lightning_memwatch._checks import check_choice, config_error
@@ -194,7 +195,7 @@ class AdaptiveSchedule(EvalSchedule):
         return [missed]
 
     # -- observations ---------------------------------------------------------------------------------
-    def observe(self, record: dict[str, Any]) -> None:
+    def observe(self, record: Mapping[str, Any]) -> None:
         """Take one MemWatch evaluation record (``step`` and ``f_mem_key``) and plan the next evaluation."""
         step = int(record["step"])
         pending = self.decisions[-1] if self.decisions else None
@@ -330,7 +331,7 @@ class AdaptiveSchedule(EvalSchedule):
             "signal_step": self._signal_step,
         }
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Inverse of :meth:`state_dict`; the settings must match (a changed schedule is not the same run)."""
         if state["config"] != self.config():
             raise config_error(

@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import os
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from enum import Enum
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
@@ -24,8 +24,9 @@ from torch import Tensor
 
 from lightning_memwatch import log as mwlog
 from lightning_memwatch._checks import check_choice, check_int, config_error, config_type_error
-from lightning_memwatch.detection import TimescaleEvent
+from lightning_memwatch.detection import TimescaleDetector, TimescaleEvent
 from lightning_memwatch.record import RecordField, finite_float
+from lightning_memwatch.weights import ScoredWeights
 
 if TYPE_CHECKING:  # pragma: no cover
     from lightning_memwatch.callbacks.memwatch import MemWatch
@@ -36,6 +37,35 @@ _MODES = ("min", "max")
 BEST_FILENAME = "memwatch_best_in_window.pt"
 STOPPING_TEXT = "memwatch/early_stopping"
 """TensorBoard text tag of the stop message."""
+
+
+class WatchLike(Protocol):
+    """What the stopper reads of its watch; :class:`~lightning_memwatch.MemWatch` has it all (a stand-in in a
+    test or a plain loop needs the same)."""
+
+    detector: TimescaleDetector
+    history: Sequence[Mapping[str, Any]]
+    record_keys: Sequence[str] | None  # None: not known before the first record
+    scored_weights: ScoredWeights | None  # None: the weights in the module
+
+    def add_listener(self, fn: Callable[..., None]) -> None: ...
+
+    def add_event_listener(self, fn: Callable[..., None]) -> None: ...
+
+
+_WATCH_ATTRIBUTES = ("detector", "history", "record_keys", "scored_weights", "add_listener", "add_event_listener")
+
+
+def _check_watch(watch: object) -> None:
+    """Refuse anything but a MemWatch (or a stand-in with all of :class:`WatchLike`), naming what is missing."""
+    missing = [name for name in _WATCH_ATTRIBUTES if not hasattr(watch, name)]
+    detector = getattr(watch, "detector", None)
+    if missing or not isinstance(detector, TimescaleDetector):
+        lacks = f" (it lacks {', '.join(missing)})" if missing and len(missing) < len(_WATCH_ATTRIBUTES) else ""
+        raise config_type_error(
+            f"watch must be the MemWatch callback this early stopping listens to (also passed to "
+            f"Trainer(callbacks=[watch, stopper])); got {type(watch).__name__}{lacks}."
+        )
 
 
 class MemorizationStoppingReason(Enum):
@@ -120,7 +150,7 @@ class MemorizationEarlyStopping(Callback):
 
     def __init__(
         self,
-        watch: MemWatch,
+        watch: MemWatch | WatchLike,
         patience: int | None = None,
         restore_best: bool = True,
         verbose: bool = False,
@@ -130,13 +160,8 @@ class MemorizationEarlyStopping(Callback):
         mode: Literal["min", "max"] | None = None,
     ) -> None:
         super().__init__()
-        detector = getattr(watch, "detector", None)
-        subscribe = [getattr(watch, name, None) for name in ("add_listener", "add_event_listener")]
-        if not all(callable(fn) for fn in subscribe) or detector is None:
-            raise config_type_error(
-                f"watch must be the MemWatch callback this early stopping listens to (also passed to "
-                f"Trainer(callbacks=[watch, stopper])); got {type(watch).__name__}."
-            )
+        _check_watch(watch)
+        detector = watch.detector
         if patience is not None:
             patience = check_int(patience, "`patience`", minimum=0, unit="evaluations")
             if patience > max(1, detector.patience):
@@ -153,14 +178,14 @@ class MemorizationEarlyStopping(Callback):
                     stacklevel=2,
                 )
                 detector.patience = patience
-        mode = mode if mode is not None else getattr(detector, "quality_mode", "min")
+        mode = mode if mode is not None else detector.quality_mode
         mode = check_choice(mode, "`mode`", _MODES)
-        self.watch = watch
+        self.watch: WatchLike = watch
         self.restore_best = bool(restore_best)
         self.verbose = bool(verbose)
         self.strict = bool(strict)
         self.dirpath = None if dirpath is None else str(dirpath)
-        self.monitor: str = monitor if monitor is not None else getattr(detector, "quality_key", "fid")
+        self.monitor: str = monitor if monitor is not None else detector.quality_key
         self.mode: str = mode
 
         self.best_step: int | None = None
@@ -177,6 +202,7 @@ class MemorizationEarlyStopping(Callback):
         self._tau_mem: TimescaleEvent | None = None
         self._events_from_watch = False  # a state saved before the events were kept: read them once
         self._monitor_checked = False
+        self._lineage_checked = False
         self._saved_watch: dict[str, Any] | None = None  # the watch's position when the loaded state was saved
 
     # -- Lightning vocabulary --------------------------------------------------------------------------
@@ -197,7 +223,7 @@ class MemorizationEarlyStopping(Callback):
     @property
     def wait_count(self) -> int:
         """Consecutive evaluations so far meeting the memorization condition (the detector's ``run_length``)."""
-        return int(getattr(self.watch.detector, "run_length", 0))
+        return self.watch.detector.run_length
 
     @property
     def best_weights(self) -> dict[str, Tensor] | None:
@@ -215,16 +241,9 @@ class MemorizationEarlyStopping(Callback):
             )
         self._monitor_checked = False
         self._lineage_checked = False
-        keys = getattr(self.watch, "record_keys", None)
-        if keys is not None:
-            produced = self.monitor in keys
-        else:  # a watch that does not announce its record keys: only FID can be known to be off
-            watch_metrics = getattr(self.watch, "metrics", {}) or {}
-            produced = not (
-                self.monitor == "fid" and hasattr(self.watch, "fid") and self.watch.fid is None
-                and "fid" not in watch_metrics
-            )
-        if not produced:  # known before training starts: fail (or warn) now, not after the first sampling pass
+        keys = self.watch.record_keys
+        # known before training starts (the watch's records will not hold the monitor): fail (or warn) now
+        if keys is not None and self.monitor not in keys:
             self._check_monitor({"step": trainer.global_step}, at_setup=True)
         self.watch.add_event_listener(self._on_event)
         self.watch.add_listener(self._on_evaluation)
@@ -250,7 +269,7 @@ class MemorizationEarlyStopping(Callback):
         self._monitor_checked = True
         if record.get(self.monitor) is not None:
             return
-        keys = getattr(self.watch, "record_keys", None)
+        keys = self.watch.record_keys
         listed = keys if at_setup and keys is not None else [k for k in record if k != "step"]
         available = ", ".join(f"`{k}`" for k in listed)
         when = "will not hold" if at_setup else f"do not hold (step {record.get('step')})"
@@ -282,8 +301,8 @@ class MemorizationEarlyStopping(Callback):
         if self._events_from_watch:
             self._events_from_watch = False
             detector = self.watch.detector
-            self._tau_gen = self._tau_gen or getattr(detector, "tau_gen", None)
-            self._tau_mem = self._tau_mem or getattr(detector, "tau_mem", None)
+            self._tau_gen = self._tau_gen or detector.tau_gen
+            self._tau_mem = self._tau_mem or detector.tau_mem
 
     def _on_evaluation(self, trainer: Trainer, pl_module: LightningModule, record: Mapping[str, Any]) -> None:
         self._check_lineage(evaluating=True)  # the watch has appended this record to its history already
@@ -349,7 +368,7 @@ class MemorizationEarlyStopping(Callback):
     def _best_is_latest_before(self, tau_mem: Any) -> bool:
         """Whether the kept evaluation is the watch's last one before the onset (quality still improving)."""
         onset = None if tau_mem is None else int(tau_mem.step)
-        steps = [int(r[RecordField.STEP]) for r in getattr(self.watch, "history", [])]
+        steps = [int(r[RecordField.STEP]) for r in self.watch.history]
         before = [s for s in steps if onset is None or s < onset]
         return not before or max(before) == self.best_step
 
@@ -380,9 +399,7 @@ class MemorizationEarlyStopping(Callback):
 
     # -- the watch's history -----------------------------------------------------------------------------
     def _watch_position(self, evaluating: bool = False) -> dict[str, Any] | None:
-        history = getattr(self.watch, "history", None)
-        if history is None:
-            return None
+        history = self.watch.history
         if evaluating:
             history = history[:-1]
         return {
@@ -392,7 +409,7 @@ class MemorizationEarlyStopping(Callback):
 
     def _check_lineage(self, evaluating: bool = False) -> None:
         """Drop kept state that belongs to a watch history the watch no longer has (state not restored)."""
-        if getattr(self, "_lineage_checked", False):
+        if self._lineage_checked:
             return
         self._lineage_checked = True
         saved, now = self._saved_watch, self._watch_position(evaluating)
@@ -432,7 +449,7 @@ class MemorizationEarlyStopping(Callback):
         weights = self._load_kept(trainer)
         if weights is None:
             return
-        scored = getattr(self.watch, "scored_weights", None)
+        scored = self.watch.scored_weights
         if scored is not None:
             scored.restore(trainer, pl_module, weights)
         else:

@@ -430,9 +430,7 @@ class MemWatch(Callback):
             self.history.append(record)
             self._last_evaluated_step = step
             events = self.detector.update(record)
-            observe = getattr(self.schedule, "observe", None)  # adaptive schedules plan their next step
-            if callable(observe):
-                observe(record)
+            self.schedule.observe(record)  # an adaptive schedule plans its next step (every rank alike)
             self._publish(trainer, pl_module, record, events, can_log=can_log)
 
     def _record_of(self, trainer: Trainer, pl_module: LightningModule, step: int) -> EvalRecord:
@@ -577,7 +575,7 @@ class MemWatch(Callback):
             "fid_train_floor": self.fid_train_floor,
             "weights": getattr(self.scored_weights, "name", None),
             # adaptive schedules (lightning_memwatch.adaptive) carry their decisions; fixed schedules have none
-            "schedule": self.schedule.state_dict() if hasattr(self.schedule, "state_dict") else None,
+            "schedule": self.schedule.state_dict() or None,
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -586,8 +584,8 @@ class MemWatch(Callback):
         self._last_evaluated_step = state_dict["last_evaluated_step"]
         self.detector.load_state_dict(state_dict["detector"])
         self.fid_train_floor = state_dict.get("fid_train_floor")
-        if state_dict.get("schedule") is not None and hasattr(self.schedule, "load_state_dict"):
-            self.schedule.load_state_dict(state_dict["schedule"])  # adaptive schedules (lightning_memwatch.adaptive)
+        if state_dict.get("schedule"):  # what an adaptive schedule decided (none for a fixed one)
+            self.schedule.load_state_dict(state_dict["schedule"])
         fid_state = state_dict.get("fid")
         if fid_state is not None:
             if self._fid_evaluator is not None:

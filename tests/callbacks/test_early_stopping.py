@@ -22,7 +22,11 @@ torch.set_num_threads(1)
 
 # -- a scripted stand-in for MemWatch -------------------------------------------------------------------
 class ScriptedWatch:
-    """What MemorizationEarlyStopping needs of MemWatch: history, detector, add_listener, add_event_listener."""
+    """What MemorizationEarlyStopping needs of MemWatch (its WatchLike): history, detector, record_keys,
+    scored_weights, add_listener, add_event_listener."""
+
+    record_keys = None  # not announced: the monitor is checked at the first record
+    scored_weights = None  # the weights in the module
 
     def __init__(self, detector: TimescaleDetector | None = None) -> None:
         self.detector = detector if detector is not None else TimescaleDetector()
@@ -618,3 +622,18 @@ def test_a_watch_that_restored_nothing_says_so_and_the_stopper_drops_its_kept_we
     # a new history from the resume step: the best before the onset at 40 is 35, never the old history's 25
     assert [r["step"] for r in other.history] == [30, 35, 40] and stopper.restored_step == 35
     assert same_weights(model.state_dict(), snapshots[35])
+
+
+def test_a_watch_stand_in_missing_part_of_the_contract_is_refused_by_name():
+    class Partial:  # a watch without record_keys and scored_weights
+        detector = TimescaleDetector()
+        history: list = []
+
+        def add_listener(self, fn):
+            pass
+
+        def add_event_listener(self, fn):
+            pass
+
+    with pytest.raises(TypeError, match=r"got Partial \(it lacks record_keys, scored_weights\)"):
+        MemorizationEarlyStopping(Partial())
