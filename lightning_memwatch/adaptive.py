@@ -34,7 +34,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Mapping
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from lightning_memwatch._checks import check_choice, config_error
 from lightning_memwatch.metrics.loss_gap import LossGapReading
@@ -43,7 +43,7 @@ from lightning_memwatch.schedule import EvalSchedule
 __all__ = ["AdaptiveSchedule", "Decision"]
 
 Signal = Literal["heldout_rise", "gap"]
-_SIGNALS = ("heldout_rise", "gap")
+_SIGNALS: tuple[str, ...] = get_args(Signal)
 
 
 @dataclasses.dataclass(frozen=True)

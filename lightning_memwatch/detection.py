@@ -78,7 +78,7 @@ import math
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from lightning_memwatch.fits import TauMemFit, TooFewRunsError, fit_tau_mem
 from lightning_memwatch.record import RecordField
@@ -94,10 +94,14 @@ __all__ = [
 ]
 
 GenRule = Literal["auto", "plateau", "floor"]
+"""The tau_gen rules (``"auto"``: ``"floor"`` when a floor is given, else ``"plateau"``)."""
 MemRule = Literal["ci", "threshold"]
-_GEN_RULES = ("auto", "plateau", "floor")
-_MEM_RULES = ("ci", "threshold")
-_MODES = ("min", "max")
+"""The tau_mem rules."""
+QualityMode = Literal["min", "max"]
+"""Whether lower (``"min"``) or higher (``"max"``) quality values are better."""
+_GEN_RULES: tuple[str, ...] = get_args(GenRule)
+_MEM_RULES: tuple[str, ...] = get_args(MemRule)
+QUALITY_MODES: tuple[str, ...] = get_args(QualityMode)
 _MEM_KEYS = {"ci": RecordField.F_MEM_CI_LOW, "threshold": RecordField.F_MEM}  # the field each tau_mem rule tests
 _STATE_VERSION = 1
 _MAD_TO_SD = 0.6745  # median |N(0, 1)|: median absolute residual / 0.6745 estimates a standard deviation
@@ -242,7 +246,7 @@ class TimescaleDetector:
         self,
         *,
         quality_key: str = "fid",
-        quality_mode: Literal["min", "max"] = "min",
+        quality_mode: QualityMode = "min",
         gen_rule: GenRule = "auto",
         window_factor: float = 2.0,
         rel_tol: float = 0.05,
@@ -259,7 +263,7 @@ class TimescaleDetector:
         from lightning_memwatch._checks import check_choice, check_float  # local: no torch at load (_checks has)
 
         self.quality_key = quality_key
-        self.quality_mode = check_choice(quality_mode, "quality_mode", _MODES)
+        self.quality_mode = check_choice(quality_mode, "quality_mode", QUALITY_MODES)
         check_choice(gen_rule, "gen_rule", _GEN_RULES)
         self.floor_source: str | None = "train" if floor == "train" else None
         if floor == "train":

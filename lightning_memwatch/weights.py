@@ -27,7 +27,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import torch
 from lightning.pytorch import LightningModule, Trainer
@@ -65,8 +65,10 @@ class ModuleEMA:
             raise config_error(f"ModuleEMA.attribute must be an attribute name, e.g. 'ema'; got {self.attribute!r}.")
 
 
-WeightsChoice = Literal["auto", "raw", "averaged"] | ModuleEMA
-_CHOICES = ("auto", "raw", "averaged")
+WeightsName = Literal["auto", "raw", "averaged"]
+"""The named choices of ``MemWatch(weights=...)``."""
+WeightsChoice = WeightsName | ModuleEMA
+WEIGHTS_NAMES: tuple[str, ...] = get_args(WeightsName)
 
 
 def find_weight_averaging(trainer: Trainer) -> WeightAveraging | None:
@@ -187,7 +189,7 @@ def resolve_weights(choice: Any, trainer: Trainer, pl_module: LightningModule) -
     """
     if isinstance(choice, ModuleEMA):
         return _ModuleEMA(choice, pl_module)
-    check_choice(choice, "MemWatch(weights=...)", _CHOICES, hint="Or pass ModuleEMA('attribute') for an EMA copy.")
+    check_choice(choice, "MemWatch(weights=...)", WEIGHTS_NAMES, hint="Or pass ModuleEMA('attribute') for an EMA copy.")
     if choice == "raw":
         return ScoredWeights()
     callback = find_weight_averaging(trainer)

@@ -15,7 +15,7 @@ import warnings
 from collections.abc import Callable, Mapping, Sequence
 from enum import Enum
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
@@ -24,7 +24,7 @@ from torch import Tensor
 
 from lightning_memwatch import log as mwlog
 from lightning_memwatch._checks import check_choice, check_int, config_error, config_type_error
-from lightning_memwatch.detection import TimescaleDetector, TimescaleEvent
+from lightning_memwatch.detection import QUALITY_MODES, QualityMode, TimescaleDetector, TimescaleEvent
 from lightning_memwatch.record import RecordField, finite_float
 from lightning_memwatch.weights import ScoredWeights
 
@@ -33,7 +33,6 @@ if TYPE_CHECKING:  # pragma: no cover
 
 __all__ = ["MemorizationEarlyStopping", "MemorizationStoppingReason"]
 
-_MODES = ("min", "max")
 BEST_FILENAME = "memwatch_best_in_window.pt"
 STOPPING_TEXT = "memwatch/early_stopping"
 """TensorBoard text tag of the stop message."""
@@ -157,7 +156,7 @@ class MemorizationEarlyStopping(Callback):
         strict: bool = True,
         dirpath: str | os.PathLike[str] | None = None,
         monitor: str | None = None,
-        mode: Literal["min", "max"] | None = None,
+        mode: QualityMode | None = None,
     ) -> None:
         super().__init__()
         _check_watch(watch)
@@ -179,7 +178,7 @@ class MemorizationEarlyStopping(Callback):
                 )
                 detector.patience = patience
         mode = mode if mode is not None else detector.quality_mode
-        mode = check_choice(mode, "`mode`", _MODES)
+        mode = check_choice(mode, "`mode`", QUALITY_MODES)
         self.watch: WatchLike = watch
         self.restore_best = bool(restore_best)
         self.verbose = bool(verbose)

@@ -16,7 +16,7 @@ import dataclasses
 import difflib
 import time
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
@@ -30,16 +30,23 @@ from lightning_memwatch.callbacks._scalars import log_scalars
 from lightning_memwatch.callbacks._train_images import ImageSource, TrainImages
 from lightning_memwatch.callbacks._trainer import data_range_of, reference_images_of
 from lightning_memwatch.detection import TimescaleDetector, TimescaleEvent
-from lightning_memwatch.evaluator import RATIO_QUANTILES, Evaluator, check_metric_names
+from lightning_memwatch.evaluator import Evaluator, check_metric_names
 from lightning_memwatch.images import collect_images
 from lightning_memwatch.images import sampler_rows as _sampler_rows  # noqa: F401  (its old home)
 from lightning_memwatch.metrics.fid import FID, FIDEvaluator
 from lightning_memwatch.metrics.memorization import KnnIndex
 from lightning_memwatch.progress import EvalProgress, setup_summary
-from lightning_memwatch.record import FID_TRAIN_FLOOR, RECORD_FIELDS, EvalRecord, RecordField
+from lightning_memwatch.record import FID_TRAIN_FLOOR, RECORD_FIELDS, EvalRecord, RecordField, listed_keys
 from lightning_memwatch.sampling import draw_samples, gather_in_order, rank_slice
 from lightning_memwatch.schedule import EvalSchedule
-from lightning_memwatch.weights import ModuleEMA, ScoredWeights, WeightsChoice, resolve_weights, scoring
+from lightning_memwatch.weights import (
+    WEIGHTS_NAMES,
+    ModuleEMA,
+    ScoredWeights,
+    WeightsChoice,
+    resolve_weights,
+    scoring,
+)
 
 __all__ = ["FID_TRAIN_FLOOR", "MemWatch", "collect_images"]
 
@@ -49,7 +56,7 @@ EventListener = Callable[[Trainer, LightningModule, TimescaleEvent], None]
 """``fn(trainer, pl_module, event)``, called on every rank for each tau_gen / tau_mem event the detector fires."""
 KnnSharding = Literal["auto", "sharded", "rank0"]
 """Where ``MemWatch(knn_sharding=...)`` indexes the training images under DDP."""
-KNN_SHARDING: tuple[str, ...] = ("auto", "sharded", "rank0")
+KNN_SHARDING: tuple[str, ...] = get_args(KnnSharding)
 
 
 class MemWatch(Callback):
@@ -165,7 +172,7 @@ class MemWatch(Callback):
         self.bootstrap = int(bootstrap)
         self.log_images = log_images
         self.verbose = verbose
-        if not isinstance(weights, ModuleEMA) and weights not in ("auto", "raw", "averaged"):
+        if not isinstance(weights, ModuleEMA) and weights not in WEIGHTS_NAMES:
             raise _checks.config_error(
                 "weights must be 'auto', 'raw', 'averaged' or ModuleEMA('attribute', target=...); "
                 f"got {weights!r}."
@@ -216,11 +223,7 @@ class MemWatch(Callback):
     @property
     def record_keys(self) -> list[str]:
         """Keys every history record holds a value for (FID only when it is on; user metrics by name)."""
-        f = RecordField
-        keys = [f.STEP, f.NUM_SAMPLES, f.F_MEM, f.F_MEM_CI_LOW, f.F_MEM_CI_HIGH, *RATIO_QUANTILES]
-        if self.fid is not None:
-            keys += [f.FID, f.FID_NUM_SAMPLES]
-        return keys + list(self.metrics) + [f.METRIC_SECONDS, f.SAMPLE_SECONDS]
+        return listed_keys(fid=self.fid is not None, metrics=self.metrics)
 
     @property
     def evaluator(self) -> Evaluator | None:
