@@ -335,7 +335,7 @@ def verify(n: int, out: Path, threads: int) -> None:
 
     from benchmarks.adaptive_parts import build_parts, demo_trainer, ema_warmup_callback, load_classifier
     from lightning_memwatch.apps.demo import DemoConfig, _quiet_lightning
-    from lightning_memwatch.probe import LossGapProbe
+    from lightning_memwatch.callbacks.probe import LossGapProbe
 
     torch.set_num_threads(threads)
     _quiet_lightning()

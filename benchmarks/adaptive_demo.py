@@ -53,9 +53,9 @@ def run_one(n: int, out: Path, threads: int, max_steps: int | None = None) -> di
     """The dense demo run for ``n`` with the probes and the DDIM-20/50 check; writes ``<out>/n<n>.json``."""
     from lightning_memwatch import EvalSchedule
     from lightning_memwatch.apps.demo import DemoConfig, _quiet_lightning
+    from lightning_memwatch.callbacks.probe import LossGapProbe
     from lightning_memwatch.metrics.knn import NearestNeighbourIndex
     from lightning_memwatch.metrics.memorization import memorization_fraction
-    from lightning_memwatch.probe import LossGapProbe
     from lightning_memwatch.sampling import per_sample_noise
 
     torch.set_num_threads(threads)
@@ -147,7 +147,7 @@ def run_live(n: int, out: Path, threads: int) -> dict[str, Any]:
 
     from lightning_memwatch import AdaptiveSchedule
     from lightning_memwatch.apps.demo import DemoConfig, _quiet_lightning
-    from lightning_memwatch.probe import LossGapProbe
+    from lightning_memwatch.callbacks.probe import LossGapProbe
 
     torch.set_num_threads(threads)
     _quiet_lightning()

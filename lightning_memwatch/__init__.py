@@ -16,7 +16,7 @@ _moved.install()  # old paths of the applications (lightning_memwatch.models, .d
 
 _EXPORTS = {
     "AdaptiveSchedule": "lightning_memwatch.adaptive",
-    "LossGapProbe": "lightning_memwatch.probe",
+    "LossGapProbe": "lightning_memwatch.callbacks.probe",
     "MemWatch": "lightning_memwatch.callbacks.memwatch",
     "MemorizationEarlyStopping": "lightning_memwatch.callbacks.early_stopping",
     "EvalRecord": "lightning_memwatch.record",
@@ -41,6 +41,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from lightning_memwatch.adaptive import AdaptiveSchedule
     from lightning_memwatch.callbacks.early_stopping import MemorizationEarlyStopping
     from lightning_memwatch.callbacks.memwatch import MemWatch
+    from lightning_memwatch.callbacks.probe import LossGapProbe
     from lightning_memwatch.detection import (
         TimescaleDetector,
         TimescaleEvent,
@@ -56,7 +57,6 @@ if TYPE_CHECKING:  # pragma: no cover
         memorization_fraction,
         memorization_ratios,
     )
-    from lightning_memwatch.probe import LossGapProbe
     from lightning_memwatch.record import EvalRecord
     from lightning_memwatch.schedule import EvalSchedule
     from lightning_memwatch.weights import ModuleEMA

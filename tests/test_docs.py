@@ -752,8 +752,8 @@ def test_integrations_probe_snippet_reads_the_adapters_loss(tmp_path, digits16):
     import integrations_diffusers as snippet
     import lightning as L
 
+    from lightning_memwatch.callbacks.probe import LOSS_GAP
     from lightning_memwatch.metrics.loss_gap import measure_loss_gap
-    from lightning_memwatch.probe import LOSS_GAP
 
     _, heldout, _ = digits16
     callbacks = snippet.watch_and_probe((heldout + 1) / 2)
