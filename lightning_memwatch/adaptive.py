@@ -36,7 +36,7 @@ import math
 from collections.abc import Mapping
 from typing import Any, Literal, get_args
 
-from lightning_memwatch._checks import check_choice, config_error
+from lightning_memwatch._arguments import check_choice, config_error
 from lightning_memwatch.metrics.loss_gap import LossGapReading
 from lightning_memwatch.schedule import EvalSchedule
 
@@ -93,7 +93,7 @@ class AdaptiveSchedule(EvalSchedule):
         growth: factor between consecutive steps while flat (4: steps 0, m, 4m, 16m, ... for min_every m).
         watch_growth: factor between consecutive steps while the probe is up or f_mem > 0 (1 < it <= growth).
         safety: fraction of the way to the extrapolated crossing of ``f_mem_target`` (0 < safety <= 1).
-        probe: a :class:`~lightning_memwatch.probe.LossGapProbe` whose readings the schedule watches, or None.
+        probe: a :class:`~lightning_memwatch.callbacks.probe.LossGapProbe` whose readings the schedule watches, or None.
         signal: the probe signal, ``"heldout_rise"`` or ``"gap"`` (see the module's docs).
         signal_threshold: signal level that makes the schedule move closer (a relative change: 0.02 = 2%).
         f_mem_target: the f_mem level that matters, normally the detector's tau_mem threshold (a fraction).

@@ -80,6 +80,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal, get_args
 
+from lightning_memwatch._arguments import check_choice, check_float, check_int, config_error
 from lightning_memwatch.fits import TauMemFit, TooFewRunsError, fit_tau_mem
 from lightning_memwatch.record import RecordField
 from lightning_memwatch.record import finite_float as _finite_float  # how every record value is read
@@ -259,8 +260,7 @@ class TimescaleDetector:
         patience: int = 0,
     ) -> None:
         if not isinstance(quality_key, str) or not quality_key:
-            raise ValueError(f"quality_key must be a non-empty record key (e.g. 'fid'); got {quality_key!r}.")
-        from lightning_memwatch._checks import check_choice, check_float  # local: no torch at load (_checks has)
+            raise config_error(f"quality_key must be a non-empty record key (e.g. 'fid'); got {quality_key!r}.")
 
         self.quality_key = quality_key
         self.quality_mode = check_choice(quality_mode, "quality_mode", QUALITY_MODES)
@@ -269,16 +269,16 @@ class TimescaleDetector:
         if floor == "train":
             floor = math.nan  # set by MemWatch at setup (FID of the training images against the reference)
         elif floor is not None and _finite_float(floor) is None:
-            raise ValueError(
+            raise config_error(
                 f"floor must be a finite number (e.g. FID(train, test)), 'train' or None; got {floor!r}."
             )
         if gen_rule == "floor" and floor is None:
-            raise ValueError(
+            raise config_error(
                 "gen_rule='floor' needs a reference floor: pass floor=<quality of real data, e.g. "
                 "FID(train, test)>, or use gen_rule='plateau'."
             )
         if gen_rule == "plateau" and floor is not None:
-            raise ValueError(
+            raise config_error(
                 f"floor={floor} is set but gen_rule='plateau' ignores it: use gen_rule='floor' (or 'auto'), "
                 "or drop floor."
             )
@@ -287,7 +287,7 @@ class TimescaleDetector:
         self.reference_floor: float | None = None
         window_factor = float(window_factor)
         if not 1.0 < window_factor < math.inf:
-            raise ValueError(
+            raise config_error(
                 f"window_factor must be a finite number > 1 (2 compares each step t with steps <= t / 2); "
                 f"got {window_factor}."
             )
@@ -300,10 +300,8 @@ class TimescaleDetector:
         self.mem_rule = check_choice(mem_rule, "mem_rule", _MEM_RULES)
         f0 = float(f0)
         if not 0.0 <= f0 < 1.0:
-            raise ValueError(f"f0 must lie in [0, 1) (a memorized fraction; the paper uses 0); got {f0}.")
+            raise config_error(f"f0 must lie in [0, 1) (a memorized fraction; the paper uses 0); got {f0}.")
         self.f0 = f0
-        from lightning_memwatch._checks import check_int  # local: this module imports no torch at load
-
         self.patience = check_int(patience, "patience", minimum=0, unit="evaluations")
 
         self.tau_gen: TimescaleEvent | None = None
@@ -410,7 +408,7 @@ class TimescaleDetector:
 
     def _check_step(self, record: Mapping[str, object]) -> int:
         if not isinstance(record, Mapping) or RecordField.STEP not in record:
-            raise ValueError(
+            raise config_error(
                 "Each record must be a mapping with a 'step' key (optimizer steps), like MemWatch.history's; "
                 f"got {record!r}."
             )
@@ -421,13 +419,13 @@ class TimescaleDetector:
             except (TypeError, ValueError):
                 step = None
             if step is None or step != raw:
-                raise ValueError(f"record['step'] must be an integer number of optimizer steps; got {raw!r}.")
+                raise config_error(f"record['step'] must be an integer number of optimizer steps; got {raw!r}.")
         else:
             step = raw
         if step < 0:
-            raise ValueError(f"record['step'] must be >= 0 (optimizer steps); got {step}.")
+            raise config_error(f"record['step'] must be >= 0 (optimizer steps); got {step}.")
         if self.last_step is not None and step <= self.last_step:
-            raise ValueError(
+            raise config_error(
                 f"Records must arrive in increasing step order: got step {step} after step {self.last_step}. "
                 "Feed each evaluation once, in training order (after a resume, load the detector's state "
                 "instead of replaying old records)."
@@ -569,7 +567,7 @@ class TimescaleDetector:
         """
         version = state_dict.get("version")
         if version != _STATE_VERSION:
-            raise ValueError(
+            raise config_error(
                 f"Unsupported TimescaleDetector state version {version!r} (this version reads "
                 f"{_STATE_VERSION})."
             )
@@ -672,7 +670,7 @@ class TauMemForecast:
         """Forecast tau_mem (optimizer steps) for a training set of ``n`` images: ``slope * n``."""
         value = _finite_float(n)
         if value is None or value <= 0:
-            raise ValueError(f"n must be a positive number of training images; got {n!r}.")
+            raise config_error(f"n must be a positive number of training images; got {n!r}.")
         return self.slope * value
 
     def fit_dict(self) -> dict[str, float]:

@@ -17,6 +17,8 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from lightning_memwatch._arguments import config_error
+
 __all__ = ["LineFit", "TauMemFit", "TooFewRunsError", "fit_tau_mem"]
 
 
@@ -71,7 +73,7 @@ class TauMemFit:
         """Forecast tau_mem (optimizer steps) for a training set of ``n`` images by the paper's law: slope * n."""
         value = _positive(n)
         if value is None:
-            raise ValueError(f"n must be a positive number of training images; got {n!r}.")
+            raise config_error(f"n must be a positive number of training images; got {n!r}.")
         return self.origin.slope * value
 
 
@@ -97,20 +99,20 @@ def fit_tau_mem(n: Sequence[float], tau_mem: Sequence[float | None]) -> TauMemFi
     """
     n_list, tau_list = list(n), list(tau_mem)
     if len(n_list) != len(tau_list):
-        raise ValueError(f"n and tau_mem must have one entry per run; got {len(n_list)} and {len(tau_list)}.")
+        raise config_error(f"n and tau_mem must have one entry per run; got {len(n_list)} and {len(tau_list)}.")
     xs: list[float] = []
     ys: list[float] = []
     skipped = 0
     for i, (ni, ti) in enumerate(zip(n_list, tau_list, strict=True)):
         nv = _positive(ni)
         if nv is None:
-            raise ValueError(f"n[{i}] must be a positive number of training images; got {ni!r}.")
+            raise config_error(f"n[{i}] must be a positive number of training images; got {ni!r}.")
         if ti is None:
             skipped += 1
             continue
         tv = _positive(ti)
         if tv is None:
-            raise ValueError(
+            raise config_error(
                 f"tau_mem[{i}] must be a positive number of steps, or None for a run that never memorized; "
                 f"got {ti!r}."
             )

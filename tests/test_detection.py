@@ -401,8 +401,11 @@ def test_records_must_carry_increasing_integer_steps():
     ],
 )
 def test_bad_settings_name_the_fix(kwargs, match):
-    with pytest.raises(ValueError, match=match):
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
+
+    with pytest.raises(MisconfigurationException, match=match) as caught:  # the package's one ConfigError
         TimescaleDetector(**kwargs)
+    assert isinstance(caught.value, ValueError)
 
 
 # -- forecast --------------------------------------------------------------------------------------------

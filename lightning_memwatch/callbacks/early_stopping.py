@@ -11,7 +11,6 @@ when training ends.
 from __future__ import annotations
 
 import os
-import warnings
 from collections.abc import Callable, Mapping, Sequence
 from enum import Enum
 from pathlib import Path
@@ -24,6 +23,7 @@ from torch import Tensor
 
 from lightning_memwatch import log as mwlog
 from lightning_memwatch._checks import check_choice, check_int, config_error, config_type_error
+from lightning_memwatch._deprecation import REMOVAL_RELEASE, deprecate
 from lightning_memwatch.detection import QUALITY_MODES, QualityMode, TimescaleDetector, TimescaleEvent
 from lightning_memwatch.record import RecordField, finite_float
 from lightning_memwatch.weights import ScoredWeights
@@ -119,9 +119,10 @@ class MemorizationEarlyStopping(Callback):
     Args:
         watch: the :class:`~lightning_memwatch.MemWatch` whose flags drive the callback; it must also be in
             ``Trainer(callbacks=...)``.
-        patience: deprecated; set ``TimescaleDetector(patience=N)`` on the watch instead (patience lives in
-            the detector, which dates tau_mem at the onset and confirms it after N consecutive evaluations).
-            A value > 1 given here is moved to the watch's detector with a ``DeprecationWarning``.
+        patience: deprecated, removed in lightning-memwatch 0.3.0; set ``TimescaleDetector(patience=N)`` on the
+            watch instead (patience lives in the detector, which dates tau_mem at the onset and confirms it after
+            N consecutive evaluations). A value > 1 given here is moved to the watch's detector with a
+            ``DeprecationWarning``.
         restore_best: load the best pre-onset weights into the module when training ends after tau_mem.
         verbose: log a line on rank 0 at each new best, at the stop and at the restore.
         strict: raise when the watch's records will not hold ``monitor`` (e.g. FID off and no quality metric
@@ -166,14 +167,16 @@ class MemorizationEarlyStopping(Callback):
             if patience > max(1, detector.patience):
                 if detector.num_records:
                     raise config_error(
-                        "MemorizationEarlyStopping(patience=...) is deprecated and the watch's detector has "
-                        "already consumed records: pass `TimescaleDetector(patience=N)` to the MemWatch instead."
+                        f"MemorizationEarlyStopping(patience=...) is deprecated (removed in lightning-memwatch "
+                        f"{REMOVAL_RELEASE}) and the watch's detector has already consumed records: pass "
+                        "`TimescaleDetector(patience=N)` to the MemWatch instead."
                     )
-                warnings.warn(
-                    f"MemorizationEarlyStopping(patience={patience}) is deprecated: patience lives in the "
-                    f"detector; it is moved there (`TimescaleDetector(patience={patience})`), so tau_mem is "
-                    "dated at the onset and confirmed after that many consecutive evaluations.",
-                    DeprecationWarning,
+                deprecate(
+                    f"MemorizationEarlyStopping(patience={patience}) is deprecated and will be removed in "
+                    f"lightning-memwatch {REMOVAL_RELEASE}: patience lives in the detector; it is moved there "
+                    f"(`TimescaleDetector(patience={patience})`), so tau_mem is dated at the onset and confirmed "
+                    "after that many consecutive evaluations.",
+                    REMOVAL_RELEASE,
                     stacklevel=2,
                 )
                 detector.patience = patience

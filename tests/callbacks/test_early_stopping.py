@@ -152,7 +152,8 @@ def test_the_best_pre_onset_evaluation_is_kept_and_unconfirmed_memorization_neve
 def test_stopper_patience_is_deprecated_and_lives_in_the_detector():
     later = [(70, 18.0, 0.3), (80, 17.0, 0.0), (90, 16.0, 0.2), (100, 15.0, 0.4), (110, 14.0, 0.6)]
     history = FLOOR_RUN[:6] + [rec(*args) for args in later]
-    with pytest.warns(DeprecationWarning, match=r"TimescaleDetector\(patience=2\)"):
+    removal = r"removed in lightning-memwatch 0\.3\.0"
+    with pytest.warns(DeprecationWarning, match=removal + r".*TimescaleDetector\(patience=2\)"):
         watch, stopper, trainer, module = make(patience=2)
     assert watch.detector.patience == 2 == stopper.patience
     train(watch, stopper, trainer, module, history)
