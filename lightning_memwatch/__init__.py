@@ -31,7 +31,7 @@ _EXPORTS = {
     "TimescaleDetector": "lightning_memwatch.detection",
     "TimescaleEvent": "lightning_memwatch.detection",
     "detect_timescales": "lightning_memwatch.detection",
-    "forecast_tau_mem": "lightning_memwatch.detection",
+    "forecast_tau_mem": "lightning_memwatch.fits",
     "ModuleEMA": "lightning_memwatch.weights",
 }
 
@@ -42,13 +42,9 @@ if TYPE_CHECKING:  # pragma: no cover
     from lightning_memwatch.callbacks.early_stopping import MemorizationEarlyStopping
     from lightning_memwatch.callbacks.memwatch import MemWatch
     from lightning_memwatch.callbacks.probe import LossGapProbe
-    from lightning_memwatch.detection import (
-        TimescaleDetector,
-        TimescaleEvent,
-        detect_timescales,
-        forecast_tau_mem,
-    )
+    from lightning_memwatch.detection import TimescaleDetector, TimescaleEvent, detect_timescales
     from lightning_memwatch.evaluator import Evaluator
+    from lightning_memwatch.fits import forecast_tau_mem
     from lightning_memwatch.metrics.fid import FID
     from lightning_memwatch.metrics.knn import NearestNeighbourIndex
     from lightning_memwatch.metrics.memorization import (

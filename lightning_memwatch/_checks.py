@@ -16,11 +16,11 @@ Exception policy (every module of the package follows it):
   ``ValueError``/``TypeError`` for a configuration problem.
 
 The error classes and the checks of plain numbers and choices live in :mod:`lightning_memwatch._arguments`,
-which imports neither torch nor numpy (the timescale rules of :mod:`lightning_memwatch.detection` use it), and are
-re-exported here. The two classes are built on first use (module ``__getattr__``): ``MisconfigurationException`` lives in
-Lightning, and importing Lightning costs seconds, which the Lightning-free modules (``metrics/``,
-``images.py``, the evaluator) must not pay at import. Lightning is loaded only when an error is raised or a
-class is looked up.
+which imports neither torch nor numpy (the timescale rules of :mod:`lightning_memwatch.detection` use it), and
+are re-exported here. The two classes are built on first use (module ``__getattr__``):
+``MisconfigurationException`` lives in Lightning, and importing Lightning costs seconds, which the
+Lightning-free modules (``metrics/``, ``images.py``, the evaluator) must not pay at import. Lightning is loaded
+only when an error is raised or a class is looked up.
 
 Nothing here modifies its input in place; conversions return new tensors.
 """
