@@ -36,6 +36,7 @@ __all__ = [
     "gather_in_order",
     "per_sample_noise",
     "rank_slice",
+    "sampler_of",
 ]
 
 Sampler = Callable[..., Tensor]
@@ -46,6 +47,40 @@ def _seed_for(*words: int) -> int:
     return int(
         np.random.SeedSequence([int(w) & 0xFFFFFFFF for w in words]).generate_state(2, np.uint64)[0] >> 1
     )
+
+
+def sampler_of(pl_module: Any, sample_fn: Callable[..., Tensor] | None = None) -> Sampler:
+    """The sampler of the contract: ``sample_fn`` bound to the module (``sampler(n, **kw)`` calls
+    ``sample_fn(pl_module, n, **kw)``; its signature, less the module, stays visible so ``noise`` is passed only
+    when it is accepted), else the module's own ``sample`` method.
+
+    Raises:
+        AttributeError: no ``sample_fn`` and no ``sample`` method, with the contract to implement.
+    """
+    if sample_fn is not None:
+        fn = sample_fn
+
+        def call(num_samples: int, **kwargs: Any) -> Tensor:
+            return fn(pl_module, num_samples, **kwargs)
+
+        call.__signature__ = _without_first_parameter(fn)  # type: ignore[attr-defined]
+        return call
+    sample = getattr(pl_module, "sample", None)
+    if not callable(sample):
+        raise AttributeError(
+            f"{type(pl_module).__name__} has no `sample` method. Add "
+            "`def sample(self, num_samples, generator=None, noise=None) -> Tensor` returning (B, C, H, W) "
+            "images in data_range, or pass `MemWatch(sample_fn=lambda module, n, generator=None: ...)`."
+        )
+    return sample
+
+
+def _without_first_parameter(fn: Callable[..., Any]) -> inspect.Signature | None:
+    try:
+        sig = inspect.signature(fn)
+    except (TypeError, ValueError):
+        return None
+    return sig.replace(parameters=list(sig.parameters.values())[1:])
 
 
 def accepts_noise(fn: Callable[..., Any]) -> bool:

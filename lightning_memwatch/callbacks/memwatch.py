@@ -37,7 +37,7 @@ from lightning_memwatch.metrics.fid import FID, FIDEvaluator
 from lightning_memwatch.metrics.memorization import KnnIndex
 from lightning_memwatch.progress import EvalProgress, setup_summary
 from lightning_memwatch.record import FID_TRAIN_FLOOR, RECORD_FIELDS, EvalRecord, RecordField, listed_keys
-from lightning_memwatch.sampling import draw_samples, gather_in_order, rank_slice
+from lightning_memwatch.sampling import draw_samples, gather_in_order, rank_slice, sampler_of
 from lightning_memwatch.schedule import EvalSchedule
 from lightning_memwatch.weights import (
     WEIGHTS_NAMES,
@@ -157,27 +157,14 @@ class MemWatch(Callback):
         self.seed = int(seed)
         self.detector = detector if detector is not None else TimescaleDetector()
         self.metrics = check_metric_names(metrics)
-        quality = self.detector.quality_key
-        if quality != RecordField.FID and quality not in self.metrics and quality not in RECORD_FIELDS:
-            close = difflib.get_close_matches(quality, [*self.metrics, RecordField.FID], n=1)
-            hint = f" Did you mean {close[0]!r}?" if close else ""
-            raise _checks.config_error(
-                f"The detector's quality_key {quality!r} is not a key of MemWatch's records, so tau_gen could never "
-                f"fire.{hint} Use 'fid' (with `fid=FID(...)`) or the name of one of `metrics` "
-                f"({', '.join(map(repr, self.metrics)) or 'none given'})."
-            )
+        _check_quality_key(self.detector.quality_key, self.metrics)
         self.noise_shape = tuple(noise_shape) if noise_shape is not None else None
         self.feature_fn = feature_fn
         self.knn_backend = knn_backend
         self.bootstrap = int(bootstrap)
         self.log_images = log_images
         self.verbose = verbose
-        if not isinstance(weights, ModuleEMA) and weights not in WEIGHTS_NAMES:
-            raise _checks.config_error(
-                "weights must be 'auto', 'raw', 'averaged' or ModuleEMA('attribute', target=...); "
-                f"got {weights!r}."
-            )
-        self.weights = weights
+        self.weights = _check_weights(weights)
         self.knn_sharding = _checks.check_choice(
             knn_sharding,
             "knn_sharding",
@@ -195,7 +182,6 @@ class MemWatch(Callback):
         # a FID state loaded before setup built the evaluator (a manual load_state_dict); handed to it at build
         self._pending_fid_state: dict | None = None
         self._last_evaluated_step: int | None = None
-        self._moved_device_warned = False
         self._overshoot_warned = False
         self.fid_train_floor: float | None = None
 
@@ -259,23 +245,7 @@ class MemWatch(Callback):
 
     # -- set-up ---------------------------------------------------------------------------------------
     def _sampler(self, pl_module: LightningModule) -> Callable[..., Tensor]:
-        if self.sample_fn is not None:
-            fn = self.sample_fn
-
-            def call(num_samples: int, **kwargs: Any) -> Tensor:
-                return fn(pl_module, num_samples, **kwargs)
-
-            # keep the user's signature visible, so `noise` is passed only when sample_fn accepts it
-            call.__signature__ = _drop_first_parameter(fn)  # type: ignore[attr-defined]
-            return call
-        sample = getattr(pl_module, "sample", None)
-        if not callable(sample):
-            raise AttributeError(
-                f"{type(pl_module).__name__} has no `sample` method. Add "
-                "`def sample(self, num_samples, generator=None, noise=None) -> Tensor` returning (B, C, H, W) "
-                "images in data_range, or pass `MemWatch(sample_fn=lambda module, n, generator=None: ...)`."
-            )
-        return sample
+        return sampler_of(pl_module, self.sample_fn)
 
     @staticmethod
     def _find_data_range(trainer: Trainer, pl_module: LightningModule) -> tuple[float, float]:
@@ -544,18 +514,7 @@ class MemWatch(Callback):
         states = checkpoint.get("callbacks") or {}
         if self.state_key in states:
             return
-        mine = self._state_settings()
-        others = [k for k in states if isinstance(k, str) and k.startswith(type(self).__name__ + "{")]
-        if others:
-            parts = []
-            for key in others:
-                saved = _settings_of(key)
-                diff = ", ".join(f"{k}: {saved.get(k)!r} -> {v!r}" for k, v in mine.items() if saved.get(k) != v)
-                n = len((states[key] or {}).get("history", []))
-                parts.append(f"a MemWatch state of {n} evaluation(s) saved with other settings ({diff})")
-            found = "; ".join(parts)
-        else:
-            found = "no MemWatch state"
+        found = _saved_states(states, type(self).__name__, self._state_settings())
         rank_zero_warn(
             f"MemWatch: the checkpoint holds {found}, so this watch restored nothing: not its history, the "
             "detector's tau_gen/tau_mem flags and rule state, the FID reference statistics, nor the train "
@@ -597,6 +556,41 @@ class MemWatch(Callback):
                 self._pending_fid_state = fid_state
 
 
+def _check_quality_key(quality: str, metrics: Mapping[str, Any]) -> None:
+    """Refuse a detector quality key that no MemWatch record will hold (tau_gen could never fire)."""
+    if quality == RecordField.FID or quality in metrics or quality in RECORD_FIELDS:
+        return
+    close = difflib.get_close_matches(quality, [*metrics, RecordField.FID], n=1)
+    hint = f" Did you mean {close[0]!r}?" if close else ""
+    raise _checks.config_error(
+        f"The detector's quality_key {quality!r} is not a key of MemWatch's records, so tau_gen could never "
+        f"fire.{hint} Use 'fid' (with `fid=FID(...)`) or the name of one of `metrics` "
+        f"({', '.join(map(repr, metrics)) or 'none given'})."
+    )
+
+
+def _check_weights(weights: Any) -> WeightsChoice:
+    if not isinstance(weights, ModuleEMA) and weights not in WEIGHTS_NAMES:
+        raise _checks.config_error(
+            f"weights must be 'auto', 'raw', 'averaged' or ModuleEMA('attribute', target=...); got {weights!r}."
+        )
+    return weights
+
+
+def _saved_states(states: Mapping[str, Any], name: str, mine: Mapping[str, Any]) -> str:
+    """What a checkpoint's callback ``states`` hold of watches named ``name`` under other settings than ``mine``."""
+    others = [k for k in states if isinstance(k, str) and k.startswith(name + "{")]
+    if not others:
+        return "no MemWatch state"
+    parts = []
+    for key in others:
+        saved = _settings_of(key)
+        diff = ", ".join(f"{k}: {saved.get(k)!r} -> {v!r}" for k, v in mine.items() if saved.get(k) != v)
+        n = len((states[key] or {}).get("history", []))
+        parts.append(f"a MemWatch state of {n} evaluation(s) saved with other settings ({diff})")
+    return "; ".join(parts)
+
+
 def _settings_of(state_key: str) -> dict[str, Any]:
     """The settings dict of a ``Name{...}`` state key (empty when it cannot be read)."""
     import ast
@@ -606,17 +600,6 @@ def _settings_of(state_key: str) -> dict[str, Any]:
     except (ValueError, SyntaxError):
         return {}
     return value if isinstance(value, dict) else {}
-
-
-def _drop_first_parameter(fn: Callable[..., Any]) -> Any:
-    import inspect
-
-    try:
-        sig = inspect.signature(fn)
-    except (TypeError, ValueError):
-        return None
-    params = list(sig.parameters.values())[1:]
-    return sig.replace(parameters=params)
 
 
 def _describe(record: EvalRecord) -> str:
