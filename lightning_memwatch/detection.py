@@ -1,7 +1,8 @@
 """The paper's two timescales, flagged from per-evaluation records: tau_gen (samples become good) and tau_mem
-(memorization emerges). The forecast of tau_mem for a new n by the linear law tau_mem = slope * n
-(:class:`TauMemForecast`, :func:`forecast_tau_mem`, :func:`fit_summary`) lives in :mod:`lightning_memwatch.fits`
-and is re-exported here.
+(memorization emerges).
+
+The forecast of tau_mem for a new n by the linear law tau_mem = slope * n (:class:`TauMemForecast`,
+:func:`forecast_tau_mem`, :func:`fit_summary`) lives in :mod:`lightning_memwatch.fits` and is re-exported here.
 
 Each tau_gen rule gives a verdict first (its numbers: :class:`FloorVerdict`, :class:`PlateauVerdict`), described
 in sentences apart (the event's reason, the status line).

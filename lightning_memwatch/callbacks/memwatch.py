@@ -5,9 +5,12 @@ which weights are scored, draws the samples on every rank and gathers them, hand
 :class:`~lightning_memwatch.Evaluator` (which returns an :class:`~lightning_memwatch.EvalRecord`; under DDP
 every rank's evaluator searches its block of the training rows, rank 0's alone computes FID and the user
 metrics), broadcasts rank 0's record, logs it, feeds the detector, emits the detector's events and keeps the
-state. Sampling rules live in :mod:`lightning_memwatch.sampling`, the maths in
-:mod:`lightning_memwatch.metrics`, the timescale flags in :mod:`lightning_memwatch.detection`, and logging
-helpers in :mod:`lightning_memwatch.log`.
+state. It does the Lightning plumbing only: sampling rules live in :mod:`lightning_memwatch.sampling`, where
+the training images live across the ranks in :mod:`lightning_memwatch.callbacks._train_images`, the datamodule's
+conventions in :mod:`lightning_memwatch.callbacks._trainer`, the scored weights in
+:mod:`lightning_memwatch.weights`, the maths in :mod:`lightning_memwatch.metrics`, the timescale flags in
+:mod:`lightning_memwatch.detection`, and logging helpers in :mod:`lightning_memwatch.log` and
+:mod:`lightning_memwatch.callbacks._scalars`.
 """
 
 from __future__ import annotations
@@ -111,9 +114,9 @@ class MemWatch(Callback):
             indexes only its contiguous block of the training rows (a
             :class:`~lightning_memwatch.metrics.knn_sharded.ShardedNearestNeighbourIndex`: no rank holds the
             whole set) and every rank takes part in the nearest-neighbour search of the gathered samples; the
-            record is the one a single process computes (exact search, ties merged alike). ``"rank0"``: every
-            rank reads the whole set at setup (to check it), global rank 0 keeps and indexes it and searches
-            alone. In one process both build the one index.
+            record is the one a single process computes (exact search, ties merged alike). ``"rank0"``: global
+            rank 0 alone reads, checks and indexes the whole set and searches alone (the other ranks read
+            nothing). In one process both build the one index.
             FID, the user metrics and image logging run on rank 0 in every mode.
     """
 
