@@ -55,6 +55,30 @@ class WatchLike(Protocol):
 _WATCH_ATTRIBUTES = ("detector", "history", "record_keys", "scored_weights", "add_listener", "add_event_listener")
 
 
+def _move_patience(detector: TimescaleDetector, patience: int | None) -> None:
+    """The deprecated ``MemorizationEarlyStopping(patience=N)``: moved to the detector (with a warning naming the
+    removal release) when it asks for more than the detector's; refused once the detector has consumed records."""
+    if patience is None:
+        return
+    patience = check_int(patience, "`patience`", minimum=0, unit="evaluations")
+    if patience > max(1, detector.patience):
+        if detector.num_records:
+            raise config_error(
+                f"MemorizationEarlyStopping(patience=...) is deprecated (removed in lightning-memwatch "
+                f"{REMOVAL_RELEASE}) and the watch's detector has already consumed records: pass "
+                "`TimescaleDetector(patience=N)` to the MemWatch instead."
+            )
+        deprecate(
+            f"MemorizationEarlyStopping(patience={patience}) is deprecated and will be removed in "
+            f"lightning-memwatch {REMOVAL_RELEASE}: patience lives in the detector; it is moved there "
+            f"(`TimescaleDetector(patience={patience})`), so tau_mem is dated at the onset and confirmed "
+            "after that many consecutive evaluations.",
+            REMOVAL_RELEASE,
+            stacklevel=3,  # the caller of MemorizationEarlyStopping(...)
+        )
+        detector.patience = patience
+
+
 def _check_watch(watch: object) -> None:
     """Refuse anything but a MemWatch (or a stand-in with all of :class:`WatchLike`), naming what is missing."""
     missing = [name for name in _WATCH_ATTRIBUTES if not hasattr(watch, name)]
@@ -162,24 +186,7 @@ class MemorizationEarlyStopping(Callback):
         super().__init__()
         _check_watch(watch)
         detector = watch.detector
-        if patience is not None:
-            patience = check_int(patience, "`patience`", minimum=0, unit="evaluations")
-            if patience > max(1, detector.patience):
-                if detector.num_records:
-                    raise config_error(
-                        f"MemorizationEarlyStopping(patience=...) is deprecated (removed in lightning-memwatch "
-                        f"{REMOVAL_RELEASE}) and the watch's detector has already consumed records: pass "
-                        "`TimescaleDetector(patience=N)` to the MemWatch instead."
-                    )
-                deprecate(
-                    f"MemorizationEarlyStopping(patience={patience}) is deprecated and will be removed in "
-                    f"lightning-memwatch {REMOVAL_RELEASE}: patience lives in the detector; it is moved there "
-                    f"(`TimescaleDetector(patience={patience})`), so tau_mem is dated at the onset and confirmed "
-                    "after that many consecutive evaluations.",
-                    REMOVAL_RELEASE,
-                    stacklevel=2,
-                )
-                detector.patience = patience
+        _move_patience(detector, patience)
         mode = mode if mode is not None else detector.quality_mode
         mode = check_choice(mode, "`mode`", QUALITY_MODES)
         self.watch: WatchLike = watch
@@ -383,14 +390,8 @@ class MemorizationEarlyStopping(Callback):
         if self.dirpath is not None:
             path = Path(self.dirpath) / BEST_FILENAME
             if trainer.is_global_zero:
-                path.parent.mkdir(parents=True, exist_ok=True)
-                tmp = path.with_name(f".{path.name}.tmp")
                 payload = {"state_dict": _cpu_copy(pl_module), "step": step, "score": score}
-                with open(tmp, "wb") as handle:  # written aside, then renamed: never a half-written file
-                    torch.save({**payload, "monitor": self.monitor}, handle)
-                    handle.flush()
-                    os.fsync(handle.fileno())
-                os.replace(tmp, path)
+                _save_atomically(path, {**payload, "monitor": self.monitor})
             self.best_model_path = str(path)
         elif self.restore_best:
             self._best_weights = _cpu_copy(pl_module)
@@ -472,24 +473,7 @@ class MemorizationEarlyStopping(Callback):
                 )
             return self._best_weights
         trainer.strategy.barrier("memwatch_best_in_window")  # rank 0 wrote the file
-        if not os.path.exists(self.best_model_path):
-            rank_zero_warn(
-                f"MemorizationEarlyStopping: {self.best_model_path} is missing (moved, or on another "
-                "machine); the module keeps its final weights. Use a `dirpath` every rank can read."
-            )
-            return None
-        try:
-            saved = torch.load(self.best_model_path, map_location="cpu", weights_only=True)
-            weights = saved["state_dict"]
-            if int(saved["step"]) != self.best_step:
-                raise ValueError(f"it holds step {saved['step']}, not {self.best_step}")
-        except Exception as err:  # truncated, corrupt or foreign file: keep training's result, say why
-            rank_zero_warn(
-                f"MemorizationEarlyStopping: could not read {self.best_model_path} ({type(err).__name__}: "
-                f"{err}); the module keeps its final weights."
-            )
-            return None
-        return weights
+        return _read_kept(self.best_model_path, self.best_step)
 
     def _info(self, message: str) -> None:
         if self.verbose:
@@ -535,6 +519,40 @@ class MemorizationEarlyStopping(Callback):
             self._tau_gen = None if events.get("tau_gen") is None else TimescaleEvent.from_dict(events["tau_gen"])
             self._tau_mem = None if events.get("tau_mem") is None else TimescaleEvent.from_dict(events["tau_mem"])
             self._events_from_watch = False
+
+
+def _save_atomically(path: Path, payload: dict[str, Any]) -> None:
+    """``torch.save`` to ``path`` through a file aside, then renamed: never a half-written file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as handle:
+        torch.save(payload, handle)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+def _read_kept(path: str, step: int | None) -> dict[str, Tensor] | None:
+    """The kept weights of ``step`` from the file at ``path``; None with a warning when it is missing, unreadable
+    or holds another step (the module then keeps its final weights)."""
+    if not os.path.exists(path):
+        rank_zero_warn(
+            f"MemorizationEarlyStopping: {path} is missing (moved, or on another machine); the module keeps its "
+            "final weights. Use a `dirpath` every rank can read."
+        )
+        return None
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+        weights = saved["state_dict"]
+        if int(saved["step"]) != step:
+            raise ValueError(f"it holds step {saved['step']}, not {step}")
+    except Exception as err:  # truncated, corrupt or foreign file: keep training's result, say why
+        rank_zero_warn(
+            f"MemorizationEarlyStopping: could not read {path} ({type(err).__name__}: {err}); the module keeps "
+            "its final weights."
+        )
+        return None
+    return weights
 
 
 def _cpu_copy(pl_module: LightningModule) -> dict[str, Tensor]:
