@@ -152,9 +152,9 @@ class EvalRecord(Mapping[str, Any]):
     metric_seconds: float | None = None
     sample_seconds: float | None = None
     scored_weights: str | None = None
-    onset_forecast: float | None = field(default=None, metadata={"scalar": ONSET_FORECAST})
-    onset_forecast_low: float | None = field(default=None, metadata={"scalar": ONSET_FORECAST_LOW})
-    onset_forecast_high: float | None = field(default=None, metadata={"scalar": ONSET_FORECAST_HIGH})
+    onset_forecast: float | None = field(default=None, metadata={"scalar": ONSET_FORECAST, "optional": True})
+    onset_forecast_low: float | None = field(default=None, metadata={"scalar": ONSET_FORECAST_LOW, "optional": True})
+    onset_forecast_high: float | None = field(default=None, metadata={"scalar": ONSET_FORECAST_HIGH, "optional": True})
 
     def __post_init__(self) -> None:
         if isinstance(self.step, bool) or not isinstance(self.step, int) or self.step < 0:
@@ -353,11 +353,12 @@ for _name in RECORD_FIELDS:
 
 def listed_keys(*, fid: bool, metrics: Iterable[str] = (), extra: Iterable[str] = ()) -> list[str]:
     """The mapping keys of a record whose every own field holds a value, in order: the FID fields only when
-    ``fid``, the user metrics and extra signals by name (e.g. what every MemWatch record holds)."""
+    ``fid``, the user metrics and extra signals by name (e.g. what every MemWatch record holds); never the
+    fields that hold a value only at some evaluations (the onset forecast's)."""
     keys: list[str] = []
     for f in _FIELDS:
         if f.name in _GROUPS:
             keys += list(metrics if f.name == "metrics" else extra)
-        elif fid or not f.metadata.get("fid"):
+        elif (fid or not f.metadata.get("fid")) and not f.metadata.get("optional"):
             keys.append(f.name)
     return keys

@@ -137,12 +137,13 @@ def test_every_table_of_names_is_read_from_the_dataclass():
     assert evaluator.RATIO_QUANTILES is RATIO_QUANTILES
     assert SCALAR_KEYS == {f.name: f.metadata["scalar"] for f in declared if "scalar" in f.metadata}
     # the mapping's keys come in the dataclass's order, which is the dict records' order of earlier versions
-    record = full_record(extra={"loss_gap": 0.1})
+    record = full_record(extra={"loss_gap": 0.1}, scored_weights="raw")
     assert list(record) == [
         "step", "num_samples", "f_mem", "f_mem_ci_low", "f_mem_ci_high",
         "ratio_q05", "ratio_q25", "ratio_median", "ratio_q75", "ratio_q95",
-        "fid", "fid_num_samples", "sharpness", "loss_gap", "metric_seconds", "sample_seconds",
+        "fid", "fid_num_samples", "sharpness", "loss_gap", "metric_seconds", "sample_seconds", "scored_weights",
     ]  # fmt: skip
+    assert "onset_forecast" in record.replace(onset_forecast=900.0)  # a key where it holds a value
     assert list(record) == listed_keys(fid=True, metrics=["sharpness"], extra=["loss_gap"])
     assert MemWatch(fid=None).record_keys == [k for k in listed_keys(fid=False) if k in own]
     watch = MemWatch(fid=FID(), metrics={"sharpness": lambda x: 0.0})
