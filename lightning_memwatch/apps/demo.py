@@ -672,6 +672,8 @@ def build_parser() -> Any:
     add("--mem-threshold", type=float, default=None, help=f"tau_mem: f_mem > this ({d.mem_threshold:g})")
     add("--seed", type=int, default=None, help=f"seed of the split, weights and noise ({d.seed})")
     add("--no-images", action="store_true", help="do not log sample grids to TensorBoard")
+    add("--finetune", action="store_true", help="fine-tune on 16 images of one digit after pretraining on the "
+        "other nine (or loading that checkpoint from --out), MemWatch's defaults throughout (docs/finetune.md)")
     return parser
 
 
@@ -698,6 +700,13 @@ def config_from_args(args: Any) -> DemoConfig:
 def main(argv: Sequence[str] | None = None) -> int:
     """``memwatch demo [--out DIR] [--quick] [--n 64 128 ...] ...``: run the demo; returns the exit code (0)."""
     args = build_parser().parse_args(list(argv) if argv is not None else None)
+    if args.finetune:  # apps/finetune.py: its own settings; --out (when given), --seed and --threads apply
+        from lightning_memwatch.apps.finetune import FinetuneConfig, run_finetune
+
+        given: dict[str, Any] = {"out": args.out} if args.out != DemoConfig().out else {}
+        given.update({k: v for k, v in (("seed", args.seed), ("threads", args.threads)) if v is not None})
+        run_finetune(FinetuneConfig(**given))
+        return 0
     run_demo(config_from_args(args))
     return 0
 

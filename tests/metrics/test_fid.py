@@ -531,3 +531,29 @@ def test_inception_refuses_out_of_range_reference_and_clamps_generated(inception
     with pytest.warns(UserWarning, match="clamped to data_range"):
         value = evaluator.compute(far_off)
     assert value == pytest.approx(evaluator.compute(far_off.clamp(-1, 1)), rel=1e-6)
+
+
+def test_train_floor_of_a_small_training_set_is_the_level_of_num_samples_real_images():
+    """n = 40 training images, FID on 1000 samples: the FID of the 40 images (the old floor) overstates the
+    level 1000 real images reach several times; the floor extrapolated to 1000 images lands near it."""
+    from lightning_memwatch import FID
+
+    g = torch.Generator().manual_seed(0)
+    reference = torch.randn(20000, 1, 2, 4, generator=g)
+    evaluator = FID(reference=reference, feature_extractor=torch.nn.Flatten(), cache=False).build(
+        data_range=(-10.0, 10.0), device="cpu", fallback_reference=None, num_samples=1000
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # fewer images than feature dimensions in the halves: expected here
+        level = sum(evaluator.compute(torch.randn(1000, 1, 2, 4, generator=g)) for _ in range(4)) / 4
+        old, new = [], []
+        for _ in range(4):
+            train = torch.randn(40, 1, 2, 4, generator=g)
+            old.append(evaluator.compute(train, name="train"))
+            new.append(evaluator.train_floor(train, num_samples=1000))
+        assert evaluator.train_floor(train[:30], num_samples=20) == pytest.approx(
+            evaluator.compute(train[:20], name="train")
+        )  # enough images: the FID of the first num_samples
+    old_error, new_error = abs(sum(old) / 4 - level), abs(sum(new) / 4 - level)
+    assert old_error > 10 * level  # the inflation the floor had
+    assert new_error < 0.25 * old_error and all(0 <= f <= o for f, o in zip(new, old, strict=True))
