@@ -11,14 +11,15 @@ has one:
 | ``MLFlowLogger`` | ``MlflowClient.log_image`` (key and step) | (none) | run tag |
 | others (``CSVLogger``, ...) | (none: a one-time note) | (none) | (none) |
 
-MemWatch's settings join the run's one hparams session (:func:`join_hparams_session`). Everything here runs
-on global rank 0 only.
+MemWatch's settings join the run's one hparams session (:mod:`lightning_memwatch.hparams`); its TensorBoard
+CUSTOM SCALARS layout lives in :mod:`lightning_memwatch.tensorboard_layout`. Everything here runs on global
+rank 0 only.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -58,8 +59,6 @@ __all__ = [
     "RATIO_HISTOGRAM",
     "TIMESCALE_TEXT",
     "SCALAR_KEYS",
-    "flush_hparams",
-    "join_hparams_session",
     "memwatch_settings",
     "log_images",
     "log_text",
@@ -280,72 +279,14 @@ def log_text(trainer: Trainer, tag: str, text: str, step: int) -> None:
 
 # ------------------------------------------------------------------------------------------------- settings
 
-_pending_hparams: dict[int, Logger] = {}
-
-
-def _as_dict(params: Any) -> dict[str, Any]:
-    return dict(vars(params)) if hasattr(params, "__dict__") and not isinstance(params, Mapping) else dict(params)
-
-
-def join_hparams_session(trainer: Trainer, settings: Callable[[], Mapping[str, Any]]) -> None:
-    """Make ``settings()`` part of the hyperparameters the trainer logs next, in the same call.
-
-    Lightning logs the module's (and datamodule's) hparams once per fit, right after ``on_fit_start``; a
-    second ``log_hyperparams`` call writes a second TensorBoard hparams session, which the HPARAMS view does
-    not show, and a second ``hp_metric``. No public hook adds entries to Lightning's call, so this wraps each
-    logger's ``log_hyperparams`` for that one call (the instance attribute is removed again inside it).
-    Call it from ``on_fit_start`` on rank 0, then :func:`flush_hparams` from ``on_train_start`` for runs
-    where Lightning logged nothing (``Trainer(enable_autolog_hparams=False)``).
-    """
-    for lg in trainer.loggers:
-        if id(lg) in _pending_hparams:
-            continue
-        original = lg.log_hyperparams
-
-        def joined(params: Any, *args: Any, _lg: Logger = lg, _original: Any = original, **kwargs: Any) -> Any:
-            _release(_lg)
-            return _original({**_as_dict(params), **dict(settings())}, *args, **kwargs)
-
-        lg.log_hyperparams = joined  # type: ignore[method-assign]
-        _pending_hparams[id(lg)] = lg
-
-
-def _release(lg: Logger) -> None:
-    if _pending_hparams.pop(id(lg), None) is not None and "log_hyperparams" in vars(lg):
-        del lg.log_hyperparams  # type: ignore[attr-defined]
-
-
-def flush_hparams(trainer: Trainer, settings: Callable[[], Mapping[str, Any]]) -> None:
-    """Log ``settings()`` to the loggers whose wrapped call never came (Lightning did not log hparams)."""
-    for lg in trainer.loggers:
-        if id(lg) in _pending_hparams:
-            _release(lg)
-            lg.log_hyperparams(dict(settings()))
-
 
 def memwatch_settings(watch: Any) -> dict[str, Any]:
-    """MemWatch's settings as hparams: ``memwatch/<name>`` and, with FID, ``memwatch/fid_<name>``."""
-    index = getattr(watch, "index", None)
-    values: dict[str, Any] = {
-        "num_samples": watch.num_samples,
-        "sample_batch_size": watch.sample_batch_size,
-        "threshold": watch.threshold,
-        "schedule": repr(watch.schedule),
-        "seed": watch.seed,
-        "data_range": None if watch.data_range is None else str(tuple(watch.data_range)),
-        "knn_backend": index.backend if index is not None else watch.knn_backend,
-        # what was built: "sharded" (split across ranks) or "single" (one index); before that, the setting
-        "knn_sharding": getattr(watch, "knn_sharding", None)
-        if index is None
-        else ("sharded" if getattr(index, "world_size", 1) > 1 else "single"),
-        "feature_fn": None if watch.feature_fn is None else getattr(watch.feature_fn, "__name__", "custom"),
-        "num_train": None if index is None else index.num_train,
-    }
-    out = {f"{PREFIX}{k}": v for k, v in values.items() if v is not None}
-    detector = getattr(watch, "detector", None)
-    if detector is not None and hasattr(detector, "config"):
-        out.update({f"{PREFIX}detector_{k}": v for k, v in detector.config().items() if v is not None})
-    fid = getattr(watch, "fid_evaluator", None)
-    if fid is not None:
-        out.update({f"{PREFIX}fid_{k}": v for k, v in fid.hparams().items()})
-    return out
+    """Deprecated: use ``watch.hparams()`` (:meth:`lightning_memwatch.MemWatch.hparams`)."""
+    import warnings
+
+    warnings.warn(
+        "lightning_memwatch.log.memwatch_settings(watch) is deprecated: call watch.hparams() instead.",
+        DeprecationWarning,
+        stacklevel=2,
+    )
+    return dict(watch.hparams())
