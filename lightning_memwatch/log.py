@@ -38,7 +38,7 @@ from lightning_memwatch.record import (
     FID_KEY,
     FID_NUM_SAMPLES,
     FID_TRAIN_FLOOR,  # noqa: F401 (re-exported)
-    PREFIX,
+    PREFIX,  # noqa: F401 (re-exported)
     RATIO_MEDIAN,
     SCALAR_KEYS,
     TAU_GEN,
@@ -56,12 +56,14 @@ __all__ = [
     "TAU_MEM",
     "SAMPLES_IMAGE",
     "PAIRS_IMAGE",
+    "PAIRS_CAPTION",
     "RATIO_HISTOGRAM",
     "TIMESCALE_TEXT",
     "SCALAR_KEYS",
     "memwatch_settings",
     "log_images",
     "log_text",
+    "pair_caption",
     "pair_grid",
     "sample_grid",
     "tensorboard_writers",
@@ -69,13 +71,15 @@ __all__ = [
 
 SAMPLES_IMAGE = "memwatch/generated"
 PAIRS_IMAGE = "memwatch/generated_vs_nearest_train"
+PAIRS_CAPTION = "memwatch/generated_vs_nearest_train_legend"
 RATIO_HISTOGRAM = "memwatch/nn_ratio"
 TIMESCALE_TEXT = "memwatch/timescales"
 
 _noted: set[tuple[int, str]] = set()
-_PAIRS_PER_ROW = 8
+_PAIRS_PER_ROW = 4
 _MIN_TILE_PX = 64  # small images are upscaled (nearest neighbour, no smoothing) to at least this size
-_LABEL_PX = 14
+_LABEL_PX = 16  # smallest font size (pixels)
+_LABEL_FRACTION = 0.035  # font size / image width: ~13 px on screen once scaled to a ~380 px wide card
 _MEMORIZED_RGB = (200, 0, 0)
 
 
@@ -143,15 +147,31 @@ def sample_grid(images: Tensor, max_images: int = 64) -> np.ndarray:
     return canvas
 
 
+def _threshold_text(threshold: float) -> str:
+    return "1/3" if abs(threshold - 1 / 3) < 1e-9 else f"{threshold:.3g}"
+
+
+def _font(size: int) -> Any:
+    from PIL import ImageFont
+
+    try:
+        return ImageFont.load_default(size=size)  # a TrueType font (Pillow >= 10.1 with FreeType)
+    except (TypeError, OSError, ImportError):  # pragma: no cover - Pillow without FreeType: fixed bitmap font
+        return ImageFont.load_default()
+
+
 def pair_grid(
     generated: Tensor, nearest_train: Tensor, ratios: Tensor, threshold: float | None = None
 ) -> np.ndarray:
-    """Generated samples over their nearest training images, each pair labelled with its ratio d1/d2.
+    """Generated samples over their nearest training images, with a legend and the ratio d1/d2 of each pair.
 
-    Pairs are shown in the order given (MemWatch passes them most-memorized first, lowest ratio first), eight
-    per row: the generated sample on top, its nearest training image under it, and ``d1/d2`` below the pair
-    (in red, with "copy", when it is under ``threshold``). Images smaller than 64 pixels are upscaled by an
-    integer factor without smoothing.
+    Pairs are shown in the order given (MemWatch passes them most-memorized first, lowest ratio first), four
+    per row group: the generated sample on top, its nearest training image under it, and ``d1/d2`` below the
+    pair (in red, the pair framed in red, when it is under ``threshold``). A header row says what is shown and
+    names the threshold; the first column labels the rows (``generated``, ``nearest training image``,
+    ``d1/d2``). Images smaller than 64 pixels are upscaled by an integer factor without smoothing. Text is
+    sized to about 3.5% of the image's width, so it stays at least ~12 pixels high when TensorBoard shows the
+    image scaled to its card's width.
 
     Args:
         generated: (K, C, H, W) samples in [0, 1], C in (1, 3).
@@ -169,29 +189,67 @@ def pair_grid(
     factor = _upscale_factor(*generated.shape[2:])
     gen, train = _upscaled(gen, factor), _upscaled(train, factor)
     th, tw = gen.shape[1:3]
-    pad, gap = 6, 2
-    cell_w, cell_h = tw + pad, 2 * th + gap + _LABEL_PX + pad
     cols = max(1, min(_PAIRS_PER_ROW, k))
-    rows = max(1, int(math.ceil(k / cols)))
-    canvas = Image.new("RGB", (cols * cell_w + pad, rows * cell_h + pad), (255, 255, 255))
+    groups = max(1, int(math.ceil(k / cols)))
+    pad, gap = max(4, tw // 10), 2
+    row_labels = ("generated", "nearest training image", "d1/d2")
+    header = "most copied first" + (
+        f"; red: d1/d2 < {_threshold_text(threshold)}, a copy" if threshold is not None else ""
+    )
+    # the font follows the width the image will have, so the text keeps its size once scaled to a card
+    size = _LABEL_PX
+    for _ in range(4):
+        font = _font(size)
+        measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+        label_w = int(max(measure.textlength(w, font=font) for w in ("generated", "nearest", "training image")))
+        width = max(pad + label_w + pad + cols * (tw + pad), int(measure.textlength(header, font=font)) + 2 * pad)
+        wanted = max(_LABEL_PX, int(math.ceil(_LABEL_FRACTION * width)))
+        if wanted <= size:
+            break
+        size = wanted
+    line = int(math.ceil(size * 1.25))
+    text_h = max(th, 2 * line)  # "nearest" / "training image" on two lines beside a tile
+    cell_h = th + gap + max(th, text_h) + line + pad
+    height = pad + line + pad + groups * cell_h
+    canvas = Image.new("RGB", (width, height), (255, 255, 255))
     draw = ImageDraw.Draw(canvas)
+    draw.text((pad, pad), header, fill=(0, 0, 0), font=font)
     values = ratios.detach().double().cpu().tolist()
-    for i in range(k):
-        r, c = divmod(i, cols)
-        x, y = pad + c * cell_w, pad + r * cell_h
-        canvas.paste(Image.fromarray(gen[i]), (x, y))
-        canvas.paste(Image.fromarray(train[i]), (x, y + th + gap))
-        copy = threshold is not None and values[i] < threshold
-        label = f"{values[i]:.2f}" + (" copy" if copy else "")
-        draw.text((x, y + 2 * th + gap + 1), label, fill=_MEMORIZED_RGB if copy else (0, 0, 0))
+    x0 = pad + label_w + pad
+    for g in range(groups):
+        y = pad + line + pad + g * cell_h
+        y_train = y + th + gap
+        y_ratio = y_train + max(th, text_h)
+        draw.text((pad, y + (th - line) // 2), row_labels[0], fill=(0, 0, 0), font=font)
+        draw.text((pad, y_train), "nearest", fill=(0, 0, 0), font=font)
+        draw.text((pad, y_train + line), "training image", fill=(0, 0, 0), font=font)
+        draw.text((pad, y_ratio), row_labels[2], fill=(0, 0, 0), font=font)
+        for c in range(cols):
+            i = g * cols + c
+            if i >= k:
+                break
+            x = x0 + c * (tw + pad)
+            canvas.paste(Image.fromarray(gen[i]), (x, y))
+            canvas.paste(Image.fromarray(train[i]), (x, y_train))
+            copy = threshold is not None and values[i] < threshold
+            if copy:
+                draw.rectangle((x - 2, y - 2, x + tw + 1, y_train + th + 1), outline=_MEMORIZED_RGB, width=2)
+            draw.text((x, y_ratio), f"{values[i]:.2f}", fill=_MEMORIZED_RGB if copy else (0, 0, 0), font=font)
     return np.asarray(canvas)
 
 
-def _pair_caption(k: int, threshold: float | None) -> str:
-    mark = f"; red 'copy': d1/d2 < {threshold:.3g}" if threshold is not None else ""
+def pair_caption(k: int, threshold: float | None) -> str:
+    """The legend of :func:`pair_grid`'s image, as a sentence (a TensorBoard text entry, a W&B caption)."""
+    mark = (
+        f" A pair is a copy (red) when d1/d2 < {_threshold_text(threshold)}: the generated sample is at least "
+        f"{1 / threshold:.3g} times closer to its nearest training image than to the second nearest."
+        if threshold is not None
+        else ""
+    )
     return (
-        f"{k} most-memorized samples (lowest d1/d2 first): generated on top, nearest training image below, "
-        f"ratio d1/d2 under each pair{mark}"
+        f"The {k} generated samples closest to copying (lowest d1/d2 first): each generated sample (top) over its "
+        f"nearest training image (bottom), with d1/d2, its distance to the nearest training image over the "
+        f"distance to the second nearest, under the pair.{mark}"
     )
 
 
@@ -236,13 +294,14 @@ def log_images(
             ratios[order],
             threshold,
         )
-    caption = _pair_caption(0 if pairs is None else min(max_pairs, len(ratios)), threshold)
+    caption = pair_caption(0 if pairs is None else min(max_pairs, len(ratios)), threshold)
     for lg in targets:
         if isinstance(lg, TensorBoardLogger):
             writer = lg.experiment
             if grid is not None:
                 writer.add_image(SAMPLES_IMAGE, grid, global_step=step, dataformats="HWC")
                 writer.add_image(PAIRS_IMAGE, pairs, global_step=step, dataformats="HWC")
+                writer.add_text(PAIRS_CAPTION, caption, global_step=step)
             writer.add_histogram(RATIO_HISTOGRAM, ratios.numpy(), global_step=step)
             writer.flush()
         elif isinstance(lg, WandbLogger):
@@ -256,6 +315,7 @@ def log_images(
             client = lg.experiment
             client.log_image(lg.run_id, grid, key=SAMPLES_IMAGE, step=step)
             client.log_image(lg.run_id, pairs, key=PAIRS_IMAGE, step=step)
+            client.set_tag(lg.run_id, PAIRS_CAPTION, caption)  # the legend (the same at every step)
 
 
 def log_text(trainer: Trainer, tag: str, text: str, step: int) -> None:

@@ -4,12 +4,14 @@ MemWatch registers the layout once per fit (``on_fit_start``, rank 0) in every T
 after each evaluation logs the guide lines the charts draw next to its scalars (TensorBoard only: they carry
 no measurement, so no other logger gets them):
 
-| chart | tags |
-|---|---|
-| f_mem and its confidence interval | ``memwatch/f_mem`` within ``memwatch/f_mem_ci_low`` .. ``memwatch/f_mem_ci_high`` |
-| the tau_mem rule against its threshold f0 | the tested value (``f_mem_ci_low`` or ``f_mem``), ``memwatch/guides/f0`` |
-| sample quality against its floors | ``memwatch/fid``, ``memwatch/guides/fid_train_floor``, ``memwatch/guides/gen_floor`` |
-| tau_gen and tau_mem | ``memwatch/guides/tau_gen``, ``memwatch/guides/tau_mem``: 0, then 1 from the evaluation that flagged it |
+* f_mem and its confidence interval: ``memwatch/f_mem`` within ``memwatch/f_mem_ci_low`` and
+  ``memwatch/f_mem_ci_high``;
+* the tau_mem rule against its threshold: the value it tests (``memwatch/f_mem_ci_low`` or ``memwatch/f_mem``)
+  and ``memwatch/guides/f0``;
+* sample quality against its floors: ``memwatch/fid`` (or the detector's quality metric),
+  ``memwatch/guides/fid_train_floor`` and ``memwatch/guides/gen_floor``;
+* tau_gen and tau_mem as marked steps: ``memwatch/guides/tau_gen`` and ``memwatch/guides/tau_mem``, 0 at
+  every evaluation before the event was flagged and 1 from the evaluation that flagged it on.
 
 Open it with smoothing off (TensorBoard smooths by 0.6 by default, which bends f_mem and its interval):
 :func:`dashboard_url`, e.g. ``http://127.0.0.1:6006/#custom_scalars&_smoothingWeight=0``.

@@ -25,9 +25,8 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from lightning_memwatch import _checks
+from lightning_memwatch import _checks, tensorboard_layout
 from lightning_memwatch import log as mwlog
-from lightning_memwatch import tensorboard_layout
 from lightning_memwatch._checks import (
     check_range,
     check_range_use,
@@ -36,9 +35,9 @@ from lightning_memwatch._checks import (
 from lightning_memwatch.callbacks._trainer import train_loader_of
 from lightning_memwatch.detection import TimescaleDetector, TimescaleEvent
 from lightning_memwatch.evaluator import RATIO_QUANTILES, Evaluator, check_metric_names
+from lightning_memwatch.hparams import HparamsSession
 from lightning_memwatch.images import collect_images, num_images, select_rows
 from lightning_memwatch.images import sampler_rows as _sampler_rows  # noqa: F401  (its old home)
-from lightning_memwatch.hparams import HparamsSession
 from lightning_memwatch.metrics.fid import FID, FIDEvaluator
 from lightning_memwatch.metrics.knn_sharded import ShardedNearestNeighbourIndex
 from lightning_memwatch.metrics.memorization import KnnIndex
