@@ -28,7 +28,8 @@ anything is refused unless ``--overwrite`` is given, which replaces the demo's o
 
     summary.json            runs (n, tau_gen, tau_mem, final f_mem, best Frechet distance) and the fit
     plots/*.png             f_mem vs step and vs step / n, Frechet distance vs step, timescales vs n, forecast
-    logs/n<n>/              one TensorBoard run per n (events file, memwatch_run.json)
+    logs/n<n>/              one TensorBoard run per n (events file, memwatch_run.json); n zero-padded to the
+                            largest n's digits (n08, n16, n32), so TensorBoard lists the runs in the order of n
     digit_classifier.pt     the feature network of the Frechet distance
 
 Open the logs with ``tensorboard --logdir runs/demo/logs --host 127.0.0.1`` (the command is printed with the path
@@ -205,6 +206,11 @@ class DemoConfig:
     def eval_period(self, n: int) -> int:
         """Optimizer steps between two evaluations of the run with ``n`` training images."""
         return max(int(self.eval_every), int(math.ceil(self.eval_every_per_image * n)))
+
+    def run_name(self, n: int) -> str:
+        """The TensorBoard run (folder under ``logs/``) of the run with ``n`` images: ``n`` zero-padded to the
+        largest n's digits (``n08``, ``n16``, ``n32``), so runs sort by n in TensorBoard's lists."""
+        return f"n{int(n):0{len(str(max(self.ns)))}d}"
 
     def noise_draws(self, n: int) -> int:
         """Noisy copies of each training image in the loss of one step of the run with ``n`` images."""
@@ -507,7 +513,7 @@ def train_one(config: DemoConfig, n: int, classifier_state: dict[str, Tensor]) -
     )
     stopper = MemorizationEarlyStopping(watch, restore_best=True)  # patience lives in the detector
     log_root = config.out / "logs"
-    logger = TensorBoardLogger(save_dir=str(log_root), name="", version=f"n{n}", default_hp_metric=False)
+    logger = TensorBoardLogger(save_dir=str(log_root), name="", version=config.run_name(n), default_hp_metric=False)
     run_dir = Path(logger.log_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     metadata: dict[str, Any] = {
