@@ -634,6 +634,43 @@ def test_screenshot_tool_shoots_a_memwatch_run(tmp_path, digits16):
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 10_000
 
 
+def test_browser_shows_the_hparams_tab_and_the_custom_scalars_layout(tmp_path, digits16):
+    """In Chromium, TensorBoard shows MemWatch's settings and scalars in the HPARAMS tab, also for a logger with
+    ``default_hp_metric=False`` (the demo's), and MemWatch's CUSTOM SCALARS layout with the documented link's
+    smoothing off."""
+    require_chromium()
+    if shutil.which("chromedriver") is None:
+        pytest.skip("no chromedriver (Debian: apt-get install -y chromium-driver)")
+    import lightning as L
+    from _browser import Browser, TensorBoard
+    from lightning.pytorch.loggers import TensorBoardLogger
+    from tutorial_module import TinyDiffusion
+
+    from lightning_memwatch import tensorboard_layout
+
+    train, _, _ = digits16
+    watch = MemWatch(num_samples=8, sample_batch_size=8, schedule=EvalSchedule.every(2), bootstrap=50, verbose=False)
+    logger = TensorBoardLogger(str(tmp_path / "logs"), name="", version="n16", default_hp_metric=False)
+    kwargs = quiet_trainer_kwargs(tmp_path) | {"logger": logger}
+    L.Trainer(max_steps=4, callbacks=[watch], **kwargs).fit(TinyDiffusion(), loader_of(train))
+    charts = [title for title in tensorboard_layout.layout(watch.detector)[tensorboard_layout.CATEGORY]]
+    with TensorBoard(tmp_path / "logs", mwlog.F_MEM) as board, Browser() as browser:
+        browser.open(f"{board.url}/#hparams")
+        browser.wait_for_text("memwatch/num_samples", "memwatch/detector_mem_rule", "n16")
+        browser.open(f"{board.url}/#hparams")  # the metrics columns: the tab's metrics are MemWatch's scalars
+        text = browser.wait_for_text("memwatch/f_mem_ci_low", "memwatch/tau_mem")
+        assert "hp_metric" not in text
+        browser.screenshot(tmp_path / "hparams.png")
+        url = tensorboard_layout.dashboard_url(board.port)
+        assert url.endswith("#custom_scalars&_smoothingWeight=0")
+        browser.open(url)
+        text = browser.wait_for_text(tensorboard_layout.CATEGORY, *charts)
+        smoothing = text.split("Smoothing", 1)[1][:40]
+        assert "[input=0]" in smoothing, smoothing  # the link turns TensorBoard's 0.6 default off
+        browser.screenshot(tmp_path / "custom_scalars.png")
+    assert (tmp_path / "custom_scalars.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
 def test_tensorboard_commands_in_the_docs_are_accepted_by_tensorboard(tmp_path):
     """Every `tensorboard ...` line the docs and the printed hints give parses with TensorBoard's own parser, and
     says `--host 127.0.0.1` (loopback); `--bind_all=false`, once suggested, is an error."""
