@@ -53,14 +53,16 @@ class TensorBoard:
         beside = Path(sys.executable).with_name("tensorboard")
         program = [str(beside)] if beside.exists() else [sys.executable, "-m", "tensorboard.main"]
         self.proc = subprocess.Popen(
-            [*program, "--logdir", str(logdir), "--host", "127.0.0.1", "--port", str(self.port), "--reload_interval", "1"],
+            [*program, "--logdir", str(logdir), "--host", "127.0.0.1", "--port", str(self.port)]
+            + ["--reload_interval", "1"],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
         deadline = time.time() + 90
         while time.time() < deadline:
             try:
-                if any(tag in tags for tags in _json("GET", f"{self.url}/data/plugin/scalars/tags", timeout=5).values()):
+                served = _json("GET", f"{self.url}/data/plugin/scalars/tags", timeout=5)
+                if any(tag in tags for tags in served.values()):
                     return
             except OSError:
                 pass
@@ -88,7 +90,8 @@ class Browser:
         if driver is None:
             raise RuntimeError("no chromedriver (Debian: apt-get install -y chromium-driver)")
         self.port = free_port()
-        self.proc = subprocess.Popen([driver, f"--port={self.port}"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
+        self.proc = subprocess.Popen([driver, f"--port={self.port}"], **quiet)  # type: ignore[call-overload]
         self.base = f"http://127.0.0.1:{self.port}"
         for _ in range(200):
             try:
