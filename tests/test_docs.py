@@ -183,6 +183,31 @@ def test_snippet_sections_are_shown_dedented_without_markers():
     assert converted == "<!-- snippet: ddp.py:ddp -->\n```python\n" + text + "```\n"
 
 
+def _fence_after(text: str, heading: str, lang: str) -> str:
+    part = text[text.index(heading) :]
+    start = part.index(f"```{lang}\n")
+    return part[start : part.index("```", start + 3) + 3]
+
+
+def test_docs_home_shows_the_readmes_install_lines_and_snippet():
+    """One install story: the docs home page starts with install, the first command and what to look at, and its
+    install lines and code are the README's, each preceded by the Inception-weights caveat with its offline
+    route."""
+    readme, home = (ROOT / "README.md").read_text(), (DOCS / "index.md").read_text()
+    assert _fence_after(home, "## Install", "bash") == _fence_after(readme, "## Install", "bash")
+    assert _fence_after(home, "## What it measures", "python") == _fence_after(
+        readme, "## Add it to your training code", "python"
+    )
+    assert re.findall(r"^## (.+)$", home, flags=re.M)[:3] == ["Install", "First command", "What to look at"]
+    for text in (readme, home):
+        code = text.index("```python")
+        assert text.index("download=True") < code and text.index("weights_path=") < code
+        assert "pip install 'lightning-memwatch[cpu]'" in text and "pip install -e '.[cpu]'" in text
+    tutorial = (DOCS / "tutorial.md").read_text()
+    assert _fence_after(tutorial, "## 1. Install", "bash") == _fence_after(readme, "## Install", "bash")
+    assert "index.md#install" in (DOCS / "quickstart.md").read_text() and "index.md#install" in tutorial
+
+
 def test_tensorboard_table_lists_exactly_the_logged_keys():
     text = (DOCS / "tutorial.md").read_text()
     table = text[text.index("### In TensorBoard") : text.index("### Stock Lightning callbacks")]
@@ -204,7 +229,7 @@ def test_bash_blocks_use_real_commands_and_options():
             if lang != "bash":
                 continue
             for raw in body.replace("\\\n", " ").splitlines():
-                command = raw.split("#", 1)[0].strip()
+                command = raw.split("#", 1)[0].strip().removeprefix(".venv/bin/")
                 if not command.startswith("memwatch "):
                     continue
                 words = shlex.split(command)
@@ -690,7 +715,7 @@ def test_tensorboard_commands_in_the_docs_are_accepted_by_tensorboard(tmp_path):
             if lang != "bash":
                 continue
             for raw in body.splitlines():
-                command = raw.split("#", 1)[0].strip()
+                command = raw.split("#", 1)[0].strip().removeprefix(".venv/bin/")
                 if not command.startswith("tensorboard "):
                     continue
                 found += 1
@@ -700,9 +725,10 @@ def test_tensorboard_commands_in_the_docs_are_accepted_by_tensorboard(tmp_path):
                 assert words[words.index("--host") + 1] == "127.0.0.1", where
     assert found >= 3
     assert not parses(["--logdir", str(tmp_path), "--bind_all=false"])
-    from lightning_memwatch.apps import demo
+    from lightning_memwatch.apps.demo import tensorboard_command
 
-    assert "--host 127.0.0.1" in Path(demo.__file__).read_text().split("TensorBoard: tensorboard", 1)[1][:80]
+    printed = shlex.split(tensorboard_command(tmp_path))  # the demo's hint, with this environment's tensorboard
+    assert Path(printed[0]).name == "tensorboard" and parses(printed[1:]) and "127.0.0.1" in printed
 
 
 def test_browser_check_fails_rather_than_skips_under_ci(monkeypatch):

@@ -665,20 +665,26 @@ def prepare_output(out: Path, *, overwrite: bool = False) -> None:
         shutil.rmtree(path) if path.is_dir() else path.unlink()
 
 
-def tensorboard_command(logdir: Path) -> str:
-    """``tensorboard --logdir LOGDIR --host 127.0.0.1``, with the path of the ``tensorboard`` installed beside
-    this Python when the one on ``PATH`` is another (or none), as after ``make demo`` (``.venv/bin``)."""
+def program_here(name: str) -> str:
+    """How to call the command ``name`` installed beside this Python: its bare name when ``PATH`` finds that
+    one, else its path (relative to the working directory when inside it), as ``.venv/bin/tensorboard`` after
+    ``make demo``, whose venv is not activated."""
     import shutil
 
-    beside = Path(sys.executable).with_name("tensorboard")
-    program = "tensorboard"
-    on_path = shutil.which("tensorboard")
-    if beside.exists() and (on_path is None or Path(on_path).resolve() != beside.resolve()):
-        try:
-            program = str(beside.relative_to(Path.cwd()))
-        except ValueError:
-            program = str(beside)
-    return f"{program} --logdir {logdir} --host 127.0.0.1"
+    beside = Path(sys.executable).with_name(name)
+    on_path = shutil.which(name)
+    if not beside.exists() or (on_path is not None and Path(on_path).resolve() == beside.resolve()):
+        return name
+    try:
+        return str(beside.relative_to(Path.cwd()))
+    except ValueError:
+        return str(beside)
+
+
+def tensorboard_command(logdir: Path) -> str:
+    """``tensorboard --logdir LOGDIR --host 127.0.0.1``, with the ``tensorboard`` of this environment
+    (:func:`program_here`)."""
+    return f"{program_here('tensorboard')} --logdir {logdir} --host 127.0.0.1"
 
 
 def run_demo(
@@ -764,6 +770,7 @@ def _run_demo(config: DemoConfig, echo: Callable[[str], None]) -> dict[str, Any]
     echo(f"  wall time: {total:.0f} s ({train_seconds:.0f} s of training runs)")
     echo(f"  TensorBoard: {tensorboard_command(out / 'logs')}")
     echo(f"    then open {dashboard_url()}   (MemWatch's charts, smoothing off)")
+    echo(f"  the report again, from the logs alone: {program_here('memwatch')} report {out}")
     return summary
 
 
