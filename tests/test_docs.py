@@ -208,6 +208,23 @@ def test_docs_home_shows_the_readmes_install_lines_and_snippet():
     assert "index.md#install" in (DOCS / "quickstart.md").read_text() and "index.md#install" in tutorial
 
 
+def test_no_deprecated_call_in_the_docs_or_the_apps():
+    """What users copy shows no deprecated call: the stopper without `patience=` (the detector's), the apps'
+    new import paths, `watch.hparams()`."""
+    from lightning_memwatch._moved import MOVED
+
+    old_path = re.compile(rf"(import |from |class_path: *|-m )lightning_memwatch\.({'|'.join(MOVED)})\b")
+    files = [*DOCS.rglob("*.md"), *SNIPPETS.glob("*.py"), ROOT / "README.md", *(ROOT / "recipes").rglob("*.yaml")]
+    files += list((ROOT / "lightning_memwatch" / "apps").rglob("*.py"))
+    for path in files:
+        text = path.read_text()
+        where = path.relative_to(ROOT)
+        for call in re.finditer(r"MemorizationEarlyStopping\(([^()]*)\)", text):
+            assert "patience" not in call.group(1), f"{where}: {call.group(0)}"
+        assert not old_path.search(text), f"{where}: {old_path.search(text).group(0)}"  # type: ignore[union-attr]
+        assert "memwatch_settings(" not in text, where
+
+
 def test_tensorboard_table_lists_exactly_the_logged_keys():
     text = (DOCS / "tutorial.md").read_text()
     table = text[text.index("### In TensorBoard") : text.index("### Stock Lightning callbacks")]

@@ -392,7 +392,8 @@ def _quiet_lightning() -> None:
     warnings.filterwarnings("ignore", message=".*smaller than the logging interval.*")
     warnings.filterwarnings("ignore", message=".*module\\(s\\) in eval mode.*")  # the DDPM's frozen EMA copy
     warnings.filterwarnings("ignore", message=".*isinstance\\(treespec, LeafSpec\\).*")
-    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    # a deprecated call of this library stays visible (Python hides DeprecationWarnings outside __main__)
+    warnings.filterwarnings("default", category=DeprecationWarning, module=r"lightning_memwatch\.")
 
 
 def _worker_init(threads: int) -> None:

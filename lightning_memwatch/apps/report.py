@@ -667,13 +667,13 @@ def _plot_quality(runs: Sequence[RunHistory], entries: Sequence[Mapping[str, Any
         ax.text(0.5, 0.5, "no quality values (FID off)", ha="center", va="center", transform=ax.transAxes)
     ax.set_xlabel("optimizer steps")
     ax.set_ylabel(runs[0].quality_label if runs else "FID")
-    flagged = [e for e in entries if e["tau_gen"] is not None]
+    unflagged = [e for e in entries if e["tau_gen"] is None]
     gen = (
-        "tau_gen dotted" if len(flagged) == len(entries) else
-        "tau_gen: not flagged in any run" if not flagged else
-        "tau_gen dotted; not flagged for " + ", ".join(f"n={e['n']}" for e in entries if e["tau_gen"] is None)
+        "" if not unflagged
+        else "; tau_gen: not flagged in any run" if len(unflagged) == len(entries)
+        else "; tau_gen not flagged for " + ", ".join(f"n={e['n']}" for e in unflagged)
     )
-    ax.set_title(f"sample quality, lower is better ({gen})")
+    ax.set_title(f"sample quality (lower is better){gen}")
     fig.savefig(path, dpi=110)
 
 
