@@ -76,10 +76,13 @@ RATIO_HISTOGRAM = "memwatch/nn_ratio"
 TIMESCALE_TEXT = "memwatch/timescales"
 
 _noted: set[tuple[int, str]] = set()
-_PAIRS_PER_ROW = 4
+_PAIRS_PER_ROW = 8
 _MIN_TILE_PX = 64  # small images are upscaled (nearest neighbour, no smoothing) to at least this size
 _LABEL_PX = 16  # smallest font size (pixels)
-_LABEL_FRACTION = 0.035  # font size / image width: ~13 px on screen once scaled to a ~380 px wide card
+# TensorBoard's Time Series shows an image inside a box of about 370 x 210 px at its default card width (CSS
+# `object-fit: contain`): the pair grid's text is sized so that it stays >= 12.5 px once the image fits that box
+_CARD_BOX_PX = (370, 210)
+_MIN_SHOWN_TEXT_PX = 12.5
 _MEMORIZED_RGB = (200, 0, 0)
 
 
@@ -165,13 +168,13 @@ def pair_grid(
 ) -> np.ndarray:
     """Generated samples over their nearest training images, with a legend and the ratio d1/d2 of each pair.
 
-    Pairs are shown in the order given (MemWatch passes them most-memorized first, lowest ratio first), four
+    Pairs are shown in the order given (MemWatch passes them most-memorized first, lowest ratio first), eight
     per row group: the generated sample on top, its nearest training image under it, and ``d1/d2`` below the
     pair (in red, the pair framed in red, when it is under ``threshold``). A header row says what is shown and
     names the threshold; the first column labels the rows (``generated``, ``nearest training image``,
-    ``d1/d2``). Images smaller than 64 pixels are upscaled by an integer factor without smoothing. Text is
-    sized to about 3.5% of the image's width, so it stays at least ~12 pixels high when TensorBoard shows the
-    image scaled to its card's width.
+    ``d1/d2``). Images smaller than 64 pixels are upscaled by an integer factor without smoothing. The text is
+    sized so that it stays at least 12.5 pixels high when TensorBoard fits the whole image into an image card
+    of its default size (about 370 x 210 pixels).
 
     Args:
         generated: (K, C, H, W) samples in [0, 1], C in (1, 3).
@@ -196,21 +199,26 @@ def pair_grid(
     header = "most copied first" + (
         f"; red: d1/d2 < {_threshold_text(threshold)}, a copy" if threshold is not None else ""
     )
-    # the font follows the width the image will have, so the text keeps its size once scaled to a card
-    size = _LABEL_PX
-    for _ in range(4):
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+
+    def geometry(size: int) -> tuple[Any, int, int, int, int, int]:
         font = _font(size)
-        measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
         label_w = int(max(measure.textlength(w, font=font) for w in ("generated", "nearest", "training image")))
         width = max(pad + label_w + pad + cols * (tw + pad), int(measure.textlength(header, font=font)) + 2 * pad)
-        wanted = max(_LABEL_PX, int(math.ceil(_LABEL_FRACTION * width)))
-        if wanted <= size:
+        line = int(math.ceil(size * 1.25))
+        text_h = max(th, 2 * line)  # "nearest" / "training image" on two lines beside a tile
+        cell_h = th + gap + text_h + line + pad
+        return font, label_w, width, pad + line + pad + groups * cell_h, line, text_h
+
+    # the smallest font that stays readable once the whole image is fitted into a TensorBoard card
+    size = _LABEL_PX
+    while True:
+        font, label_w, width, height, line, text_h = geometry(size)
+        shown = size * min(_CARD_BOX_PX[0] / width, _CARD_BOX_PX[1] / height)
+        if shown >= _MIN_SHOWN_TEXT_PX or size >= 8 * _LABEL_PX * max(1, th // 64):  # (a cap, never reached)
             break
-        size = wanted
-    line = int(math.ceil(size * 1.25))
-    text_h = max(th, 2 * line)  # "nearest" / "training image" on two lines beside a tile
-    cell_h = th + gap + max(th, text_h) + line + pad
-    height = pad + line + pad + groups * cell_h
+        size += 1
+    cell_h = th + gap + text_h + line + pad
     canvas = Image.new("RGB", (width, height), (255, 255, 255))
     draw = ImageDraw.Draw(canvas)
     draw.text((pad, pad), header, fill=(0, 0, 0), font=font)
@@ -219,7 +227,7 @@ def pair_grid(
     for g in range(groups):
         y = pad + line + pad + g * cell_h
         y_train = y + th + gap
-        y_ratio = y_train + max(th, text_h)
+        y_ratio = y_train + text_h
         draw.text((pad, y + (th - line) // 2), row_labels[0], fill=(0, 0, 0), font=font)
         draw.text((pad, y_train), "nearest", fill=(0, 0, 0), font=font)
         draw.text((pad, y_train + line), "training image", fill=(0, 0, 0), font=font)

@@ -123,8 +123,11 @@ def shoot(chromium: str, url: str, out: Path, width: int, height: int, budget_ms
         shutil.copyfile(tmp_png, out)
 
 
-def dashboard_url(base: str, tags: str) -> str:
-    """The Time Series dashboard filtered on ``tags``: no smoothing, light theme, SVG charts (no WebGL headless)."""
+def dashboard_url(base: str, tags: str, dashboard: str = "timeseries") -> str:
+    """The Time Series dashboard filtered on ``tags`` (no smoothing, light theme, SVG charts: no WebGL headless),
+    or MemWatch's CUSTOM SCALARS layout with smoothing off (the link the docs give)."""
+    if dashboard == "custom_scalars":
+        return f"{base}/#custom_scalars&_smoothingWeight=0"
     query = urllib.parse.urlencode({"darkMode": "false", "forceSVG": "true", "smoothing": "0", "tagFilter": tags})
     return f"{base}/?{query}#timeseries"
 
@@ -134,6 +137,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--logdir", required=True, help="TensorBoard log directory of a MemWatch run")
     parser.add_argument("--out", default="docs/img/tensorboard.png", help="PNG to write")
     parser.add_argument("--tags", default=DEFAULT_TAGS, help="tag filter (regular expression)")
+    parser.add_argument(
+        "--dashboard", choices=("timeseries", "custom_scalars"), default="timeseries",
+        help="Time Series filtered on --tags, or MemWatch's CUSTOM SCALARS layout",
+    )
     parser.add_argument("--width", type=int, default=1600)
     parser.add_argument("--height", type=int, default=1500)
     parser.add_argument("--wait", type=float, default=90.0, help="seconds to wait for TensorBoard's data")
@@ -166,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         runs = wait_for_scalars(base, args.wait)
-        url = dashboard_url(base, args.tags)
+        url = dashboard_url(base, args.tags, args.dashboard)
         shoot(chromium, url, Path(args.out), args.width, args.height, args.render_ms)
     finally:
         server.terminate()
