@@ -392,6 +392,8 @@ def _quiet_lightning() -> None:
     warnings.filterwarnings("ignore", message=".*smaller than the logging interval.*")
     warnings.filterwarnings("ignore", message=".*module\\(s\\) in eval mode.*")  # the DDPM's frozen EMA copy
     warnings.filterwarnings("ignore", message=".*isinstance\\(treespec, LeafSpec\\).*")
+    # the stopper's message when quality was still improving: the demo prints each run's outcome as one line
+    warnings.filterwarnings("ignore", message="Memorization detected")
     # a deprecated call of this library stays visible (Python hides DeprecationWarnings outside __main__)
     warnings.filterwarnings("default", category=DeprecationWarning, module=r"lightning_memwatch\.")
 
