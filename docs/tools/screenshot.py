@@ -123,6 +123,21 @@ def shoot(chromium: str, url: str, out: Path, width: int, height: int, budget_ms
         shutil.copyfile(tmp_png, out)
 
 
+def shoot_unclipped(url: str, out: Path, width: int, height: int, budget_ms: int) -> None:
+    """The CUSTOM SCALARS page with *Ignore outliers in chart scaling* unticked (a setting TensorBoard keeps in
+    the browser's local storage, so a plain ``--screenshot`` cannot change it), through chromedriver."""
+    from browser import Browser  # docs/tools/browser.py, beside this script
+
+    with Browser(width, height) as browser:
+        browser.open(url)
+        time.sleep(2)
+        browser.run_script("window.localStorage.setItem('_ignoreYOutliers', 'false');")
+        browser.open(url.replace("#", "?reload#", 1))
+        time.sleep(budget_ms / 1000)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        browser.screenshot(out)
+
+
 def dashboard_url(base: str, tags: str, dashboard: str = "timeseries") -> str:
     """The Time Series dashboard filtered on ``tags`` (no smoothing, light theme, SVG charts: no WebGL headless),
     or MemWatch's CUSTOM SCALARS layout with smoothing off (the link the docs give)."""
@@ -174,7 +189,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         runs = wait_for_scalars(base, args.wait)
         url = dashboard_url(base, args.tags, args.dashboard)
-        shoot(chromium, url, Path(args.out), args.width, args.height, args.render_ms)
+        if args.dashboard == "custom_scalars" and shutil.which("chromedriver"):
+            shoot_unclipped(url, Path(args.out), args.width, args.height, args.render_ms)
+        else:
+            shoot(chromium, url, Path(args.out), args.width, args.height, args.render_ms)
     finally:
         server.terminate()
         try:
