@@ -82,14 +82,14 @@ def get_json(url: str) -> object:
         return json.loads(response.read())
 
 
-def wait_for_scalars(base: str, timeout: float) -> list[str]:
-    """Wait until TensorBoard lists ``memwatch/f_mem`` for at least one run; return those runs."""
+def wait_for_scalars(base: str, timeout: float, min_runs: int = 1) -> list[str]:
+    """Wait until TensorBoard lists ``memwatch/f_mem`` for at least ``min_runs`` runs; return those runs."""
     deadline = time.time() + timeout
     while time.time() < deadline:
         try:
             tags = get_json(f"{base}/data/plugin/scalars/tags")
             runs = sorted(run for run, run_tags in tags.items() if F_MEM in run_tags)  # type: ignore[union-attr]
-            if runs:
+            if len(runs) >= min_runs:
                 points = get_json(
                     f"{base}/data/plugin/scalars/scalars?" + urllib.parse.urlencode({"run": runs[0], "tag": F_MEM})
                 )
@@ -159,6 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--width", type=int, default=1600)
     parser.add_argument("--height", type=int, default=1500)
     parser.add_argument("--wait", type=float, default=90.0, help="seconds to wait for TensorBoard's data")
+    parser.add_argument("--min-runs", type=int, default=1, help="runs to wait for (e.g. 4 for the full demo)")
     parser.add_argument("--render-ms", type=int, default=20000, help="Chromium virtual time budget (ms)")
     parser.add_argument("--chromium", default=None, help="Chromium executable (default: found on PATH)")
     args = parser.parse_args(argv)
@@ -187,7 +188,8 @@ def main(argv: list[str] | None = None) -> int:
         env=env,
     )
     try:
-        runs = wait_for_scalars(base, args.wait)
+        runs = wait_for_scalars(base, args.wait, args.min_runs)
+        time.sleep(5)  # the runs' other tags (images, the layout) finish loading
         url = dashboard_url(base, args.tags, args.dashboard)
         if args.dashboard == "custom_scalars" and shutil.which("chromedriver"):
             shoot_unclipped(url, Path(args.out), args.width, args.height, args.render_ms)
