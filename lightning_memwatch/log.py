@@ -350,11 +350,7 @@ def log_text(trainer: Trainer, tag: str, text: str, step: int) -> None:
 
 def memwatch_settings(watch: Any) -> dict[str, Any]:
     """Deprecated: use ``watch.hparams()`` (:meth:`lightning_memwatch.MemWatch.hparams`)."""
-    import warnings
+    from lightning_memwatch._deprecation import deprecate
 
-    warnings.warn(
-        "lightning_memwatch.log.memwatch_settings(watch) is deprecated: call watch.hparams() instead.",
-        DeprecationWarning,
-        stacklevel=2,
-    )
+    deprecate("lightning_memwatch.log.memwatch_settings(watch) is deprecated: call watch.hparams() instead.")
     return dict(watch.hparams())
