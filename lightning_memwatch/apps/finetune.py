@@ -53,7 +53,7 @@ class FinetuneConfig:
         threads: torch threads.
     """
 
-    out: Path = Path("runs/demo_finetune")
+    out: Path = Path("runs/demo-finetune")
     digit: int = 9
     n: int = 16
     pretrain_steps: int = 1500

@@ -26,7 +26,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
-from lightning_memwatch import _checks
+from lightning_memwatch import _checks, tensorboard_layout
 from lightning_memwatch import log as mwlog
 from lightning_memwatch._checks import check_sample_range
 from lightning_memwatch.callbacks._scalars import log_scalars
@@ -34,6 +34,7 @@ from lightning_memwatch.callbacks._train_images import ImageSource, TrainImages
 from lightning_memwatch.callbacks._trainer import data_range_of, reference_images_of
 from lightning_memwatch.detection import TimescaleDetector, TimescaleEvent
 from lightning_memwatch.evaluator import Evaluator, check_metric_names
+from lightning_memwatch.hparams import HparamsSession
 from lightning_memwatch.images import collect_images
 from lightning_memwatch.images import sampler_rows as _sampler_rows  # noqa: F401  (its old home)
 from lightning_memwatch.metrics.fid import FID, FIDEvaluator
@@ -191,6 +192,7 @@ class MemWatch(Callback):
         self._overshoot_warned = False
         self.fid_train_floor: float | None = None
         self._values: ValueProfile | None = None  # the training images' values (setup), checked against samples
+        self._hparams: HparamsSession | None = None  # this fit's hparams session (rank 0), from on_fit_start
 
     # -- public read-only views -------------------------------------------------------------------------
     @property
@@ -236,6 +238,31 @@ class MemWatch(Callback):
     def fid_evaluator(self) -> FIDEvaluator | None:
         """The FID evaluator (built at setup on every rank when FID is on), or None."""
         return self._fid_evaluator
+
+    def hparams(self) -> dict[str, Any]:
+        """MemWatch's settings as hyperparameters: ``memwatch/<name>``, ``memwatch/detector_<name>`` and, with
+        FID, ``memwatch/fid_<name>``; what was built (index backend, sharding, training images) once it is."""
+        index = self.index
+        values: dict[str, Any] = {
+            "num_samples": self.num_samples,
+            "sample_batch_size": self.sample_batch_size,
+            "threshold": self.threshold,
+            "schedule": repr(self.schedule),
+            "seed": self.seed,
+            "data_range": None if self.data_range is None else str(tuple(self.data_range)),
+            "knn_backend": self.knn_backend if index is None else index.backend,
+            # what was built: "sharded" (split across ranks) or "single" (one index); before that, the setting
+            "knn_sharding": self.knn_sharding
+            if index is None
+            else ("sharded" if getattr(index, "world_size", 1) > 1 else "single"),
+            "feature_fn": None if self.feature_fn is None else getattr(self.feature_fn, "__name__", "custom"),
+            "num_train": None if index is None else index.num_train,
+        }
+        out = {f"{mwlog.PREFIX}{k}": v for k, v in values.items() if v is not None}
+        out.update({f"{mwlog.PREFIX}detector_{k}": v for k, v in self.detector.config().items() if v is not None})
+        if self._fid_evaluator is not None:
+            out.update({f"{mwlog.PREFIX}fid_{k}": v for k, v in self._fid_evaluator.hparams().items()})
+        return out
 
     def add_listener(self, fn: Listener) -> None:
         """Call ``fn(trainer, pl_module, record)`` on every rank after each evaluation (detector updated, events
@@ -330,7 +357,14 @@ class MemWatch(Callback):
         if trainer.is_global_zero:
             if self._fid_evaluator is not None and not trainer.strategy.restore_checkpoint_after_setup:
                 self._fid_evaluator.prepare_reference()  # idempotent; its origin (cache hit/miss) goes in hparams
-            mwlog.join_hparams_session(trainer, lambda: mwlog.memwatch_settings(self))
+            self._hparams = HparamsSession(self.hparams, tensorboard_layout.hparams_metrics(self))
+            self._hparams.join(trainer)
+            tensorboard_layout.register(trainer, self)  # TensorBoard's CUSTOM SCALARS tab
+
+    def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if self._hparams is not None:  # loggers get their own log_hyperparams back, also after a failure
+            self._hparams.release()
+            self._hparams = None
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self._fid_evaluator is not None and trainer.is_global_zero:
@@ -339,7 +373,8 @@ class MemWatch(Callback):
             self._set_train_floor(trainer)
         step = trainer.global_step
         if trainer.is_global_zero:  # settings (when Lightning logged no hparams) and the setup summary
-            mwlog.flush_hparams(trainer, lambda: mwlog.memwatch_settings(self))
+            if self._hparams is not None:
+                self._hparams.flush()
             if self.verbose:
                 rank_zero_info(self._setup_summary(trainer, step))
         if not self.history and (unreachable := self.schedule.unreachable_warning(step, trainer.max_steps)):
@@ -544,6 +579,8 @@ class MemWatch(Callback):
         values = record.to_scalars()
         values.update({mwlog.TAU_GEN if e.name == "tau_gen" else mwlog.TAU_MEM: float(e.step) for e in events})
         log_scalars(trainer, pl_module, values, record.step, can_log=can_log)
+        if trainer.is_global_zero:  # the f0 line and the event steps of the CUSTOM SCALARS layout
+            tensorboard_layout.log_guides(trainer, self, record.step)
         if self.verbose:
             rank_zero_info(f"{_describe(record)}; {self.detector.status}")
         for event in events:

@@ -277,7 +277,7 @@ class FIDEvaluator:
         self._sqrt_cov: Tensor | None = None
         self._stats_origin: str | None = None  # "computed" | "cache" | "state"
         self._loaded: dict[str, object] | None = None
-        self._warned_rank = False
+        self._warned_sets: set[str] = set()  # image sets already warned about ("generated", "train")
         self._warned_out_of_range = False
         if state is not None:
             self.load_state_dict(state)
@@ -326,7 +326,7 @@ class FIDEvaluator:
         d = self.extractor.num_features
         if self.num_samples is not None and d is not None and self.num_samples < d:
             warnings.warn(self._rank_message(self.num_samples, d, "generated"), UserWarning, stacklevel=3)
-            self._warned_rank = True
+            self._warned_sets.add("generated")
         if not isinstance(self.extractor, InceptionFeatureExtractor) or self.device.type != "cpu":
             return
         per_eval = self.num_samples or 0
@@ -345,6 +345,12 @@ class FIDEvaluator:
 
     @staticmethod
     def _rank_message(n: int, d: int, which: str) -> str:
+        if which == "train":  # the training set's own FID (the floor): all of it is used, nothing to raise
+            return (
+                f"The FID floor (the training images' own FID against the reference) uses {n} training images, "
+                f"fewer than the feature dimension {d}: like any FID from so few images it is biased upward, so "
+                "read the generated samples' FID against it, not against FIDs of larger sets."
+            )
         if which == "generated":
             fix = f"Raise FID(num_samples=...) above {d} for a standard FID."
         else:
@@ -522,9 +528,10 @@ class FIDEvaluator:
         if mean_g.shape != mean_r.shape:
             raise _checks.config_error(f"generated features have dimension {len(mean_g)}, reference {len(mean_r)}.")
         n, d = len(generated), len(mean_r)
-        if n < d and not self._warned_rank:
-            warnings.warn(self._rank_message(n, d, "generated"), UserWarning, stacklevel=2)
-            self._warned_rank = True
+        which = "train" if name == "train" else "generated"
+        if n < d and which not in self._warned_sets:
+            warnings.warn(self._rank_message(n, d, which), UserWarning, stacklevel=2)
+            self._warned_sets.add(which)
         if name == "generated":
             self.last_num_samples = n
         value = float(frechet_distance(mean_g, cov_g, mean_r, cov_r, sqrt_cov2=self._sqrt_cov))

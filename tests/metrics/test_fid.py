@@ -198,6 +198,23 @@ def test_sample_count_below_feature_dimension_warns(tmp_path: Path) -> None:
     assert math.isfinite(value)
 
 
+
+def test_train_floor_warning_names_the_training_set(tmp_path: Path) -> None:
+    """The training set's own FID (the floor) from few images warns about the training images, with nothing to
+    raise (all of them are used), and leaves the generated samples' own warning to come."""
+    import warnings
+
+    evaluator = _build(_images(40, seed=0), tmp_path, num_samples=40)  # 12 features: 40 samples are enough
+    with pytest.warns(UserWarning, match="The FID floor .* uses 8 training images") as caught:
+        evaluator.train_floor(_images(8, seed=2))
+    assert not any("num_samples" in str(w.message) or "generated images" in str(w.message) for w in caught)
+    with pytest.warns(UserWarning, match="FID from 8 generated images"):  # its own warning, once
+        evaluator.compute(_images(8, seed=1))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        evaluator.compute(_images(8, seed=3))
+
+
 def test_settings_are_validated() -> None:
     with pytest.raises(ValueError, match="'inception' or a torch.nn.Module"):
         FID(feature_extractor="vgg")
