@@ -20,8 +20,11 @@ Rules, after an evaluation at step ``s`` with f_mem ``f`` (every spacing is then
 2. ``0 < f < f_mem_target`` ("f_mem", f_mem left zero): extrapolate f_mem linearly from the last evaluation
    with f_mem = 0 to the step where it reaches the target, and go a fraction ``safety`` of the way there, at
    most ``s * (watch_growth - 1)``;
-3. ``f = 0`` and the probe's signal is up ("probe"): log-spaced, denser: ``s * (watch_growth - 1)``;
-4. otherwise ("flat"): log-spaced, sparse: ``s * (growth - 1)``.
+3. ``f = 0`` and the record holds an onset forecast with interval ``[low, high]``
+   (:mod:`lightning_memwatch.onset`; "forecast"): before ``low``, go no further than ``low``; inside the
+   interval (or past ``low`` when it is open), log-spaced, denser: ``s * (watch_growth - 1)``;
+4. ``f = 0`` and the probe's signal is up ("probe"): log-spaced, denser: ``s * (watch_growth - 1)``;
+5. otherwise ("flat"): log-spaced, sparse: ``s * (growth - 1)``.
 
 The probe's signal is ``"heldout_rise"`` (default): how far the held-out denoising loss has risen above its
 lowest value so far, relative to it (the classic overfitting onset: the training loss keeps falling while the
@@ -33,16 +36,17 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Literal
+from collections.abc import Mapping
+from typing import Any, Literal, get_args
 
-from lightning_memwatch._checks import check_choice, config_error
+from lightning_memwatch._arguments import check_choice, config_error
 from lightning_memwatch.metrics.loss_gap import LossGapReading
 from lightning_memwatch.schedule import EvalSchedule
 
 __all__ = ["AdaptiveSchedule", "Decision"]
 
 Signal = Literal["heldout_rise", "gap"]
-_SIGNALS = ("heldout_rise", "gap")
+_SIGNALS: tuple[str, ...] = get_args(Signal)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,7 +56,8 @@ class Decision:
     Attributes:
         at_step: optimizer step at which the decision was made (an evaluation's, or a probe reading's).
         next_step: the evaluation step chosen (optimizer steps).
-        rule: ``"start"``, ``"flat"``, ``"probe"``, ``"f_mem"``, ``"above"``, ``"resume"`` or ``"external"``
+        rule: ``"start"``, ``"flat"``, ``"forecast"``, ``"probe"``, ``"f_mem"``, ``"above"``, ``"resume"`` or
+            ``"external"``
             (an evaluation this schedule did not plan).
         reason: one line for people.
         f_mem: f_mem of the evaluation the decision follows (None for probe-driven decisions).
@@ -92,7 +97,7 @@ class AdaptiveSchedule(EvalSchedule):
         growth: factor between consecutive steps while flat (4: steps 0, m, 4m, 16m, ... for min_every m).
         watch_growth: factor between consecutive steps while the probe is up or f_mem > 0 (1 < it <= growth).
         safety: fraction of the way to the extrapolated crossing of ``f_mem_target`` (0 < safety <= 1).
-        probe: a :class:`~lightning_memwatch.probe.LossGapProbe` whose readings the schedule watches, or None.
+        probe: a :class:`~lightning_memwatch.callbacks.probe.LossGapProbe` whose readings the schedule watches, or None.
         signal: the probe signal, ``"heldout_rise"`` or ``"gap"`` (see the module's docs).
         signal_threshold: signal level that makes the schedule move closer (a relative change: 0.02 = 2%).
         f_mem_target: the f_mem level that matters, normally the detector's tau_mem threshold (a fraction).
@@ -154,6 +159,7 @@ class AdaptiveSchedule(EvalSchedule):
         self._last_step: int | None = None  # last evaluation
         self._last_f: float = 0.0
         self._last_zero_step: int | None = None  # last evaluation with f_mem = 0
+        self._forecast: tuple[float, float, float | None] | None = None  # (low, step, high) of the last record
         self._lowest_heldout: float | None = None
         self._signal_value: float | None = None
         self._signal_step: int | None = None
@@ -194,7 +200,7 @@ class AdaptiveSchedule(EvalSchedule):
         return [missed]
 
     # -- observations ---------------------------------------------------------------------------------
-    def observe(self, record: dict[str, Any]) -> None:
+    def observe(self, record: Mapping[str, Any]) -> None:
         """Take one MemWatch evaluation record (``step`` and ``f_mem_key``) and plan the next evaluation."""
         step = int(record["step"])
         pending = self.decisions[-1] if self.decisions else None
@@ -207,6 +213,10 @@ class AdaptiveSchedule(EvalSchedule):
         self._last_step, self._last_f = step, f
         if f == 0.0:
             self._last_zero_step = step
+        forecast, low = record.get("onset_forecast"), record.get("onset_forecast_low")
+        self._forecast = None
+        if forecast is not None and low is not None:
+            self._forecast = (float(low), float(forecast), record.get("onset_forecast_high"))
         self._decide(step)
 
     def observe_probe(self, reading: LossGapReading) -> None:
@@ -257,6 +267,15 @@ class AdaptiveSchedule(EvalSchedule):
                 )
                 return spacing, "f_mem", why
             return self._bounded(self.min_every), "f_mem", f"f_mem {f:.4g} > 0 from the first evaluation"
+        if self._forecast is not None:
+            low, forecast, high = self._forecast
+            shown = f"onset forecast ~{forecast:.0f} [{low:.0f}, {'open' if high is None else f'{high:.0f}'}]"
+            if step < low:
+                flat = self._bounded(step * (self.growth - 1))
+                if step + flat > low:  # the sparse plan would jump past the interval's early end
+                    return self._bounded(low - step), "forecast", f"{shown}: to its early end"
+            elif high is None or step <= high:
+                return watch, "forecast", f"{shown}: inside it, log-spaced x{self.watch_growth:g}"
         sig = self._signal_value
         if sig is not None and sig >= self.signal_threshold:
             return (
@@ -328,9 +347,10 @@ class AdaptiveSchedule(EvalSchedule):
             "lowest_heldout": self._lowest_heldout,
             "signal_value": self._signal_value,
             "signal_step": self._signal_step,
+            "forecast": None if self._forecast is None else list(self._forecast),
         }
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Inverse of :meth:`state_dict`; the settings must match (a changed schedule is not the same run)."""
         if state["config"] != self.config():
             raise config_error(
@@ -343,6 +363,8 @@ class AdaptiveSchedule(EvalSchedule):
         self._last_zero_step = state["last_zero_step"]
         self._lowest_heldout = state["lowest_heldout"]
         self._signal_value, self._signal_step = state["signal_value"], state["signal_step"]
+        forecast = state.get("forecast")  # absent in the states of earlier versions
+        self._forecast = None if forecast is None else (forecast[0], forecast[1], forecast[2])
 
     def __repr__(self) -> str:
         return f"AdaptiveSchedule({', '.join(f'{k}={v!r}' for k, v in self.config().items())}; next={self._next})"
