@@ -38,7 +38,7 @@ from torch import Tensor
 
 # the torch-free part of the policy (error classes, checks of numbers and choices), re-exported from here
 from lightning_memwatch._arguments import (  # noqa: F401
-    _error_classes,
+    __getattr__,  # noqa: F401 (serves ConfigError / ConfigTypeError lazily, as _arguments does)
     _scalar,
     check_choice,
     check_float,
@@ -50,13 +50,6 @@ from lightning_memwatch._arguments import (  # noqa: F401
 if TYPE_CHECKING:
     from lightning_memwatch._arguments import ConfigError, ConfigTypeError  # noqa: F401
 
-
-def __getattr__(name: str) -> type[Exception]:
-    if name == "ConfigError":
-        return _error_classes()[0]
-    if name == "ConfigTypeError":
-        return _error_classes()[1]
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 IMAGE_KEYS = ("image", "images", "img", "x", "input")
 

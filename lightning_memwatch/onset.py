@@ -37,6 +37,8 @@ from collections.abc import Mapping, Sequence
 from statistics import NormalDist
 from typing import Any
 
+from lightning_memwatch.record import finite_float
+
 __all__ = ["OnsetForecast", "detector_level", "forecast_onset", "lowest_ratio"]
 
 _Z = NormalDist().inv_cdf
@@ -89,10 +91,10 @@ def lowest_ratio(
     """The ``p`` quantile of the estimated ``k``-th lowest of a record's ratios d1/d2, ``k = floor(level * m)
     + 1`` (the lowest for ``level = 0``; normal tail through its 5% and 25% quantiles, see the module notes),
     or None when the record lacks them."""
-    q05, q25 = _number(record.get("ratio_q05")), _number(record.get("ratio_q25"))
+    q05, q25 = finite_float(record.get("ratio_q05")), finite_float(record.get("ratio_q25"))
     if q05 is None or q25 is None:
         return None
-    m = int(max(_number(record.get("num_samples")) or default_samples, 2.0))
+    m = int(max(finite_float(record.get("num_samples")) or default_samples, 2.0))
     sigma = max(q25 - q05, 0.0) / (_Z25 - _Z05)
     return q05 + sigma * (_Z(_order_statistic(int(level * m) + 1, m, p)) - _Z05)
 
@@ -138,7 +140,7 @@ def forecast_onset(
     if not history:
         return OnsetForecast(None, None, None, "no evaluation yet")
     last = history[-1]
-    f_last = _number(last.get("f_mem"))
+    f_last = finite_float(last.get("f_mem"))
     if f_last is not None and f_last > level:
         return OnsetForecast(None, None, None, f"f_mem is already above {'zero' if level == 0 else f'{level:.3g}'}")
     points = [(int(r["step"]), *(lowest_ratio(r, p, level=level) for p in (0.5, 0.05, 0.95))) for r in history]
@@ -190,13 +192,3 @@ def _line(x: Sequence[float], y: Sequence[float]) -> tuple[float, float, float, 
     at_last = intercept + slope * x[-1]
     fit_se = math.sqrt(sigma2 * (1.0 / n + (x[-1] - mx) ** 2 / sxx))
     return slope, slope_se, at_last, fit_se
-
-
-def _number(value: object) -> float | None:
-    if value is None or isinstance(value, (bool, str, bytes)):
-        return None
-    try:
-        out = float(value)  # type: ignore[arg-type]
-    except (TypeError, ValueError):
-        return None
-    return out if math.isfinite(out) else None
