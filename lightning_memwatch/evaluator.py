@@ -35,6 +35,7 @@ from lightning_memwatch import _checks
 from lightning_memwatch.metrics.fid import FID, FIDEvaluator
 from lightning_memwatch.metrics.knn import NearestNeighbourIndex
 from lightning_memwatch.metrics.memorization import KnnIndex, MemorizationResult, memorization_fraction
+from lightning_memwatch.metrics.per_class import per_class_memorization
 from lightning_memwatch.record import RECORD_FIELDS, EvalRecord
 
 __all__ = ["RATIO_QUANTILES", "Evaluator"]
@@ -186,13 +187,23 @@ class Evaluator:
         return a message for a small overshoot (clamped for FID), else None."""
         return _checks.check_sample_range(generated, f"samples at step {step}", self.data_range)
 
-    def evaluate(self, generated: Tensor, step: int, *, sample_seconds: float | None = None) -> EvalRecord:
+    def evaluate(
+        self,
+        generated: Tensor,
+        step: int,
+        *,
+        sample_seconds: float | None = None,
+        labels: Tensor | None = None,
+    ) -> EvalRecord:
         """Every metric on one batch of generated samples.
 
         Args:
             generated: ``(m, ...)`` samples shaped like the training images, in ``data_range``.
             step: the training step they were drawn at (optimizer steps); stored in the record.
             sample_seconds: how long drawing them took (seconds), stored in the record when given.
+            labels: class-conditional models: the class each sample was generated for, ``(m,)`` integers;
+                the record then holds f_mem per class (``record.per_class``), memorization still judged
+                against the whole training set.
 
         Returns:
             The :class:`~lightning_memwatch.EvalRecord` of the evaluation.
@@ -209,6 +220,11 @@ class Evaluator:
             generated[:count], self.index, threshold=self.threshold, bootstrap=self.bootstrap, seed=self.seed
         )
         self.last_result = result
+        per_class = {}
+        if labels is not None:
+            per_class = per_class_memorization(
+                result.memorized, labels[:count], bootstrap=self.bootstrap, seed=self.seed
+            )
         ratios = result.ratios.float()
         quantiles = torch.quantile(
             ratios.cpu().double(), torch.tensor(list(RATIO_QUANTILES.values()), dtype=torch.float64)
@@ -229,6 +245,7 @@ class Evaluator:
             fid=fid,
             fid_num_samples=fid_num_samples,
             metrics=metrics,
+            per_class=per_class,
             metric_seconds=time.perf_counter() - start,
             sample_seconds=None if sample_seconds is None else float(sample_seconds),
         )

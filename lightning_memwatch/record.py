@@ -24,8 +24,10 @@ from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 __all__ = [
+    "ClassRecord",
     "EvalRecord",
     "F_MEM",
+    "F_MEM_CLASS_PREFIX",
     "F_MEM_CI_HIGH",
     "F_MEM_CI_LOW",
     "FID_KEY",
@@ -54,6 +56,8 @@ TAU_GEN = "memwatch/tau_gen"
 """Logged once, at the evaluation that flags tau_gen: the event's step (optimizer steps)."""
 TAU_MEM = "memwatch/tau_mem"
 """Logged once, at the evaluation that flags tau_mem: the event's step (optimizer steps)."""
+F_MEM_CLASS_PREFIX = "memwatch/f_mem/class_"
+"""Per generated class ``k`` of a class-conditional model, f_mem is logged as ``memwatch/f_mem/class_<k>``."""
 FID_TRAIN_FLOOR = "memwatch/fid_train_floor"
 """Logged once at setup: FID of the training images against the reference (the level of real data)."""
 
@@ -79,6 +83,7 @@ class RecordField:
     FID_NUM_SAMPLES = "fid_num_samples"
     SAMPLE_SECONDS = "sample_seconds"
     METRIC_SECONDS = "metric_seconds"
+    PER_CLASS = "per_class"
 
 
 #: record field -> logged scalar key (the fields logged under their own constant; user metrics and extra
@@ -94,6 +99,44 @@ SCALAR_KEYS: dict[str, str] = {
 
 _ALWAYS_LISTED = ("fid", "fid_num_samples")  # mapping keys even when None (FID off), as in the dict records
 _GROUPS = ("metrics", "extra")  # dict fields: their entries are mapping keys by name
+
+
+@dataclass(frozen=True)
+class ClassRecord:
+    """f_mem of the samples generated for one class (class-conditional models), memorization judged against
+    the whole training set as for the global f_mem.
+
+    Attributes:
+        num_samples: samples generated for the class (images).
+        f_mem: fraction of them memorized, in [0, 1].
+        f_mem_ci_low: lower end of its confidence interval (None when read back from a log).
+        f_mem_ci_high: upper end (None when read back from a log).
+    """
+
+    num_samples: int | None
+    f_mem: float
+    f_mem_ci_low: float | None = None
+    f_mem_ci_high: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain Python values (inverse of :meth:`from_dict`)."""
+        return {
+            "num_samples": self.num_samples,
+            "f_mem": self.f_mem,
+            "f_mem_ci_low": self.f_mem_ci_low,
+            "f_mem_ci_high": self.f_mem_ci_high,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any] | ClassRecord) -> ClassRecord:
+        """A class record from :meth:`to_dict`'s output (or the record itself)."""
+        if isinstance(data, ClassRecord):
+            return data
+        return cls(**{key: data.get(key) for key in ("num_samples", "f_mem", "f_mem_ci_low", "f_mem_ci_high")})
+
+    def get(self, key: str, default: Any = None) -> Any:
+        """A field by name (as the detector reads records), or ``default``."""
+        return getattr(self, key, default)
 
 
 @dataclass(frozen=True, eq=False)
@@ -121,6 +164,9 @@ class EvalRecord(Mapping[str, Any]):
         metric_seconds: wall time of the metrics on the samples (seconds).
         extra: further per-evaluation signals ``{name: value}`` (e.g. a probe reading at this step), logged
             as ``memwatch/<name>`` like the user metrics.
+        per_class: class-conditional models: ``{class: ClassRecord}`` per generated class (sample count,
+            f_mem and its interval), f_mem logged as ``memwatch/f_mem/class_<k>``; empty otherwise (and then not
+            a mapping key).
 
     Example:
         >>> record = EvalRecord(step=500, f_mem=0.25, f_mem_ci_low=0.1, f_mem_ci_high=0.4, num_samples=4)
@@ -148,12 +194,18 @@ class EvalRecord(Mapping[str, Any]):
     sample_seconds: float | None = None
     metric_seconds: float | None = None
     extra: dict[str, float] = field(default_factory=dict)
+    per_class: dict[int, ClassRecord] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if isinstance(self.step, bool) or not isinstance(self.step, int) or self.step < 0:
             raise ValueError(f"EvalRecord.step must be an int >= 0 (optimizer steps); got {self.step!r}.")
         object.__setattr__(self, "metrics", dict(self.metrics))
         object.__setattr__(self, "extra", dict(self.extra))
+        per_class = {  # JSON turns the class keys into strings
+            _as_int(int(k) if isinstance(k, str) and k.isdigit() else k, "per_class key"): ClassRecord.from_dict(v)
+            for k, v in dict(self.per_class).items()
+        }
+        object.__setattr__(self, "per_class", dict(sorted(per_class.items())))
         clash = set(self.metrics) & set(self.extra)
         reserved = (set(self.metrics) | set(self.extra)) & set(_FIELD_NAMES)
         if clash or reserved:
@@ -170,6 +222,8 @@ class EvalRecord(Mapping[str, Any]):
         for name in _MAPPING_ORDER:
             if name in _GROUPS:
                 keys += list(getattr(self, name))
+            elif name == RecordField.PER_CLASS:
+                keys += [name] if self.per_class else []
             elif name in _ALWAYS_LISTED or getattr(self, name) is not None:
                 keys.append(name)
         return keys
@@ -219,6 +273,8 @@ class EvalRecord(Mapping[str, Any]):
         out: dict[str, Any] = {}
         for name in _FIELD_NAMES:
             value = getattr(self, name)
+            if name == RecordField.PER_CLASS:
+                value = {k: c.to_dict() for k, c in value.items()}
             out[name] = dict(value) if name in _GROUPS else value
         return out
 
@@ -266,6 +322,7 @@ class EvalRecord(Mapping[str, Any]):
         out = {key: float(getattr(self, name)) for name, key in SCALAR_KEYS.items() if getattr(self, name) is not None}
         out.update({f"{PREFIX}{name}": float(value) for name, value in self.metrics.items()})
         out.update({f"{PREFIX}{name}": float(value) for name, value in self.extra.items()})
+        out.update({f"{F_MEM_CLASS_PREFIX}{k}": float(c.f_mem) for k, c in self.per_class.items()})
         return out
 
     @classmethod
@@ -285,7 +342,11 @@ class EvalRecord(Mapping[str, Any]):
         field_of = {key: name for name, key in SCALAR_KEYS.items()}
         values: dict[str, Any] = {}
         metrics: dict[str, float] = {}
+        per_class: dict[int, ClassRecord] = {}
         for key, value in scalars.items():
+            if isinstance(key, str) and key.startswith(F_MEM_CLASS_PREFIX) and key[len(F_MEM_CLASS_PREFIX):].isdigit():
+                per_class[int(key[len(F_MEM_CLASS_PREFIX):])] = ClassRecord(num_samples=None, f_mem=float(value))
+                continue
             if not isinstance(key, str) or not key.startswith(PREFIX):
                 raise ValueError(
                     f"EvalRecord.from_scalars: {key!r} is not a MemWatch key (they start with {PREFIX!r})."
@@ -300,7 +361,7 @@ class EvalRecord(Mapping[str, Any]):
             values[name] = int(round(number)) if name in _INT_FIELDS and math.isfinite(number) else number
         if "f_mem" not in values:
             raise ValueError(f"EvalRecord.from_scalars: no {F_MEM!r} among the scalars of step {step}.")
-        return cls(step=_as_int(step, "step"), **values, metrics=metrics)
+        return cls(step=_as_int(step, "step"), **values, metrics=metrics, per_class=per_class)
 
 
 def finite_float(value: object) -> float | None:
@@ -335,7 +396,7 @@ RECORD_FIELDS: tuple[str, ...] = tuple(name for name in _FIELD_NAMES if name not
 _MAPPING_ORDER = (
     "step", "num_samples", "f_mem", "f_mem_ci_low", "f_mem_ci_high",
     "ratio_q05", "ratio_q25", "ratio_median", "ratio_q75", "ratio_q95",
-    "fid", "fid_num_samples", "metrics", "extra", "metric_seconds", "sample_seconds",
+    "fid", "fid_num_samples", "metrics", "extra", "per_class", "metric_seconds", "sample_seconds",
 )
 _NAMED = {v for k, v in vars(RecordField).items() if k.isupper()}
 if (

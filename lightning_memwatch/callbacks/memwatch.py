@@ -32,17 +32,20 @@ from lightning_memwatch._checks import (
     check_range_use,
     check_sample_range,
 )
+from lightning_memwatch.callbacks import _copies
 from lightning_memwatch.callbacks._trainer import train_loader_of
+from lightning_memwatch.copies import CopiedTrainingImage, CopyTable
 from lightning_memwatch.detection import TimescaleDetector, TimescaleEvent
 from lightning_memwatch.evaluator import RATIO_QUANTILES, Evaluator, check_metric_names
 from lightning_memwatch.images import collect_images, num_images, select_rows
 from lightning_memwatch.images import sampler_rows as _sampler_rows  # noqa: F401  (its old home)
+from lightning_memwatch.labels import LabelsChoice, check_train_labels, read_train_labels, sample_labels
 from lightning_memwatch.metrics.fid import FID, FIDEvaluator
 from lightning_memwatch.metrics.knn_sharded import ShardedNearestNeighbourIndex
 from lightning_memwatch.metrics.memorization import KnnIndex
 from lightning_memwatch.progress import EvalProgress, setup_summary
 from lightning_memwatch.record import FID_TRAIN_FLOOR, RECORD_FIELDS, EvalRecord, RecordField
-from lightning_memwatch.sampling import draw_samples, rank_slice
+from lightning_memwatch.sampling import accepts_labels, draw_samples, rank_slice
 from lightning_memwatch.schedule import EvalSchedule
 from lightning_memwatch.weights import ModuleEMA, ScoredWeights, WeightsChoice, resolve_weights
 
@@ -114,6 +117,14 @@ class MemWatch(Callback):
             rank reads the whole set at setup (to check it), global rank 0 keeps and indexes it and searches
             alone. In one process both build the one index.
             FID, the user metrics and image logging run on rank 0 in every mode.
+        labels: class-conditional samplers (those naming a ``labels`` parameter): the class each generated
+            sample asks for. None (default): sample ``i``'s class is drawn from the training labels'
+            frequencies by ``(seed, i)`` alone (the same at every evaluation, batch size and world size);
+            ``"balanced"``: equal counts per class; or a LongTensor of ``num_samples`` training classes. See
+            :mod:`lightning_memwatch.labels`. Records then hold f_mem per class (``record.per_class``).
+        train_labels: the training images' classes (LongTensor, one per image, in dataset order); default the
+            second tensor of each training batch. Read only for a class-conditional sampler; they also fill
+            the class column of :meth:`copied_training_images`.
     """
 
     def __init__(
@@ -137,6 +148,8 @@ class MemWatch(Callback):
         verbose: bool = True,
         weights: WeightsChoice = "auto",
         knn_sharding: KnnSharding = "auto",
+        labels: LabelsChoice = None,
+        train_labels: Tensor | None = None,
     ) -> None:
         num_samples = _checks.check_int(num_samples, "num_samples", minimum=2, unit="images")
         sample_batch_size = _checks.check_int(sample_batch_size, "sample_batch_size", minimum=1, unit="images")
@@ -184,6 +197,12 @@ class MemWatch(Callback):
             hint="'auto'/'sharded': each DDP rank indexes its block of the training rows; 'rank0': rank 0 all rows.",
         )
         self.scored_weights: ScoredWeights | None = None  # resolved at setup
+        self.labels = labels
+        self.train_labels = train_labels
+        self._train_labels: Tensor | None = None  # class-conditional: every training row's class (set up)
+        self._sample_labels: Tensor | None = None  # class-conditional: every generated sample's class (set up)
+        self._copies = CopyTable()
+        self._last_nearest: tuple[Tensor, Tensor, Tensor] | None = None  # rank 0: this evaluation's pairs
 
         self.history: list[EvalRecord] = []
         self._listeners: list[Listener] = []
@@ -251,6 +270,16 @@ class MemWatch(Callback):
     def fid_evaluator(self) -> FIDEvaluator | None:
         """The FID evaluator (built at setup on every rank when FID is on), or None."""
         return self._fid_evaluator
+
+    def copied_training_images(self, label: int | None = None) -> list[CopiedTrainingImage]:
+        """The training images the samples copied so far (d1/d2 < threshold to them), most-copied first: training
+        row, class (its training label when known), times copied, first and last step. Same on every rank,
+        resumed with the checkpoint, written as CSV at the end of fit (see the Conditional models docs page).
+
+        Args:
+            label: only the training images of this class.
+        """
+        return self._copies.rows(label)
 
     def add_listener(self, fn: Listener) -> None:
         """Call ``fn(trainer, pl_module, record)`` on every rank after each evaluation (detector updated, events
@@ -331,6 +360,7 @@ class MemWatch(Callback):
             self._sample_shape = tuple(images.shape[1:])
             if self._sharded or trainer.is_global_zero:  # the index is built in on_fit_start
                 self._train_images = images
+            self._setup_labels(trainer, pl_module, source, len(images))
         if self.fid is not None and self._fid_evaluator is None:
             if train is None:
                 train = self._train_images
@@ -347,6 +377,51 @@ class MemWatch(Callback):
                 state=self._pending_fid_state,  # held by the evaluator until its reference is prepared
             )
             self._pending_fid_state = None
+
+    def _setup_labels(self, trainer: Trainer, pl_module: LightningModule, source: ImageSource, num_rows: int) -> None:
+        """Class-conditional samplers: the training labels (every rank holds all of them) and the class of each
+        generated sample. ``num_rows``: the images read on this rank (its block when the index is sharded)."""
+        conditional = accepts_labels(self._sampler(pl_module))
+        if not conditional:
+            if self.labels is not None or self.train_labels is not None:
+                raise _checks.config_error(
+                    "MemWatch(labels=... / train_labels=...) is given, but the sampler takes no `labels`, so the "
+                    "classes could never reach it: add a `labels=None` parameter (a LongTensor (B,) of class "
+                    "indices) to `sample(...)` / `sample_fn(...)`, or drop these arguments."
+                )
+            return
+        given = self.train_labels
+        where = "MemWatch(train_labels=...)" if given is not None else "the second tensor of the training batches"
+        if self._sharded:  # each rank reads the labels of its block; all ranks gather them, in row order
+            problem: str | None = None
+            block = None
+            try:
+                if given is None:
+                    total = num_images(source, "train_data")
+                    rows = rank_slice(total if total is not None else 0, trainer.global_rank, trainer.world_size)
+                    part = source if total is None else select_rows(source, rows, "train_data")
+                    block = read_train_labels(part)
+                    block = None if block is None else check_train_labels(block, num_rows, where)
+            except (TypeError, ValueError) as err:
+                problem = str(err)
+            reports: list[Any] = [None] * trainer.world_size
+            dist.all_gather_object(reports, (problem, block, num_rows))
+            if problem is not None or any(p for p, _, _ in reports):
+                raise _checks.config_error(next(p for p, _, _ in reports if p))
+            num_train = sum(n for _, _, n in reports)
+            blocks = [b for _, b, _ in reports]
+            raw = given if given is not None else (None if any(b is None for b in blocks) else torch.cat(blocks))
+        else:
+            num_train = num_rows
+            raw = given if given is not None else read_train_labels(source)
+        if raw is None:
+            raise _checks.config_error(
+                f"{type(pl_module).__name__}'s sampler takes `labels` (class-conditional), but the training data "
+                "holds no labels: return (image, label) pairs from the training dataset, or pass "
+                "`MemWatch(train_labels=<LongTensor, one class per training image>)`."
+            )
+        self._train_labels = check_train_labels(raw, num_train, where)
+        self._sample_labels = sample_labels(self.labels, self._train_labels, self.num_generated, self.seed)
 
     def _shards_index(self, trainer: Trainer) -> bool:
         """Whether this fit's index is sharded over the ranks (``knn_sharding`` and the process group)."""
@@ -548,6 +623,7 @@ class MemWatch(Callback):
                     if self.sample_fn is not None
                     else f"{type(pl_module).__name__}.sample",
                     on_batch=None if progress is None else progress.advance,  # progress bar
+                    labels=self._sample_labels,  # class-conditional samplers only
                 )
         except (TypeError, ValueError, AttributeError) as err:  # a bad sampler: every rank must learn of it
             failure = err
@@ -567,23 +643,29 @@ class MemWatch(Callback):
         parts = [gathered[r, : len(rank_slice(total, r, world))] for r in range(world)]
         return torch.cat(parts)
 
-    def _measure(self, trainer: Trainer, generated: Tensor, step: int, sample_seconds: float) -> EvalRecord:
-        """The evaluator's record of the gathered samples, and the image panels to the loggers (rank 0).
-        On rank 0, or on every rank when the index is sharded (its search and ``train_images`` are collectives,
-        entered by every rank under the same conditions)."""
+    def _measure(
+        self, trainer: Trainer, generated: Tensor, step: int, sample_seconds: float
+    ) -> tuple[EvalRecord, list[tuple[int, int]]]:
+        """The evaluator's record of the gathered samples and the ``(sample, training row)`` copies, and the
+        image panels to the loggers (rank 0). On rank 0, or on every rank when the index is sharded (its search
+        and ``train_images`` are collectives, entered by every rank under the same conditions)."""
         evaluator = self._evaluator
         assert evaluator is not None
-        record = evaluator.evaluate(generated, step, sample_seconds=sample_seconds)
+        record = evaluator.evaluate(generated, step, sample_seconds=sample_seconds, labels=self._sample_labels)
         result = evaluator.last_result
+        assert result is not None
+        self._last_nearest = None
+        copies = _copies.copied_rows(result)
         can_show = evaluator.can_show_train_images or self._train_block is not None
-        if self.log_images and trainer.loggers and result is not None and can_show:
+        if self.log_images and trainer.loggers and can_show:
             nearest = self._train_images_at(result.nn_indices[:, 0])
             if trainer.is_global_zero:
                 mwlog.log_images(
                     trainer, step, generated[: self.num_samples], result.ratios.float(), nearest, self.data_range,
                     threshold=self.threshold,
                 )
-        return record
+                self._last_nearest = (generated[: self.num_samples], nearest, result.ratios)  # the copy strip
+        return record, copies
 
     def _train_images_at(self, rows: Tensor) -> Tensor:
         """Training images at global ``rows`` (CPU). A collective when sharded: every rank calls it alike."""
@@ -623,12 +705,15 @@ class MemWatch(Callback):
                 self._overshoot_warned = True
                 rank_zero_warn(overshoot)
             state = None
+            self._last_nearest = None
             if trainer.is_global_zero or self._sharded:  # sharded: every rank searches its block
                 progress.phase("nearest neighbours" + (" and FID" if self._fid_evaluator is not None else ""))
-                record = self._measure(trainer, generated, step, sample_seconds)
-                # rank 0's record (its sample time, FID, metrics), so every rank holds the same record
-                state = record.to_dict() if trainer.is_global_zero else None
-        record = EvalRecord.from_dict(trainer.strategy.broadcast(state, src=0))  # plain values across ranks
+                record, copies = self._measure(trainer, generated, step, sample_seconds)
+                # rank 0's record (its sample time, FID, metrics) and copies, so every rank holds the same
+                state = (record.to_dict(), copies) if trainer.is_global_zero else None
+        state, copies = trainer.strategy.broadcast(state, src=0)  # plain values across ranks
+        record = EvalRecord.from_dict(state)
+        self._record_copies(trainer, step, copies)
         self.history.append(record)
         self._last_evaluated_step = step
         events = self.detector.update(record)
@@ -639,9 +724,10 @@ class MemWatch(Callback):
         # -- end adaptive schedules
         self._log_scalars(trainer, pl_module, record, events, can_log)
         if self.verbose:
-            rank_zero_info(f"{_describe(record)}; {self.detector.status}")
+            rank_zero_info(f"{_describe(record)}{_copying_classes(record)}; {self.detector.status}")
         for event in events:
-            rank_zero_info(f"MemWatch: {event.name} flagged at step {event.step}: {event.reason}")
+            whose = "" if event.label is None else f" for class {event.label}"
+            rank_zero_info(f"MemWatch: {event.name} flagged{whose} at step {event.step}: {event.reason}")
             if trainer.is_global_zero:
                 mwlog.log_text(
                     trainer,
@@ -654,6 +740,23 @@ class MemWatch(Callback):
         for listener in self._listeners:
             listener(trainer, pl_module, record)
 
+    def _record_copies(self, trainer: Trainer, step: int, copies: list[tuple[int, int]]) -> None:
+        """Add one evaluation's copies to the table (every rank, from rank 0's broadcast values), and log the
+        table and the copy strip (rank 0)."""
+        labels = self._train_labels
+        rows = [row for _, row in copies]
+        self._copies.update(step, rows, None if labels is None else [int(labels[row]) for row in rows])
+        if trainer.is_global_zero:
+            shown = self._last_nearest or (None, None, None)
+            assert self.data_range is not None
+            _copies.log_copies(trainer, self._copies, step, copies, *shown, self.data_range, self.threshold)
+        self._last_nearest = None
+
+    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        path = _copies.write_csv(trainer, self._copies)  # beside the checkpoints (rank 0, when any image was copied)
+        if path is not None and self.verbose:
+            rank_zero_info(f"MemWatch: {len(self._copies)} copied training image(s) listed in {path}")
+
     def _log_scalars(
         self,
         trainer: Trainer,
@@ -663,7 +766,7 @@ class MemWatch(Callback):
         can_log: bool,
     ) -> None:
         values = record.to_scalars()
-        values.update({mwlog.TAU_GEN if e.name == "tau_gen" else mwlog.TAU_MEM: float(e.step) for e in events})
+        values.update({_event_key(e): float(e.step) for e in events})
         # Loggers get the values on rank 0 at step = global_step (optimizer steps, the history's axis), whatever
         # `log_every_n_steps` is; `pl_module.log(logger=False)` makes them monitorable by EarlyStopping and
         # ModelCheckpoint on every rank.
@@ -722,6 +825,7 @@ class MemWatch(Callback):
             "weights": getattr(self.scored_weights, "name", None),
             # adaptive schedules (lightning_memwatch.adaptive) carry their decisions; fixed schedules have none
             "schedule": self.schedule.state_dict() if hasattr(self.schedule, "state_dict") else None,
+            "copies": self._copies.state_dict(),
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -732,6 +836,9 @@ class MemWatch(Callback):
         self.fid_train_floor = state_dict.get("fid_train_floor")
         if state_dict.get("schedule") is not None and hasattr(self.schedule, "load_state_dict"):
             self.schedule.load_state_dict(state_dict["schedule"])  # adaptive schedules (lightning_memwatch.adaptive)
+        self._copies = CopyTable()
+        if state_dict.get("copies") is not None:  # absent from checkpoints saved before the copy table
+            self._copies.load_state_dict(state_dict["copies"])
         fid_state = state_dict.get("fid")
         if fid_state is not None:
             if self._fid_evaluator is not None:
@@ -760,6 +867,22 @@ def _drop_first_parameter(fn: Callable[..., Any]) -> Any:
         return None
     params = list(sig.parameters.values())[1:]
     return sig.replace(parameters=params)
+
+
+def _event_key(event: TimescaleEvent) -> str:
+    """The scalar logged when ``event`` fires: ``memwatch/tau_gen``, ``memwatch/tau_mem`` or, per class,
+    ``memwatch/tau_mem/class_<k>``."""
+    if event.name == "tau_gen":
+        return mwlog.TAU_GEN
+    return mwlog.TAU_MEM if event.label is None else f"{mwlog.TAU_MEM}/class_{event.label}"
+
+
+def _copying_classes(record: EvalRecord) -> str:
+    """``; copying classes: 3 (f_mem 0.45 of 100)`` for the classes with memorized samples ('' if none)."""
+    copying = [
+        f"{k} (f_mem {c.f_mem:.3f} of {c.num_samples})" for k, c in record.per_class.items() if c.f_mem > 0
+    ]
+    return f"; copying classes: {', '.join(copying)}" if copying else ""
 
 
 def _describe(record: EvalRecord) -> str:
