@@ -303,7 +303,11 @@ class MemWatch(Callback):
                 return fn(pl_module, num_samples, **kwargs)
 
             # keep the user's signature visible, so `noise` is passed only when sample_fn accepts it
-            call.__signature__ = _drop_first_parameter(fn)  # type: ignore[attr-defined]
+            signature = _drop_first_parameter(fn)
+            takes_labels = getattr(fn, "takes_labels", None)  # adapters: `labels` only for a conditional model
+            if signature is not None and callable(takes_labels) and not takes_labels(pl_module):
+                signature = signature.replace(parameters=[p for n, p in signature.parameters.items() if n != "labels"])
+            call.__signature__ = signature  # type: ignore[attr-defined]
             return call
         sample = getattr(pl_module, "sample", None)
         if not callable(sample):
