@@ -14,6 +14,8 @@ omit ``noise``, and a class-conditional sampler adds ``labels=None``; MemWatch i
   ``generator`` is called without it; one taking neither is refused with the contract in the message.
 * ``labels`` named: the sampler is class-conditional; it gets a LongTensor ``(num_samples,)`` of class indices,
   the class of sample ``i`` fixed by ``(seed, i)`` and the training labels (see :mod:`lightning_memwatch.labels`).
+  A sampler serving both kinds of model says which it has: a module's boolean ``conditional`` attribute (for its
+  ``sample`` method), or a ``sample_fn``'s ``takes_labels(pl_module)`` method (the adapters).
 """
 
 from __future__ import annotations
@@ -66,7 +68,9 @@ def accepts_labels(fn: Callable[..., Any]) -> bool:
         params = inspect.signature(fn).parameters
     except (TypeError, ValueError):
         return False
-    return "labels" in params
+    # a module's `sample` whose module says it is unconditional (e.g. the recipe DDPM's `conditional`)
+    conditional = getattr(getattr(fn, "__self__", None), "conditional", None)
+    return "labels" in params and (conditional if isinstance(conditional, bool) else True)
 
 
 def accepts_generator(fn: Callable[..., Any]) -> bool:
