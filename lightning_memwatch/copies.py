@@ -57,7 +57,7 @@ class CopyTable:
     """
 
     def __init__(self) -> None:
-        self._rows: dict[int, CopiedTrainingImage] = {}
+        self._rows: dict[int, list[Any]] = {}  # train index -> [label, times copied, first step, last step]
 
     def __len__(self) -> int:
         return len(self._rows)
@@ -70,26 +70,19 @@ class CopyTable:
             train_indices: one training row per memorized sample.
             labels: the class of each of those rows, or None when unknown.
         """
-        counts: dict[int, int] = {}
-        label_of: dict[int, int | None] = {}
+        step = int(step)
         for position, row in enumerate(train_indices):
-            row = int(row)
-            counts[row] = counts.get(row, 0) + 1
-            label_of[row] = None if labels is None or labels[position] is None else int(labels[position])
-        for row, count in counts.items():
-            old = self._rows.get(row)
-            self._rows[row] = CopiedTrainingImage(
-                train_index=row,
-                label=label_of[row],
-                times_copied=count + (0 if old is None else old.times_copied),
-                first_step=int(step) if old is None else old.first_step,
-                last_step=int(step),
-            )
+            label = None if labels is None or labels[position] is None else int(labels[position])
+            entry = self._rows.get(int(row))
+            if entry is None:
+                self._rows[int(row)] = [label, 1, step, step]
+            else:
+                entry[0], entry[1], entry[3] = label, entry[1] + 1, step
 
     def rows(self, label: int | None = None) -> list[CopiedTrainingImage]:
         """The copied training images, most-copied first (then earliest first copy, then lowest row); only
         those of class ``label`` when given."""
-        chosen: Iterable[CopiedTrainingImage] = self._rows.values()
+        chosen: Iterable[CopiedTrainingImage] = (CopiedTrainingImage(k, *v) for k, v in self._rows.items())
         if label is not None:
             chosen = (r for r in chosen if r.label == label)
         return sorted(chosen, key=lambda r: (-r.times_copied, r.first_step, r.train_index))
@@ -97,9 +90,9 @@ class CopyTable:
     def copying_classes(self, step: int) -> dict[int, int]:
         """``{class: training images of that class copied at step}`` (classes with labels only)."""
         out: dict[int, int] = {}
-        for r in self._rows.values():
-            if r.last_step == step and r.label is not None:
-                out[r.label] = out.get(r.label, 0) + 1
+        for label, _, _, last in self._rows.values():
+            if last == step and label is not None:
+                out[label] = out.get(label, 0) + 1
         return dict(sorted(out.items()))
 
     # -- output -------------------------------------------------------------------------------------------
@@ -129,7 +122,7 @@ class CopyTable:
     # -- state --------------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         """Plain Python values, rows in training-row order (``torch.load(weights_only=True)``- and JSON-safe)."""
-        return {"version": _STATE_VERSION, "rows": [list(astuple(self._rows[k])) for k in sorted(self._rows)]}
+        return {"version": _STATE_VERSION, "rows": [[k, *self._rows[k]] for k in sorted(self._rows)]}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore the rows saved by :meth:`state_dict` (replacing the current ones)."""
@@ -138,8 +131,7 @@ class CopyTable:
                 f"Unsupported copy-table state version {state_dict.get('version')!r} (this version reads "
                 f"{_STATE_VERSION})."
             )
-        rows = [CopiedTrainingImage(*row) for row in state_dict["rows"]]
-        self._rows = {r.train_index: r for r in rows}
+        self._rows = {int(row[0]): list(astuple(CopiedTrainingImage(*row)))[1:] for row in state_dict["rows"]}
 
     def __repr__(self) -> str:
         return f"CopyTable({len(self)} copied training images)"

@@ -222,9 +222,7 @@ class Evaluator:
         self.last_result = result
         per_class = {}
         if labels is not None:
-            per_class = per_class_memorization(
-                result.memorized, labels[:count], bootstrap=self.bootstrap, seed=self.seed
-            )
+            per_class = per_class_memorization(result.memorized, labels[:count])
         ratios = result.ratios.float()
         quantiles = torch.quantile(
             ratios.cpu().double(), torch.tensor(list(RATIO_QUANTILES.values()), dtype=torch.float64)

@@ -749,7 +749,8 @@ class MemWatch(Callback):
         table and the copy strip (rank 0)."""
         labels = self._train_labels
         rows = [row for _, row in copies]
-        self._copies.update(step, rows, None if labels is None else [int(labels[row]) for row in rows])
+        classes = None if labels is None else labels[torch.as_tensor(rows, dtype=torch.long)].tolist()
+        self._copies.update(step, rows, classes)
         if trainer.is_global_zero:
             shown = self._last_nearest or (None, None, None)
             assert self.data_range is not None
