@@ -25,14 +25,15 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
 from lightning_memwatch import _checks
-from lightning_memwatch.images import ImageSource, sequential_loader
-from lightning_memwatch.sampling import _seed_for
+from lightning_memwatch.images import ImageSource, num_images, select_rows, sequential_loader
+from lightning_memwatch.sampling import _seed_for, rank_slice
 
 __all__ = [
     "LabelsChoice",
     "balanced_labels",
     "check_train_labels",
     "draw_labels",
+    "gather_train_labels",
     "read_train_labels",
     "sample_labels",
 ]
@@ -91,6 +92,42 @@ def read_train_labels(source: ImageSource, name: str = "train_data") -> Tensor |
             return None
         parts.append(labels.detach().reshape(-1).cpu())
     return torch.cat(parts) if parts else None
+
+
+def gather_train_labels(
+    source: ImageSource | None, num_rows: int, rank: int, world_size: int, where: str
+) -> tuple[int, Tensor | None]:
+    """Under a sharded index: ``(number of training rows, all their labels or None)`` on every rank, each rank
+    reading the labels of its contiguous block of rows only (``num_rows`` of them, the block of images it read).
+    A collective (``torch.distributed.all_gather_object``): every rank calls it; a problem on one rank raises on
+    all. ``source=None``: only count the rows (the labels were given).
+    """
+    import torch.distributed as dist
+
+    problem: str | None = None
+    block: Tensor | None = None
+    try:
+        if source is not None and num_rows == 0:
+            block = torch.empty(0, dtype=torch.long)
+        elif source is not None:
+            total = num_images(source, "train_data")
+            if total is None:  # an iterable Dataset: read every label, keep this rank's block (as its images)
+                every = read_train_labels(source)
+                rows = rank_slice(0 if every is None else len(every), rank, world_size)
+                block = None if every is None else every[rows.start : rows.stop]
+            else:
+                block = read_train_labels(select_rows(source, rank_slice(total, rank, world_size), "train_data"))
+            block = None if block is None else check_train_labels(block, num_rows, where)
+    except (TypeError, ValueError) as err:
+        problem = str(err)
+    reports: list[tuple[str | None, Tensor | None, int]] = [(None, None, 0)] * world_size
+    dist.all_gather_object(reports, (problem, block, num_rows))
+    failed = [message for message, _, _ in reports if message]
+    if failed:
+        raise _checks.config_error(failed[0])
+    blocks = [b for _, b, n in reports if n > 0]
+    labels = None if source is None or any(b is None for b in blocks) else torch.cat(blocks)  # type: ignore[misc]
+    return sum(n for _, _, n in reports), labels
 
 
 def check_train_labels(labels: object, num_train: int, where: str) -> Tensor:

@@ -39,7 +39,13 @@ from lightning_memwatch.detection import TimescaleDetector, TimescaleEvent
 from lightning_memwatch.evaluator import RATIO_QUANTILES, Evaluator, check_metric_names
 from lightning_memwatch.images import collect_images, num_images, select_rows
 from lightning_memwatch.images import sampler_rows as _sampler_rows  # noqa: F401  (its old home)
-from lightning_memwatch.labels import LabelsChoice, check_train_labels, read_train_labels, sample_labels
+from lightning_memwatch.labels import (
+    LabelsChoice,
+    check_train_labels,
+    gather_train_labels,
+    read_train_labels,
+    sample_labels,
+)
 from lightning_memwatch.metrics.fid import FID, FIDEvaluator
 from lightning_memwatch.metrics.knn_sharded import ShardedNearestNeighbourIndex
 from lightning_memwatch.metrics.memorization import KnnIndex
@@ -396,25 +402,11 @@ class MemWatch(Callback):
             return
         given = self.train_labels
         where = "MemWatch(train_labels=...)" if given is not None else "the second tensor of the training batches"
-        if self._sharded:  # each rank reads the labels of its block; all ranks gather them, in row order
-            problem: str | None = None
-            block = None
-            try:
-                if given is None:
-                    total = num_images(source, "train_data")
-                    rows = rank_slice(total if total is not None else 0, trainer.global_rank, trainer.world_size)
-                    part = source if total is None else select_rows(source, rows, "train_data")
-                    block = read_train_labels(part)
-                    block = None if block is None else check_train_labels(block, num_rows, where)
-            except (TypeError, ValueError) as err:
-                problem = str(err)
-            reports: list[Any] = [None] * trainer.world_size
-            dist.all_gather_object(reports, (problem, block, num_rows))
-            if problem is not None or any(p for p, _, _ in reports):
-                raise _checks.config_error(next(p for p, _, _ in reports if p))
-            num_train = sum(n for _, _, n in reports)
-            blocks = [b for _, b, _ in reports]
-            raw = given if given is not None else (None if any(b is None for b in blocks) else torch.cat(blocks))
+        if self._sharded:  # each rank reads the labels of its block of rows; every rank gathers all of them
+            num_train, raw = gather_train_labels(
+                None if given is not None else source, num_rows, trainer.global_rank, trainer.world_size, where
+            )
+            raw = given if given is not None else raw
         else:
             num_train = num_rows
             raw = given if given is not None else read_train_labels(source)
