@@ -125,6 +125,8 @@ def test_class_3_copying_flags_class_3_alone_and_lists_exactly_its_training_imag
     assert [e.step for e in acc.Scalars("memwatch/tau_mem/class_3")] == [20]
     assert COPIES_IMAGE in acc.Tags()["images"]
     assert f"{COPIES_TEXT}/text_summary" in acc.Tags()["tensors"]
+    text = acc.Tensors(f"{COPIES_TEXT}/text_summary")[-1].tensor_proto.string_val[0].decode()
+    assert text.startswith(f"Copied at step 40: class 3 ({len(expected)} images).")
 
 
 def test_per_class_stop_only_when_asked(tmp_path):

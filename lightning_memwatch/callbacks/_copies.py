@@ -46,7 +46,10 @@ def log_copies(
     hand, i.e. with ``log_images``) the most-copied rows copied now, each training image under its copy."""
     if not copies or not trainer.loggers:
         return
-    mwlog.log_text(trainer, COPIES_TEXT, table.to_markdown(), step)
+    classes = table.copying_classes(step)  # the classes whose training images were copied at this step
+    named = ", ".join(f"class {k} ({count} image{'s' * (count > 1)})" for k, count in classes.items())
+    head = f"Copied at step {step}: {named}.\n\n" if named else ""
+    mwlog.log_text(trainer, COPIES_TEXT, head + table.to_markdown(), step)
     writers = mwlog.tensorboard_writers(trainer)
     if generated is None or nearest is None or ratios is None or not writers or generated.ndim != 4:
         return
