@@ -333,7 +333,8 @@ class EvalRecord(Mapping[str, Any]):
 
         Args:
             step: the step the scalars were logged at (optimizer steps).
-            scalars: ``{logged key: value}``; run-level keys (:data:`NOT_RECORD_KEYS`) are ignored. Integer
+            scalars: ``{logged key: value}``; run-level keys (:data:`NOT_RECORD_KEYS`, and the per-class onsets
+                ``memwatch/tau_mem/class_<k>``) are ignored. Integer
                 fields (``fid_num_samples``) are rounded back to ``int`` when finite.
 
         Raises:
@@ -351,7 +352,7 @@ class EvalRecord(Mapping[str, Any]):
                 raise ValueError(
                     f"EvalRecord.from_scalars: {key!r} is not a MemWatch key (they start with {PREFIX!r})."
                 )
-            if key in NOT_RECORD_KEYS:
+            if key in NOT_RECORD_KEYS or key.startswith(f"{TAU_MEM}/class_"):  # run-level, per-class onsets too
                 continue
             name = field_of.get(key)
             if name is None:

@@ -232,7 +232,7 @@ def test_per_class_fraction_and_record_round_trips():
     assert EvalRecord.from_dict(json.loads(json.dumps(record.to_dict()))) == record  # JSON's string keys
     scalars = record.to_scalars()
     assert scalars["memwatch/f_mem/class_2"] == pytest.approx(2 / 3)
-    back = EvalRecord.from_scalars(5, scalars)
+    back = EvalRecord.from_scalars(5, {**scalars, "memwatch/tau_mem/class_2": 5.0})  # an onset is the run's
     assert back.per_class == {0: ClassRecord(None, 0.0), 2: ClassRecord(None, pytest.approx(2 / 3))}
     assert back.metrics == {}
 
