@@ -333,9 +333,9 @@ def verify(n: int, out: Path, threads: int) -> None:
 
     import torch
 
-    from benchmarks.adaptive_demo import _build, _classifier, _trainer
-    from lightning_memwatch.apps.demo import DemoConfig, _quiet_lightning, ema_warmup_decay
-    from lightning_memwatch.probe import LossGapProbe
+    from benchmarks.adaptive_parts import build_parts, demo_trainer, ema_warmup_callback, load_classifier
+    from lightning_memwatch.apps.demo import DemoConfig, _quiet_lightning
+    from lightning_memwatch.callbacks.probe import LossGapProbe
 
     torch.set_num_threads(threads)
     _quiet_lightning()
@@ -344,14 +344,9 @@ def verify(n: int, out: Path, threads: int) -> None:
     period = config.eval_period(n)
     probe = LossGapProbe()
     schedule = AdaptiveSchedule(min_every=period, max_every=16 * period, probe=probe)
-    parts = _build(n, config, _classifier(config, out), schedule)
-    import lightning as L
+    parts = build_parts(n, config, load_classifier(config, out), schedule)
 
-    class EMAWarmup(L.Callback):
-        def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
-            pl_module.ema_decay = ema_warmup_decay(trainer.global_step, float(config.ema_decay))
-
-    trainer = _trainer(config, n, [EMAWarmup(), parts["watch"], parts["stopper"], probe])
+    trainer = demo_trainer(config, n, [ema_warmup_callback(config), parts["watch"], parts["stopper"], probe])
     start = time.perf_counter()
     trainer.fit(parts["model"], datamodule=parts["datamodule"])
     live = {

@@ -35,103 +35,27 @@ from typing import Any
 
 import torch
 
+if __package__ in (None, ""):  # run as a script: the repo root on the path, for `benchmarks.*`
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.adaptive_parts import (  # noqa: E402
+    StepTimer,
+    build_parts,
+    demo_trainer,
+    ema_warmup_callback,
+    load_classifier,
+)
+
 FINE_DIVISOR = 4  # the fine probe reads every dense-period / 4 steps
-
-
-def _build(n: int, config: Any, classifier_state: dict, schedule: Any) -> dict[str, Any]:
-    """The demo's pieces for one n (see lightning_memwatch.apps.demo.train_one), with ``schedule`` for MemWatch."""
-    import lightning as L
-
-    from lightning_memwatch import FID, MemorizationEarlyStopping, MemWatch, TimescaleDetector
-    from lightning_memwatch.apps.data import DigitsDataModule
-    from lightning_memwatch.apps.demo import DigitFeatureNet
-    from lightning_memwatch.apps.models import DDPM, ResidualMLP
-
-    L.seed_everything(config.seed + n, verbose=False)
-    datamodule = DigitsDataModule(n=n, num_heldout=config.num_heldout, full_batch=True, split_seed=config.seed)
-    datamodule.setup("fit")
-    classifier = DigitFeatureNet()
-    classifier.load_state_dict(classifier_state)
-    classifier.eval().requires_grad_(False)
-    detector = TimescaleDetector(**config.detector_kwargs())
-    watch = MemWatch(
-        train_data=datamodule.train_images(),
-        num_samples=config.num_samples,
-        sample_batch_size=config.num_samples,
-        schedule=schedule,
-        fid=FID(reference=datamodule.heldout_images(), feature_extractor=classifier, cache=False),
-        seed=config.seed,
-        detector=detector,
-        bootstrap=config.bootstrap,
-        log_images=False,
-        verbose=False,
-    )
-    stopper = MemorizationEarlyStopping(watch, patience=config.stop_patience, restore_best=True)
-    model = DDPM(
-        ResidualMLP(dim=64, width=config.width, num_blocks=config.num_blocks),
-        optimizer="adam",
-        lr=config.lr,
-        sample_steps=config.sample_steps,
-        ema_decay=config.ema_decay,
-    )
-    return {"datamodule": datamodule, "watch": watch, "stopper": stopper, "model": model}
-
-
-def _trainer(config: Any, n: int, callbacks: list) -> Any:
-    import lightning as L
-
-    return L.Trainer(
-        max_steps=config.max_steps(n),
-        callbacks=callbacks,
-        logger=False,
-        accelerator="cpu",
-        devices=1,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-    )
-
-
-def _classifier(config: Any, out: Path) -> dict:
-    from lightning_memwatch.apps.demo import CLASSIFIER_FILENAME, _prepare_classifier
-
-    path = out / CLASSIFIER_FILENAME
-    if path.exists():
-        return torch.load(path)
-    net, _ = _prepare_classifier(config)
-    state = {k: v.detach().clone() for k, v in net.state_dict().items()}
-    torch.save(state, path)
-    return state
-
-
-class _StepTimer:
-    """Wall time of the training steps alone (batch start to batch end), to express costs as fractions."""
-
-    def __init__(self) -> None:
-        import lightning as L
-
-        timer = self
-
-        class Timer(L.Callback):
-            def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
-                timer._t0 = time.perf_counter()
-
-            def on_train_batch_end(self, *args: Any) -> None:
-                timer.seconds += time.perf_counter() - timer._t0
-                timer.steps += 1
-
-        self.seconds, self.steps, self._t0 = 0.0, 0, 0.0
-        self.callback = Timer()
 
 
 def run_one(n: int, out: Path, threads: int, max_steps: int | None = None) -> dict[str, Any]:
     """The dense demo run for ``n`` with the probes and the DDIM-20/50 check; writes ``<out>/n<n>.json``."""
     from lightning_memwatch import EvalSchedule
-    from lightning_memwatch.apps.demo import DemoConfig, _quiet_lightning, ema_warmup_decay
+    from lightning_memwatch.apps.demo import DemoConfig, _quiet_lightning
+    from lightning_memwatch.callbacks.probe import LossGapProbe
     from lightning_memwatch.metrics.knn import NearestNeighbourIndex
     from lightning_memwatch.metrics.memorization import memorization_fraction
-    from lightning_memwatch.probe import LossGapProbe
     from lightning_memwatch.sampling import per_sample_noise
 
     torch.set_num_threads(threads)
@@ -140,9 +64,9 @@ def run_one(n: int, out: Path, threads: int, max_steps: int | None = None) -> di
     if max_steps is not None:  # smoke runs only
         config = DemoConfig(out=out, max_steps_per_image=0, max_steps_extra=max_steps)
     out.mkdir(parents=True, exist_ok=True)
-    state = _classifier(config, out)
+    state = load_classifier(config, out)
     period = config.eval_period(n)
-    parts = _build(n, config, state, EvalSchedule.every(period, include_zero=True))
+    parts = build_parts(n, config, state, EvalSchedule.every(period, include_zero=True))
     watch, model, datamodule = parts["watch"], parts["model"], parts["datamodule"]
     probe = LossGapProbe()  # the default: held-out = the datamodule's reference images, auto period
     fine = LossGapProbe(every_n_train_steps=max(1, period // FINE_DIVISOR))
@@ -170,16 +94,11 @@ def run_one(n: int, out: Path, threads: int, max_steps: int | None = None) -> di
         ddim.append(row)
 
     watch.add_listener(other_steps)
-    import lightning as L
 
-    class EMAWarmup(L.Callback):
-        def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
-            pl_module.ema_decay = ema_warmup_decay(trainer.global_step, float(config.ema_decay))
-
-    timer = _StepTimer()
+    timer = StepTimer()
     # the timer's hooks bracket the training step only; the probes and MemWatch run after its batch end
-    callbacks = [EMAWarmup(), timer.callback, watch, parts["stopper"], probe, fine]
-    trainer = _trainer(config, n, callbacks)
+    callbacks = [ema_warmup_callback(config), timer.callback, watch, parts["stopper"], probe, fine]
+    trainer = demo_trainer(config, n, callbacks)
     start = time.perf_counter()
     trainer.fit(model, datamodule=datamodule)
     wall = time.perf_counter() - start
@@ -225,11 +144,10 @@ RECORDED_ANALYSIS = Path(__file__).with_name("results") / "adaptive_demo_analysi
 
 def run_live(n: int, out: Path, threads: int) -> dict[str, Any]:
     """One live adaptive run: the demo's pieces with ``AdaptiveSchedule(probe=LossGapProbe())``; ``live_n<n>.json``."""
-    import lightning as L
 
     from lightning_memwatch import AdaptiveSchedule
-    from lightning_memwatch.apps.demo import DemoConfig, _quiet_lightning, ema_warmup_decay
-    from lightning_memwatch.probe import LossGapProbe
+    from lightning_memwatch.apps.demo import DemoConfig, _quiet_lightning
+    from lightning_memwatch.callbacks.probe import LossGapProbe
 
     torch.set_num_threads(threads)
     _quiet_lightning()
@@ -238,15 +156,11 @@ def run_live(n: int, out: Path, threads: int) -> dict[str, Any]:
     period = config.eval_period(n)
     probe = LossGapProbe()
     schedule = AdaptiveSchedule(min_every=period, max_every=16 * period, probe=probe)
-    parts = _build(n, config, _classifier(config, out), schedule)
+    parts = build_parts(n, config, load_classifier(config, out), schedule)
     watch = parts["watch"]
 
-    class EMAWarmup(L.Callback):
-        def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
-            pl_module.ema_decay = ema_warmup_decay(trainer.global_step, float(config.ema_decay))
-
-    timer = _StepTimer()
-    trainer = _trainer(config, n, [EMAWarmup(), timer.callback, watch, parts["stopper"], probe])
+    timer = StepTimer()
+    trainer = demo_trainer(config, n, [ema_warmup_callback(config), timer.callback, watch, parts["stopper"], probe])
     start = time.perf_counter()
     trainer.fit(parts["model"], datamodule=parts["datamodule"])
     wall = time.perf_counter() - start

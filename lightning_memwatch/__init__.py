@@ -16,7 +16,7 @@ _moved.install()  # old paths of the applications (lightning_memwatch.models, .d
 
 _EXPORTS = {
     "AdaptiveSchedule": "lightning_memwatch.adaptive",
-    "LossGapProbe": "lightning_memwatch.probe",
+    "LossGapProbe": "lightning_memwatch.callbacks.probe",
     "MemWatch": "lightning_memwatch.callbacks.memwatch",
     "MemorizationEarlyStopping": "lightning_memwatch.callbacks.early_stopping",
     "EvalRecord": "lightning_memwatch.record",
@@ -31,7 +31,7 @@ _EXPORTS = {
     "TimescaleDetector": "lightning_memwatch.detection",
     "TimescaleEvent": "lightning_memwatch.detection",
     "detect_timescales": "lightning_memwatch.detection",
-    "forecast_tau_mem": "lightning_memwatch.detection",
+    "forecast_tau_mem": "lightning_memwatch.fits",
     "ModuleEMA": "lightning_memwatch.weights",
 }
 
@@ -41,13 +41,10 @@ if TYPE_CHECKING:  # pragma: no cover
     from lightning_memwatch.adaptive import AdaptiveSchedule
     from lightning_memwatch.callbacks.early_stopping import MemorizationEarlyStopping
     from lightning_memwatch.callbacks.memwatch import MemWatch
-    from lightning_memwatch.detection import (
-        TimescaleDetector,
-        TimescaleEvent,
-        detect_timescales,
-        forecast_tau_mem,
-    )
+    from lightning_memwatch.callbacks.probe import LossGapProbe
+    from lightning_memwatch.detection import TimescaleDetector, TimescaleEvent, detect_timescales
     from lightning_memwatch.evaluator import Evaluator
+    from lightning_memwatch.fits import forecast_tau_mem
     from lightning_memwatch.metrics.fid import FID
     from lightning_memwatch.metrics.knn import NearestNeighbourIndex
     from lightning_memwatch.metrics.memorization import (
@@ -56,7 +53,6 @@ if TYPE_CHECKING:  # pragma: no cover
         memorization_fraction,
         memorization_ratios,
     )
-    from lightning_memwatch.probe import LossGapProbe
     from lightning_memwatch.record import EvalRecord
     from lightning_memwatch.schedule import EvalSchedule
     from lightning_memwatch.weights import ModuleEMA

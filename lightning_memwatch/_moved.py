@@ -1,7 +1,9 @@
-"""Old import paths of the applications, which moved to :mod:`lightning_memwatch.apps`.
+"""Old import paths of modules that moved: the applications to :mod:`lightning_memwatch.apps`, the probe to
+:mod:`lightning_memwatch.callbacks.probe`.
 
 ``lightning_memwatch.demo``, ``.cli``, ``.report``, ``.models`` and ``.data`` (and their submodules, e.g.
-``lightning_memwatch.models.unet``) still import, with a :class:`DeprecationWarning`, as the very module
+``lightning_memwatch.models.unet``) and ``lightning_memwatch.probe`` still import, with a
+:class:`DeprecationWarning` naming the release that removes the old path (:data:`REMOVED_IN`), as the very module
 objects of their new homes (``lightning_memwatch.models.DDPM is lightning_memwatch.apps.models.DDPM``), so old
 scripts, recipe ``class_path`` values and pickles keep working; ``python -m lightning_memwatch.cli`` runs too.
 One import hook (a :data:`sys.meta_path` finder, installed by ``lightning_memwatch/__init__.py``) serves them
@@ -15,31 +17,42 @@ import importlib
 import importlib.abc
 import importlib.util
 import sys
-import warnings
 from collections.abc import Sequence
 from importlib.machinery import ModuleSpec
 from types import CodeType, ModuleType
 
-MOVED = ("cli", "data", "demo", "models", "report")
-"""Former top-level modules and packages of ``lightning_memwatch``, now under ``lightning_memwatch.apps``."""
+from lightning_memwatch._deprecation import REMOVAL_RELEASE, deprecate
+
+MOVED: dict[str, str] = {
+    "cli": "apps.cli",
+    "data": "apps.data",
+    "demo": "apps.demo",
+    "models": "apps.models",
+    "report": "apps.report",
+    "probe": "callbacks.probe",
+}
+"""Former top-level modules and packages of ``lightning_memwatch`` -> their new names under it."""
+REMOVED_IN = REMOVAL_RELEASE
+"""The release that removes the old paths."""
 
 _PREFIX = "lightning_memwatch."
 
 
 def new_name(old: str) -> str | None:
-    """``lightning_memwatch.apps.X...`` for an old name ``lightning_memwatch.X...`` of a moved module, else None."""
+    """The new name of an old name ``lightning_memwatch.X...`` of a moved module, else None."""
     if not old.startswith(_PREFIX):
         return None
-    rest = old[len(_PREFIX) :]
-    if rest.split(".", 1)[0] not in MOVED:
+    head, dot, tail = old[len(_PREFIX) :].partition(".")
+    if head not in MOVED:
         return None
-    return _PREFIX + "apps." + rest
+    return _PREFIX + MOVED[head] + dot + tail
 
 
 def _warn(old: str, new: str) -> None:
-    warnings.warn(
-        f"{old} moved to {new}; import it from there (the old path will be removed in a future release).",
-        DeprecationWarning,
+    deprecate(
+        f"{old} moved to {new}; import it from there (the old path will be removed in lightning-memwatch "
+        f"{REMOVED_IN}).",
+        REMOVED_IN,
         stacklevel=3,
     )
 

@@ -33,16 +33,17 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Literal
+from collections.abc import Mapping
+from typing import Any, Literal, get_args
 
-from lightning_memwatch._checks import check_choice, config_error
+from lightning_memwatch._arguments import check_choice, config_error
 from lightning_memwatch.metrics.loss_gap import LossGapReading
 from lightning_memwatch.schedule import EvalSchedule
 
 __all__ = ["AdaptiveSchedule", "Decision"]
 
 Signal = Literal["heldout_rise", "gap"]
-_SIGNALS = ("heldout_rise", "gap")
+_SIGNALS: tuple[str, ...] = get_args(Signal)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,7 +93,7 @@ class AdaptiveSchedule(EvalSchedule):
         growth: factor between consecutive steps while flat (4: steps 0, m, 4m, 16m, ... for min_every m).
         watch_growth: factor between consecutive steps while the probe is up or f_mem > 0 (1 < it <= growth).
         safety: fraction of the way to the extrapolated crossing of ``f_mem_target`` (0 < safety <= 1).
-        probe: a :class:`~lightning_memwatch.probe.LossGapProbe` whose readings the schedule watches, or None.
+        probe: a :class:`~lightning_memwatch.callbacks.probe.LossGapProbe` whose readings the schedule watches, or None.
         signal: the probe signal, ``"heldout_rise"`` or ``"gap"`` (see the module's docs).
         signal_threshold: signal level that makes the schedule move closer (a relative change: 0.02 = 2%).
         f_mem_target: the f_mem level that matters, normally the detector's tau_mem threshold (a fraction).
@@ -194,7 +195,7 @@ class AdaptiveSchedule(EvalSchedule):
         return [missed]
 
     # -- observations ---------------------------------------------------------------------------------
-    def observe(self, record: dict[str, Any]) -> None:
+    def observe(self, record: Mapping[str, Any]) -> None:
         """Take one MemWatch evaluation record (``step`` and ``f_mem_key``) and plan the next evaluation."""
         step = int(record["step"])
         pending = self.decisions[-1] if self.decisions else None
@@ -330,7 +331,7 @@ class AdaptiveSchedule(EvalSchedule):
             "signal_step": self._signal_step,
         }
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Inverse of :meth:`state_dict`; the settings must match (a changed schedule is not the same run)."""
         if state["config"] != self.config():
             raise config_error(

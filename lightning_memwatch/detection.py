@@ -1,5 +1,11 @@
 """The paper's two timescales, flagged from per-evaluation records: tau_gen (samples become good) and tau_mem
-(memorization emerges), plus the linear law tau_mem = slope * n used to forecast tau_mem for a new n.
+(memorization emerges).
+
+The forecast of tau_mem for a new n by the linear law tau_mem = slope * n (:class:`TauMemForecast`,
+:func:`forecast_tau_mem`, :func:`fit_summary`) lives in :mod:`lightning_memwatch.fits` and is re-exported here.
+
+Each tau_gen rule gives a verdict first (its numbers: :class:`FloorVerdict`, :class:`PlateauVerdict`), described
+in sentences apart (the event's reason, the status line).
 
 Pure Python: no Lightning import. A record is a mapping (an :class:`~lightning_memwatch.EvalRecord`, or a
 plain dict with the same keys) with at least ``"step"`` (optimizer steps) and, for
@@ -84,9 +90,10 @@ import math
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
-from lightning_memwatch.fits import TauMemFit, TooFewRunsError, fit_tau_mem
+from lightning_memwatch._arguments import check_choice, check_float, check_int, config_error
+from lightning_memwatch.fits import TauMemForecast, fit_summary, forecast_tau_mem  # their home; re-exported here
 from lightning_memwatch.record import RecordField
 from lightning_memwatch.record import finite_float as _finite_float  # how every record value is read
 
@@ -100,10 +107,14 @@ __all__ = [
 ]
 
 GenRule = Literal["auto", "plateau", "floor"]
+"""The tau_gen rules (``"auto"``: ``"floor"`` when a floor is given, else ``"plateau"``)."""
 MemRule = Literal["ci", "threshold"]
-_GEN_RULES = ("auto", "plateau", "floor")
-_MEM_RULES = ("ci", "threshold")
-_MODES = ("min", "max")
+"""The tau_mem rules."""
+QualityMode = Literal["min", "max"]
+"""Whether lower (``"min"``) or higher (``"max"``) quality values are better."""
+_GEN_RULES: tuple[str, ...] = get_args(GenRule)
+_MEM_RULES: tuple[str, ...] = get_args(MemRule)
+QUALITY_MODES: tuple[str, ...] = get_args(QualityMode)
 _MEM_KEYS = {"ci": RecordField.F_MEM_CI_LOW, "threshold": RecordField.F_MEM}  # the field each tau_mem rule tests
 _STATE_VERSION = 1
 _MAD_TO_SD = 0.6745  # median |N(0, 1)|: median absolute residual / 0.6745 estimates a standard deviation
@@ -254,7 +265,7 @@ class TimescaleDetector:
         self,
         *,
         quality_key: str = "fid",
-        quality_mode: Literal["min", "max"] = "min",
+        quality_mode: QualityMode = "min",
         gen_rule: GenRule = "auto",
         window_factor: float = 2.0,
         rel_tol: float = 0.05,
@@ -268,26 +279,25 @@ class TimescaleDetector:
         min_class_samples: int = 20,
     ) -> None:
         if not isinstance(quality_key, str) or not quality_key:
-            raise ValueError(f"quality_key must be a non-empty record key (e.g. 'fid'); got {quality_key!r}.")
-        from lightning_memwatch._checks import check_choice, check_float  # local: no torch at load (_checks has)
+            raise config_error(f"quality_key must be a non-empty record key (e.g. 'fid'); got {quality_key!r}.")
 
         self.quality_key = quality_key
-        self.quality_mode = check_choice(quality_mode, "quality_mode", _MODES)
+        self.quality_mode = check_choice(quality_mode, "quality_mode", QUALITY_MODES)
         check_choice(gen_rule, "gen_rule", _GEN_RULES)
         self.floor_source: str | None = "train" if floor == "train" else None
         if floor == "train":
             floor = math.nan  # set by MemWatch at setup (FID of the training images against the reference)
         elif floor is not None and _finite_float(floor) is None:
-            raise ValueError(
+            raise config_error(
                 f"floor must be a finite number (e.g. FID(train, test)), 'train' or None; got {floor!r}."
             )
         if gen_rule == "floor" and floor is None:
-            raise ValueError(
+            raise config_error(
                 "gen_rule='floor' needs a reference floor: pass floor=<quality of real data, e.g. "
                 "FID(train, test)>, or use gen_rule='plateau'."
             )
         if gen_rule == "plateau" and floor is not None:
-            raise ValueError(
+            raise config_error(
                 f"floor={floor} is set but gen_rule='plateau' ignores it: use gen_rule='floor' (or 'auto'), "
                 "or drop floor."
             )
@@ -296,7 +306,7 @@ class TimescaleDetector:
         self.reference_floor: float | None = None
         window_factor = float(window_factor)
         if not 1.0 < window_factor < math.inf:
-            raise ValueError(
+            raise config_error(
                 f"window_factor must be a finite number > 1 (2 compares each step t with steps <= t / 2); "
                 f"got {window_factor}."
             )
@@ -309,10 +319,8 @@ class TimescaleDetector:
         self.mem_rule = check_choice(mem_rule, "mem_rule", _MEM_RULES)
         f0 = float(f0)
         if not 0.0 <= f0 < 1.0:
-            raise ValueError(f"f0 must lie in [0, 1) (a memorized fraction; the paper uses 0); got {f0}.")
+            raise config_error(f"f0 must lie in [0, 1) (a memorized fraction; the paper uses 0); got {f0}.")
         self.f0 = f0
-        from lightning_memwatch._checks import check_int  # local: this module imports no torch at load
-
         self.patience = check_int(patience, "patience", minimum=0, unit="evaluations")
         self.min_class_samples = check_int(min_class_samples, "min_class_samples", minimum=1, unit="images")
 
@@ -433,7 +441,7 @@ class TimescaleDetector:
 
     def _check_step(self, record: Mapping[str, object]) -> int:
         if not isinstance(record, Mapping) or RecordField.STEP not in record:
-            raise ValueError(
+            raise config_error(
                 "Each record must be a mapping with a 'step' key (optimizer steps), like MemWatch.history's; "
                 f"got {record!r}."
             )
@@ -444,13 +452,13 @@ class TimescaleDetector:
             except (TypeError, ValueError):
                 step = None
             if step is None or step != raw:
-                raise ValueError(f"record['step'] must be an integer number of optimizer steps; got {raw!r}.")
+                raise config_error(f"record['step'] must be an integer number of optimizer steps; got {raw!r}.")
         else:
             step = raw
         if step < 0:
-            raise ValueError(f"record['step'] must be >= 0 (optimizer steps); got {step}.")
+            raise config_error(f"record['step'] must be >= 0 (optimizer steps); got {step}.")
         if self.last_step is not None and step <= self.last_step:
-            raise ValueError(
+            raise config_error(
                 f"Records must arrive in increasing step order: got step {step} after step {self.last_step}. "
                 "Feed each evaluation once, in training order (after a resume, load the detector's state "
                 "instead of replaying old records)."
@@ -458,10 +466,39 @@ class TimescaleDetector:
         return step
 
     def _update_gen(self, record: Mapping[str, object], step: int) -> TimescaleEvent | None:
+        """The tau_gen rules at one record: their verdicts (numbers) first, then the sentences describing them."""
         raw = self.quality(record)
         if raw is None or self.tau_gen is not None:  # unusable value, or the flag is final already
             return None
-        q = self._oriented(raw)
+        boundary = self._advance_gen_window(self._oriented(raw), step)
+        state = self._gen
+        floor_raw = self.floor if self.gen_rule == "floor" else (self.reference_floor if self._auto else None)
+        if floor_raw is not None:
+            floor = self._floor_verdict(raw, floor_raw)
+            if floor.fired:
+                return TimescaleEvent("tau_gen", step, "floor", _describe_floor(self, floor, fired=True), raw)
+            state.status = _describe_floor(self, floor, fired=False)
+        elif self.gen_rule == "floor":
+            state.status = "tau_gen: waiting for the train floor"
+        if self.gen_rule == "floor":
+            return None
+        plateau = self._plateau_verdict(step, boundary, floor_raw)
+        if plateau is None:  # nothing before the window, or nothing in it
+            state.status = state.status or f"tau_gen: no evaluation at or before step {boundary:.6g} yet"
+            return None
+        status = _plateau_status(self, plateau)
+        state.status = f"{state.status}; {status}" if floor_raw is not None else f"tau_gen {status}"
+        if not plateau.fired:
+            return None
+        assert plateau.onset_step is not None and plateau.onset_value is not None
+        onset_raw = self._oriented(plateau.onset_value)
+        return TimescaleEvent(
+            "tau_gen", plateau.onset_step, "plateau", _plateau_reason(self, plateau), onset_raw, step
+        )
+
+    def _advance_gen_window(self, q: float, step: int) -> float:
+        """Take the oriented quality ``q`` at ``step`` into the plateau window ``(step / window_factor, step]``;
+        the evaluations it leaves go into the best before it. Returns the window's lower boundary (steps)."""
         state = self._gen
         if state.first is None:
             state.first = q
@@ -471,32 +508,25 @@ class TimescaleDetector:
         while state.recent and state.recent[0][0] <= boundary:
             dropped = state.recent.pop(0)[1]
             state.best_before = dropped if state.best_before is None else min(state.best_before, dropped)
-        key = self.quality_key
-        side, sign = ("<=", "+") if self.quality_mode == "min" else (">=", "-")
-        floor_raw = self.floor if self.gen_rule == "floor" else (self.reference_floor if self._auto else None)
-        if floor_raw is not None:
-            floor = self._oriented(floor_raw)
-            limit = floor + self.eps * abs(floor)
-            which = "the training images' level" if self.floor_source == "train" or self._auto else "floor"
-            if q <= limit:
-                return TimescaleEvent(
-                    "tau_gen", step, "floor",
-                    f"{key} = {raw:.4g} {side} (1 {sign} {self.eps:g}) x {which} {floor_raw:.4g} "
-                    f"= {self._oriented(limit):.4g}",
-                    raw,
-                )
-            state.status = f"tau_gen: {key} {raw:.4g}, needs {side} {self._oriented(limit):.4g}"
-        elif self.gen_rule == "floor":
-            state.status = "tau_gen: waiting for the train floor"
-        if self.gen_rule == "floor":
-            return None
-        if state.best_before is None or not state.recent:  # nothing before the window, or nothing in it
-            state.status = state.status or f"tau_gen: no evaluation at or before step {boundary:.6g} yet"
+        return boundary
+
+    def _floor_verdict(self, raw: float, floor_raw: float) -> FloorVerdict:
+        """Whether ``raw`` quality lies within ``(1 + eps)`` of the floor (``1 - eps`` in max mode)."""
+        floor = self._oriented(floor_raw)
+        limit = floor + self.eps * abs(floor)
+        return FloorVerdict(raw, floor_raw, self._oriented(limit), self._oriented(raw) <= limit)
+
+    def _plateau_verdict(self, step: int, boundary: float, floor_raw: float | None) -> PlateauVerdict | None:
+        """The plateau rule's numbers at ``step`` (None while the window or the part before it is empty): the
+        window's gain on the best before it, against the tolerance (``rel_tol`` or the noise allowance), the
+        improvement since the first evaluation, and the onset of the plateau when the rule fires. With a floor
+        (the training images' level), gains are relative to the distance above it."""
+        state = self._gen
+        if state.best_before is None or not state.recent or state.first is None:
             return None
         best_recent = min(value for _, value in state.recent)
         best = min(state.best_before, best_recent)
-        ref = self._oriented(floor_raw) if floor_raw is not None else 0.0  # gains relative to the distance above it
-        per = "of the distance to the training images' level " if floor_raw is not None else ""
+        ref = self._oriented(floor_raw) if floor_raw is not None else 0.0
         denominator = abs(state.best_before - ref)  # what _relative_gain divides by
         gain = _relative_gain(state.best_before - ref, best_recent - ref)
         total = _relative_gain(state.first - ref, best - ref)
@@ -506,34 +536,25 @@ class TimescaleDetector:
             tol = max(self.rel_tol, noise / denominator)
         else:
             tol = math.inf if noise > 0.0 else self.rel_tol
-        plateau = gain < tol and total >= self.min_improvement
-        noise_note = f", noise allowance {100 * tol:.1f}%" if tol > self.rel_tol else ""
-        status = (
-            f"plateau: {100 * gain:.1f}% gained over ({boundary:.6g}, {step}] (fires < {100 * self.rel_tol:g}%"
-            f"{noise_note}), {100 * total:.0f}% since the first (needs >= {100 * self.min_improvement:g}%)"
-        )
-        state.status = f"{state.status}; {status}" if floor_raw is not None else f"tau_gen {status}"
-        if not plateau:
-            return None
-        # the onset: the first evaluation already within the tolerance (rel_tol or the noise) of the plateau's level
-        scale = max(best - ref, 0.0) if floor_raw is not None else abs(best)
-        within = max(self.rel_tol * scale, noise / math.sqrt(2.0))  # one evaluation against the level: z x sd
-        onset_step, onset_q = next((int(s_), v) for s_, v in state.seen if v <= best + within)
-        recent_raw, before_raw = self._oriented(best_recent), self._oriented(state.best_before)
-        if tol > self.rel_tol:
-            sd = noise / (self.noise_z * math.sqrt(2.0))
-            against = f"the noise allowance {100 * tol:.2f}% ({self.noise_z:g} x sqrt(2) x noise sd {sd:.3g}), "
-        else:
-            against = f"rel_tol {100 * self.rel_tol:g}%, "
-        return TimescaleEvent(
-            "tau_gen", onset_step, "plateau",
-            f"{key}: best over steps ({boundary:.6g}, {step}] ({recent_raw:.4g}) improves on the best up "
-            f"to step {boundary:.6g} ({before_raw:.4g}) by {100 * gain:.2f}% {per}< {against}"
-            f"after a {100 * total:.1f}% improvement since the first evaluation "
-            f"(>= min_improvement {100 * self.min_improvement:g}%); the plateau began at step {onset_step} "
-            f"({key} = {self._oriented(onset_q):.4g}), confirmed at step {step}",
-            self._oriented(onset_q),
-            step,
+        fired = gain < tol and total >= self.min_improvement
+        onset_step = onset_value = None
+        if fired:  # the first evaluation already within the tolerance (rel_tol or the noise) of the plateau's level
+            scale = max(best - ref, 0.0) if floor_raw is not None else abs(best)
+            within = max(self.rel_tol * scale, noise / math.sqrt(2.0))  # one evaluation against the level: z x sd
+            onset_step, onset_value = next((int(s), v) for s, v in state.seen if v <= best + within)
+        return PlateauVerdict(
+            step=step,
+            boundary=boundary,
+            best_before=state.best_before,
+            best_recent=best_recent,
+            gain=gain,
+            total=total,
+            tol=tol,
+            noise=noise,
+            fired=fired,
+            onset_step=onset_step,
+            onset_value=onset_value,
+            above_floor=floor_raw is not None,
         )
 
     def _update_mem(self, record: Mapping[str, object], step: int) -> TimescaleEvent | None:
@@ -641,7 +662,7 @@ class TimescaleDetector:
         """
         version = state_dict.get("version")
         if version != _STATE_VERSION:
-            raise ValueError(
+            raise config_error(
                 f"Unsupported TimescaleDetector state version {version!r} (this version reads "
                 f"{_STATE_VERSION})."
             )
@@ -696,6 +717,103 @@ def _per_class(record: Mapping[str, object]) -> dict[int, Any]:
     return {int(k): v for k, v in sorted(entries.items(), key=lambda kv: int(kv[0])) if hasattr(v, "get")}
 
 
+# -- the tau_gen rules' verdicts (numbers) and their descriptions (sentences) ---------------------------------
+@dataclass(frozen=True)
+class FloorVerdict:
+    """The floor rule at one evaluation, in the quality's own units.
+
+    Attributes:
+        value: the quality.
+        floor: the floor (the given one, or the training images' level).
+        limit: ``(1 + eps) x floor`` (``1 - eps`` in max mode): the quality must reach it.
+        fired: whether it did.
+    """
+
+    value: float
+    floor: float
+    limit: float
+    fired: bool
+
+
+@dataclass(frozen=True)
+class PlateauVerdict:
+    """The plateau rule at one evaluation; qualities oriented (lower is better), gains as fractions.
+
+    Attributes:
+        step: the evaluation (optimizer steps).
+        boundary: the window is ``(boundary, step]`` (``step / window_factor``).
+        best_before: best quality at steps ``<= boundary``.
+        best_recent: best quality in the window.
+        gain: how much the window improves on the best before it (relative; to the distance above the floor
+            when ``above_floor``).
+        total: the improvement of the best so far on the first evaluation (relative, likewise).
+        tol: the tolerance the gain is held against: ``rel_tol``, or the noise allowance when larger.
+        noise: ``noise_z x sqrt(2) x`` the window's noise sd (quality units).
+        fired: ``gain < tol`` and ``total >= min_improvement``.
+        onset_step: the plateau's first evaluation (steps) when fired, else None.
+        onset_value: its quality (oriented) when fired, else None.
+        above_floor: whether gains are relative to the distance above the training images' level.
+    """
+
+    step: int
+    boundary: float
+    best_before: float
+    best_recent: float
+    gain: float
+    total: float
+    tol: float
+    noise: float
+    fired: bool
+    onset_step: int | None
+    onset_value: float | None
+    above_floor: bool
+
+
+def _sides(detector: TimescaleDetector) -> tuple[str, str]:
+    return ("<=", "+") if detector.quality_mode == "min" else (">=", "-")
+
+
+def _describe_floor(detector: TimescaleDetector, verdict: FloorVerdict, *, fired: bool) -> str:
+    """The floor rule's event reason (``fired``) or its status line."""
+    key = detector.quality_key
+    side, sign = _sides(detector)
+    if not fired:
+        return f"tau_gen: {key} {verdict.value:.4g}, needs {side} {verdict.limit:.4g}"
+    which = "the training images' level" if detector.floor_source == "train" or detector._auto else "floor"
+    return (
+        f"{key} = {verdict.value:.4g} {side} (1 {sign} {detector.eps:g}) x {which} {verdict.floor:.4g} "
+        f"= {verdict.limit:.4g}"
+    )
+
+
+def _plateau_status(detector: TimescaleDetector, v: PlateauVerdict) -> str:
+    """Where the plateau rule stands: the window's gain against the tolerance, the improvement so far."""
+    noise_note = f", noise allowance {100 * v.tol:.1f}%" if v.tol > detector.rel_tol else ""
+    return (
+        f"plateau: {100 * v.gain:.1f}% gained over ({v.boundary:.6g}, {v.step}] (fires < {100 * detector.rel_tol:g}%"
+        f"{noise_note}), {100 * v.total:.0f}% since the first (needs >= {100 * detector.min_improvement:g}%)"
+    )
+
+
+def _plateau_reason(detector: TimescaleDetector, v: PlateauVerdict) -> str:
+    """The plateau rule's event reason, with the numbers that made it fire."""
+    key, oriented = detector.quality_key, detector._oriented
+    per = "of the distance to the training images' level " if v.above_floor else ""
+    if v.tol > detector.rel_tol:
+        sd = v.noise / (detector.noise_z * math.sqrt(2.0))
+        against = f"the noise allowance {100 * v.tol:.2f}% ({detector.noise_z:g} x sqrt(2) x noise sd {sd:.3g}), "
+    else:
+        against = f"rel_tol {100 * detector.rel_tol:g}%, "
+    assert v.onset_value is not None
+    return (
+        f"{key}: best over steps ({v.boundary:.6g}, {v.step}] ({oriented(v.best_recent):.4g}) improves on the best "
+        f"up to step {v.boundary:.6g} ({oriented(v.best_before):.4g}) by {100 * v.gain:.2f}% {per}< {against}"
+        f"after a {100 * v.total:.1f}% improvement since the first evaluation "
+        f"(>= min_improvement {100 * detector.min_improvement:g}%); the plateau began at step {v.onset_step} "
+        f"({key} = {oriented(v.onset_value):.4g}), confirmed at step {v.step}"
+    )
+
+
 def detect_timescales(
     history: Sequence[Mapping[str, object]], **kwargs: Any
 ) -> tuple[TimescaleEvent | None, TimescaleEvent | None]:
@@ -713,117 +831,3 @@ def detect_timescales(
     for record in history:
         detector.update(record)
     return detector.tau_gen, detector.tau_mem
-
-
-@dataclass(frozen=True)
-class TauMemForecast:
-    """Fit of tau_mem against the training-set size n: the paper's linear law tau_mem = slope * n.
-
-    The flat view of :class:`lightning_memwatch.fits.TauMemFit` (which :func:`lightning_memwatch.fits.fit_tau_mem`
-    returns, with every fit's R^2) that :func:`forecast_tau_mem` has always returned.
-
-    Attributes:
-        slope: least-squares slope of tau_mem = slope * n through the origin (optimizer steps per training
-            image); :meth:`predict` uses it.
-        r2: coefficient of determination of that fit, ``1 - SS_res / SS_tot`` with ``SS_tot`` taken around
-            the mean tau_mem (comparable with an ordinary fit; negative when the origin fit is worse than the
-            mean).
-        intercept: intercept of the unconstrained fit tau_mem = intercept + intercept_slope * n (steps); near
-            zero compared with the tau_mem values when the linear law holds.
-        intercept_slope: slope of that unconstrained fit.
-        exponent: slope of log(tau_mem) against log(n) (1 for the linear law).
-        prefactor: tau_mem at n = 1 on the log-log fit (tau_mem ~ prefactor * n ** exponent).
-        num_points: runs used in the fit.
-    """
-
-    slope: float
-    r2: float
-    intercept: float
-    intercept_slope: float
-    exponent: float
-    prefactor: float
-    num_points: int
-
-    @classmethod
-    def from_fit(cls, fit: TauMemFit) -> TauMemForecast:
-        """The flat view of ``fit``."""
-        return cls(
-            slope=fit.origin.slope,
-            r2=fit.origin.r2,
-            intercept=fit.affine.intercept,
-            intercept_slope=fit.affine.slope,
-            exponent=fit.exponent,
-            prefactor=fit.prefactor,
-            num_points=fit.num_runs,
-        )
-
-    def predict(self, n: float) -> float:
-        """Forecast tau_mem (optimizer steps) for a training set of ``n`` images: ``slope * n``."""
-        value = _finite_float(n)
-        if value is None or value <= 0:
-            raise ValueError(f"n must be a positive number of training images; got {n!r}.")
-        return self.slope * value
-
-    def fit_dict(self) -> dict[str, float]:
-        """``{"slope", "intercept", "r2", "exponent"}`` of ONE fit, the paper's law ``tau_mem = slope * n``:
-        its intercept is 0 by construction and ``r2`` is that fit's. The unconstrained fit stays available as
-        :attr:`intercept` / :attr:`intercept_slope` (the sweep report prints it as ``affine``)."""
-        return {"slope": self.slope, "intercept": 0.0, "r2": self.r2, "exponent": self.exponent}
-
-
-def _warn_never_memorized(count: int) -> None:
-    if count:
-        warnings.warn(
-            f"{count} run(s) with tau_mem=None (never memorized) are left out of the tau_mem fit.",
-            UserWarning,
-            stacklevel=3,
-        )
-
-
-def forecast_tau_mem(n: Sequence[float], tau_mem: Sequence[float | None]) -> TauMemForecast:
-    """Fit tau_mem = slope * n from runs at several training-set sizes, to forecast tau_mem for a new n.
-
-    The paper finds tau_mem proportional to n (f_mem curves collapse against tau / n), so the practical rule
-    is: measure tau_mem at two or more small n, fit the slope, and stop training a run at size n before
-    ``slope * n`` steps. The exponent of a log-log fit and the intercept of an unconstrained fit tell how well
-    the linear law holds on your runs. The fits are :func:`lightning_memwatch.fits.fit_tau_mem`'s (which also
-    gives the R^2 of each).
-
-    Args:
-        n: training-set sizes (images), one per run, all > 0.
-        tau_mem: tau_mem of each run (optimizer steps, > 0), or None for a run that never memorized; such runs
-            are left out of the fit with a warning (they only bound tau_mem from below).
-
-    Returns:
-        The fit; ``predict(n)`` gives the forecast in optimizer steps.
-
-    Raises:
-        ValueError: when lengths differ, values are not positive and finite, or fewer than two runs with
-            distinct n memorized (:class:`lightning_memwatch.fits.TooFewRunsError`).
-
-    Example:
-        >>> fit = forecast_tau_mem([1000, 2000, 4000], [30_000, 60_000, 120_000])
-        >>> round(fit.slope, 6), round(fit.exponent, 6), fit.predict(8000)
-        (30.0, 1.0, 240000.0)
-    """
-    tau_list = list(tau_mem)
-    try:
-        fit = fit_tau_mem(n, tau_list)
-    except TooFewRunsError:
-        _warn_never_memorized(sum(t is None for t in tau_list))
-        raise
-    _warn_never_memorized(fit.num_skipped)
-    return TauMemForecast.from_fit(fit)
-
-
-def fit_summary(n: Sequence[float], tau_mem: Sequence[float | None]) -> dict[str, float | None]:
-    """The ``{"slope", "intercept", "r2", "exponent"}`` summary of :func:`forecast_tau_mem`.
-
-    Unlike :func:`forecast_tau_mem` it does not raise when too few runs memorized: all four values are then
-    None (e.g. a demo where only one training-set size reached tau_mem), and runs with ``tau_mem=None`` are
-    left out silently. Invalid inputs (lengths that differ, n <= 0) still raise.
-    """
-    try:
-        return dict(TauMemForecast.from_fit(fit_tau_mem(n, tau_mem)).fit_dict())
-    except TooFewRunsError:
-        return {"slope": None, "intercept": None, "r2": None, "exponent": None}

@@ -26,30 +26,21 @@ from __future__ import annotations
 import time
 import warnings
 from collections.abc import Callable, Mapping
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from lightning_memwatch import _checks
 from lightning_memwatch.metrics.fid import FID, FIDEvaluator
-from lightning_memwatch.metrics.knn import NearestNeighbourIndex
+from lightning_memwatch.metrics.knn import Backend, NearestNeighbourIndex
 from lightning_memwatch.metrics.memorization import KnnIndex, MemorizationResult, memorization_fraction
 from lightning_memwatch.metrics.per_class import per_class_memorization
-from lightning_memwatch.record import RECORD_FIELDS, EvalRecord
+from lightning_memwatch.record import RATIO_QUANTILES, RECORD_FIELDS, EvalRecord
 
-__all__ = ["RATIO_QUANTILES", "Evaluator"]
+__all__ = ["RATIO_QUANTILES", "Evaluator"]  # RATIO_QUANTILES: the record's, re-exported
 
-RATIO_QUANTILES: dict[str, float] = {
-    "ratio_q05": 0.05,
-    "ratio_q25": 0.25,
-    "ratio_median": 0.5,
-    "ratio_q75": 0.75,
-    "ratio_q95": 0.95,
-}
-"""Record field -> quantile of the per-sample nearest-neighbour ratios d1/d2 stored in every record."""
-
-KnnBackend = Literal["auto", "faiss-gpu", "faiss-cpu", "torch", "torch-bf16"]
+KnnBackend = Backend  # the index's backends (metrics/knn.py), under the name this module has always used
 
 
 class Evaluator:

@@ -17,8 +17,8 @@ Every check runs at setup, so a bad label fails before the first training step. 
 from __future__ import annotations
 
 import bisect
-from collections.abc import Sequence
-from typing import Literal
+from collections.abc import Callable, Sequence
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
@@ -35,6 +35,7 @@ __all__ = [
     "draw_labels",
     "gather_train_labels",
     "read_train_labels",
+    "train_labels_of",
     "sample_labels",
 ]
 
@@ -94,40 +95,88 @@ def read_train_labels(source: ImageSource, name: str = "train_data") -> Tensor |
     return torch.cat(parts) if parts else None
 
 
+def train_labels_of(
+    source: ImageSource,
+    given: Tensor | None,
+    *,
+    sharded: bool,
+    rank: int,
+    world_size: int,
+    broadcast: Callable[[Any, int], Any],
+) -> Tensor | None:
+    """The checked labels of every training row, the same on every rank, or None when the training data holds
+    none (a class-conditional sampler then has no classes to ask for: the caller says so).
+
+    ``given`` (``MemWatch(train_labels=...)``) wins over the loader's. Not sharded: global rank 0 reads and
+    checks them and ``broadcast(obj, src)`` hands them (or its error) to the others. Sharded: each rank reads the
+    labels of its own block of rows only and every rank gathers all blocks (:func:`gather_train_labels`). Every
+    rank calls it; an error raises on every rank.
+    """
+    where = "MemWatch(train_labels=...)" if given is not None else "the second tensor of the training batches"
+    if sharded:
+        total, raw = gather_train_labels(source, rank, world_size, where, read=given is None)
+        raw = given if given is not None else raw
+        return None if raw is None else check_train_labels(raw, total if total is not None else len(raw), where)
+    report: tuple[str | None, Tensor | None] = (None, None)
+    problem: BaseException | None = None
+    if rank == 0:
+        try:
+            raw = given if given is not None else read_train_labels(source)
+            total = num_images(source, "train_data")
+            if raw is not None:
+                report = (None, check_train_labels(raw, total if total is not None else len(raw), where))
+        except (TypeError, ValueError) as err:
+            problem, report = err, (str(err), None)
+    message, labels = broadcast(report, 0) if world_size > 1 else report
+    if problem is not None:
+        raise problem
+    if message is not None:
+        raise _checks.config_error(f"MemWatch could not read the training labels on rank 0: {message}")
+    return labels
+
+
 def gather_train_labels(
-    source: ImageSource | None, num_rows: int, rank: int, world_size: int, where: str
-) -> tuple[int, Tensor | None]:
+    source: ImageSource, rank: int, world_size: int, where: str, *, read: bool = True
+) -> tuple[int | None, Tensor | None]:
     """Under a sharded index: ``(number of training rows, all their labels or None)`` on every rank, each rank
-    reading the labels of its contiguous block of rows only (``num_rows`` of them, the block of images it read).
-    A collective (``torch.distributed.all_gather_object``): every rank calls it; a problem on one rank raises on
-    all. ``source=None``: only count the rows (the labels were given).
+    reading the labels of its contiguous block of rows only (the block of images it indexes). A collective
+    (``torch.distributed.all_gather_object``): every rank calls it; a problem on one rank raises on all.
+    ``read=False``: only count the rows (the labels were given); None when an iterable Dataset hides the count.
     """
     import torch.distributed as dist
 
     problem: str | None = None
     block: Tensor | None = None
+    count: int | None = None
     try:
-        if source is not None and num_rows == 0:
-            block = torch.empty(0, dtype=torch.long)
-        elif source is not None:
-            total = num_images(source, "train_data")
-            if total is None:  # an iterable Dataset: read every label, keep this rank's block (as its images)
-                every = read_train_labels(source)
-                rows = rank_slice(0 if every is None else len(every), rank, world_size)
-                block = None if every is None else every[rows.start : rows.stop]
-            else:
-                block = read_train_labels(select_rows(source, rank_slice(total, rank, world_size), "train_data"))
-            block = None if block is None else check_train_labels(block, num_rows, where)
+        total = num_images(source, "train_data")
+        if total is None and read:  # an iterable Dataset: read every label, keep this rank's block (as its images)
+            every = read_train_labels(source)
+            rows = rank_slice(0 if every is None else len(every), rank, world_size)
+            block = None if every is None else every[rows.start : rows.stop]
+        elif total is not None:
+            rows = rank_slice(total, rank, world_size)
+            if read and len(rows):
+                block = read_train_labels(select_rows(source, rows, "train_data"))
+            elif read:
+                block = torch.empty(0, dtype=torch.long)
+        if block is not None:
+            count = len(block) if total is None else len(rows)
+            block = check_train_labels(block, count, where)
+        elif total is not None:
+            count = len(rows)
     except (TypeError, ValueError) as err:
         problem = str(err)
-    reports: list[tuple[str | None, Tensor | None, int]] = [(None, None, 0)] * world_size
-    dist.all_gather_object(reports, (problem, block, num_rows))
+    reports: list[Any] = [None] * world_size
+    dist.all_gather_object(reports, (problem, block, count))
     failed = [message for message, _, _ in reports if message]
     if failed:
         raise _checks.config_error(failed[0])
-    blocks = [b for _, b, n in reports if n > 0]
-    labels = None if source is None or any(b is None for b in blocks) else torch.cat(blocks)  # type: ignore[misc]
-    return sum(n for _, _, n in reports), labels
+    counts = [n for _, _, n in reports]
+    num_train = None if any(n is None for n in counts) else sum(counts)
+    blocks = [b for _, b, _ in reports]
+    labels = None if not read or any(b is None for b in blocks) else torch.cat(blocks)
+    return num_train, labels
 
 
 def check_train_labels(labels: object, num_train: int, where: str) -> Tensor:

@@ -19,9 +19,9 @@ from __future__ import annotations
 
 import difflib
 import math
-from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field, fields, replace
-from typing import Any
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import KW_ONLY, dataclass, field, fields, replace
+from typing import Any, ClassVar
 
 __all__ = [
     "ClassRecord",
@@ -36,12 +36,14 @@ __all__ = [
     "NOT_RECORD_KEYS",
     "PREFIX",
     "RATIO_MEDIAN",
+    "RATIO_QUANTILES",
     "RECORD_FIELDS",
     "RecordField",
     "SCALAR_KEYS",
     "TAU_GEN",
     "TAU_MEM",
     "finite_float",
+    "listed_keys",
 ]
 
 PREFIX = "memwatch/"
@@ -67,38 +69,24 @@ NOT_RECORD_KEYS = frozenset({TAU_GEN, TAU_MEM, FID_TRAIN_FLOOR})
 class RecordField:
     """The names of the record's fields, for code that reads records as mappings (the detector and the
     stopper also take plain dict records): ``record[RecordField.F_MEM]``. A misspelt name is an
-    ``AttributeError``, not a silent ``None``."""
+    ``AttributeError``, not a silent ``None``.
 
-    STEP = "step"
-    F_MEM = "f_mem"
-    F_MEM_CI_LOW = "f_mem_ci_low"
-    F_MEM_CI_HIGH = "f_mem_ci_high"
-    NUM_SAMPLES = "num_samples"
-    RATIO_Q05 = "ratio_q05"
-    RATIO_Q25 = "ratio_q25"
-    RATIO_MEDIAN = "ratio_median"
-    RATIO_Q75 = "ratio_q75"
-    RATIO_Q95 = "ratio_q95"
-    FID = "fid"
-    FID_NUM_SAMPLES = "fid_num_samples"
-    SAMPLE_SECONDS = "sample_seconds"
-    METRIC_SECONDS = "metric_seconds"
-    PER_CLASS = "per_class"
+    One upper-case attribute per own field of :class:`EvalRecord` (``STEP``, ``F_MEM``, ``F_MEM_CI_LOW``, ...,
+    ``SAMPLE_SECONDS``, ``PER_CLASS``), set from the dataclass's fields below: the names are spelled once, in the
+    dataclass.
+    """
+
+    STEP: ClassVar[str]
+    F_MEM: ClassVar[str]
+    FID: ClassVar[str]
+    NUM_SAMPLES: ClassVar[str]
+    PER_CLASS: ClassVar[str]
 
 
-#: record field -> logged scalar key (the fields logged under their own constant; user metrics and extra
-#: signals are logged as ``memwatch/<name>``)
-SCALAR_KEYS: dict[str, str] = {
-    RecordField.F_MEM: F_MEM,
-    RecordField.F_MEM_CI_LOW: F_MEM_CI_LOW,
-    RecordField.F_MEM_CI_HIGH: F_MEM_CI_HIGH,
-    RecordField.RATIO_MEDIAN: RATIO_MEDIAN,
-    RecordField.FID: FID_KEY,
-    RecordField.FID_NUM_SAMPLES: FID_NUM_SAMPLES,
-}
-
-_ALWAYS_LISTED = ("fid", "fid_num_samples")  # mapping keys even when None (FID off), as in the dict records
-_GROUPS = ("metrics", "extra")  # dict fields: their entries are mapping keys by name
+# Field metadata (read below, so that every table of names derives from the dataclass):
+#   "scalar": the key the field is logged under (user metrics and extra signals are logged as memwatch/<name>);
+#   "quantile": the quantile of the per-sample ratios d1/d2 the field holds;
+#   "fid": a FID field, listed as a mapping key even when None (FID off), as in the dict records.
 
 
 @dataclass(frozen=True)
@@ -178,23 +166,25 @@ class EvalRecord(Mapping[str, Any]):
         0.4
     """
 
+    # the order of the fields is the order of the mapping keys (that of the dict records of earlier versions)
     step: int
-    f_mem: float
-    f_mem_ci_low: float | None = None
-    f_mem_ci_high: float | None = None
+    _: KW_ONLY  # every field but the step by name
     num_samples: int | None = None
-    ratio_q05: float | None = None
-    ratio_q25: float | None = None
-    ratio_median: float | None = None
-    ratio_q75: float | None = None
-    ratio_q95: float | None = None
-    fid: float | None = None
-    fid_num_samples: int | None = None
+    f_mem: float = field(metadata={"scalar": F_MEM})
+    f_mem_ci_low: float | None = field(default=None, metadata={"scalar": F_MEM_CI_LOW})
+    f_mem_ci_high: float | None = field(default=None, metadata={"scalar": F_MEM_CI_HIGH})
+    ratio_q05: float | None = field(default=None, metadata={"quantile": 0.05})
+    ratio_q25: float | None = field(default=None, metadata={"quantile": 0.25})
+    ratio_median: float | None = field(default=None, metadata={"quantile": 0.5, "scalar": RATIO_MEDIAN})
+    ratio_q75: float | None = field(default=None, metadata={"quantile": 0.75})
+    ratio_q95: float | None = field(default=None, metadata={"quantile": 0.95})
+    fid: float | None = field(default=None, metadata={"fid": True, "scalar": FID_KEY})
+    fid_num_samples: int | None = field(default=None, metadata={"fid": True, "scalar": FID_NUM_SAMPLES})
     metrics: dict[str, float] = field(default_factory=dict)
-    sample_seconds: float | None = None
-    metric_seconds: float | None = None
     extra: dict[str, float] = field(default_factory=dict)
-    per_class: dict[int, ClassRecord] = field(default_factory=dict)
+    metric_seconds: float | None = None
+    sample_seconds: float | None = None
+    per_class: dict[int, ClassRecord] = field(default_factory=dict, metadata={"per_class": True})
 
     def __post_init__(self) -> None:
         if isinstance(self.step, bool) or not isinstance(self.step, int) or self.step < 0:
@@ -219,7 +209,7 @@ class EvalRecord(Mapping[str, Any]):
         """Mapping keys in the order of the dict records: the fields holding a value (``fid`` and
         ``fid_num_samples`` always), the user metrics and extra signals by name before the timings."""
         keys: list[str] = []
-        for name in _MAPPING_ORDER:
+        for name in _FIELD_NAMES:
             if name in _GROUPS:
                 keys += list(getattr(self, name))
             elif name == RecordField.PER_CLASS:
@@ -389,18 +379,33 @@ def _as_int(value: Any, name: str) -> int:
     return out
 
 
-_FIELD_NAMES: tuple[str, ...] = tuple(f.name for f in fields(EvalRecord))
-_INT_FIELDS = frozenset({RecordField.NUM_SAMPLES, RecordField.FID_NUM_SAMPLES})
+# -- every table of names, from the dataclass's fields -------------------------------------------------------
+_FIELDS = tuple(f for f in fields(EvalRecord) if f.name != "_")
+_FIELD_NAMES: tuple[str, ...] = tuple(f.name for f in _FIELDS)
+# their entries are keys by name (per_class is one key, listed when it holds a class)
+_GROUPS = tuple(f.name for f in _FIELDS if str(f.type).startswith("dict") and not f.metadata.get("per_class"))
+_ALWAYS_LISTED = tuple(f.name for f in _FIELDS if f.metadata.get("fid"))
+_INT_FIELDS = frozenset(f.name for f in _FIELDS if str(f.type).startswith("int"))
 RECORD_FIELDS: tuple[str, ...] = tuple(name for name in _FIELD_NAMES if name not in _GROUPS)
 """Names of the record's own fields (mapping keys besides the user metrics and extra signals)."""
+SCALAR_KEYS: dict[str, str] = {f.name: f.metadata["scalar"] for f in _FIELDS if "scalar" in f.metadata}
+"""Record field -> logged scalar key (the fields logged under their own constant; user metrics and extra
+signals are logged as ``memwatch/<name>``)."""
+RATIO_QUANTILES: dict[str, float] = {f.name: f.metadata["quantile"] for f in _FIELDS if "quantile" in f.metadata}
+"""Record field -> quantile of the per-sample nearest-neighbour ratios d1/d2 stored in every record."""
+for _name in RECORD_FIELDS:
+    setattr(RecordField, _name.upper(), _name)
 
-_MAPPING_ORDER = (
-    "step", "num_samples", "f_mem", "f_mem_ci_low", "f_mem_ci_high",
-    "ratio_q05", "ratio_q25", "ratio_median", "ratio_q75", "ratio_q95",
-    "fid", "fid_num_samples", "metrics", "extra", "per_class", "metric_seconds", "sample_seconds",
-)
-_NAMED = {v for k, v in vars(RecordField).items() if k.isupper()}
-if (
-    set(_MAPPING_ORDER) != set(_FIELD_NAMES) or _NAMED != set(RECORD_FIELDS) or not set(SCALAR_KEYS) <= _NAMED
-):  # pragma: no cover
-    raise ImportError("lightning_memwatch.record: the key tables disagree with EvalRecord's fields")
+
+def listed_keys(*, fid: bool, metrics: Iterable[str] = (), extra: Iterable[str] = ()) -> list[str]:
+    """The mapping keys of a record whose every own field holds a value, in order: the FID fields only when
+    ``fid``, the user metrics and extra signals by name (e.g. what every MemWatch record holds)."""
+    keys: list[str] = []
+    for f in _FIELDS:
+        if f.name in _GROUPS:
+            keys += list(metrics if f.name == "metrics" else extra)
+        elif f.metadata.get("per_class"):
+            continue  # class-conditional records only
+        elif fid or not f.metadata.get("fid"):
+            keys.append(f.name)
+    return keys

@@ -38,8 +38,10 @@ __all__ = [
     "batch_generator",
     "check_sampler_signature",
     "draw_samples",
+    "gather_in_order",
     "per_sample_noise",
     "rank_slice",
+    "sampler_of",
 ]
 
 Sampler = Callable[..., Tensor]
@@ -50,6 +52,44 @@ def _seed_for(*words: int) -> int:
     return int(
         np.random.SeedSequence([int(w) & 0xFFFFFFFF for w in words]).generate_state(2, np.uint64)[0] >> 1
     )
+
+
+def sampler_of(pl_module: Any, sample_fn: Callable[..., Tensor] | None = None) -> Sampler:
+    """The sampler of the contract: ``sample_fn`` bound to the module (``sampler(n, **kw)`` calls
+    ``sample_fn(pl_module, n, **kw)``; its signature, less the module, stays visible so ``noise`` is passed only
+    when it is accepted), else the module's own ``sample`` method.
+
+    Raises:
+        AttributeError: no ``sample_fn`` and no ``sample`` method, with the contract to implement.
+    """
+    if sample_fn is not None:
+        fn = sample_fn
+
+        def call(num_samples: int, **kwargs: Any) -> Tensor:
+            return fn(pl_module, num_samples, **kwargs)
+
+        signature = _without_first_parameter(fn)
+        takes_labels = getattr(fn, "takes_labels", None)  # adapters: `labels` only for a conditional model
+        if signature is not None and callable(takes_labels) and not takes_labels(pl_module):
+            signature = signature.replace(parameters=[p for n, p in signature.parameters.items() if n != "labels"])
+        call.__signature__ = signature  # type: ignore[attr-defined]
+        return call
+    sample = getattr(pl_module, "sample", None)
+    if not callable(sample):
+        raise AttributeError(
+            f"{type(pl_module).__name__} has no `sample` method. Add "
+            "`def sample(self, num_samples, generator=None, noise=None) -> Tensor` returning (B, C, H, W) "
+            "images in data_range, or pass `MemWatch(sample_fn=lambda module, n, generator=None: ...)`."
+        )
+    return sample
+
+
+def _without_first_parameter(fn: Callable[..., Any]) -> inspect.Signature | None:
+    try:
+        sig = inspect.signature(fn)
+    except (TypeError, ValueError):
+        return None
+    return sig.replace(parameters=list(sig.parameters.values())[1:])
 
 
 def accepts_noise(fn: Callable[..., Any]) -> bool:
@@ -130,6 +170,24 @@ def rank_slice(num_samples: int, rank: int, world_size: int) -> range:
     per_rank, extra = divmod(num_samples, world_size)
     start = rank * per_rank + min(rank, extra)
     return range(start, start + per_rank + (1 if rank < extra else 0))
+
+
+def gather_in_order(
+    local: Tensor, total: int, world_size: int, all_gather: Callable[[Tensor], Tensor]
+) -> Tensor:
+    """Every rank's share of ``total`` samples (its :func:`rank_slice`), concatenated in index order.
+
+    A collective: every rank calls it with its own ``local`` share. Shares differ in length by one at most, so
+    each is padded to the longest before ``all_gather`` (``(world_size, longest, ...)``, e.g. Lightning's
+    ``trainer.strategy.all_gather``) and cut back after.
+    """
+    if world_size == 1:
+        return local
+    longest = len(rank_slice(total, 0, world_size))
+    padded = torch.zeros((longest, *local.shape[1:]), device=local.device, dtype=local.dtype)
+    padded[: len(local)] = local
+    gathered = all_gather(padded)  # (world_size, longest, ...)
+    return torch.cat([gathered[r, : len(rank_slice(total, r, world_size))] for r in range(world_size)])
 
 
 def draw_samples(

@@ -8,7 +8,8 @@ from __future__ import annotations
 import bisect
 import math
 import numbers
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 import numpy as np
 from torch import Tensor
@@ -212,6 +213,20 @@ class EvalSchedule:
             out.append(s)
             s = self.next_after(s)
         return out
+
+    # -- what MemWatch tells its schedule (an adaptive schedule plans from it; a fixed one ignores it) -------
+    def observe(self, record: Mapping[str, Any]) -> None:
+        """Take note of an evaluation's record; MemWatch calls it after each evaluation, on every rank. A fixed
+        schedule ignores it; :class:`~lightning_memwatch.AdaptiveSchedule` plans its next step from it."""
+
+    def state_dict(self) -> dict[str, Any]:
+        """What the schedule decided so far, to resume exactly; MemWatch keeps it in its own state. A fixed
+        schedule decides nothing: ``{}``."""
+        return {}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Inverse of :meth:`state_dict` (MemWatch calls it on resume when the checkpoint holds a schedule
+        state). A fixed schedule has none to restore."""
 
     def __repr__(self) -> str:
         parts = []

@@ -27,7 +27,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import torch
 from lightning.pytorch import LightningModule, Trainer
@@ -36,7 +36,14 @@ from torch import Tensor, nn
 
 from lightning_memwatch._checks import check_choice, config_error
 
-__all__ = ["ModuleEMA", "ScoredWeights", "WeightsChoice", "find_weight_averaging", "resolve_weights"]
+__all__ = [
+    "ModuleEMA",
+    "ScoredWeights",
+    "WeightsChoice",
+    "find_weight_averaging",
+    "resolve_weights",
+    "scoring",
+]
 
 
 @dataclass(frozen=True)
@@ -58,8 +65,10 @@ class ModuleEMA:
             raise config_error(f"ModuleEMA.attribute must be an attribute name, e.g. 'ema'; got {self.attribute!r}.")
 
 
-WeightsChoice = Literal["auto", "raw", "averaged"] | ModuleEMA
-_CHOICES = ("auto", "raw", "averaged")
+WeightsName = Literal["auto", "raw", "averaged"]
+"""The named choices of ``MemWatch(weights=...)``."""
+WeightsChoice = WeightsName | ModuleEMA
+WEIGHTS_NAMES: tuple[str, ...] = get_args(WeightsName)
 
 
 def find_weight_averaging(trainer: Trainer) -> WeightAveraging | None:
@@ -180,7 +189,7 @@ def resolve_weights(choice: Any, trainer: Trainer, pl_module: LightningModule) -
     """
     if isinstance(choice, ModuleEMA):
         return _ModuleEMA(choice, pl_module)
-    check_choice(choice, "MemWatch(weights=...)", _CHOICES, hint="Or pass ModuleEMA('attribute') for an EMA copy.")
+    check_choice(choice, "MemWatch(weights=...)", WEIGHTS_NAMES, hint="Or pass ModuleEMA('attribute') for an EMA copy.")
     if choice == "raw":
         return ScoredWeights()
     callback = find_weight_averaging(trainer)
@@ -193,3 +202,17 @@ def resolve_weights(choice: Any, trainer: Trainer, pl_module: LightningModule) -
             )
         return ScoredWeights()
     return _Averaged(callback)
+
+
+@contextlib.contextmanager
+def scoring(trainer: Trainer, pl_module: LightningModule, scored: ScoredWeights | None) -> Iterator[None]:
+    """The module as it is scored, for one evaluation or probe reading: the ``scored`` weights in it (None: the
+    weights it holds) and eval mode. Its own weights and training mode come back afterwards, also on an error.
+    MemWatch and LossGapProbe both read the module through this bracket."""
+    was_training = pl_module.training
+    with (scored if scored is not None else ScoredWeights()).applied(trainer, pl_module):
+        pl_module.eval()
+        try:
+            yield
+        finally:
+            pl_module.train(was_training)

@@ -14,7 +14,7 @@ from lightning.pytorch import Callback, Trainer  # noqa: E402
 from toys import toy_images, toy_loader  # noqa: E402
 
 from lightning_memwatch.apps.models import DDPM, ResidualMLP  # noqa: E402
-from lightning_memwatch.probe import LossGapProbe  # noqa: E402
+from lightning_memwatch.callbacks.probe import LossGapProbe  # noqa: E402
 
 
 class DumpReadings(Callback):

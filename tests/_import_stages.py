@@ -7,6 +7,7 @@ which each imports at most what the next is allowed to, so that "module X did no
 ``sys.modules`` of a process where nothing else imported Y first:
 
 1. ``record``: neither torch, numpy nor Lightning;
+   ``detection``: the timescale rules and their argument checks (``_arguments``): neither torch, numpy nor Lightning;
 2. ``checks``: the error helpers, used without raising: no Lightning;
 3. ``frechet``: the Frechet maths: no Lightning, neither the FID module nor the feature extractors;
 4. ``images``: the one reader of image sources: no Lightning;
@@ -38,6 +39,14 @@ def loaded() -> list[str]:
 
 def stage_record() -> None:
     import lightning_memwatch.record  # noqa: F401
+
+
+def stage_detection() -> list:
+    from lightning_memwatch.detection import TimescaleDetector
+
+    detector = TimescaleDetector(patience=2, rel_tol=0.1)
+    detector.update({"step": 1, "f_mem": 0.0, "f_mem_ci_low": 0.0, "fid": 10.0})
+    return [detector.patience, detector.num_records]
 
 
 def stage_checks() -> None:
@@ -104,6 +113,7 @@ def stage_adapters() -> None:
 
 STAGES = {
     "record": stage_record,
+    "detection": stage_detection,
     "checks": stage_checks,
     "frechet": stage_frechet,
     "images": stage_images,

@@ -401,8 +401,11 @@ def test_records_must_carry_increasing_integer_steps():
     ],
 )
 def test_bad_settings_name_the_fix(kwargs, match):
-    with pytest.raises(ValueError, match=match):
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
+
+    with pytest.raises(MisconfigurationException, match=match) as caught:  # the package's one ConfigError
         TimescaleDetector(**kwargs)
+    assert isinstance(caught.value, ValueError)
 
 
 # -- forecast --------------------------------------------------------------------------------------------
@@ -560,3 +563,28 @@ def test_noise_allowance_with_the_training_images_level_and_its_setting():
     assert TimescaleDetector(noise_z=0.0).config()["noise_z"] == 0.0
     with pytest.raises(ValueError, match=r"noise_z must be a number in \[0, inf\)"):
         TimescaleDetector(noise_z=-1.0)
+
+
+def test_the_plateau_rule_gives_numbers_first_and_the_reason_describes_them():
+    """The verdict (gain, tolerance, noise, onset) is computed apart from its sentences, which quote it."""
+    from lightning_memwatch.detection import PlateauVerdict
+
+    detector = TimescaleDetector(noise_z=0.0)
+    for step, fid in [(0, 300.0), (500, 60.0), (1000, 20.0), (1500, 19.5)]:
+        detector.update({"step": step, "f_mem": 0.0, "f_mem_ci_low": 0.0, "fid": fid})
+    verdict = detector._plateau_verdict(1500, 750.0, None)
+    assert isinstance(verdict, PlateauVerdict) and not verdict.fired  # 20 -> 19.5 in (750, 1500], 60 before
+    assert verdict.gain == pytest.approx((60.0 - 19.5) / 60.0) and verdict.tol == pytest.approx(0.05)
+    assert verdict.onset_step is None and f"{100 * verdict.gain:.1f}% gained" in detector.status
+    [event] = detector.update({"step": 2000, "f_mem": 0.0, "f_mem_ci_low": 0.0, "fid": 19.4})
+    assert (event.name, event.step, event.confirmed_step, event.value) == ("tau_gen", 1000, 2000, 20.0)
+    assert "improves on the best up to step 1000 (20) by 3.00% < rel_tol 5%" in event.reason
+
+
+def test_the_forecast_lives_in_fits_and_is_re_exported_where_it_was_imported():
+    import lightning_memwatch
+    from lightning_memwatch import detection, fits
+
+    for name in ("TauMemForecast", "forecast_tau_mem", "fit_summary"):
+        assert getattr(detection, name) is getattr(fits, name), name
+    assert lightning_memwatch.forecast_tau_mem is fits.forecast_tau_mem

@@ -774,8 +774,8 @@ def test_integrations_probe_snippet_reads_the_adapters_loss(tmp_path, digits16):
     import integrations_diffusers as snippet
     import lightning as L
 
+    from lightning_memwatch.callbacks.probe import LOSS_GAP
     from lightning_memwatch.metrics.loss_gap import measure_loss_gap
-    from lightning_memwatch.probe import LOSS_GAP
 
     _, heldout, _ = digits16
     callbacks = snippet.watch_and_probe((heldout + 1) / 2)
@@ -847,3 +847,22 @@ def test_integrations_ema_snippet_scores_the_averaged_weights(tmp_path, digits16
     averaged = ema._average_model.module.state_dict()  # test-only look at the average the callback keeps
     kept = scored[1]
     assert all(torch.allclose(kept[k], averaged[k]) for k in kept if k.startswith("unet."))
+
+
+def test_every_module_the_architecture_page_names_exists():
+    """docs/architecture.md's map (the layout block and the table) names only modules and folders that exist,
+    and names every module of the core's top level and of callbacks/."""
+    text = (DOCS / "architecture.md").read_text()
+    layout = text.split("```text\nlightning_memwatch/", 1)[1].split("```", 1)[0]
+    table = text.split("| Module | Owns | Does not |", 1)[1].split("\n\n", 1)[0]
+    package = ROOT / "lightning_memwatch"
+    named = set(re.findall(r"(?<![\w./])((?:\w+/)*\w+\.py)\b", layout))
+    named |= set(re.findall(r"`((?:\w+/)*\w+\.py)`", table))
+    folders = set(re.findall(r"(?<![\w./])((?:\w+/)+)(?=\s)", layout))
+    assert len(named) > 20 and {"callbacks/memwatch.py", "callbacks/_train_images.py"} <= named
+    missing = sorted(n for n in named | folders if not (package / n).exists())
+    assert not missing, f"docs/architecture.md names modules that do not exist: {missing}"
+    modules = [*package.glob("*.py"), *(package / "callbacks").glob("*.py")]
+    core = {p.relative_to(package).as_posix() for p in modules if p.name != "__init__.py"}
+    unnamed = sorted(core - named)
+    assert not unnamed, f"docs/architecture.md does not place these modules: {unnamed}"

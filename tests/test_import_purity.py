@@ -46,6 +46,13 @@ def test_record_module_imports_no_torch_numpy_or_lightning(stages):
     assert [m for m in loaded if not m.startswith("lightning_memwatch.")] == []
 
 
+def test_the_timescale_rules_and_their_argument_checks_import_no_torch_numpy_or_lightning(stages):
+    stage = _stage(stages, "detection")
+    assert stage["value"] == [2, 1]  # it ran: a detector was built (its arguments checked) and fed a record
+    assert "lightning_memwatch._arguments" in stage["loaded"]
+    assert [m for m in stage["loaded"] if not m.startswith("lightning_memwatch.")] == []
+
+
 def test_checks_import_no_lightning_until_an_error_is_raised(stages):
     assert _lightning(_stage(stages, "checks")["loaded"]) == []
     raised = _stage(stages, "checks_error")["value"]

@@ -137,6 +137,7 @@ def test_the_memwatch_command_without_the_extra_names_it(without_apps):
         ("lightning_memwatch.report", "lightning_memwatch.apps.report", "report"),
         ("lightning_memwatch.demo", "lightning_memwatch.apps.demo", "DemoConfig"),
         ("lightning_memwatch.cli", "lightning_memwatch.apps.cli", "main"),
+        ("lightning_memwatch.probe", "lightning_memwatch.callbacks.probe", "LossGapProbe"),
     ],
 )
 def test_old_paths_are_the_moved_modules_with_a_deprecation_warning(old, new, attribute, monkeypatch):
@@ -147,6 +148,7 @@ def test_old_paths_are_the_moved_modules_with_a_deprecation_warning(old, new, at
         module = importlib.import_module(old)
     messages = [str(w.message) for w in caught if issubclass(w.category, DeprecationWarning)]
     assert f"{old} moved to {new}; import it from there" in " ".join(messages)
+    assert f"removed in lightning-memwatch {_moved.REMOVED_IN}" in " ".join(messages)  # names the release
     assert module is importlib.import_module(new)
     assert module.__name__ == new and module.__spec__.name == new  # the module keeps its own identity
     assert getattr(module, attribute) is getattr(importlib.import_module(new), attribute)
@@ -169,3 +171,42 @@ def test_python_dash_m_runs_an_old_path():
     assert proc.returncode == 0, proc.stderr
     assert "usage: memwatch" in proc.stdout
     assert "lightning_memwatch.cli moved to lightning_memwatch.apps.cli" in proc.stderr
+
+
+# The benchmark scripts import each other's pieces; a pair importing each other is a circle (one script's
+# pieces need a home of their own). The knn pair is left to the exact-search issue, which gives its shared
+# pieces one home: drop it from this set then.
+_BENCHMARK_CIRCLES_LEFT = {frozenset({"knn", "knn_scale"})}
+
+
+def _benchmark_imports() -> dict[str, set[str]]:
+    """``{script: sibling scripts it imports}`` for ``benchmarks/*.py`` (``benchmarks.x`` or a bare ``x``)."""
+    scripts = {p.stem: p for p in (ROOT / "benchmarks").glob("*.py")}
+    graph = {}
+    for name, path in scripts.items():
+        found = set()
+        for _, imported in _imported_names(path):
+            parts = imported.split(".")
+            stem = parts[1] if parts[0] == "benchmarks" and len(parts) > 1 else parts[0]
+            if stem in scripts and stem != name:
+                found.add(stem)
+        graph[name] = found
+    return graph
+
+
+def test_no_two_benchmark_scripts_import_each_other():
+    graph = _benchmark_imports()
+    circles = {frozenset({a, b}) for a, deps in graph.items() for b in deps if a in graph.get(b, set())}
+    assert circles <= _BENCHMARK_CIRCLES_LEFT, sorted(map(sorted, circles - _BENCHMARK_CIRCLES_LEFT))
+    assert "adaptive_parts" in graph["adaptive_demo"] and "adaptive_parts" in graph["adaptive_analysis"]
+
+
+def test_a_deprecation_names_its_removal_release_and_fails_once_the_release_is_reached(monkeypatch):
+    import lightning_memwatch
+    from lightning_memwatch._deprecation import deprecate
+
+    with pytest.warns(DeprecationWarning, match=r"old\(\) is deprecated \(removed in lightning-memwatch 9\.0\.0\)"):
+        deprecate("old() is deprecated", "9.0.0")
+    monkeypatch.setattr(lightning_memwatch, "__version__", "9.0.0")
+    with pytest.raises(RuntimeError, match="deprecated for removal in 9.0.0: remove it"):
+        deprecate("old() is deprecated", "9.0.0")

@@ -12,6 +12,7 @@ from toys import toy_images, toy_loader
 
 from lightning_memwatch import MemWatch
 from lightning_memwatch.apps.models import DDPM, ResidualMLP
+from lightning_memwatch.callbacks.probe import LOSS_GAP, PROBE_LOSS_TRAIN, LossGapProbe
 from lightning_memwatch.metrics.loss_gap import (
     band_names,
     draw_probe_triples,
@@ -20,7 +21,6 @@ from lightning_memwatch.metrics.loss_gap import (
     probe_period,
     reading_from_sums,
 )
-from lightning_memwatch.probe import LOSS_GAP, PROBE_LOSS_TRAIN, LossGapProbe
 
 TRAIN = toy_images(32, seed=0)
 HELDOUT = toy_images(48, seed=1)

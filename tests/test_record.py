@@ -114,3 +114,48 @@ def test_the_detector_reads_records_and_dicts_alike():
 def test_finite_float():
     assert finite_float("1.0") is None and finite_float(None) is None and finite_float(math.nan) is None
     assert finite_float(2) == 2.0 and finite_float(math.inf) is None
+
+
+def test_every_table_of_names_is_read_from_the_dataclass():
+    """The names are spelled once, in EvalRecord's fields (quantiles and logged keys in their metadata)."""
+    import dataclasses
+
+    import lightning_memwatch.evaluator as evaluator
+    from lightning_memwatch import FID, MemWatch
+    from lightning_memwatch.record import RATIO_QUANTILES, listed_keys
+
+    declared = [f for f in dataclasses.fields(EvalRecord)]
+    own = [f.name for f in declared if f.name not in ("metrics", "extra")]
+    assert list(RECORD_FIELDS) == own and {getattr(RecordField, name.upper()) for name in own} == set(own)
+    assert RATIO_QUANTILES == {f.name: f.metadata["quantile"] for f in declared if "quantile" in f.metadata}
+    assert list(RATIO_QUANTILES.values()) == [0.05, 0.25, 0.5, 0.75, 0.95]
+    assert evaluator.RATIO_QUANTILES is RATIO_QUANTILES
+    assert SCALAR_KEYS == {f.name: f.metadata["scalar"] for f in declared if "scalar" in f.metadata}
+    # the mapping's keys come in the dataclass's order, which is the dict records' order of earlier versions
+    record = full_record(extra={"loss_gap": 0.1})
+    assert list(record) == [
+        "step", "num_samples", "f_mem", "f_mem_ci_low", "f_mem_ci_high",
+        "ratio_q05", "ratio_q25", "ratio_median", "ratio_q75", "ratio_q95",
+        "fid", "fid_num_samples", "sharpness", "loss_gap", "metric_seconds", "sample_seconds",
+    ]  # fmt: skip
+    assert list(record) == listed_keys(fid=True, metrics=["sharpness"], extra=["loss_gap"])
+    assert MemWatch(fid=None).record_keys == [k for k in listed_keys(fid=False) if k in own]
+    watch = MemWatch(fid=FID(), metrics={"sharpness": lambda x: 0.0})
+    assert watch.record_keys == listed_keys(fid=True, metrics=["sharpness"])
+    with pytest.raises(TypeError):  # all but the step by name
+        EvalRecord(500, 0.25)
+
+
+def test_each_choice_tuple_is_its_literals_arguments():
+    from typing import get_args
+
+    from lightning_memwatch import adaptive, detection, weights
+    from lightning_memwatch.callbacks import memwatch
+    from lightning_memwatch.metrics import features
+
+    assert memwatch.KNN_SHARDING == get_args(memwatch.KnnSharding) == ("auto", "sharded", "rank0")
+    assert detection.QUALITY_MODES == get_args(detection.QualityMode) == ("min", "max")
+    assert detection._GEN_RULES == get_args(detection.GenRule) and detection._MEM_RULES == get_args(detection.MemRule)
+    assert adaptive._SIGNALS == get_args(adaptive.Signal)
+    assert weights.WEIGHTS_NAMES == get_args(weights.WeightsName) == ("auto", "raw", "averaged")
+    assert features.RESIZE_MODES == get_args(features.ResizeMode)

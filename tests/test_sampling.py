@@ -103,3 +103,19 @@ def test_sampler_taking_neither_generator_nor_noise_names_the_contract():
 
     with pytest.raises(TypeError, match=r"takes neither `generator` nor `noise`.*sample\(num_samples, generator=None"):
         draw(unseeded, 2, batch_size=2)
+
+
+def test_gather_in_order_pads_the_shares_and_cuts_them_back():
+    """Shares of 3, 2 and 2 of 7 samples: each is padded to 3 for all_gather and the result is the 7 in order."""
+    from lightning_memwatch.sampling import gather_in_order
+
+    total, world = 7, 3
+    samples = torch.arange(total * 2, dtype=torch.float32).view(total, 2)
+    shares = [samples[rank_slice(total, r, world).start : rank_slice(total, r, world).stop] for r in range(world)]
+    sent = []  # what each rank hands to all_gather
+    for share in shares:
+        gather_in_order(share, total, world, lambda x: sent.append(x) or torch.zeros(world, *x.shape))
+    assert [tuple(x.shape) for x in sent] == [(3, 2)] * 3
+    for share in shares:  # every rank gets every sample, in index order
+        assert torch.equal(gather_in_order(share, total, world, lambda x: torch.stack(sent)), samples)
+    assert gather_in_order(samples, total, 1, None) is samples  # one process: nothing to gather

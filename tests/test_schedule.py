@@ -99,3 +99,13 @@ def test_wrong_types_name_the_accepted_forms():
         EvalSchedule.at(10)  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="EvalSchedule steps must be an int"):
         EvalSchedule.at(["10"])  # type: ignore[list-item]
+
+
+def test_every_schedule_has_the_contract_memwatch_calls():
+    """MemWatch calls observe / state_dict / load_state_dict on any schedule: a fixed one does nothing."""
+    schedule = EvalSchedule.every(5)
+    before = (schedule.steps, schedule.next_after(7))
+    assert schedule.observe({"step": 5, "f_mem": 0.5}) is None
+    assert schedule.state_dict() == {}
+    schedule.load_state_dict({})
+    assert (schedule.steps, schedule.next_after(7)) == before == ((), 10)

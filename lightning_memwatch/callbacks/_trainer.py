@@ -1,4 +1,5 @@
-"""What the callbacks read from the Trainer before training starts: the training loader."""
+"""What the callbacks read from the Trainer before training starts: the training loader and the datamodule's
+conventions (``data_range``, ``train_images()``, ``reference_images()``, ``heldout_images()``)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,14 @@ from typing import Any
 
 from lightning.pytorch import Trainer
 
-__all__ = ["train_loader_of"]
+__all__ = [
+    "data_range_of",
+    "datamodule_of",
+    "heldout_images_of",
+    "reference_images_of",
+    "train_images_of",
+    "train_loader_of",
+]
 
 
 def train_loader_of(trainer: Trainer) -> Any | None:
@@ -33,3 +41,44 @@ def train_loader_of(trainer: Trainer) -> Any | None:
     if isinstance(loader, Mapping) and loader:
         loader = next(iter(loader.values()))
     return loader
+
+
+# -- the datamodule conventions -------------------------------------------------------------------------------
+# A datamodule (or, for data_range, the module) may announce what the callbacks need. These are the only readers
+# of those names: `data_range`, `train_images()`, `reference_images()` (held-out images, the FID reference) and
+# `heldout_images()`.
+
+
+def datamodule_of(trainer: Trainer | None) -> Any | None:
+    """The trainer's datamodule, or None."""
+    return getattr(trainer, "datamodule", None)
+
+
+def _call(owner: Any, name: str) -> Any | None:
+    method = getattr(owner, name, None)
+    return method() if callable(method) else None
+
+
+def data_range_of(trainer: Trainer | None, pl_module: Any) -> Any | None:
+    """The ``data_range`` attribute of the datamodule, else of the module (unchecked), or None."""
+    for owner in (datamodule_of(trainer), pl_module):
+        value = getattr(owner, "data_range", None)
+        if value is not None:
+            return value
+    return None
+
+
+def train_images_of(trainer: Trainer | None) -> Any | None:
+    """The datamodule's ``train_images()`` (the training images without labels or augmentation), or None."""
+    return _call(datamodule_of(trainer), "train_images")
+
+
+def reference_images_of(trainer: Trainer | None) -> Any | None:
+    """The datamodule's ``reference_images()`` (held-out images: the FID reference), or None."""
+    return _call(datamodule_of(trainer), "reference_images")
+
+
+def heldout_images_of(trainer: Trainer | None) -> Any | None:
+    """Held-out images: the datamodule's ``reference_images()``, else its ``heldout_images()``, or None."""
+    found = reference_images_of(trainer)
+    return found if found is not None else _call(datamodule_of(trainer), "heldout_images")

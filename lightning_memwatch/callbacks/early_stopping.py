@@ -11,11 +11,10 @@ when training ends.
 from __future__ import annotations
 
 import os
-import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from enum import Enum
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
@@ -24,18 +23,72 @@ from torch import Tensor
 
 from lightning_memwatch import log as mwlog
 from lightning_memwatch._checks import check_choice, check_int, config_error, config_type_error
-from lightning_memwatch.detection import TimescaleEvent
+from lightning_memwatch._deprecation import REMOVAL_RELEASE, deprecate
+from lightning_memwatch.detection import QUALITY_MODES, QualityMode, TimescaleDetector, TimescaleEvent
 from lightning_memwatch.record import RecordField, finite_float
+from lightning_memwatch.weights import ScoredWeights
 
 if TYPE_CHECKING:  # pragma: no cover
     from lightning_memwatch.callbacks.memwatch import MemWatch
 
 __all__ = ["MemorizationEarlyStopping", "MemorizationStoppingReason"]
 
-_MODES = ("min", "max")
 BEST_FILENAME = "memwatch_best_in_window.pt"
 STOPPING_TEXT = "memwatch/early_stopping"
 """TensorBoard text tag of the stop message."""
+
+
+class WatchLike(Protocol):
+    """What the stopper reads of its watch; :class:`~lightning_memwatch.MemWatch` has it all (a stand-in in a
+    test or a plain loop needs the same)."""
+
+    detector: TimescaleDetector
+    history: Sequence[Mapping[str, Any]]
+    record_keys: Sequence[str] | None  # None: not known before the first record
+    scored_weights: ScoredWeights | None  # None: the weights in the module
+
+    def add_listener(self, fn: Callable[..., None]) -> None: ...
+
+    def add_event_listener(self, fn: Callable[..., None]) -> None: ...
+
+
+_WATCH_ATTRIBUTES = ("detector", "history", "record_keys", "scored_weights", "add_listener", "add_event_listener")
+
+
+def _move_patience(detector: TimescaleDetector, patience: int | None) -> None:
+    """The deprecated ``MemorizationEarlyStopping(patience=N)``: moved to the detector (with a warning naming the
+    removal release) when it asks for more than the detector's; refused once the detector has consumed records."""
+    if patience is None:
+        return
+    patience = check_int(patience, "`patience`", minimum=0, unit="evaluations")
+    if patience > max(1, detector.patience):
+        if detector.num_records:
+            raise config_error(
+                f"MemorizationEarlyStopping(patience=...) is deprecated (removed in lightning-memwatch "
+                f"{REMOVAL_RELEASE}) and the watch's detector has already consumed records: pass "
+                "`TimescaleDetector(patience=N)` to the MemWatch instead."
+            )
+        deprecate(
+            f"MemorizationEarlyStopping(patience={patience}) is deprecated and will be removed in "
+            f"lightning-memwatch {REMOVAL_RELEASE}: patience lives in the detector; it is moved there "
+            f"(`TimescaleDetector(patience={patience})`), so tau_mem is dated at the onset and confirmed "
+            "after that many consecutive evaluations.",
+            REMOVAL_RELEASE,
+            stacklevel=3,  # the caller of MemorizationEarlyStopping(...)
+        )
+        detector.patience = patience
+
+
+def _check_watch(watch: object) -> None:
+    """Refuse anything but a MemWatch (or a stand-in with all of :class:`WatchLike`), naming what is missing."""
+    missing = [name for name in _WATCH_ATTRIBUTES if not hasattr(watch, name)]
+    detector = getattr(watch, "detector", None)
+    if missing or not isinstance(detector, TimescaleDetector):
+        lacks = f" (it lacks {', '.join(missing)})" if missing and len(missing) < len(_WATCH_ATTRIBUTES) else ""
+        raise config_type_error(
+            f"watch must be the MemWatch callback this early stopping listens to (also passed to "
+            f"Trainer(callbacks=[watch, stopper])); got {type(watch).__name__}{lacks}."
+        )
 
 
 class MemorizationStoppingReason(Enum):
@@ -90,9 +143,10 @@ class MemorizationEarlyStopping(Callback):
     Args:
         watch: the :class:`~lightning_memwatch.MemWatch` whose flags drive the callback; it must also be in
             ``Trainer(callbacks=...)``.
-        patience: deprecated; set ``TimescaleDetector(patience=N)`` on the watch instead (patience lives in
-            the detector, which dates tau_mem at the onset and confirms it after N consecutive evaluations).
-            A value > 1 given here is moved to the watch's detector with a ``DeprecationWarning``.
+        patience: deprecated, removed in lightning-memwatch 0.3.0; set ``TimescaleDetector(patience=N)`` on the
+            watch instead (patience lives in the detector, which dates tau_mem at the onset and confirms it after
+            N consecutive evaluations). A value > 1 given here is moved to the watch's detector with a
+            ``DeprecationWarning``.
         restore_best: load the best pre-onset weights into the module when training ends after tau_mem.
         verbose: log a line on rank 0 at each new best, at the stop and at the restore.
         strict: raise when the watch's records will not hold ``monitor`` (e.g. FID off and no quality metric
@@ -123,48 +177,28 @@ class MemorizationEarlyStopping(Callback):
 
     def __init__(
         self,
-        watch: MemWatch,
+        watch: MemWatch | WatchLike,
         patience: int | None = None,
         restore_best: bool = True,
         verbose: bool = False,
         strict: bool = True,
         dirpath: str | os.PathLike[str] | None = None,
         monitor: str | None = None,
-        mode: Literal["min", "max"] | None = None,
+        mode: QualityMode | None = None,
         per_class: bool = False,
     ) -> None:
         super().__init__()
-        detector = getattr(watch, "detector", None)
-        subscribe = [getattr(watch, name, None) for name in ("add_listener", "add_event_listener")]
-        if not all(callable(fn) for fn in subscribe) or detector is None:
-            raise config_type_error(
-                f"watch must be the MemWatch callback this early stopping listens to (also passed to "
-                f"Trainer(callbacks=[watch, stopper])); got {type(watch).__name__}."
-            )
-        if patience is not None:
-            patience = check_int(patience, "`patience`", minimum=0, unit="evaluations")
-            if patience > max(1, detector.patience):
-                if detector.num_records:
-                    raise config_error(
-                        "MemorizationEarlyStopping(patience=...) is deprecated and the watch's detector has "
-                        "already consumed records: pass `TimescaleDetector(patience=N)` to the MemWatch instead."
-                    )
-                warnings.warn(
-                    f"MemorizationEarlyStopping(patience={patience}) is deprecated: patience lives in the "
-                    f"detector; it is moved there (`TimescaleDetector(patience={patience})`), so tau_mem is "
-                    "dated at the onset and confirmed after that many consecutive evaluations.",
-                    DeprecationWarning,
-                    stacklevel=2,
-                )
-                detector.patience = patience
-        mode = mode if mode is not None else getattr(detector, "quality_mode", "min")
-        mode = check_choice(mode, "`mode`", _MODES)
-        self.watch = watch
+        _check_watch(watch)
+        detector = watch.detector
+        _move_patience(detector, patience)
+        mode = mode if mode is not None else detector.quality_mode
+        mode = check_choice(mode, "`mode`", QUALITY_MODES)
+        self.watch: WatchLike = watch
         self.restore_best = bool(restore_best)
         self.verbose = bool(verbose)
         self.strict = bool(strict)
         self.dirpath = None if dirpath is None else str(dirpath)
-        self.monitor: str = monitor if monitor is not None else getattr(detector, "quality_key", "fid")
+        self.monitor: str = monitor if monitor is not None else detector.quality_key
         self.mode: str = mode
         if not isinstance(per_class, bool):
             raise config_type_error(f"per_class must be True or False; got {per_class!r}.")
@@ -184,6 +218,7 @@ class MemorizationEarlyStopping(Callback):
         self._tau_mem: TimescaleEvent | None = None
         self._events_from_watch = False  # a state saved before the events were kept: read them once
         self._monitor_checked = False
+        self._lineage_checked = False
         self._saved_watch: dict[str, Any] | None = None  # the watch's position when the loaded state was saved
 
     # -- Lightning vocabulary --------------------------------------------------------------------------
@@ -204,7 +239,7 @@ class MemorizationEarlyStopping(Callback):
     @property
     def wait_count(self) -> int:
         """Consecutive evaluations so far meeting the memorization condition (the detector's ``run_length``)."""
-        return int(getattr(self.watch.detector, "run_length", 0))
+        return self.watch.detector.run_length
 
     @property
     def best_weights(self) -> dict[str, Tensor] | None:
@@ -222,16 +257,9 @@ class MemorizationEarlyStopping(Callback):
             )
         self._monitor_checked = False
         self._lineage_checked = False
-        keys = getattr(self.watch, "record_keys", None)
-        if keys is not None:
-            produced = self.monitor in keys
-        else:  # a watch that does not announce its record keys: only FID can be known to be off
-            watch_metrics = getattr(self.watch, "metrics", {}) or {}
-            produced = not (
-                self.monitor == "fid" and hasattr(self.watch, "fid") and self.watch.fid is None
-                and "fid" not in watch_metrics
-            )
-        if not produced:  # known before training starts: fail (or warn) now, not after the first sampling pass
+        keys = self.watch.record_keys
+        # known before training starts (the watch's records will not hold the monitor): fail (or warn) now
+        if keys is not None and self.monitor not in keys:
             self._check_monitor({"step": trainer.global_step}, at_setup=True)
         self.watch.add_event_listener(self._on_event)
         self.watch.add_listener(self._on_evaluation)
@@ -257,7 +285,7 @@ class MemorizationEarlyStopping(Callback):
         self._monitor_checked = True
         if record.get(self.monitor) is not None:
             return
-        keys = getattr(self.watch, "record_keys", None)
+        keys = self.watch.record_keys
         listed = keys if at_setup and keys is not None else [k for k in record if k != "step"]
         available = ", ".join(f"`{k}`" for k in listed)
         when = "will not hold" if at_setup else f"do not hold (step {record.get('step')})"
@@ -291,8 +319,8 @@ class MemorizationEarlyStopping(Callback):
         if self._events_from_watch:
             self._events_from_watch = False
             detector = self.watch.detector
-            self._tau_gen = self._tau_gen or getattr(detector, "tau_gen", None)
-            self._tau_mem = self._tau_mem or getattr(detector, "tau_mem", None)
+            self._tau_gen = self._tau_gen or detector.tau_gen
+            self._tau_mem = self._tau_mem or detector.tau_mem
 
     def _on_evaluation(self, trainer: Trainer, pl_module: LightningModule, record: Mapping[str, Any]) -> None:
         self._check_lineage(evaluating=True)  # the watch has appended this record to its history already
@@ -359,7 +387,7 @@ class MemorizationEarlyStopping(Callback):
     def _best_is_latest_before(self, tau_mem: Any) -> bool:
         """Whether the kept evaluation is the watch's last one before the onset (quality still improving)."""
         onset = None if tau_mem is None else int(tau_mem.step)
-        steps = [int(r[RecordField.STEP]) for r in getattr(self.watch, "history", [])]
+        steps = [int(r[RecordField.STEP]) for r in self.watch.history]
         before = [s for s in steps if onset is None or s < onset]
         return not before or max(before) == self.best_step
 
@@ -372,14 +400,8 @@ class MemorizationEarlyStopping(Callback):
         if self.dirpath is not None:
             path = Path(self.dirpath) / BEST_FILENAME
             if trainer.is_global_zero:
-                path.parent.mkdir(parents=True, exist_ok=True)
-                tmp = path.with_name(f".{path.name}.tmp")
                 payload = {"state_dict": _cpu_copy(pl_module), "step": step, "score": score}
-                with open(tmp, "wb") as handle:  # written aside, then renamed: never a half-written file
-                    torch.save({**payload, "monitor": self.monitor}, handle)
-                    handle.flush()
-                    os.fsync(handle.fileno())
-                os.replace(tmp, path)
+                _save_atomically(path, {**payload, "monitor": self.monitor})
             self.best_model_path = str(path)
         elif self.restore_best:
             self._best_weights = _cpu_copy(pl_module)
@@ -390,9 +412,7 @@ class MemorizationEarlyStopping(Callback):
 
     # -- the watch's history -----------------------------------------------------------------------------
     def _watch_position(self, evaluating: bool = False) -> dict[str, Any] | None:
-        history = getattr(self.watch, "history", None)
-        if history is None:
-            return None
+        history = self.watch.history
         if evaluating:
             history = history[:-1]
         return {
@@ -402,7 +422,7 @@ class MemorizationEarlyStopping(Callback):
 
     def _check_lineage(self, evaluating: bool = False) -> None:
         """Drop kept state that belongs to a watch history the watch no longer has (state not restored)."""
-        if getattr(self, "_lineage_checked", False):
+        if self._lineage_checked:
             return
         self._lineage_checked = True
         saved, now = self._saved_watch, self._watch_position(evaluating)
@@ -442,7 +462,7 @@ class MemorizationEarlyStopping(Callback):
         weights = self._load_kept(trainer)
         if weights is None:
             return
-        scored = getattr(self.watch, "scored_weights", None)
+        scored = self.watch.scored_weights
         if scored is not None:
             scored.restore(trainer, pl_module, weights)
         else:
@@ -463,24 +483,7 @@ class MemorizationEarlyStopping(Callback):
                 )
             return self._best_weights
         trainer.strategy.barrier("memwatch_best_in_window")  # rank 0 wrote the file
-        if not os.path.exists(self.best_model_path):
-            rank_zero_warn(
-                f"MemorizationEarlyStopping: {self.best_model_path} is missing (moved, or on another "
-                "machine); the module keeps its final weights. Use a `dirpath` every rank can read."
-            )
-            return None
-        try:
-            saved = torch.load(self.best_model_path, map_location="cpu", weights_only=True)
-            weights = saved["state_dict"]
-            if int(saved["step"]) != self.best_step:
-                raise ValueError(f"it holds step {saved['step']}, not {self.best_step}")
-        except Exception as err:  # truncated, corrupt or foreign file: keep training's result, say why
-            rank_zero_warn(
-                f"MemorizationEarlyStopping: could not read {self.best_model_path} ({type(err).__name__}: "
-                f"{err}); the module keeps its final weights."
-            )
-            return None
-        return weights
+        return _read_kept(self.best_model_path, self.best_step)
 
     def _info(self, message: str) -> None:
         if self.verbose:
@@ -526,6 +529,40 @@ class MemorizationEarlyStopping(Callback):
             self._tau_gen = None if events.get("tau_gen") is None else TimescaleEvent.from_dict(events["tau_gen"])
             self._tau_mem = None if events.get("tau_mem") is None else TimescaleEvent.from_dict(events["tau_mem"])
             self._events_from_watch = False
+
+
+def _save_atomically(path: Path, payload: dict[str, Any]) -> None:
+    """``torch.save`` to ``path`` through a file aside, then renamed: never a half-written file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as handle:
+        torch.save(payload, handle)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+def _read_kept(path: str, step: int | None) -> dict[str, Tensor] | None:
+    """The kept weights of ``step`` from the file at ``path``; None with a warning when it is missing, unreadable
+    or holds another step (the module then keeps its final weights)."""
+    if not os.path.exists(path):
+        rank_zero_warn(
+            f"MemorizationEarlyStopping: {path} is missing (moved, or on another machine); the module keeps its "
+            "final weights. Use a `dirpath` every rank can read."
+        )
+        return None
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+        weights = saved["state_dict"]
+        if int(saved["step"]) != step:
+            raise ValueError(f"it holds step {saved['step']}, not {step}")
+    except Exception as err:  # truncated, corrupt or foreign file: keep training's result, say why
+        rank_zero_warn(
+            f"MemorizationEarlyStopping: could not read {path} ({type(err).__name__}: {err}); the module keeps "
+            "its final weights."
+        )
+        return None
+    return weights
 
 
 def _cpu_copy(pl_module: LightningModule) -> dict[str, Tensor]:

@@ -5,9 +5,12 @@ which weights are scored, draws the samples on every rank and gathers them, hand
 :class:`~lightning_memwatch.Evaluator` (which returns an :class:`~lightning_memwatch.EvalRecord`; under DDP
 every rank's evaluator searches its block of the training rows, rank 0's alone computes FID and the user
 metrics), broadcasts rank 0's record, logs it, feeds the detector, emits the detector's events and keeps the
-state. Sampling rules live in :mod:`lightning_memwatch.sampling`, the maths in
-:mod:`lightning_memwatch.metrics`, the timescale flags in :mod:`lightning_memwatch.detection`, and logging
-helpers in :mod:`lightning_memwatch.log`.
+state. It does the Lightning plumbing only: sampling rules live in :mod:`lightning_memwatch.sampling`, where
+the training images live across the ranks in :mod:`lightning_memwatch.callbacks._train_images`, the datamodule's
+conventions in :mod:`lightning_memwatch.callbacks._trainer`, the scored weights in
+:mod:`lightning_memwatch.weights`, the maths in :mod:`lightning_memwatch.metrics`, the timescale flags in
+:mod:`lightning_memwatch.detection`, and logging helpers in :mod:`lightning_memwatch.log` and
+:mod:`lightning_memwatch.callbacks._scalars`.
 """
 
 from __future__ import annotations
@@ -16,55 +19,50 @@ import dataclasses
 import difflib
 import time
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import torch
-import torch.distributed as dist
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
 
 from lightning_memwatch import _checks
 from lightning_memwatch import log as mwlog
-from lightning_memwatch._checks import (
-    check_range,
-    check_range_use,
-    check_sample_range,
-)
+from lightning_memwatch._checks import check_sample_range
 from lightning_memwatch.callbacks import _copies
-from lightning_memwatch.callbacks._trainer import train_loader_of
+from lightning_memwatch.callbacks._scalars import log_scalars
+from lightning_memwatch.callbacks._train_images import ImageSource, TrainImages
+from lightning_memwatch.callbacks._trainer import data_range_of, reference_images_of
 from lightning_memwatch.copies import CopiedTrainingImage, CopyTable
 from lightning_memwatch.detection import TimescaleDetector, TimescaleEvent
-from lightning_memwatch.evaluator import RATIO_QUANTILES, Evaluator, check_metric_names
-from lightning_memwatch.images import collect_images, num_images, select_rows
+from lightning_memwatch.evaluator import Evaluator, check_metric_names
+from lightning_memwatch.images import collect_images
 from lightning_memwatch.images import sampler_rows as _sampler_rows  # noqa: F401  (its old home)
-from lightning_memwatch.labels import (
-    LabelsChoice,
-    check_train_labels,
-    gather_train_labels,
-    read_train_labels,
-    sample_labels,
-)
+from lightning_memwatch.labels import LabelsChoice, sample_labels, train_labels_of
 from lightning_memwatch.metrics.fid import FID, FIDEvaluator
-from lightning_memwatch.metrics.knn_sharded import ShardedNearestNeighbourIndex
 from lightning_memwatch.metrics.memorization import KnnIndex
 from lightning_memwatch.progress import EvalProgress, setup_summary
-from lightning_memwatch.record import FID_TRAIN_FLOOR, RECORD_FIELDS, EvalRecord, RecordField
-from lightning_memwatch.sampling import accepts_labels, draw_samples, rank_slice
+from lightning_memwatch.record import FID_TRAIN_FLOOR, RECORD_FIELDS, EvalRecord, RecordField, listed_keys
+from lightning_memwatch.sampling import accepts_labels, draw_samples, gather_in_order, rank_slice, sampler_of
 from lightning_memwatch.schedule import EvalSchedule
-from lightning_memwatch.weights import ModuleEMA, ScoredWeights, WeightsChoice, resolve_weights
+from lightning_memwatch.weights import (
+    WEIGHTS_NAMES,
+    ModuleEMA,
+    ScoredWeights,
+    WeightsChoice,
+    resolve_weights,
+    scoring,
+)
 
 __all__ = ["FID_TRAIN_FLOOR", "MemWatch", "collect_images"]
 
-ImageSource = Tensor | Dataset | DataLoader
 Listener = Callable[[Trainer, LightningModule, EvalRecord], None]
 """``fn(trainer, pl_module, record)``, called on every rank after each evaluation."""
 EventListener = Callable[[Trainer, LightningModule, TimescaleEvent], None]
 """``fn(trainer, pl_module, event)``, called on every rank for each tau_gen / tau_mem event the detector fires."""
 KnnSharding = Literal["auto", "sharded", "rank0"]
 """Where ``MemWatch(knn_sharding=...)`` indexes the training images under DDP."""
-KNN_SHARDING: tuple[str, ...] = ("auto", "sharded", "rank0")
+KNN_SHARDING: tuple[str, ...] = get_args(KnnSharding)
 
 
 class MemWatch(Callback):
@@ -119,9 +117,9 @@ class MemWatch(Callback):
             indexes only its contiguous block of the training rows (a
             :class:`~lightning_memwatch.metrics.knn_sharded.ShardedNearestNeighbourIndex`: no rank holds the
             whole set) and every rank takes part in the nearest-neighbour search of the gathered samples; the
-            record is the one a single process computes (exact search, ties merged alike). ``"rank0"``: every
-            rank reads the whole set at setup (to check it), global rank 0 keeps and indexes it and searches
-            alone. In one process both build the one index.
+            record is the one a single process computes (exact search, ties merged alike). ``"rank0"``: global
+            rank 0 alone reads, checks and indexes the whole set and searches alone (the other ranks read
+            nothing). In one process both build the one index.
             FID, the user metrics and image logging run on rank 0 in every mode.
         labels: class-conditional samplers (those naming a ``labels`` parameter): the class each generated
             sample asks for. None (default): sample ``i``'s class is drawn from the training labels'
@@ -175,27 +173,14 @@ class MemWatch(Callback):
         self.seed = int(seed)
         self.detector = detector if detector is not None else TimescaleDetector()
         self.metrics = check_metric_names(metrics)
-        quality = self.detector.quality_key
-        if quality != RecordField.FID and quality not in self.metrics and quality not in RECORD_FIELDS:
-            close = difflib.get_close_matches(quality, [*self.metrics, RecordField.FID], n=1)
-            hint = f" Did you mean {close[0]!r}?" if close else ""
-            raise _checks.config_error(
-                f"The detector's quality_key {quality!r} is not a key of MemWatch's records, so tau_gen could never "
-                f"fire.{hint} Use 'fid' (with `fid=FID(...)`) or the name of one of `metrics` "
-                f"({', '.join(map(repr, self.metrics)) or 'none given'})."
-            )
+        _check_quality_key(self.detector.quality_key, self.metrics)
         self.noise_shape = tuple(noise_shape) if noise_shape is not None else None
         self.feature_fn = feature_fn
         self.knn_backend = knn_backend
         self.bootstrap = int(bootstrap)
         self.log_images = log_images
         self.verbose = verbose
-        if not isinstance(weights, ModuleEMA) and weights not in ("auto", "raw", "averaged"):
-            raise _checks.config_error(
-                "weights must be 'auto', 'raw', 'averaged' or ModuleEMA('attribute', target=...); "
-                f"got {weights!r}."
-            )
-        self.weights = weights
+        self.weights = _check_weights(weights)
         self.knn_sharding = _checks.check_choice(
             knn_sharding,
             "knn_sharding",
@@ -214,17 +199,11 @@ class MemWatch(Callback):
         self._listeners: list[Listener] = []
         self._event_listeners: list[EventListener] = []
         self._evaluator: Evaluator | None = None  # rank 0 (every rank when sharded), built in on_fit_start
-        # from setup until the evaluator indexes them: rank 0's whole set, or each rank's block when sharded
-        self._train_images: Tensor | None = None
-        self._sharded = False  # whether this fit's index is sharded over the ranks (decided at setup)
-        # sharded, when the index does not hold this rank's block of images unchanged (feature_fn, duplicates)
-        self._train_block: Tensor | None = None
-        self._sample_shape: tuple[int, ...] | None = None
+        self._train: TrainImages | None = None  # where the training images live across the ranks (setup)
         self._fid_evaluator: FIDEvaluator | None = None
         # a FID state loaded before setup built the evaluator (a manual load_state_dict); handed to it at build
         self._pending_fid_state: dict | None = None
         self._last_evaluated_step: int | None = None
-        self._moved_device_warned = False
         self._overshoot_warned = False
         self.fid_train_floor: float | None = None
 
@@ -252,11 +231,7 @@ class MemWatch(Callback):
     @property
     def record_keys(self) -> list[str]:
         """Keys every history record holds a value for (FID only when it is on; user metrics by name)."""
-        f = RecordField
-        keys = [f.STEP, f.NUM_SAMPLES, f.F_MEM, f.F_MEM_CI_LOW, f.F_MEM_CI_HIGH, *RATIO_QUANTILES]
-        if self.fid is not None:
-            keys += [f.FID, f.FID_NUM_SAMPLES]
-        return keys + list(self.metrics) + [f.METRIC_SECONDS, f.SAMPLE_SECONDS]
+        return listed_keys(fid=self.fid is not None, metrics=self.metrics)
 
     @property
     def evaluator(self) -> Evaluator | None:
@@ -302,49 +277,17 @@ class MemWatch(Callback):
 
     # -- set-up ---------------------------------------------------------------------------------------
     def _sampler(self, pl_module: LightningModule) -> Callable[..., Tensor]:
-        if self.sample_fn is not None:
-            fn = self.sample_fn
-
-            def call(num_samples: int, **kwargs: Any) -> Tensor:
-                return fn(pl_module, num_samples, **kwargs)
-
-            # keep the user's signature visible, so `noise` is passed only when sample_fn accepts it
-            signature = _drop_first_parameter(fn)
-            takes_labels = getattr(fn, "takes_labels", None)  # adapters: `labels` only for a conditional model
-            if signature is not None and callable(takes_labels) and not takes_labels(pl_module):
-                signature = signature.replace(parameters=[p for n, p in signature.parameters.items() if n != "labels"])
-            call.__signature__ = signature  # type: ignore[attr-defined]
-            return call
-        sample = getattr(pl_module, "sample", None)
-        if not callable(sample):
-            raise AttributeError(
-                f"{type(pl_module).__name__} has no `sample` method. Add "
-                "`def sample(self, num_samples, generator=None, noise=None) -> Tensor` returning (B, C, H, W) "
-                "images in data_range, or pass `MemWatch(sample_fn=lambda module, n, generator=None: ...)`."
-            )
-        return sample
-
-    def _find_train_data(self, trainer: Trainer) -> ImageSource:
-        if self.train_data is not None:
-            return self.train_data
-        loader = train_loader_of(trainer)
-        if not isinstance(loader, (DataLoader, Dataset, Tensor)):
-            raise _checks.config_error(
-                "MemWatch found no training data: pass `MemWatch(train_data=...)` (a tensor, Dataset or "
-                "DataLoader of the training images) or give the Trainer a train dataloader."
-            )
-        return loader
+        return sampler_of(pl_module, self.sample_fn)
 
     @staticmethod
     def _find_data_range(trainer: Trainer, pl_module: LightningModule) -> tuple[float, float]:
-        for owner in (getattr(trainer, "datamodule", None), pl_module):
-            value = getattr(owner, "data_range", None)
-            if value is not None:
-                return _checks.check_data_range(value)
-        raise _checks.config_error(
-            "MemWatch(data_range=None) found no `data_range` on the datamodule or the module: pass "
-            "`data_range=(low, high)`, the range of your training images and samples."
-        )
+        value = data_range_of(trainer, pl_module)
+        if value is None:
+            raise _checks.config_error(
+                "MemWatch(data_range=None) found no `data_range` on the datamodule or the module: pass "
+                "`data_range=(low, high)`, the range of your training images and samples."
+            )
+        return _checks.check_data_range(value)
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage != "fit":
@@ -353,46 +296,20 @@ class MemWatch(Callback):
         self.scored_weights = resolve_weights(self.weights, trainer, pl_module)
         if self.data_range is None:
             self.data_range = self._find_data_range(trainer, pl_module)
-        device = trainer.strategy.root_device
-        train: ImageSource | None = None  # FID's fallback reference: the training images (or their source)
-        if self._sample_shape is None:
-            source = self._find_train_data(trainer)
-            self._sharded = self._shards_index(trainer)
-            if self._sharded:  # each rank reads its block only; FID (rank 0) streams the whole source if needed
-                images = self._collect_block(trainer, source)
-                train = source
-            else:
-                images = train = collect_images(source)
-                check_range(images, "train_data", self.data_range)
-                small_use = check_range_use(images, "train_data", self.data_range)
-                if small_use is not None:
-                    rank_zero_warn(f"MemWatch: {small_use}")
-            self._sample_shape = tuple(images.shape[1:])
-            if self._sharded or trainer.is_global_zero:  # the index is built in on_fit_start
-                self._train_images = images
-            self._setup_labels(trainer, pl_module, source, len(images))
-        if self.fid is not None and self._fid_evaluator is None:
-            if train is None:
-                train = self._train_images
-            fid = self.fid
-            datamodule = getattr(trainer, "datamodule", None)
-            if fid.reference is None and callable(getattr(datamodule, "reference_images", None)):
-                fid = dataclasses.replace(fid, reference=datamodule.reference_images())  # type: ignore[union-attr]
-            # built on every rank: a missing weights file fails everywhere, before training starts
-            self._fid_evaluator = fid.build(
-                data_range=self.data_range,
-                device=device,
-                fallback_reference=train,
-                num_samples=self.num_samples,
-                state=self._pending_fid_state,  # held by the evaluator until its reference is prepared
+        if self._train is None:  # read and checked once per watch (a collective under DDP); indexed in on_fit_start
+            self._train = TrainImages.read(
+                trainer, self.train_data, knn_sharding=self.knn_sharding, data_range=self.data_range
             )
-            self._pending_fid_state = None
+            self._setup_labels(trainer, pl_module)
+        if self.fid is not None and self._fid_evaluator is None:
+            # built on every rank: a missing weights file fails everywhere, before training starts
+            self._fid_evaluator = self._build_fid(trainer)
 
-    def _setup_labels(self, trainer: Trainer, pl_module: LightningModule, source: ImageSource, num_rows: int) -> None:
-        """Class-conditional samplers: the training labels (every rank holds all of them) and the class of each
-        generated sample. ``num_rows``: the images read on this rank (its block when the index is sharded)."""
-        conditional = accepts_labels(self._sampler(pl_module))
-        if not conditional:
+    def _setup_labels(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Class-conditional samplers: every training row's class (the same on every rank) and the class each
+        generated sample asks for (:mod:`lightning_memwatch.labels`); errors at setup, on every rank."""
+        assert self._train is not None
+        if not accepts_labels(self._sampler(pl_module)):
             if self.labels is not None or self.train_labels is not None:
                 raise _checks.config_error(
                     "MemWatch(labels=... / train_labels=...) is given, but the sampler takes no `labels`, so the "
@@ -400,117 +317,65 @@ class MemWatch(Callback):
                     "indices) to `sample(...)` / `sample_fn(...)`, or drop these arguments."
                 )
             return
-        given = self.train_labels
-        where = "MemWatch(train_labels=...)" if given is not None else "the second tensor of the training batches"
-        if self._sharded:  # each rank reads the labels of its block of rows; every rank gathers all of them
-            num_train, raw = gather_train_labels(
-                None if given is not None else source, num_rows, trainer.global_rank, trainer.world_size, where
-            )
-            raw = given if given is not None else raw
-        else:
-            num_train = num_rows
-            raw = given if given is not None else read_train_labels(source)
-        if raw is None:
+        labels = train_labels_of(
+            self._train.source, self.train_labels, sharded=self._train.sharded, rank=trainer.global_rank,
+            world_size=trainer.world_size, broadcast=lambda obj, src: trainer.strategy.broadcast(obj, src=src),
+        )  # fmt: skip
+        if labels is None:
             raise _checks.config_error(
                 f"{type(pl_module).__name__}'s sampler takes `labels` (class-conditional), but the training data "
                 "holds no labels: return (image, label) pairs from the training dataset, or pass "
                 "`MemWatch(train_labels=<LongTensor, one class per training image>)`."
             )
-        self._train_labels = check_train_labels(raw, num_train, where)
-        self._sample_labels = sample_labels(self.labels, self._train_labels, self.num_generated, self.seed)
+        self._train_labels = labels
+        self._sample_labels = sample_labels(self.labels, labels, self.num_generated, self.seed)
 
-    def _shards_index(self, trainer: Trainer) -> bool:
-        """Whether this fit's index is sharded over the ranks (``knn_sharding`` and the process group)."""
-        if self.knn_sharding == "rank0" or trainer.world_size == 1:
-            return False
-        if dist.is_available() and dist.is_initialized():
-            return True
-        if self.knn_sharding == "sharded":
-            raise _checks.config_error(
-                f"MemWatch(knn_sharding='sharded') runs on {trainer.world_size} processes without an initialised "
-                "torch.distributed process group, which the sharded index needs: use a DDP strategy, or "
-                "knn_sharding='rank0'."
-            )
-        return False
+    def _build_fid(self, trainer: Trainer) -> FIDEvaluator:
+        """The FID evaluator: against ``fid.reference``, else the datamodule's ``reference_images()``, else the
+        training images (with FID's warning)."""
+        assert self.fid is not None and self.data_range is not None and self._train is not None
+        fid = self.fid
+        if fid.reference is None and (reference := reference_images_of(trainer)) is not None:
+            fid = dataclasses.replace(fid, reference=reference)
+        evaluator = fid.build(
+            data_range=self.data_range,
+            device=trainer.strategy.root_device,
+            fallback_reference=self._train.fid_fallback,
+            num_samples=self.num_samples,
+            state=self._pending_fid_state,  # held by the evaluator until its reference is prepared
+        )
+        self._pending_fid_state = None
+        return evaluator
 
-    def _collect_block(self, trainer: Trainer, source: ImageSource) -> Tensor:
-        """This rank's contiguous block of the training images (rank 0 the first rows; may hold none), read
-        without reading the other blocks, and checked against ``data_range``. A collective: a problem on one
-        rank raises on every rank."""
-        assert self.data_range is not None
-        world, rank = trainer.world_size, trainer.global_rank
-        block: Tensor | None = None
-        problem: BaseException | None = None
-        try:
-            total = num_images(source, "train_data")
-            if total is None:  # an iterable Dataset: its rows cannot be picked without reading them all
-                images = collect_images(source)
-                rows = rank_slice(len(images), rank, world)
-                block = images[rows.start : rows.stop].clone()  # the rest is freed
-            else:
-                rows = rank_slice(total, rank, world)
-                if len(rows):
-                    block = collect_images(select_rows(source, rows, "train_data"), min_rows=1)
-            if block is not None:
-                check_range(block, "train_data", self.data_range)
-        except (TypeError, ValueError) as err:
-            problem = err
-        reports: list[Any] = [None] * world
-        shape = None if block is None else tuple(block.shape[1:])
-        mine = (None if problem is None else str(problem), shape, 0 if block is None else len(block))
-        dist.all_gather_object(reports, mine)
-        if problem is not None:
-            raise problem
-        failed = [f"rank {r}: {msg}" for r, (msg, _, _) in enumerate(reports) if msg]
-        if failed:
-            raise _checks.config_error(
-                "MemWatch could not read the training images on another rank: " + "; ".join(failed)
-            )
-        num_rows = sum(n for _, _, n in reports)
-        if num_rows < 2:
-            raise _checks.config_error(
-                f"train_data holds {num_rows} image(s) in all, but the memorization ratio compares the nearest and "
-                "second-nearest training images: pass at least 2."
-            )
-        if block is None:
-            block = torch.empty(0, *next(s for _, s, _ in reports if s is not None))
-        elif trainer.is_global_zero and (small_use := check_range_use(block, "train_data", self.data_range)):
-            rank_zero_warn(f"MemWatch: {small_use} (measured on rank 0's block of the training images)")
-        return block
+    def _build_evaluator(self, trainer: Trainer) -> Evaluator | None:
+        """This rank's evaluator over its training rows (None where it holds none). FID and the user metrics go
+        to rank 0's alone."""
+        assert self._train is not None and self.data_range is not None
+        train = self._train.index_input(trainer, backend=self.knn_backend, feature_fn=self.feature_fn)
+        if train is None:
+            return None
+        main = trainer.is_global_zero
+        return Evaluator(
+            train,
+            data_range=self.data_range,
+            threshold=self.threshold,
+            bootstrap=self.bootstrap,
+            seed=self.seed,
+            num_samples=self.num_samples,
+            fid=self._fid_evaluator if main else None,
+            metrics=self.metrics if main else None,
+            feature_fn=self.feature_fn,
+            knn_backend=self.knn_backend,  # type: ignore[arg-type]
+            device=trainer.strategy.root_device,
+            inputs_checked=True,  # checked at setup and at every evaluation on every rank
+        )
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         # The evaluator (and its index) is built here, not in setup: the module is on its device now, so a
         # feature_fn using its submodules (e.g. a VAE encoder) runs where its weights are. Once per fit, never
-        # on the training step. Sharded: every rank builds its evaluator (the index is built collectively);
-        # FID and the user metrics go to rank 0's only.
-        builds = self._sharded or trainer.is_global_zero
-        if builds and self._evaluator is None and self._train_images is not None:
-            assert self.data_range is not None
-            main = trainer.is_global_zero
-            sharded: ShardedNearestNeighbourIndex | None = None
-            if self._sharded:
-                sharded = ShardedNearestNeighbourIndex(
-                    self._train_images.to(trainer.strategy.root_device),
-                    backend=self.knn_backend,  # type: ignore[arg-type]
-                    feature_fn=self.feature_fn,
-                )
-            self._evaluator = Evaluator(
-                self._train_images if sharded is None else sharded,
-                data_range=self.data_range,
-                threshold=self.threshold,
-                bootstrap=self.bootstrap,
-                seed=self.seed,
-                num_samples=self.num_samples,
-                fid=self._fid_evaluator if main else None,
-                metrics=self.metrics if main else None,
-                feature_fn=self.feature_fn,
-                knn_backend=self.knn_backend,  # type: ignore[arg-type]
-                device=trainer.strategy.root_device,
-                inputs_checked=True,  # checked at setup and at every evaluation on every rank, below
-            )
-            if sharded is not None and (self.feature_fn is not None or sharded.num_duplicates > 0):
-                self._train_block = self._train_images  # the images, for the pair grid and the FID train floor
-            self._train_images = None  # the evaluator (or _train_block) keeps the one copy
+        # on the training step. Sharded: every rank builds its evaluator (the index is built collectively).
+        if self._evaluator is None and self._train is not None:
+            self._evaluator = self._build_evaluator(trainer)
         # MemWatch's settings join the hparams session Lightning logs right after this hook (one session)
         if trainer.is_global_zero:
             if self._fid_evaluator is not None and not trainer.strategy.restore_checkpoint_after_setup:
@@ -545,14 +410,9 @@ class MemWatch(Callback):
         assert evaluator is not None
         if self.fid_train_floor is None and evaluator.reference_source != "train":
             value = None
-            if self._evaluator is not None:  # rank 0, or every rank when sharded (a collective then)
+            if self._evaluator is not None and self._train is not None:  # rank 0, or every rank when sharded
                 fid_n = self.fid.num_samples or self.num_samples  # type: ignore[union-attr]
-                if self._train_block is None:
-                    first = self._evaluator.first_train_images(fid_n)  # as many as sampled
-                else:  # a collective: every rank sends its share of the first rows
-                    index = self._evaluator.index
-                    total = index.num_train + index.num_duplicates  # type: ignore[attr-defined]
-                    first = self._train_images_at(torch.arange(min(fid_n, total)))
+                first = self._train.first_images(self._evaluator, fid_n)  # as many as sampled; maybe a collective
                 if trainer.is_global_zero:
                     value = evaluator.train_floor(first)
             value = trainer.strategy.broadcast(value, src=0)
@@ -581,7 +441,7 @@ class MemWatch(Callback):
         index = self.index
         return setup_summary(
             num_train=index.num_train if index is not None else 0,
-            image_shape=self._sample_shape or (),
+            image_shape=self._train.image_shape if self._train is not None else (),
             backend=index.backend if index is not None else None,
             feature_dim=index.dim if index is not None and self.feature_fn is not None else None,
             fid=self._fid_evaluator.hparams() if self._fid_evaluator is not None else None,
@@ -593,101 +453,23 @@ class MemWatch(Callback):
         )
 
     # -- one evaluation -------------------------------------------------------------------------------
-    def _generate(
-        self, trainer: Trainer, pl_module: LightningModule, progress: EvalProgress | None = None
-    ) -> Tensor:
-        """Draw this rank's share of the samples, then gather all of them (in index order) on every rank."""
-        world, rank = trainer.world_size, trainer.global_rank
-        total = self.num_generated
-        mine = rank_slice(total, rank, world)
-        device = trainer.strategy.root_device
-        sampler = self._sampler(pl_module)
-        was_training = pl_module.training
-        pl_module.eval()
-        failure: BaseException | None = None
-        try:
-            with torch.inference_mode():
-                local = draw_samples(
-                    sampler,
-                    mine,
-                    batch_size=self.sample_batch_size,
-                    seed=self.seed,
-                    device=device,
-                    noise_shape=self.noise_shape or self._sample_shape,
-                    sample_shape=self._sample_shape,
-                    where="MemWatch.sample_fn"
-                    if self.sample_fn is not None
-                    else f"{type(pl_module).__name__}.sample",
-                    on_batch=None if progress is None else progress.advance,  # progress bar
-                    labels=self._sample_labels,  # class-conditional samplers only
-                )
-        except (TypeError, ValueError, AttributeError) as err:  # a bad sampler: every rank must learn of it
-            failure = err
-        finally:
-            pl_module.train(was_training)
-        if world > 1 and trainer.strategy.reduce_boolean_decision(failure is not None, all=False):
-            if failure is None:  # another rank's sampler failed: stop here too rather than hang in all_gather
-                raise RuntimeError("MemWatch: the sampler failed on another rank; see that rank's error.")
-        if failure is not None:
-            raise failure
-        if world == 1:
-            return local
-        longest = len(rank_slice(total, 0, world))
-        padded = torch.zeros((longest, *local.shape[1:]), device=local.device, dtype=local.dtype)
-        padded[: len(local)] = local
-        gathered = trainer.strategy.all_gather(padded)  # (world, longest, ...)
-        parts = [gathered[r, : len(rank_slice(total, r, world))] for r in range(world)]
-        return torch.cat(parts)
-
-    def _measure(
-        self, trainer: Trainer, generated: Tensor, step: int, sample_seconds: float
-    ) -> tuple[EvalRecord, list[tuple[int, int]]]:
-        """The evaluator's record of the gathered samples and the ``(sample, training row)`` copies, and the
-        image panels to the loggers (rank 0). On rank 0, or on every rank when the index is sharded (its search
-        and ``train_images`` are collectives, entered by every rank under the same conditions)."""
-        evaluator = self._evaluator
-        assert evaluator is not None
-        record = evaluator.evaluate(generated, step, sample_seconds=sample_seconds, labels=self._sample_labels)
-        result = evaluator.last_result
-        assert result is not None
-        self._last_nearest = None
-        copies = _copies.copied_rows(result)
-        can_show = evaluator.can_show_train_images or self._train_block is not None
-        if self.log_images and trainer.loggers and can_show:
-            nearest = self._train_images_at(result.nn_indices[:, 0])
-            if trainer.is_global_zero:
-                mwlog.log_images(
-                    trainer, step, generated[: self.num_samples], result.ratios.float(), nearest, self.data_range,
-                    threshold=self.threshold,
-                )
-                self._last_nearest = (generated[: self.num_samples], nearest, result.ratios)  # the copy strip
-        return record, copies
-
-    def _train_images_at(self, rows: Tensor) -> Tensor:
-        """Training images at global ``rows`` (CPU). A collective when sharded: every rank calls it alike."""
-        assert self._evaluator is not None
-        block = self._train_block
-        if block is None:
-            return self._evaluator.train_images(rows)
-        # the shards hold features (or dropped duplicates): each rank sends the rows of its block of images
-        index = self._evaluator.index
-        assert isinstance(index, ShardedNearestNeighbourIndex)
-        flat = rows.reshape(-1).cpu().long()
-        mine = ((flat >= index.offset) & (flat < index.offset + len(block))).nonzero().flatten()
-        parts: list[Any] = [None] * index.world_size
-        dist.all_gather_object(parts, (mine, block[flat[mine] - index.offset].cpu()), group=index.group)
-        out = torch.empty(len(flat), *block.shape[1:])
-        for positions, images in parts:
-            out[positions] = images
-        return out.reshape(*rows.shape, *block.shape[1:])
-
     def _evaluate(self, trainer: Trainer, pl_module: LightningModule, step: int, *, can_log: bool) -> None:
-        # the scored weights (raw, EMA or averaged) stay in the module until every listener has seen them
-        scored = self.scored_weights if self.scored_weights is not None else ScoredWeights()
-        with scored.applied(trainer, pl_module):
-            self._evaluate_scored(trainer, pl_module, step, can_log=can_log)
+        # the scored weights (raw, EMA or averaged), in eval mode, stay in the module until every listener has
+        # seen them
+        with scoring(trainer, pl_module, self.scored_weights):
+            record, copies = self._record_of(trainer, pl_module, step)
+            self._record_copies(trainer, step, copies)
+            self.history.append(record)
+            self._last_evaluated_step = step
+            events = self.detector.update(record)
+            self.schedule.observe(record)  # an adaptive schedule plans its next step (every rank alike)
+            self._publish(trainer, pl_module, record, events, can_log=can_log)
 
-    def _evaluate_scored(self, trainer: Trainer, pl_module: LightningModule, step: int, *, can_log: bool) -> None:
+    def _record_of(
+        self, trainer: Trainer, pl_module: LightningModule, step: int
+    ) -> tuple[EvalRecord, list[tuple[int, int]]]:
+        """Draw and gather the samples, check them, measure them (rank 0, or every rank when sharded) and
+        broadcast rank 0's record and ``(sample, training row)`` copies, so every rank holds the same."""
         start = time.perf_counter()
         # progress of the evaluation inside the trainer's progress bar (silent without one)
         mine = len(rank_slice(self.num_generated, trainer.global_rank, trainer.world_size))
@@ -702,39 +484,65 @@ class MemWatch(Callback):
                 rank_zero_warn(overshoot)
             state = None
             self._last_nearest = None
-            if trainer.is_global_zero or self._sharded:  # sharded: every rank searches its block
+            sharded = self._train is not None and self._train.sharded
+            if trainer.is_global_zero or sharded:  # sharded: every rank searches its block
                 progress.phase("nearest neighbours" + (" and FID" if self._fid_evaluator is not None else ""))
                 record, copies = self._measure(trainer, generated, step, sample_seconds)
-                # rank 0's record (its sample time, FID, metrics) and copies, so every rank holds the same
                 state = (record.to_dict(), copies) if trainer.is_global_zero else None
         state, copies = trainer.strategy.broadcast(state, src=0)  # plain values across ranks
-        record = EvalRecord.from_dict(state)
-        self._record_copies(trainer, step, copies)
-        self.history.append(record)
-        self._last_evaluated_step = step
-        events = self.detector.update(record)
-        # -- adaptive schedules (lightning_memwatch.adaptive) plan the next step from each record, on every rank
-        observe = getattr(self.schedule, "observe", None)
-        if callable(observe):
-            observe(record)
-        # -- end adaptive schedules
-        self._log_scalars(trainer, pl_module, record, events, can_log)
-        if self.verbose:
-            rank_zero_info(f"{_describe(record)}{_copying_classes(record)}; {self.detector.status}")
-        for event in events:
-            whose = "" if event.label is None else f" for class {event.label}"
-            rank_zero_info(f"MemWatch: {event.name} flagged{whose} at step {event.step}: {event.reason}")
-            if trainer.is_global_zero:
-                mwlog.log_text(
-                    trainer,
-                    mwlog.TIMESCALE_TEXT,
-                    f"**{event.name}** at step {event.step}: {event.reason}",
-                    step,
+        return EvalRecord.from_dict(state), copies
+
+    def _generate(
+        self, trainer: Trainer, pl_module: LightningModule, progress: EvalProgress | None = None
+    ) -> Tensor:
+        """Draw this rank's share of the samples, then gather all of them (in index order) on every rank."""
+        world, total = trainer.world_size, self.num_generated
+        sampler = self._sampler(pl_module)
+        shape = self._train.image_shape if self._train is not None else None
+        failure: BaseException | None = None
+        try:
+            with torch.inference_mode():
+                local = draw_samples(
+                    sampler,
+                    rank_slice(total, trainer.global_rank, world),
+                    batch_size=self.sample_batch_size,
+                    seed=self.seed,
+                    device=trainer.strategy.root_device,
+                    noise_shape=self.noise_shape or shape,
+                    sample_shape=shape,
+                    where="MemWatch.sample_fn" if self.sample_fn is not None else f"{type(pl_module).__name__}.sample",
+                    on_batch=None if progress is None else progress.advance,  # progress bar
+                    labels=self._sample_labels,  # class-conditional samplers only
                 )
-            for event_listener in self._event_listeners:
-                event_listener(trainer, pl_module, event)
-        for listener in self._listeners:
-            listener(trainer, pl_module, record)
+        except (TypeError, ValueError, AttributeError) as err:  # a bad sampler: every rank must learn of it
+            failure = err
+        if world > 1 and trainer.strategy.reduce_boolean_decision(failure is not None, all=False):
+            if failure is None:  # another rank's sampler failed: stop here too rather than hang in all_gather
+                raise RuntimeError("MemWatch: the sampler failed on another rank; see that rank's error.")
+        if failure is not None:
+            raise failure
+        return gather_in_order(local, total, world, trainer.strategy.all_gather)
+
+    def _measure(
+        self, trainer: Trainer, generated: Tensor, step: int, sample_seconds: float
+    ) -> tuple[EvalRecord, list[tuple[int, int]]]:
+        """The evaluator's record of the gathered samples and their ``(sample, training row)`` copies, and the
+        image panels to the loggers (rank 0). On rank 0, or on every rank when the index is sharded (its search
+        and the training images by row are collectives, entered by every rank under the same conditions)."""
+        evaluator, train = self._evaluator, self._train
+        assert evaluator is not None and train is not None
+        record = evaluator.evaluate(generated, step, sample_seconds=sample_seconds, labels=self._sample_labels)
+        result = evaluator.last_result
+        assert result is not None
+        if self.log_images and trainer.loggers and train.can_show(evaluator):
+            nearest = train.images_at(evaluator, result.nn_indices[:, 0])
+            if trainer.is_global_zero:
+                mwlog.log_images(
+                    trainer, step, generated[: self.num_samples], result.ratios.float(), nearest, self.data_range,
+                    threshold=self.threshold,
+                )
+                self._last_nearest = (generated[: self.num_samples], nearest, result.ratios)  # the copy strip
+        return record, _copies.copied_rows(result)
 
     def _record_copies(self, trainer: Trainer, step: int, copies: list[tuple[int, int]]) -> None:
         """Add one evaluation's copies to the table (every rank, from rank 0's broadcast values), and log the
@@ -754,27 +562,33 @@ class MemWatch(Callback):
         if path is not None and self.verbose:
             rank_zero_info(f"MemWatch: {len(self._copies)} copied training image(s) listed in {path}")
 
-    def _log_scalars(
+    def _publish(
         self,
         trainer: Trainer,
         pl_module: LightningModule,
         record: EvalRecord,
         events: list[TimescaleEvent],
+        *,
         can_log: bool,
     ) -> None:
+        """The record's scalars (and the step of each event) to the loggers, the console line, then the event
+        listeners and the record listeners (every rank)."""
         values = record.to_scalars()
         values.update({_event_key(e): float(e.step) for e in events})
-        # Loggers get the values on rank 0 at step = global_step (optimizer steps, the history's axis), whatever
-        # `log_every_n_steps` is; `pl_module.log(logger=False)` makes them monitorable by EarlyStopping and
-        # ModelCheckpoint on every rank.
-        if trainer.is_global_zero:
-            for lg in trainer.loggers:
-                lg.log_metrics(dict(values), step=record.step)
-        for key, value in values.items():
-            if can_log:
-                pl_module.log(key, value, on_step=True, on_epoch=False, logger=False, batch_size=1)
-            else:  # step 0: seed the monitor values so EarlyStopping(strict=True) finds them from the start
-                trainer.callback_metrics[key] = torch.tensor(value)
+        log_scalars(trainer, pl_module, values, record.step, can_log=can_log)
+        if self.verbose:
+            rank_zero_info(f"{_describe(record)}{_copying_classes(record)}; {self.detector.status}")
+        for event in events:
+            whose = "" if event.label is None else f" for class {event.label}"
+            rank_zero_info(f"MemWatch: {event.name} flagged{whose} at step {event.step}: {event.reason}")
+            if trainer.is_global_zero:
+                mwlog.log_text(
+                    trainer, mwlog.TIMESCALE_TEXT, f"**{event.name}** at step {event.step}: {event.reason}", record.step
+                )
+            for event_listener in self._event_listeners:
+                event_listener(trainer, pl_module, event)
+        for listener in self._listeners:
+            listener(trainer, pl_module, record)
 
     # -- state ----------------------------------------------------------------------------------------
     def on_load_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
@@ -787,18 +601,7 @@ class MemWatch(Callback):
         states = checkpoint.get("callbacks") or {}
         if self.state_key in states:
             return
-        mine = self._state_settings()
-        others = [k for k in states if isinstance(k, str) and k.startswith(type(self).__name__ + "{")]
-        if others:
-            parts = []
-            for key in others:
-                saved = _settings_of(key)
-                diff = ", ".join(f"{k}: {saved.get(k)!r} -> {v!r}" for k, v in mine.items() if saved.get(k) != v)
-                n = len((states[key] or {}).get("history", []))
-                parts.append(f"a MemWatch state of {n} evaluation(s) saved with other settings ({diff})")
-            found = "; ".join(parts)
-        else:
-            found = "no MemWatch state"
+        found = _saved_states(states, type(self).__name__, self._state_settings())
         rank_zero_warn(
             f"MemWatch: the checkpoint holds {found}, so this watch restored nothing: not its history, the "
             "detector's tau_gen/tau_mem flags and rule state, the FID reference statistics, nor the train "
@@ -821,7 +624,7 @@ class MemWatch(Callback):
             "fid_train_floor": self.fid_train_floor,
             "weights": getattr(self.scored_weights, "name", None),
             # adaptive schedules (lightning_memwatch.adaptive) carry their decisions; fixed schedules have none
-            "schedule": self.schedule.state_dict() if hasattr(self.schedule, "state_dict") else None,
+            "schedule": self.schedule.state_dict() or None,
             "copies": self._copies.state_dict(),
         }
 
@@ -831,8 +634,8 @@ class MemWatch(Callback):
         self._last_evaluated_step = state_dict["last_evaluated_step"]
         self.detector.load_state_dict(state_dict["detector"])
         self.fid_train_floor = state_dict.get("fid_train_floor")
-        if state_dict.get("schedule") is not None and hasattr(self.schedule, "load_state_dict"):
-            self.schedule.load_state_dict(state_dict["schedule"])  # adaptive schedules (lightning_memwatch.adaptive)
+        if state_dict.get("schedule"):  # what an adaptive schedule decided (none for a fixed one)
+            self.schedule.load_state_dict(state_dict["schedule"])
         self._copies = CopyTable()
         if state_dict.get("copies") is not None:  # absent from checkpoints saved before the copy table
             self._copies.load_state_dict(state_dict["copies"])
@@ -844,6 +647,41 @@ class MemWatch(Callback):
                 self._pending_fid_state = fid_state
 
 
+def _check_quality_key(quality: str, metrics: Mapping[str, Any]) -> None:
+    """Refuse a detector quality key that no MemWatch record will hold (tau_gen could never fire)."""
+    if quality == RecordField.FID or quality in metrics or quality in RECORD_FIELDS:
+        return
+    close = difflib.get_close_matches(quality, [*metrics, RecordField.FID], n=1)
+    hint = f" Did you mean {close[0]!r}?" if close else ""
+    raise _checks.config_error(
+        f"The detector's quality_key {quality!r} is not a key of MemWatch's records, so tau_gen could never "
+        f"fire.{hint} Use 'fid' (with `fid=FID(...)`) or the name of one of `metrics` "
+        f"({', '.join(map(repr, metrics)) or 'none given'})."
+    )
+
+
+def _check_weights(weights: Any) -> WeightsChoice:
+    if not isinstance(weights, ModuleEMA) and weights not in WEIGHTS_NAMES:
+        raise _checks.config_error(
+            f"weights must be 'auto', 'raw', 'averaged' or ModuleEMA('attribute', target=...); got {weights!r}."
+        )
+    return weights
+
+
+def _saved_states(states: Mapping[str, Any], name: str, mine: Mapping[str, Any]) -> str:
+    """What a checkpoint's callback ``states`` hold of watches named ``name`` under other settings than ``mine``."""
+    others = [k for k in states if isinstance(k, str) and k.startswith(name + "{")]
+    if not others:
+        return "no MemWatch state"
+    parts = []
+    for key in others:
+        saved = _settings_of(key)
+        diff = ", ".join(f"{k}: {saved.get(k)!r} -> {v!r}" for k, v in mine.items() if saved.get(k) != v)
+        n = len((states[key] or {}).get("history", []))
+        parts.append(f"a MemWatch state of {n} evaluation(s) saved with other settings ({diff})")
+    return "; ".join(parts)
+
+
 def _settings_of(state_key: str) -> dict[str, Any]:
     """The settings dict of a ``Name{...}`` state key (empty when it cannot be read)."""
     import ast
@@ -853,17 +691,6 @@ def _settings_of(state_key: str) -> dict[str, Any]:
     except (ValueError, SyntaxError):
         return {}
     return value if isinstance(value, dict) else {}
-
-
-def _drop_first_parameter(fn: Callable[..., Any]) -> Any:
-    import inspect
-
-    try:
-        sig = inspect.signature(fn)
-    except (TypeError, ValueError):
-        return None
-    params = list(sig.parameters.values())[1:]
-    return sig.replace(parameters=params)
 
 
 def _event_key(event: TimescaleEvent) -> str:

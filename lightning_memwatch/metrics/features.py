@@ -30,7 +30,7 @@ import abc
 import importlib.metadata
 import os
 from pathlib import Path
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 from torch import Tensor, nn
@@ -76,7 +76,7 @@ INCEPTION_FEATURE_LAYERS: tuple[int, ...] = (64, 192, 768, 2048)
 """Inception feature layers (feature dimensions) torch-fidelity provides; 2048 (pool3) is the standard FID."""
 
 ResizeMode = Literal["bilinear-antialias", "tf1-bilinear"]
-RESIZE_MODES: tuple[str, ...] = ("bilinear-antialias", "tf1-bilinear")
+RESIZE_MODES: tuple[str, ...] = get_args(ResizeMode)
 
 _INCEPTION_SIZE = 299
 

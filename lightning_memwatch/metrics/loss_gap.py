@@ -1,7 +1,7 @@
 """The loss-gap probe's maths: fixed (x0, t, noise) triples and the train / held-out denoising-loss gap.
 
 No Lightning import: usable from a plain PyTorch loop. The Lightning callback is
-:class:`lightning_memwatch.probe.LossGapProbe`.
+:class:`lightning_memwatch.callbacks.probe.LossGapProbe`.
 
 A probe draws ``num_triples`` pairs once: a training image and a held-out image that share the same diffusion
 step ``t`` and the same noise. ``t`` is stratified over ``num_bands`` equal-width noise-level bands of

@@ -145,8 +145,8 @@ def test_probe_reads_the_diffusers_loss_in_a_tiny_fit(tmp_path, how):
     from _tiny import Trained, fit_with_probe
 
     from lightning_memwatch import MemWatch
+    from lightning_memwatch.callbacks.probe import LOSS_GAP, LossGapProbe
     from lightning_memwatch.metrics.loss_gap import measure_loss_gap
-    from lightning_memwatch.probe import LOSS_GAP, LossGapProbe
 
     train_scheduler = DDPMScheduler(num_train_timesteps=1000)
 
@@ -191,8 +191,8 @@ def test_probe_reads_the_averaged_weights_memwatch_scores(tmp_path):
     from lightning.pytorch.callbacks import EMAWeightAveraging
 
     from lightning_memwatch import MemWatch
+    from lightning_memwatch.callbacks.probe import LossGapProbe
     from lightning_memwatch.metrics.loss_gap import measure_loss_gap
-    from lightning_memwatch.probe import LossGapProbe
 
     train_scheduler = DDPMScheduler(num_train_timesteps=1000)
 

@@ -112,8 +112,8 @@ def test_probe_reads_the_lucidrains_loss_in_a_tiny_fit(tmp_path, how):
     from _tiny import Trained, fit_with_probe
 
     from lightning_memwatch import MemWatch
+    from lightning_memwatch.callbacks.probe import LOSS_GAP, LossGapProbe
     from lightning_memwatch.metrics.loss_gap import measure_loss_gap
-    from lightning_memwatch.probe import LOSS_GAP, LossGapProbe
 
     sample_fn = LucidrainsSampler("diffusion", data_range=(0.0, 1.0))
     train, heldout = images(16, 0.0, 1.0), images(16, 0.0, 1.0, seed=1)

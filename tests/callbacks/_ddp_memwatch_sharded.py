@@ -9,6 +9,7 @@ distances, by construction.
 
 import json
 import sys
+import warnings
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -84,7 +85,7 @@ class Report(Callback):
             "shard_rows": getattr(index, "shard_rows", None),
             "num_train": None if index is None else index.num_train,
             "fid_train_floor": self.watch.fid_train_floor,
-            "keeps_block": self.watch._train_block is not None,
+            "keeps_block": self.watch._train.block is not None,
             "num_duplicates": getattr(index, "num_duplicates", None),
         }
         self.out.mkdir(parents=True, exist_ok=True)
@@ -97,13 +98,16 @@ def double_pixels(x: torch.Tensor) -> torch.Tensor:
 
 
 def run(out: Path, devices: int, sharding: str, features: bool = False) -> None:
-    """One fit; each rank writes ``out/rank{r}.json``. ``features``: feature-space neighbours
-    (``feature_fn``) and a training image duplicated across the shards (the index then holds features and
+    """One fit; each rank writes ``out/rank{r}.json`` (with the warnings it raised). ``features``: feature-space
+    neighbours (``feature_fn``), rank 0's block of rows at half the range of the others, and a training image
+    duplicated across the shards (the index then holds features and
     drops the copy, so MemWatch keeps each rank's block of images for the pair grid and the FID train floor)."""
     torch.manual_seed(0)
     torch.set_num_threads(1)
     train = dyadic_images(NUM_TRAIN, seed=0)
     if features:
+        # rank 0's block spans half of data_range, the whole set all of it: no "small part of data_range" warning
+        train[:21] /= 2
         train[30] = train[3]  # rank 0's row 3 again in rank 1's block
     dataset = RecordingDataset(train)
     fid = FID(reference=dyadic_images(24, seed=1), feature_extractor=TinyFeatures(), num_samples=24, cache=False)
@@ -130,7 +134,13 @@ def run(out: Path, devices: int, sharding: str, features: bool = False) -> None:
         enable_progress_bar=False,
         enable_model_summary=False,
     )
-    trainer.fit(NearCopies(train, memorize_from=6), toy_loader(train.clone(), batch_size=8))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.fit(NearCopies(train, memorize_from=6), toy_loader(train.clone(), batch_size=8))
+    report = out / f"rank{trainer.global_rank}.json"
+    written = json.loads(report.read_text())
+    written["warnings"] = [str(w.message) for w in caught]
+    report.write_text(json.dumps(written))
 
 
 if __name__ == "__main__":

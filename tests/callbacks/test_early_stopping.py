@@ -22,7 +22,11 @@ torch.set_num_threads(1)
 
 # -- a scripted stand-in for MemWatch -------------------------------------------------------------------
 class ScriptedWatch:
-    """What MemorizationEarlyStopping needs of MemWatch: history, detector, add_listener, add_event_listener."""
+    """What MemorizationEarlyStopping needs of MemWatch (its WatchLike): history, detector, record_keys,
+    scored_weights, add_listener, add_event_listener."""
+
+    record_keys = None  # not announced: the monitor is checked at the first record
+    scored_weights = None  # the weights in the module
 
     def __init__(self, detector: TimescaleDetector | None = None) -> None:
         self.detector = detector if detector is not None else TimescaleDetector()
@@ -148,7 +152,8 @@ def test_the_best_pre_onset_evaluation_is_kept_and_unconfirmed_memorization_neve
 def test_stopper_patience_is_deprecated_and_lives_in_the_detector():
     later = [(70, 18.0, 0.3), (80, 17.0, 0.0), (90, 16.0, 0.2), (100, 15.0, 0.4), (110, 14.0, 0.6)]
     history = FLOOR_RUN[:6] + [rec(*args) for args in later]
-    with pytest.warns(DeprecationWarning, match=r"TimescaleDetector\(patience=2\)"):
+    removal = r"removed in lightning-memwatch 0\.3\.0"
+    with pytest.warns(DeprecationWarning, match=removal + r".*TimescaleDetector\(patience=2\)"):
         watch, stopper, trainer, module = make(patience=2)
     assert watch.detector.patience == 2 == stopper.patience
     train(watch, stopper, trainer, module, history)
@@ -618,3 +623,18 @@ def test_a_watch_that_restored_nothing_says_so_and_the_stopper_drops_its_kept_we
     # a new history from the resume step: the best before the onset at 40 is 35, never the old history's 25
     assert [r["step"] for r in other.history] == [30, 35, 40] and stopper.restored_step == 35
     assert same_weights(model.state_dict(), snapshots[35])
+
+
+def test_a_watch_stand_in_missing_part_of_the_contract_is_refused_by_name():
+    class Partial:  # a watch without record_keys and scored_weights
+        detector = TimescaleDetector()
+        history: list = []
+
+        def add_listener(self, fn):
+            pass
+
+        def add_event_listener(self, fn):
+            pass
+
+    with pytest.raises(TypeError, match=r"got Partial \(it lacks record_keys, scored_weights\)"):
+        MemorizationEarlyStopping(Partial())

@@ -125,8 +125,9 @@ def test_ddp_sharded_records_equal_one_process(tmp_path):
     assert [r["shard_rows"] for r in sharded] == [21, 20]
     assert sharded[0]["read"] == list(range(21)) and sharded[1]["read"] == list(range(21, 41))
     assert [r["num_train"] for r in sharded] == [41, 41]
-    # rank0: rank 0 alone holds the one index
+    # rank0: rank 0 alone reads the training set and holds the one index; the other ranks read nothing
     assert [r["index"] for r in rank0] == ["NearestNeighbourIndex", None]
+    assert rank0[0]["read"] == list(range(41)) and rank0[1]["read"] == []
     # the pair grids show the same nearest training images (through the sharded index's train_images)
     grids = _pair_grids(tmp_path / "single")
     assert len(grids) == 2 and _pair_grids(tmp_path / "auto") == grids == _pair_grids(tmp_path / "rank0")
@@ -148,5 +149,8 @@ def test_ddp_sharded_feature_space_with_a_duplicate(tmp_path):
         for got, want in zip(report["history"], single["history"], strict=True):
             assert got["fid"] == pytest.approx(want["fid"], rel=1e-6)
     assert [r["read"] for r in sharded] == [list(range(21)), list(range(21, 41))]
+    # rank 0's block spans half of data_range, the whole set all of it: the range-use check judges the whole set
+    for report in (single, *sharded):
+        assert not [w for w in report["warnings"] if "of data_range" in w and "only" in w]
     grids = _pair_grids(tmp_path / "single")
     assert len(grids) == 2 and _pair_grids(tmp_path / "auto") == grids

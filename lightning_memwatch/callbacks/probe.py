@@ -33,7 +33,8 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
 from lightning_memwatch._checks import config_error, config_type_error, images_of_batch
-from lightning_memwatch.callbacks._trainer import train_loader_of
+from lightning_memwatch.callbacks._scalars import log_scalars
+from lightning_memwatch.callbacks._trainer import heldout_images_of, train_images_of, train_loader_of
 from lightning_memwatch.images import collect_images
 from lightning_memwatch.metrics.loss_gap import (
     LossGapReading,
@@ -44,7 +45,7 @@ from lightning_memwatch.metrics.loss_gap import (
     probe_period,
     reading_from_sums,
 )
-from lightning_memwatch.weights import ScoredWeights
+from lightning_memwatch.weights import scoring
 
 __all__ = ["LOSS_GAP", "PROBE_LOSS_HELDOUT", "PROBE_LOSS_TRAIN", "LossGapProbe"]
 
@@ -271,10 +272,9 @@ class LossGapProbe(Callback):
         return collect_images(source, name)
 
     def _find_images(self, trainer: Trainer) -> tuple[Tensor, Tensor]:
-        datamodule = getattr(trainer, "datamodule", None)
         train = self.train_data
-        if train is None and callable(getattr(datamodule, "train_images", None)):
-            train = datamodule.train_images()  # type: ignore[union-attr]
+        if train is None:
+            train = train_images_of(trainer)
         if train is None:
             train = train_loader_of(trainer)  # the datamodule's, or the loaders given to trainer.fit
         if train is None:
@@ -282,10 +282,7 @@ class LossGapProbe(Callback):
                 "LossGapProbe found no training images: pass `LossGapProbe(train_data=...)`, give trainer.fit a "
                 "train dataloader, or use a datamodule with `train_images()` or `train_dataloader()`."
             )
-        heldout = self.heldout_data
-        for name in ("reference_images", "heldout_images"):
-            if heldout is None and callable(getattr(datamodule, name, None)):
-                heldout = getattr(datamodule, name)()
+        heldout = self.heldout_data if self.heldout_data is not None else heldout_images_of(trainer)
         if heldout is None:
             raise config_error(
                 "LossGapProbe found no held-out images: pass `LossGapProbe(heldout_data=...)` (images never "
@@ -347,16 +344,9 @@ class LossGapProbe(Callback):
         def loss(x0: Tensor, t: Tensor, noise: Tensor) -> Tensor:
             return loss_fn(pl_module, x0, t, noise)
 
-        scored = getattr(self._watch, "scored_weights", None) or ScoredWeights()
-        was_training = pl_module.training
-        pl_module.eval()
-        try:
-            with scored.applied(trainer, pl_module), torch.no_grad():  # the weights MemWatch samples with
-                sums = loss_sums(
-                    loss, self._triples, rows, device=trainer.strategy.root_device, batch_size=self.batch_size
-                )
-        finally:
-            pl_module.train(was_training)
+        scored = getattr(self._watch, "scored_weights", None)  # the weights MemWatch samples with
+        with scoring(trainer, pl_module, scored), torch.no_grad():
+            sums = loss_sums(loss, self._triples, rows, device=trainer.strategy.root_device, batch_size=self.batch_size)
         if world > 1:  # every rank enters: the sums of all shares, on every rank
             sums = trainer.strategy.reduce(sums.to(trainer.strategy.root_device), reduce_op="sum").cpu()
         reading = reading_from_sums(sums, step, time.perf_counter() - start)
@@ -380,15 +370,8 @@ class LossGapProbe(Callback):
         }
         for name, gap in zip(band_names(self._triples.edges), reading.band_gaps, strict=True):
             values[f"{LOSS_GAP}/{name}"] = gap
-        values = {k: v for k, v in values.items() if math.isfinite(v)}
-        if trainer.is_global_zero:
-            for lg in trainer.loggers:
-                lg.log_metrics(values, step=reading.step)
-        for key, value in values.items():
-            if can_log:
-                pl_module.log(key, float(value), on_step=True, on_epoch=False, logger=False, batch_size=1)
-            else:  # step 0: hooks outside the training step cannot log; seed the monitor values instead
-                trainer.callback_metrics[key] = torch.tensor(float(value))
+        finite = {k: v for k, v in values.items() if math.isfinite(v)}
+        log_scalars(trainer, pl_module, finite, reading.step, can_log=can_log)
 
     # -- state ----------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
