@@ -174,17 +174,19 @@ def test_copy_table_survives_a_resume_bit_for_bit(tmp_path):
 def test_ddp_two_gloo_ranks_hold_the_single_process_table(tmp_path):
     script = Path(__file__).parent / "callbacks" / "_ddp_conditional.py"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    for devices in (1, 2):
-        subprocess.run([sys.executable, str(script), str(tmp_path / f"d{devices}"), str(devices)], check=True,
-                       env=env, timeout=300, cwd=tmp_path)  # fmt: skip
+    runs = {"d1": ("1", "auto"), "d2": ("2", "auto"), "d2rank0": ("2", "rank0")}  # sharded index, then rank 0's
+    for name, (devices, sharding) in runs.items():
+        subprocess.run([sys.executable, str(script), str(tmp_path / name), devices, sharding], check=True, env=env,
+                       timeout=300, cwd=tmp_path)  # fmt: skip
     single = json.loads((tmp_path / "d1" / "rank0.json").read_text())
-    rank0 = json.loads((tmp_path / "d2" / "rank0.json").read_text())
-    rank1 = json.loads((tmp_path / "d2" / "rank1.json").read_text())
-    assert rank0["copies"] == rank1["copies"] == single["copies"] and single["copies"]
-    assert rank0["per_class"] == rank1["per_class"] == single["per_class"]
-    assert rank0["class_tau_mem"] == rank1["class_tau_mem"] == single["class_tau_mem"] == ["3"]
-    # each rank drew its share of the samples, with the classes of the single process
-    assert rank0["labels"] + rank1["labels"] == single["labels"]
+    for name in ("d2", "d2rank0"):
+        rank0 = json.loads((tmp_path / name / "rank0.json").read_text())
+        rank1 = json.loads((tmp_path / name / "rank1.json").read_text())
+        assert rank0["copies"] == rank1["copies"] == single["copies"] and single["copies"], name
+        assert rank0["per_class"] == rank1["per_class"] == single["per_class"], name
+        assert rank0["class_tau_mem"] == rank1["class_tau_mem"] == single["class_tau_mem"] == ["3"], name
+        # each rank drew its share of the samples, with the classes of the single process
+        assert rank0["labels"] + rank1["labels"] == single["labels"], name
 
 
 # -- every bad input fails at setup, before the first training step -----------------------------------------------

@@ -1,7 +1,7 @@
 """A class-conditional MemWatch fit on 1 or 2 CPU processes (gloo); each rank writes its copy table, per-class
 records, per-class flags and the labels its sampler received as JSON.
 
-Usage: python _ddp_conditional.py OUTDIR DEVICES   (launched by tests/test_conditional.py)
+Usage: python _ddp_conditional.py OUTDIR DEVICES [KNN_SHARDING]   (launched by tests/test_conditional.py)
 """
 
 import json
@@ -34,10 +34,11 @@ class Dump(Callback):
 
 def main():
     out, devices = Path(sys.argv[1]), int(sys.argv[2])
+    sharding = sys.argv[3] if len(sys.argv) > 3 else "auto"  # "rank0": rank 0 reads the labels, broadcasts them
     torch.manual_seed(0)
     train, labels = toy_images(60), torch.arange(60) % 5
     watch = MemWatch(num_samples=100, sample_batch_size=10, schedule=EvalSchedule.every(8), bootstrap=100,
-                     verbose=False)  # fmt: skip
+                     verbose=False, knn_sharding=sharding)  # fmt: skip
     trainer = Trainer(
         max_steps=16, accelerator="cpu", devices=devices, strategy="ddp" if devices > 1 else "auto",
         callbacks=[watch, Dump(watch, out)], logger=False, enable_checkpointing=False, enable_progress_bar=False,
