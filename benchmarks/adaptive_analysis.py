@@ -58,7 +58,7 @@ def replay(
     schedule = AdaptiveSchedule(min_every=period, **{"max_every": 16 * period, **schedule_kwargs})
     readings, probe_every = probe_readings(run, probe_rule) if use_probe else ([], None)
     detector = _demo_detector()
-    stop_patience = DemoConfig().stop_patience
+    stop_patience = DemoConfig().mem_patience  # the detector's patience: training stops when it flags tau_mem
     evaluated: list[int] = []
     above_in_a_row, stopped_at, tau_mem, flagged_after, tau_gen = 0, None, None, None, None
     i = 0

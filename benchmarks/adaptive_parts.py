@@ -44,7 +44,7 @@ def build_parts(n: int, config: Any, classifier_state: dict, schedule: Any) -> d
         log_images=False,
         verbose=False,
     )
-    stopper = MemorizationEarlyStopping(watch, patience=config.stop_patience, restore_best=True)
+    stopper = MemorizationEarlyStopping(watch, restore_best=True)  # patience lives in the detector
     model = DDPM(
         ResidualMLP(dim=64, width=config.width, num_blocks=config.num_blocks),
         optimizer="adam",

@@ -10,6 +10,12 @@ extractor and reference):
 * ``lucidrains-ddim``: lucidrains' ``Unet`` + ``GaussianDiffusion`` (its [0, 1] convention, its DDIM with 20
   steps) through :class:`~lightning_memwatch.adapters.LucidrainsSampler`;
 * ``diffusers-ema``: ``diffusers-ddim`` under Lightning's ``EMAWeightAveraging`` (its default decay);
+* ``diffusers-ema-warmup``: ``diffusers-ddim`` under ``EMAWeightAveraging(decay=0.99,
+  update_starting_at_step=600)``: the average holds the initial weights until step 601, so MemWatch scores the
+  raw weights at step 500 and says so (``record.scored_weights == "raw_warmup"``);
+* ``finetune``: a diffusers ``UNet2DModel`` pretrained on the nine digits other than 9 (minibatches of 256;
+  cached under ``--root``), then fine-tuned on 16 images of 9 (full batch, lr 2e-4); the FID reference is
+  the held-out 9s (:mod:`lightning_memwatch.apps.finetune`);
 * ``paper-unet-16``: the paper's U-Net recipe (``lightning_memwatch.apps.models``, width 8) on 16x16 digits;
 * ``mlp``: a plain MLP denoiser wrapped in the recipe's DDPM module;
 * ``diffusers-class``: class-conditional: the diffusers ``UNet2DModel`` with class embeddings
@@ -208,10 +214,14 @@ class Setup:
     image_size: int = 8
     normalization: str = "minus_one_one"
     ema: bool = False
+    ema_kwargs: dict[str, Any] = field(default_factory=dict)  # EMAWeightAveraging(**ema_kwargs) when ema
     n: int = 16  # training images: small enough to copy within the run, large enough not to copy by step 500
     max_steps: int = 3000  # optimizer steps if tau_mem never stops fit
     note: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
+    # the data: None for the digits split of every other setup, else fn(n, seed) -> a datamodule with
+    # train_images(), data_range and reference_images() (the FID reference)
+    datamodule: Callable[[int, int], Any] | None = None
     conditional: bool = False  # (image, class) batches; MemWatch reads the classes
 
 
@@ -245,6 +255,30 @@ def _lucidrains_cfg() -> tuple[L.LightningModule, Any]:
     return LucidrainsCFG(), LucidrainsSampler("diffusion", data_range=(-1.0, 1.0))
 
 
+def _finetune() -> tuple[L.LightningModule, Any]:
+    """The diffusers UNet of ``diffusers-ddim``, pretrained on the nine digits other than 9 (cached)."""
+    from pathlib import Path
+
+    from diffusers import DDIMScheduler
+
+    from lightning_memwatch.adapters import DiffusersSampler
+    from lightning_memwatch.apps.finetune import FinetuneConfig, digit_split, pretrain
+
+    config = FinetuneConfig(out=Path(os.environ.get("MEMWATCH_ZOO_ROOT", "/tmp/memwatch_zoo")), digit=9, n=16,
+                            pretrain_steps=1500, threads=torch.get_num_threads())  # fmt: skip
+    torch.manual_seed(0)
+    module = pretrain(config, digit_split(9, 16)["pretrain"], model=DiffusersUNet(),
+                      filename="pretrained_diffusers_nine_digits.pt")  # fmt: skip
+    module.lr = 2e-4  # a fine-tune's lower rate (the pretraining ran at 2e-3)
+    return module, DiffusersSampler(DDIMScheduler(num_train_timesteps=1000), num_inference_steps=SAMPLER_STEPS)
+
+
+def _finetune_data(n: int, seed: int) -> Any:
+    from lightning_memwatch.apps.finetune import finetune_datamodule
+
+    return finetune_datamodule(digit=9, n=n, seed=seed)
+
+
 def _paper_unet() -> tuple[L.LightningModule, Any]:
     from lightning_memwatch.apps.models import DDPM, UNet
 
@@ -264,10 +298,13 @@ SETUPS = {
         Setup("diffusers-ddim", _diffusers, n=40),
         Setup("lucidrains-ddim", _lucidrains, n=128),  # at n = 64 it still copied by step 500
         Setup("diffusers-ema", _diffusers, ema=True),  # the average lags the raw weights: copies later
+        # a warm-up past MemWatch's first evaluation (step 500): the raw weights are scored there, and said so
+        Setup("diffusers-ema-warmup", _diffusers, ema=True, ema_kwargs={"decay": 0.99, "update_starting_at_step": 600}),
+        Setup("finetune", _finetune, n=16, max_steps=6000, datamodule=_finetune_data),
         Setup("paper-unet-16", _paper_unet, image_size=16, normalization="center", max_steps=4000),
         # at n = 8 it plateaued only 0.78 doublings before copying began (step 6000): too short to confirm
         Setup("mlp", _mlp, n=16, max_steps=16000),
-        Setup("diffusers-class", _diffusers_class, n=40, conditional=True),
+        Setup("diffusers-class", _diffusers_class, n=128, conditional=True),  # at n = 40 it copied by step 500
         Setup("lucidrains-cfg", _lucidrains_cfg, n=128, conditional=True),
     ]
 }
@@ -302,15 +339,19 @@ def run_setup(setup: Setup, classifier: nn.Module, *, n: int, max_steps: int, se
     """Train one setup with default MemWatch + MemorizationEarlyStopping, then re-evaluate the final module."""
     start, cpu_start = time.perf_counter(), time.process_time()
     L.seed_everything(seed, verbose=False)
-    dm = DigitsDataModule(
-        n=n,
-        num_heldout=NUM_HELDOUT,
-        image_size=setup.image_size,
-        normalization=setup.normalization,
-        full_batch=True,
-        passes_per_epoch=50,  # fewer Lightning epoch boundaries; one batch is still one optimizer step
-        labelled=setup.conditional,
-    )
+    os.environ["MEMWATCH_ZOO_ROOT"] = root  # where a setup caches what it pretrains
+    if setup.datamodule is not None:
+        dm = setup.datamodule(n, seed)
+    else:
+        dm = DigitsDataModule(
+            n=n,
+            num_heldout=NUM_HELDOUT,
+            image_size=setup.image_size,
+            normalization=setup.normalization,
+            full_batch=True,
+            passes_per_epoch=50,  # fewer Lightning epoch boundaries; one batch is still one optimizer step
+            labelled=setup.conditional,
+        )
     dm.setup("fit")
     low, high = dm.data_range
     # the classifier takes 8x8 images in [-1, 1]: map (low, high) = (-1, 1) or (-mean, 1 - mean) to it
@@ -334,6 +375,10 @@ def run_setup(setup: Setup, classifier: nn.Module, *, n: int, max_steps: int, se
 
     def record(trainer: L.Trainer, module: L.LightningModule, r: dict) -> None:
         point = {k: r[k] for k in ("step", "f_mem", "f_mem_ci_low", "f_mem_ci_high", "fid")}
+        # what the onset forecast reads and says (lightning_memwatch.onset), and which weights were scored
+        for key in ("num_samples", "ratio_q05", "ratio_q25", "ratio_median", "onset_forecast",
+                    "onset_forecast_low", "onset_forecast_high", "scored_weights"):  # fmt: skip
+            point[key] = r.get(key)
         point["status"] = live.detector.status  # where each rule stands after this record
         curve.append(point)
         print(
@@ -348,7 +393,7 @@ def run_setup(setup: Setup, classifier: nn.Module, *, n: int, max_steps: int, se
     if setup.ema:
         from lightning.pytorch.callbacks import EMAWeightAveraging
 
-        callbacks.append(EMAWeightAveraging())
+        callbacks.append(EMAWeightAveraging(**setup.ema_kwargs))
     callbacks += [live, stopper]
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

@@ -20,8 +20,11 @@ Rules, after an evaluation at step ``s`` with f_mem ``f`` (every spacing is then
 2. ``0 < f < f_mem_target`` ("f_mem", f_mem left zero): extrapolate f_mem linearly from the last evaluation
    with f_mem = 0 to the step where it reaches the target, and go a fraction ``safety`` of the way there, at
    most ``s * (watch_growth - 1)``;
-3. ``f = 0`` and the probe's signal is up ("probe"): log-spaced, denser: ``s * (watch_growth - 1)``;
-4. otherwise ("flat"): log-spaced, sparse: ``s * (growth - 1)``.
+3. ``f = 0`` and the record holds an onset forecast with interval ``[low, high]``
+   (:mod:`lightning_memwatch.onset`; "forecast"): before ``low``, go no further than ``low``; inside the
+   interval (or past ``low`` when it is open), log-spaced, denser: ``s * (watch_growth - 1)``;
+4. ``f = 0`` and the probe's signal is up ("probe"): log-spaced, denser: ``s * (watch_growth - 1)``;
+5. otherwise ("flat"): log-spaced, sparse: ``s * (growth - 1)``.
 
 The probe's signal is ``"heldout_rise"`` (default): how far the held-out denoising loss has risen above its
 lowest value so far, relative to it (the classic overfitting onset: the training loss keeps falling while the
@@ -53,7 +56,8 @@ class Decision:
     Attributes:
         at_step: optimizer step at which the decision was made (an evaluation's, or a probe reading's).
         next_step: the evaluation step chosen (optimizer steps).
-        rule: ``"start"``, ``"flat"``, ``"probe"``, ``"f_mem"``, ``"above"``, ``"resume"`` or ``"external"``
+        rule: ``"start"``, ``"flat"``, ``"forecast"``, ``"probe"``, ``"f_mem"``, ``"above"``, ``"resume"`` or
+            ``"external"``
             (an evaluation this schedule did not plan).
         reason: one line for people.
         f_mem: f_mem of the evaluation the decision follows (None for probe-driven decisions).
@@ -155,6 +159,7 @@ class AdaptiveSchedule(EvalSchedule):
         self._last_step: int | None = None  # last evaluation
         self._last_f: float = 0.0
         self._last_zero_step: int | None = None  # last evaluation with f_mem = 0
+        self._forecast: tuple[float, float, float | None] | None = None  # (low, step, high) of the last record
         self._lowest_heldout: float | None = None
         self._signal_value: float | None = None
         self._signal_step: int | None = None
@@ -208,6 +213,10 @@ class AdaptiveSchedule(EvalSchedule):
         self._last_step, self._last_f = step, f
         if f == 0.0:
             self._last_zero_step = step
+        forecast, low = record.get("onset_forecast"), record.get("onset_forecast_low")
+        self._forecast = None
+        if forecast is not None and low is not None:
+            self._forecast = (float(low), float(forecast), record.get("onset_forecast_high"))
         self._decide(step)
 
     def observe_probe(self, reading: LossGapReading) -> None:
@@ -258,6 +267,15 @@ class AdaptiveSchedule(EvalSchedule):
                 )
                 return spacing, "f_mem", why
             return self._bounded(self.min_every), "f_mem", f"f_mem {f:.4g} > 0 from the first evaluation"
+        if self._forecast is not None:
+            low, forecast, high = self._forecast
+            shown = f"onset forecast ~{forecast:.0f} [{low:.0f}, {'open' if high is None else f'{high:.0f}'}]"
+            if step < low:
+                flat = self._bounded(step * (self.growth - 1))
+                if step + flat > low:  # the sparse plan would jump past the interval's early end
+                    return self._bounded(low - step), "forecast", f"{shown}: to its early end"
+            elif high is None or step <= high:
+                return watch, "forecast", f"{shown}: inside it, log-spaced x{self.watch_growth:g}"
         sig = self._signal_value
         if sig is not None and sig >= self.signal_threshold:
             return (
@@ -329,6 +347,7 @@ class AdaptiveSchedule(EvalSchedule):
             "lowest_heldout": self._lowest_heldout,
             "signal_value": self._signal_value,
             "signal_step": self._signal_step,
+            "forecast": None if self._forecast is None else list(self._forecast),
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -344,6 +363,8 @@ class AdaptiveSchedule(EvalSchedule):
         self._last_zero_step = state["last_zero_step"]
         self._lowest_heldout = state["lowest_heldout"]
         self._signal_value, self._signal_step = state["signal_value"], state["signal_step"]
+        forecast = state.get("forecast")  # absent in the states of earlier versions
+        self._forecast = None if forecast is None else (forecast[0], forecast[1], forecast[2])
 
     def __repr__(self) -> str:
         return f"AdaptiveSchedule({', '.join(f'{k}={v!r}' for k, v in self.config().items())}; next={self._next})"

@@ -37,6 +37,7 @@ from lightning_memwatch.metrics.knn import Backend, NearestNeighbourIndex
 from lightning_memwatch.metrics.memorization import KnnIndex, MemorizationResult, memorization_fraction
 from lightning_memwatch.metrics.per_class import per_class_memorization
 from lightning_memwatch.record import RATIO_QUANTILES, RECORD_FIELDS, EvalRecord
+from lightning_memwatch.value_check import ValueProfile, check_values
 
 __all__ = ["RATIO_QUANTILES", "Evaluator"]  # RATIO_QUANTILES: the record's, re-exported
 
@@ -113,6 +114,7 @@ class Evaluator:
         self.inputs_checked = bool(inputs_checked)
         self._overshoot_warned = False
         train_images: Tensor | None = None
+        self._values: ValueProfile | None = None  # the training images' values, for the samples' check
         self.index: KnnIndex
         if not isinstance(train, Tensor) and isinstance(train, KnnIndex):
             self.index = train
@@ -123,6 +125,7 @@ class Evaluator:
                 small_use = _checks.check_range_use(train_images, "train", self.data_range)
                 if small_use is not None:
                     warnings.warn(f"Evaluator: {small_use}", UserWarning, stacklevel=2)
+                self._values = ValueProfile.of(train_images)
             where = train_images.device if device is None else torch.device(device)
             self.index = NearestNeighbourIndex(train_images.to(where), backend=knn_backend, feature_fn=feature_fn)
         # one copy of the training images: the index's rows when it holds them unchanged, else our own
@@ -175,8 +178,13 @@ class Evaluator:
     # -- one evaluation ------------------------------------------------------------------------------------
     def check_samples(self, generated: Tensor, step: int) -> str | None:
         """Check samples against ``data_range``: raise when they lie mostly outside it or on another span,
-        return a message for a small overshoot (clamped for FID), else None."""
-        return _checks.check_sample_range(generated, f"samples at step {step}", self.data_range)
+        or (training images given as a tensor) on another part of the training images' range than every
+        training image (:mod:`lightning_memwatch.value_check`); return a message for a small overshoot
+        (clamped for FID), else None."""
+        overshoot = _checks.check_sample_range(generated, f"samples at step {step}", self.data_range)
+        if self._values is not None:
+            check_values(generated, self._values, f"samples at step {step}")
+        return overshoot
 
     def evaluate(
         self,

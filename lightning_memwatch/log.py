@@ -11,14 +11,15 @@ has one:
 | ``MLFlowLogger`` | ``MlflowClient.log_image`` (key and step) | (none) | run tag |
 | others (``CSVLogger``, ...) | (none: a one-time note) | (none) | (none) |
 
-MemWatch's settings join the run's one hparams session (:func:`join_hparams_session`). Everything here runs
-on global rank 0 only.
+MemWatch's settings join the run's one hparams session (:mod:`lightning_memwatch.hparams`); its TensorBoard
+CUSTOM SCALARS layout lives in :mod:`lightning_memwatch.tensorboard_layout`. Everything here runs on global
+rank 0 only.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -37,7 +38,10 @@ from lightning_memwatch.record import (
     FID_KEY,
     FID_NUM_SAMPLES,
     FID_TRAIN_FLOOR,  # noqa: F401 (re-exported)
-    PREFIX,
+    ONSET_FORECAST,
+    ONSET_FORECAST_HIGH,
+    ONSET_FORECAST_LOW,
+    PREFIX,  # noqa: F401 (re-exported)
     RATIO_MEDIAN,
     SCALAR_KEYS,
     TAU_GEN,
@@ -53,16 +57,19 @@ __all__ = [
     "FID_NUM_SAMPLES",
     "TAU_GEN",
     "TAU_MEM",
+    "ONSET_FORECAST",
+    "ONSET_FORECAST_LOW",
+    "ONSET_FORECAST_HIGH",
     "SAMPLES_IMAGE",
     "PAIRS_IMAGE",
+    "PAIRS_CAPTION",
     "RATIO_HISTOGRAM",
     "TIMESCALE_TEXT",
     "SCALAR_KEYS",
-    "flush_hparams",
-    "join_hparams_session",
     "memwatch_settings",
     "log_images",
     "log_text",
+    "pair_caption",
     "pair_grid",
     "sample_grid",
     "tensorboard_writers",
@@ -70,13 +77,18 @@ __all__ = [
 
 SAMPLES_IMAGE = "memwatch/generated"
 PAIRS_IMAGE = "memwatch/generated_vs_nearest_train"
+PAIRS_CAPTION = "memwatch/generated_vs_nearest_train_legend"
 RATIO_HISTOGRAM = "memwatch/nn_ratio"
 TIMESCALE_TEXT = "memwatch/timescales"
 
 _noted: set[tuple[int, str]] = set()
 _PAIRS_PER_ROW = 8
 _MIN_TILE_PX = 64  # small images are upscaled (nearest neighbour, no smoothing) to at least this size
-_LABEL_PX = 14
+_LABEL_PX = 16  # smallest font size (pixels)
+# TensorBoard's Time Series shows an image inside a box of about 370 x 210 px at its default card width (CSS
+# `object-fit: contain`): the pair grid's text is sized so that it stays >= 12.5 px once the image fits that box
+_CARD_BOX_PX = (370, 210)
+_MIN_SHOWN_TEXT_PX = 12.5
 _MEMORIZED_RGB = (200, 0, 0)
 
 
@@ -144,15 +156,31 @@ def sample_grid(images: Tensor, max_images: int = 64) -> np.ndarray:
     return canvas
 
 
+def _threshold_text(threshold: float) -> str:
+    return "1/3" if abs(threshold - 1 / 3) < 1e-9 else f"{threshold:.3g}"
+
+
+def _font(size: int) -> Any:
+    from PIL import ImageFont
+
+    try:
+        return ImageFont.load_default(size=size)  # a TrueType font (Pillow >= 10.1 with FreeType)
+    except (TypeError, OSError, ImportError):  # pragma: no cover - Pillow without FreeType: fixed bitmap font
+        return ImageFont.load_default()
+
+
 def pair_grid(
     generated: Tensor, nearest_train: Tensor, ratios: Tensor, threshold: float | None = None
 ) -> np.ndarray:
-    """Generated samples over their nearest training images, each pair labelled with its ratio d1/d2.
+    """Generated samples over their nearest training images, with a legend and the ratio d1/d2 of each pair.
 
     Pairs are shown in the order given (MemWatch passes them most-memorized first, lowest ratio first), eight
-    per row: the generated sample on top, its nearest training image under it, and ``d1/d2`` below the pair
-    (in red, with "copy", when it is under ``threshold``). Images smaller than 64 pixels are upscaled by an
-    integer factor without smoothing.
+    per row group: the generated sample on top, its nearest training image under it, and ``d1/d2`` below the
+    pair (in red, the pair framed in red, when it is under ``threshold``). A header row says what is shown and
+    names the threshold; the first column labels the rows (``generated``, ``nearest training image``,
+    ``d1/d2``). Images smaller than 64 pixels are upscaled by an integer factor without smoothing. The text is
+    sized so that it stays at least 12.5 pixels high when TensorBoard fits the whole image into an image card
+    of its default size (about 370 x 210 pixels).
 
     Args:
         generated: (K, C, H, W) samples in [0, 1], C in (1, 3).
@@ -170,29 +198,72 @@ def pair_grid(
     factor = _upscale_factor(*generated.shape[2:])
     gen, train = _upscaled(gen, factor), _upscaled(train, factor)
     th, tw = gen.shape[1:3]
-    pad, gap = 6, 2
-    cell_w, cell_h = tw + pad, 2 * th + gap + _LABEL_PX + pad
     cols = max(1, min(_PAIRS_PER_ROW, k))
-    rows = max(1, int(math.ceil(k / cols)))
-    canvas = Image.new("RGB", (cols * cell_w + pad, rows * cell_h + pad), (255, 255, 255))
+    groups = max(1, int(math.ceil(k / cols)))
+    pad, gap = max(4, tw // 10), 2
+    row_labels = ("generated", "nearest training image", "d1/d2")
+    header = "most copied first" + (
+        f"; red: d1/d2 < {_threshold_text(threshold)}, a copy" if threshold is not None else ""
+    )
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+
+    def geometry(size: int) -> tuple[Any, int, int, int, int, int]:
+        font = _font(size)
+        label_w = int(max(measure.textlength(w, font=font) for w in ("generated", "nearest", "training image")))
+        width = max(pad + label_w + pad + cols * (tw + pad), int(measure.textlength(header, font=font)) + 2 * pad)
+        line = int(math.ceil(size * 1.25))
+        text_h = max(th, 2 * line)  # "nearest" / "training image" on two lines beside a tile
+        cell_h = th + gap + text_h + line + pad
+        return font, label_w, width, pad + line + pad + groups * cell_h, line, text_h
+
+    # the smallest font that stays readable once the whole image is fitted into a TensorBoard card
+    size = _LABEL_PX
+    while True:
+        font, label_w, width, height, line, text_h = geometry(size)
+        shown = size * min(_CARD_BOX_PX[0] / width, _CARD_BOX_PX[1] / height)
+        if shown >= _MIN_SHOWN_TEXT_PX or size >= 8 * _LABEL_PX * max(1, th // 64):  # (a cap, never reached)
+            break
+        size += 1
+    cell_h = th + gap + text_h + line + pad
+    canvas = Image.new("RGB", (width, height), (255, 255, 255))
     draw = ImageDraw.Draw(canvas)
+    draw.text((pad, pad), header, fill=(0, 0, 0), font=font)
     values = ratios.detach().double().cpu().tolist()
-    for i in range(k):
-        r, c = divmod(i, cols)
-        x, y = pad + c * cell_w, pad + r * cell_h
-        canvas.paste(Image.fromarray(gen[i]), (x, y))
-        canvas.paste(Image.fromarray(train[i]), (x, y + th + gap))
-        copy = threshold is not None and values[i] < threshold
-        label = f"{values[i]:.2f}" + (" copy" if copy else "")
-        draw.text((x, y + 2 * th + gap + 1), label, fill=_MEMORIZED_RGB if copy else (0, 0, 0))
+    x0 = pad + label_w + pad
+    for g in range(groups):
+        y = pad + line + pad + g * cell_h
+        y_train = y + th + gap
+        y_ratio = y_train + text_h
+        draw.text((pad, y + (th - line) // 2), row_labels[0], fill=(0, 0, 0), font=font)
+        draw.text((pad, y_train), "nearest", fill=(0, 0, 0), font=font)
+        draw.text((pad, y_train + line), "training image", fill=(0, 0, 0), font=font)
+        draw.text((pad, y_ratio), row_labels[2], fill=(0, 0, 0), font=font)
+        for c in range(cols):
+            i = g * cols + c
+            if i >= k:
+                break
+            x = x0 + c * (tw + pad)
+            canvas.paste(Image.fromarray(gen[i]), (x, y))
+            canvas.paste(Image.fromarray(train[i]), (x, y_train))
+            copy = threshold is not None and values[i] < threshold
+            if copy:
+                draw.rectangle((x - 2, y - 2, x + tw + 1, y_train + th + 1), outline=_MEMORIZED_RGB, width=2)
+            draw.text((x, y_ratio), f"{values[i]:.2f}", fill=_MEMORIZED_RGB if copy else (0, 0, 0), font=font)
     return np.asarray(canvas)
 
 
-def _pair_caption(k: int, threshold: float | None) -> str:
-    mark = f"; red 'copy': d1/d2 < {threshold:.3g}" if threshold is not None else ""
+def pair_caption(k: int, threshold: float | None) -> str:
+    """The legend of :func:`pair_grid`'s image, as a sentence (a TensorBoard text entry, a W&B caption)."""
+    mark = (
+        f" A pair is a copy (red) when d1/d2 < {_threshold_text(threshold)}: the generated sample is at least "
+        f"{1 / threshold:.3g} times closer to its nearest training image than to the second nearest."
+        if threshold is not None
+        else ""
+    )
     return (
-        f"{k} most-memorized samples (lowest d1/d2 first): generated on top, nearest training image below, "
-        f"ratio d1/d2 under each pair{mark}"
+        f"The {k} generated samples closest to copying (lowest d1/d2 first): each generated sample (top) over its "
+        f"nearest training image (bottom), with d1/d2, its distance to the nearest training image over the "
+        f"distance to the second nearest, under the pair.{mark}"
     )
 
 
@@ -237,13 +308,14 @@ def log_images(
             ratios[order],
             threshold,
         )
-    caption = _pair_caption(0 if pairs is None else min(max_pairs, len(ratios)), threshold)
+    caption = pair_caption(0 if pairs is None else min(max_pairs, len(ratios)), threshold)
     for lg in targets:
         if isinstance(lg, TensorBoardLogger):
             writer = lg.experiment
             if grid is not None:
                 writer.add_image(SAMPLES_IMAGE, grid, global_step=step, dataformats="HWC")
                 writer.add_image(PAIRS_IMAGE, pairs, global_step=step, dataformats="HWC")
+                writer.add_text(PAIRS_CAPTION, caption, global_step=step)
             writer.add_histogram(RATIO_HISTOGRAM, ratios.numpy(), global_step=step)
             writer.flush()
         elif isinstance(lg, WandbLogger):
@@ -257,6 +329,7 @@ def log_images(
             client = lg.experiment
             client.log_image(lg.run_id, grid, key=SAMPLES_IMAGE, step=step)
             client.log_image(lg.run_id, pairs, key=PAIRS_IMAGE, step=step)
+            client.set_tag(lg.run_id, PAIRS_CAPTION, caption)  # the legend (the same at every step)
 
 
 def log_text(trainer: Trainer, tag: str, text: str, step: int) -> None:
@@ -280,72 +353,10 @@ def log_text(trainer: Trainer, tag: str, text: str, step: int) -> None:
 
 # ------------------------------------------------------------------------------------------------- settings
 
-_pending_hparams: dict[int, Logger] = {}
-
-
-def _as_dict(params: Any) -> dict[str, Any]:
-    return dict(vars(params)) if hasattr(params, "__dict__") and not isinstance(params, Mapping) else dict(params)
-
-
-def join_hparams_session(trainer: Trainer, settings: Callable[[], Mapping[str, Any]]) -> None:
-    """Make ``settings()`` part of the hyperparameters the trainer logs next, in the same call.
-
-    Lightning logs the module's (and datamodule's) hparams once per fit, right after ``on_fit_start``; a
-    second ``log_hyperparams`` call writes a second TensorBoard hparams session, which the HPARAMS view does
-    not show, and a second ``hp_metric``. No public hook adds entries to Lightning's call, so this wraps each
-    logger's ``log_hyperparams`` for that one call (the instance attribute is removed again inside it).
-    Call it from ``on_fit_start`` on rank 0, then :func:`flush_hparams` from ``on_train_start`` for runs
-    where Lightning logged nothing (``Trainer(enable_autolog_hparams=False)``).
-    """
-    for lg in trainer.loggers:
-        if id(lg) in _pending_hparams:
-            continue
-        original = lg.log_hyperparams
-
-        def joined(params: Any, *args: Any, _lg: Logger = lg, _original: Any = original, **kwargs: Any) -> Any:
-            _release(_lg)
-            return _original({**_as_dict(params), **dict(settings())}, *args, **kwargs)
-
-        lg.log_hyperparams = joined  # type: ignore[method-assign]
-        _pending_hparams[id(lg)] = lg
-
-
-def _release(lg: Logger) -> None:
-    if _pending_hparams.pop(id(lg), None) is not None and "log_hyperparams" in vars(lg):
-        del lg.log_hyperparams  # type: ignore[attr-defined]
-
-
-def flush_hparams(trainer: Trainer, settings: Callable[[], Mapping[str, Any]]) -> None:
-    """Log ``settings()`` to the loggers whose wrapped call never came (Lightning did not log hparams)."""
-    for lg in trainer.loggers:
-        if id(lg) in _pending_hparams:
-            _release(lg)
-            lg.log_hyperparams(dict(settings()))
-
 
 def memwatch_settings(watch: Any) -> dict[str, Any]:
-    """MemWatch's settings as hparams: ``memwatch/<name>`` and, with FID, ``memwatch/fid_<name>``."""
-    index = getattr(watch, "index", None)
-    values: dict[str, Any] = {
-        "num_samples": watch.num_samples,
-        "sample_batch_size": watch.sample_batch_size,
-        "threshold": watch.threshold,
-        "schedule": repr(watch.schedule),
-        "seed": watch.seed,
-        "data_range": None if watch.data_range is None else str(tuple(watch.data_range)),
-        "knn_backend": index.backend if index is not None else watch.knn_backend,
-        # what was built: "sharded" (split across ranks) or "single" (one index); before that, the setting
-        "knn_sharding": getattr(watch, "knn_sharding", None)
-        if index is None
-        else ("sharded" if getattr(index, "world_size", 1) > 1 else "single"),
-        "feature_fn": None if watch.feature_fn is None else getattr(watch.feature_fn, "__name__", "custom"),
-        "num_train": None if index is None else index.num_train,
-    }
-    out = {f"{PREFIX}{k}": v for k, v in values.items() if v is not None}
-    detector = getattr(watch, "detector", None)
-    if detector is not None and hasattr(detector, "config"):
-        out.update({f"{PREFIX}detector_{k}": v for k, v in detector.config().items() if v is not None})
-    fid = getattr(watch, "fid_evaluator", None)
-    if fid is not None:
-        out.update({f"{PREFIX}fid_{k}": v for k, v in fid.hparams().items()})
-    return out
+    """Deprecated: use ``watch.hparams()`` (:meth:`lightning_memwatch.MemWatch.hparams`)."""
+    from lightning_memwatch._deprecation import deprecate
+
+    deprecate("lightning_memwatch.log.memwatch_settings(watch) is deprecated: call watch.hparams() instead.")
+    return dict(watch.hparams())

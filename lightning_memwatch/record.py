@@ -34,6 +34,9 @@ __all__ = [
     "FID_NUM_SAMPLES",
     "FID_TRAIN_FLOOR",
     "NOT_RECORD_KEYS",
+    "ONSET_FORECAST",
+    "ONSET_FORECAST_HIGH",
+    "ONSET_FORECAST_LOW",
     "PREFIX",
     "RATIO_MEDIAN",
     "RATIO_QUANTILES",
@@ -54,6 +57,10 @@ F_MEM_CI_HIGH = "memwatch/f_mem_ci_high"
 RATIO_MEDIAN = "memwatch/ratio_median"
 FID_KEY = "memwatch/fid"
 FID_NUM_SAMPLES = "memwatch/fid_num_samples"
+ONSET_FORECAST = "memwatch/onset_forecast"
+"""Forecast step (optimizer steps) at which f_mem leaves zero (:mod:`lightning_memwatch.onset`)."""
+ONSET_FORECAST_LOW = "memwatch/onset_forecast_low"
+ONSET_FORECAST_HIGH = "memwatch/onset_forecast_high"
 TAU_GEN = "memwatch/tau_gen"
 """Logged once, at the evaluation that flags tau_gen: the event's step (optimizer steps)."""
 TAU_MEM = "memwatch/tau_mem"
@@ -152,6 +159,14 @@ class EvalRecord(Mapping[str, Any]):
         metric_seconds: wall time of the metrics on the samples (seconds).
         extra: further per-evaluation signals ``{name: value}`` (e.g. a probe reading at this step), logged
             as ``memwatch/<name>`` like the user metrics.
+        scored_weights: which weights were scored (``"raw"``, ``"averaged"``, ``"module_ema"``, or
+            ``"raw_warmup"``: the raw weights, because the chosen average had not been updated yet; see
+            :mod:`lightning_memwatch.weights`), or None when not known (a plain Evaluator call).
+        onset_forecast: forecast step (optimizer steps) at which f_mem leaves zero (reaches the level where
+            the detector's tau_mem rule holds), from the drift of the low ratio quantiles
+            (:mod:`lightning_memwatch.onset`); None when there is none (no drift yet, or f_mem already there).
+        onset_forecast_low: early end of the forecast's interval (optimizer steps), or None.
+        onset_forecast_high: late end of the forecast's interval (optimizer steps), or None (unbounded).
         per_class: class-conditional models: ``{class: ClassRecord}`` per generated class (sample count,
             f_mem and its interval), f_mem logged as ``memwatch/f_mem/class_<k>``; empty otherwise (and then not
             a mapping key).
@@ -184,6 +199,10 @@ class EvalRecord(Mapping[str, Any]):
     extra: dict[str, float] = field(default_factory=dict)
     metric_seconds: float | None = None
     sample_seconds: float | None = None
+    scored_weights: str | None = None
+    onset_forecast: float | None = field(default=None, metadata={"scalar": ONSET_FORECAST, "optional": True})
+    onset_forecast_low: float | None = field(default=None, metadata={"scalar": ONSET_FORECAST_LOW, "optional": True})
+    onset_forecast_high: float | None = field(default=None, metadata={"scalar": ONSET_FORECAST_HIGH, "optional": True})
     per_class: dict[int, ClassRecord] = field(default_factory=dict, metadata={"per_class": True})
 
     def __post_init__(self) -> None:
@@ -399,13 +418,14 @@ for _name in RECORD_FIELDS:
 
 def listed_keys(*, fid: bool, metrics: Iterable[str] = (), extra: Iterable[str] = ()) -> list[str]:
     """The mapping keys of a record whose every own field holds a value, in order: the FID fields only when
-    ``fid``, the user metrics and extra signals by name (e.g. what every MemWatch record holds)."""
+    ``fid``, the user metrics and extra signals by name (e.g. what every MemWatch record holds); never the
+    fields that hold a value only at some evaluations (the onset forecast's)."""
     keys: list[str] = []
     for f in _FIELDS:
         if f.name in _GROUPS:
             keys += list(metrics if f.name == "metrics" else extra)
         elif f.metadata.get("per_class"):
             continue  # class-conditional records only
-        elif fid or not f.metadata.get("fid"):
+        elif (fid or not f.metadata.get("fid")) and not f.metadata.get("optional"):
             keys.append(f.name)
     return keys

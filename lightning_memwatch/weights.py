@@ -17,6 +17,13 @@ afterwards, so ``module.state_dict()`` read by a listener is exactly what was sc
 whatever the order of the ``on_train_end`` calls (the averaging callback copies its average into the module
 there: the kept weights are loaded into the average too).
 
+An average that was never updated holds the initial weights (Lightning's ``WeightAveraging`` and
+``EMAWeightAveraging(update_starting_at_step=...)`` start averaging late; a ``ModuleEMA`` held as an
+``AveragedModel`` counts its updates too). Until its first update the evaluation scores the raw weights
+instead, and says so: :meth:`ScoredWeights.in_use` names the weights an evaluation scores (:data:`RAW_WARMUP`
+then), which MemWatch stores in the record (``record.scored_weights``), the verbose line and the TensorBoard
+text. So a kept copy of the scored weights is never a never-updated average, and neither is what is restored.
+
 Lightning's averaging callback has no public accessor for its averaged model; its public hooks
 ``on_validation_epoch_start``/``on_validation_epoch_end`` swap the averaged and the current weights (that is
 how Lightning validates with the average), and this module calls those hooks.
@@ -37,13 +44,19 @@ from torch import Tensor, nn
 from lightning_memwatch._checks import check_choice, config_error
 
 __all__ = [
+    "RAW_WARMUP",
     "ModuleEMA",
     "ScoredWeights",
     "WeightsChoice",
+    "average_updates",
     "find_weight_averaging",
     "resolve_weights",
     "scoring",
 ]
+
+RAW_WARMUP = "raw_warmup"
+"""``record.scored_weights`` of an evaluation that scored the raw weights because the chosen average had not
+been updated yet (its warm-up)."""
 
 
 @dataclass(frozen=True)
@@ -90,6 +103,15 @@ class ScoredWeights:
 
     name = "raw"
 
+    def in_use(self, pl_module: LightningModule) -> str:
+        """The weights an evaluation now scores: :attr:`name`, or :data:`RAW_WARMUP` while the chosen average
+        has not been updated yet."""
+        return self.name
+
+    def warmup_note(self) -> str:
+        """Why the raw weights are scored during the warm-up (for the verbose line and the logged text)."""
+        return ""
+
     @contextlib.contextmanager
     def applied(self, trainer: Trainer, pl_module: LightningModule) -> Iterator[None]:
         """Inside the block the module holds the scored weights; the raw weights come back on exit."""
@@ -109,8 +131,28 @@ class _Averaged(ScoredWeights):
     def __init__(self, callback: WeightAveraging) -> None:
         self.callback = callback
 
+    def in_use(self, pl_module: LightningModule) -> str:
+        updates = average_updates(getattr(self.callback, "_average_model", None))
+        if updates is None:  # the callback's own count (Lightning keeps it in its state)
+            step = getattr(self.callback, "_latest_update_step", None)
+            epoch = getattr(self.callback, "_latest_update_epoch", None)
+            if step is not None or epoch is not None:
+                updates = int((step or 0) > 0 or (epoch if epoch is not None else -1) >= 0)
+        return RAW_WARMUP if updates == 0 else self.name
+
+    def warmup_note(self) -> str:
+        start = getattr(self.callback, "update_starting_at_step", None)
+        when = f" (update_starting_at_step={start})" if start is not None else ""
+        return (
+            f"raw weights scored: {type(self.callback).__name__} has not updated its average yet{when}, "
+            "which still holds the initial weights"
+        )
+
     @contextlib.contextmanager
     def applied(self, trainer: Trainer, pl_module: LightningModule) -> Iterator[None]:
+        if self.in_use(pl_module) == RAW_WARMUP:  # never score the initial weights of a never-updated average
+            yield
+            return
         self.callback.on_validation_epoch_start(trainer, pl_module)  # swap: the module gets the average
         try:
             yield
@@ -159,8 +201,20 @@ class _ModuleEMA(ScoredWeights):
                 "copy mirrors (e.g. 'unet'), or target=None when it mirrors the whole module."
             ) from None
 
+    def in_use(self, pl_module: LightningModule) -> str:
+        held = getattr(pl_module, self.spec.attribute, None)  # an AveragedModel counts its updates
+        return RAW_WARMUP if average_updates(held) == 0 else self.name
+
+    def warmup_note(self) -> str:
+        return (
+            f"raw weights scored: the EMA copy `{self.spec.attribute}` (an AveragedModel) has not been updated yet"
+        )
+
     @contextlib.contextmanager
     def applied(self, trainer: Trainer, pl_module: LightningModule) -> Iterator[None]:
+        if self.in_use(pl_module) == RAW_WARMUP:
+            yield
+            return
         target = self._target(pl_module)
         raw = {k: v.detach().clone() for k, v in target.state_dict().items()}
         ema_state = self._ema(pl_module).state_dict()
@@ -178,6 +232,13 @@ class _ModuleEMA(ScoredWeights):
     def describe(self) -> str:
         where = "the module" if self.spec.target is None else f"`{self.spec.target}`"
         return f"EMA copy `{self.spec.attribute}` of {where}"
+
+
+def average_updates(averaged: object) -> int | None:
+    """How many times ``averaged`` (a ``torch.optim.swa_utils.AveragedModel``) was updated, from its
+    ``n_averaged`` buffer (saved with its state, so right after a resume too); None when it is not one."""
+    count = getattr(averaged, "n_averaged", None) if isinstance(averaged, torch.optim.swa_utils.AveragedModel) else None
+    return None if count is None else int(count)
 
 
 def resolve_weights(choice: Any, trainer: Trainer, pl_module: LightningModule) -> ScoredWeights:

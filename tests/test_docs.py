@@ -184,6 +184,48 @@ def test_snippet_sections_are_shown_dedented_without_markers():
     assert converted == "<!-- snippet: ddp.py:ddp -->\n```python\n" + text + "```\n"
 
 
+def _fence_after(text: str, heading: str, lang: str) -> str:
+    part = text[text.index(heading) :]
+    start = part.index(f"```{lang}\n")
+    return part[start : part.index("```", start + 3) + 3]
+
+
+def test_docs_home_shows_the_readmes_install_lines_and_snippet():
+    """One install story: the docs home page starts with install, the first command and what to look at, and its
+    install lines and code are the README's, each preceded by the Inception-weights caveat with its offline
+    route."""
+    readme, home = (ROOT / "README.md").read_text(), (DOCS / "index.md").read_text()
+    assert _fence_after(home, "## Install", "bash") == _fence_after(readme, "## Install", "bash")
+    assert _fence_after(home, "## What it measures", "python") == _fence_after(
+        readme, "## Add it to your training code", "python"
+    )
+    assert re.findall(r"^## (.+)$", home, flags=re.M)[:3] == ["Install", "First command", "What to look at"]
+    for text in (readme, home):
+        code = text.index("```python")
+        assert text.index("download=True") < code and text.index("weights_path=") < code
+        assert "pip install 'lightning-memwatch[cpu]'" in text and "pip install -e '.[cpu]'" in text
+    tutorial = (DOCS / "tutorial.md").read_text()
+    assert _fence_after(tutorial, "## 1. Install", "bash") == _fence_after(readme, "## Install", "bash")
+    assert "index.md#install" in (DOCS / "quickstart.md").read_text() and "index.md#install" in tutorial
+
+
+def test_no_deprecated_call_in_the_docs_or_the_apps():
+    """What users copy shows no deprecated call: the stopper without `patience=` (the detector's), the apps'
+    new import paths, `watch.hparams()`."""
+    from lightning_memwatch._moved import MOVED
+
+    old_path = re.compile(rf"(import |from |class_path: *|-m )lightning_memwatch\.({'|'.join(MOVED)})\b")
+    files = [*DOCS.rglob("*.md"), *SNIPPETS.glob("*.py"), ROOT / "README.md", *(ROOT / "recipes").rglob("*.yaml")]
+    files += list((ROOT / "lightning_memwatch" / "apps").rglob("*.py"))
+    for path in files:
+        text = path.read_text()
+        where = path.relative_to(ROOT)
+        for call in re.finditer(r"MemorizationEarlyStopping\(([^()]*)\)", text):
+            assert "patience" not in call.group(1), f"{where}: {call.group(0)}"
+        assert not old_path.search(text), f"{where}: {old_path.search(text).group(0)}"  # type: ignore[union-attr]
+        assert "memwatch_settings(" not in text, where
+
+
 def test_tensorboard_table_lists_exactly_the_logged_keys():
     text = (DOCS / "tutorial.md").read_text()
     table = text[text.index("### In TensorBoard") : text.index("### Stock Lightning callbacks")]
@@ -205,7 +247,7 @@ def test_bash_blocks_use_real_commands_and_options():
             if lang != "bash":
                 continue
             for raw in body.replace("\\\n", " ").splitlines():
-                command = raw.split("#", 1)[0].strip()
+                command = raw.split("#", 1)[0].strip().removeprefix(".venv/bin/")
                 if not command.startswith("memwatch "):
                     continue
                 words = shlex.split(command)
@@ -656,6 +698,43 @@ def test_screenshot_tool_shoots_a_memwatch_run(tmp_path, digits16):
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 10_000
 
 
+def test_browser_shows_the_hparams_tab_and_the_custom_scalars_layout(tmp_path, digits16):
+    """In Chromium, TensorBoard shows MemWatch's settings and scalars in the HPARAMS tab, also for a logger with
+    ``default_hp_metric=False`` (the demo's), and MemWatch's CUSTOM SCALARS layout with the documented link's
+    smoothing off."""
+    require_chromium()
+    if shutil.which("chromedriver") is None:
+        pytest.skip("no chromedriver (Debian: apt-get install -y chromium-driver)")
+    import lightning as L
+    from _browser import Browser, TensorBoard
+    from lightning.pytorch.loggers import TensorBoardLogger
+    from tutorial_module import TinyDiffusion
+
+    from lightning_memwatch import tensorboard_layout
+
+    train, _, _ = digits16
+    watch = MemWatch(num_samples=8, sample_batch_size=8, schedule=EvalSchedule.every(2), bootstrap=50, verbose=False)
+    logger = TensorBoardLogger(str(tmp_path / "logs"), name="", version="n16", default_hp_metric=False)
+    kwargs = quiet_trainer_kwargs(tmp_path) | {"logger": logger}
+    L.Trainer(max_steps=4, callbacks=[watch], **kwargs).fit(TinyDiffusion(), loader_of(train))
+    charts = [title for title in tensorboard_layout.layout(watch.detector)[tensorboard_layout.CATEGORY]]
+    with TensorBoard(tmp_path / "logs", mwlog.F_MEM) as board, Browser() as browser:
+        browser.open(f"{board.url}/#hparams")
+        browser.wait_for_text("memwatch/num_samples", "memwatch/detector_mem_rule", "n16")
+        browser.open(f"{board.url}/#hparams")  # the metrics columns: the tab's metrics are MemWatch's scalars
+        text = browser.wait_for_text("memwatch/f_mem_ci_low", "memwatch/tau_mem")
+        assert "hp_metric" not in text
+        browser.screenshot(tmp_path / "hparams.png")
+        url = tensorboard_layout.dashboard_url(board.port)
+        assert url.endswith("#custom_scalars&_smoothingWeight=0")
+        browser.open(url)
+        text = browser.wait_for_text(tensorboard_layout.CATEGORY, *charts)
+        smoothing = text.split("Smoothing", 1)[1][:40]
+        assert "[input=0]" in smoothing, smoothing  # the link turns TensorBoard's 0.6 default off
+        browser.screenshot(tmp_path / "custom_scalars.png")
+    assert (tmp_path / "custom_scalars.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
 def test_tensorboard_commands_in_the_docs_are_accepted_by_tensorboard(tmp_path):
     """Every `tensorboard ...` line the docs and the printed hints give parses with TensorBoard's own parser, and
     says `--host 127.0.0.1` (loopback); `--bind_all=false`, once suggested, is an error."""
@@ -675,7 +754,7 @@ def test_tensorboard_commands_in_the_docs_are_accepted_by_tensorboard(tmp_path):
             if lang != "bash":
                 continue
             for raw in body.splitlines():
-                command = raw.split("#", 1)[0].strip()
+                command = raw.split("#", 1)[0].strip().removeprefix(".venv/bin/")
                 if not command.startswith("tensorboard "):
                     continue
                 found += 1
@@ -685,9 +764,10 @@ def test_tensorboard_commands_in_the_docs_are_accepted_by_tensorboard(tmp_path):
                 assert words[words.index("--host") + 1] == "127.0.0.1", where
     assert found >= 3
     assert not parses(["--logdir", str(tmp_path), "--bind_all=false"])
-    from lightning_memwatch.apps import demo
+    from lightning_memwatch.apps.demo import tensorboard_command
 
-    assert "--host 127.0.0.1" in Path(demo.__file__).read_text().split("TensorBoard: tensorboard", 1)[1][:80]
+    printed = shlex.split(tensorboard_command(tmp_path))  # the demo's hint, with this environment's tensorboard
+    assert Path(printed[0]).name == "tensorboard" and parses(printed[1:]) and "127.0.0.1" in printed
 
 
 def test_browser_check_fails_rather_than_skips_under_ci(monkeypatch):

@@ -118,6 +118,54 @@ def test_settings_are_logged_once_when_lightning_logs_no_hparams(tmp_path):
     assert "memwatch/threshold" in text
 
 
+def _experiment_metrics(run_dir: Path) -> list[str]:
+    from tensorboard.plugins.hparams import plugin_data_pb2
+
+    for event in _events(run_dir):
+        for value in event.summary.value:
+            if value.tag == "_hparams_/experiment":
+                data = plugin_data_pb2.HParamsPluginData.FromString(value.metadata.plugin_data.content)
+                return [m.name.tag for m in data.experiment.metric_infos]
+    return []
+
+
+def test_hparams_tab_without_default_hp_metric_lists_memwatch_scalars_as_metrics(tmp_path):
+    """``default_hp_metric=False`` (the demo's logger) writes no session in Lightning; MemWatch's does, one, with
+    its scalars as the tab's metrics and no ``hp_metric``; the patch is the watch's and ends with the fit."""
+    logger = TensorBoardLogger(str(tmp_path), name="tb", version=0, default_hp_metric=False)
+    watch = _watch()
+    _trainer(tmp_path, logger, callbacks=[watch]).fit(HparamToy(TRAIN), toy_loader(TRAIN))
+    run = tmp_path / "tb" / "version_0"
+    sessions = _hparams_sessions(run)
+    assert len(sessions) == 1 and {"lr", "memwatch/num_samples", "memwatch/detector_mem_rule"} <= set(sessions[0])
+    metrics = _experiment_metrics(run)
+    assert {mwlog.F_MEM, mwlog.F_MEM_CI_LOW, mwlog.TAU_MEM} <= set(metrics) and "hp_metric" not in metrics
+    assert _scalar_steps(run, "hp_metric") == []
+    assert "log_hyperparams" not in vars(logger) and watch._hparams is None
+    assert watch.hparams()["memwatch/num_train"] == len(TRAIN)  # what was built, read after the fit
+    with pytest.warns(DeprecationWarning, match=r"watch.hparams\(\)"):
+        assert mwlog.memwatch_settings(watch) == watch.hparams()
+
+
+def test_custom_scalars_layout_and_its_guide_lines(tmp_path):
+    from lightning_memwatch import TimescaleDetector, tensorboard_layout
+
+    logger = TensorBoardLogger(str(tmp_path), name="tb", version=0)
+    detector = TimescaleDetector(mem_rule="threshold", f0=0.1)
+    _trainer(tmp_path, logger, callbacks=[_watch(detector=detector)]).fit(HparamToy(TRAIN), toy_loader(TRAIN))
+    run = tmp_path / "tb" / "version_0"
+    evaluated = _scalar_steps(run, mwlog.F_MEM)
+    assert evaluated and _scalar_steps(run, tensorboard_layout.F0_LINE) == evaluated  # a line: every evaluation
+    assert _scalar_steps(run, tensorboard_layout.TAU_MEM_MARK) == evaluated
+    configs = [v for e in _events(run) for v in e.summary.value if v.tag == "custom_scalars__config__"]
+    assert len(configs) == 1
+    charts = tensorboard_layout.layout(detector)[tensorboard_layout.CATEGORY]
+    assert any("f_mem against f0" in title for title in charts)  # the rule's own tested value (threshold rule)
+    assert charts[next(t for t in charts if t.startswith("f_mem (fraction"))] == [
+        "Margin", [mwlog.F_MEM, mwlog.F_MEM_CI_LOW, mwlog.F_MEM_CI_HIGH]
+    ]
+
+
 # ------------------------------------------------------------------------------------------ every logger
 
 
@@ -187,30 +235,69 @@ def test_scalars_everywhere_images_through_each_image_api(tmp_path, offline_logg
     assert {mwlog.SAMPLES_IMAGE, mwlog.PAIRS_IMAGE} <= set(acc.Tags()["images"])
     assert [e.step for e in acc.Histograms(mwlog.RATIO_HISTOGRAM)] == [5, 10]
     pairs = acc.Images(mwlog.PAIRS_IMAGE)[-1]
-    assert pairs.height >= 2 * 64 and pairs.width >= 8 * 64  # 8x8 digits shown at 64 px, not a strip of pixels
+    assert pairs.height >= 2 * 64 and pairs.width >= 4 * 64  # 8x8 digits shown at 64 px, not a strip of pixels
+    # the pairs' legend beside them, as a text entry (the TEXT tab)
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+
+    texts = [
+        v.tensor.string_val[0].decode()
+        for path in (tmp_path / "tb" / "version_0").glob("events.out.tfevents.*")
+        for e in EventFileLoader(str(path)).Load()
+        for v in e.summary.value
+        if v.tag.startswith(mwlog.PAIRS_CAPTION)
+    ]
+    assert texts and "nearest training image (bottom)" in texts[-1]
 
 
 # ---------------------------------------------------------------------------------------------- pair grid
 
 
+def _box(mask: np.ndarray) -> tuple[int, int, int, int]:
+    ys, xs = np.nonzero(mask)
+    return int(ys.min()), int(ys.max()) + 1, int(xs.min()), int(xs.max()) + 1
+
+
 def test_pair_grid_upscales_without_smoothing_and_labels_each_pair():
-    gen = torch.zeros(3, 1, 8, 8)
-    gen[:, :, :4] = 1.0  # top half white, bottom half black: a sharp edge
-    train = torch.full((3, 1, 8, 8), 0.5)
+    gen = torch.zeros(3, 3, 8, 8)
+    gen[:, 1] = 0.8  # green (no text pixel is green)
+    gen[:, 1, :4] = 0.2  # top half dark green, bottom half light green: a sharp edge
+    train = torch.zeros(3, 3, 8, 8)
+    train[:, 2] = 0.5  # blue
     ratios = torch.tensor([0.05, 0.2, 0.9])
     image = mwlog.pair_grid(gen, train, ratios, threshold=1 / 3)
     assert image.dtype == np.uint8 and image.shape[2] == 3
-    pad = 6
-    tile = image[pad : pad + 64, pad : pad + 64]  # the first generated sample, upscaled 8x to 64 px
-    assert (tile[:32] == 255).all() and (tile[32:] == 0).all()  # nearest neighbour: no grey ramp at the edge
-    below = image[pad + 64 + 2 : pad + 128 + 2, pad : pad + 64]
-    assert (below == 128).all()  # its nearest training image, same size, under it
-    label_rows = image[pad + 130 : pad + 130 + 14]
-    cell = 64 + pad
-    red = (label_rows[..., 0] > 150) & (label_rows[..., 1] < 80)
-    dark = label_rows.max(axis=2) < 100
-    assert red[:, :cell].any() and red[:, cell : 2 * cell].any()  # 0.05 and 0.2 are copies: red labels
-    assert not red[:, 2 * cell :].any() and dark[:, 2 * cell :].any()  # 0.9: a black label
+    green = (image[..., 0] == 0) & (image[..., 2] == 0)
+    top, _, left, _ = _box(green & (image[..., 1] == 51))  # the generated samples' top halves
+    tile = image[top : top + 64, left : left + 64, 1]  # the first generated sample, upscaled 8x to 64 px
+    assert (tile[:32] == 51).all() and (tile[32:] == 204).all()  # nearest neighbour: no ramp at the edge
+    t_top, _, t_left, _ = _box((image[..., 2] == 128) & (image[..., 0] == 0))
+    assert t_left == left and t_top == top + 64 + 2  # its nearest training image, same size, under it
+    below = image[t_top + 64 :]
+    red = (below[..., 0] > 150) & (below[..., 1] < 80)
+    dark = below.max(axis=2) < 100
+    step = image.shape[1] - left  # the three pair columns, then the image's edge
+    cols = [slice(left + i * step // 3, left + (i + 1) * step // 3) for i in range(3)]
+    assert red[:, cols[0]].any() and red[:, cols[1]].any()  # 0.05 and 0.2 are copies: red labels
+    assert not red[:, cols[2]].any() and dark[:, cols[2]].any()  # 0.9: a black label
+
+
+def test_pair_grid_has_a_header_and_row_labels_readable_on_a_card():
+    """The legend is in the image: a header row above the pairs (the threshold named) and row labels left of
+    them, with text large enough to read once TensorBoard scales the image to a ~380 px card."""
+    gen, train = torch.zeros(16, 3, 8, 8), torch.zeros(16, 3, 8, 8)
+    gen[:, 1], train[:, 2] = 0.2, 0.5  # green over blue
+    image = mwlog.pair_grid(gen, train, torch.linspace(0.1, 0.9, 16), threshold=1 / 3)
+    top, _, left, _ = _box((image[..., 1] == 51) & (image[..., 0] == 0) & (image[..., 2] == 0))
+    ink = image.max(axis=2) < 100  # black text
+    header_rows = np.nonzero(ink[:top].any(axis=1))[0]
+    assert len(header_rows) > 0 and ink[:, :left].any()  # the header row and the row labels
+    text_px = header_rows.max() - header_rows.min() + 1  # cap height to descender of the header line
+    # TensorBoard fits the image into its card's image box, about 370 x 210 px at the default card width
+    shown = text_px * min(370 / image.shape[1], 210 / image.shape[0])
+    assert shown >= 11, (text_px, image.shape)
+    caption = mwlog.pair_caption(16, 1 / 3)
+    assert "generated sample (top)" in caption and "nearest training image (bottom)" in caption
+    assert "d1/d2 < 1/3" in caption
 
 
 def test_logged_pairs_are_most_memorized_first(tmp_path, monkeypatch):

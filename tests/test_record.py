@@ -75,19 +75,24 @@ def test_field_names_and_keys_are_defined_once_and_agree():
 
 
 def test_scalars_round_trip_through_the_one_mapping():
-    record = full_record(extra={"loss_gap": 0.1})
+    record = full_record(
+        extra={"loss_gap": 0.1}, scored_weights="averaged",
+        onset_forecast=900.0, onset_forecast_low=800.0, onset_forecast_high=1200.0,
+    )  # fmt: skip
     scalars = record.to_scalars()
     assert scalars == {
         "memwatch/f_mem": 0.25, "memwatch/f_mem_ci_low": 0.2, "memwatch/f_mem_ci_high": 0.3,
         "memwatch/ratio_median": 0.6, "memwatch/fid": 12.5, "memwatch/fid_num_samples": 2000.0,
-        "memwatch/sharpness": 3.5, "memwatch/loss_gap": 0.1,
-    }
+        "memwatch/onset_forecast": 900.0, "memwatch/onset_forecast_low": 800.0,
+        "memwatch/onset_forecast_high": 1200.0, "memwatch/sharpness": 3.5, "memwatch/loss_gap": 0.1,
+    }  # fmt: skip
     back = EvalRecord.from_scalars(500, scalars | {TAU_MEM: 400.0, FID_TRAIN_FLOOR: 3.0})  # run-level keys skipped
     assert back.step == 500 and back.fid_num_samples == 2000 and isinstance(back.fid_num_samples, int)
     for name in SCALAR_KEYS:
         assert back[name] == record[name], name
     # what the log does not hold: no num_samples, outer quantiles or timings; extra signals come back as metrics
     assert back.num_samples is None and back.ratio_q05 is None and back.sample_seconds is None
+    assert back.scored_weights is None  # a string: the record's, not a logged scalar
     assert back.metrics == {"sharpness": 3.5, "loss_gap": 0.1} and "num_samples" not in back
     assert FID_KEY not in EvalRecord(step=1, f_mem=0.0).to_scalars()  # FID off: not logged
 
@@ -132,12 +137,13 @@ def test_every_table_of_names_is_read_from_the_dataclass():
     assert evaluator.RATIO_QUANTILES is RATIO_QUANTILES
     assert SCALAR_KEYS == {f.name: f.metadata["scalar"] for f in declared if "scalar" in f.metadata}
     # the mapping's keys come in the dataclass's order, which is the dict records' order of earlier versions
-    record = full_record(extra={"loss_gap": 0.1})
+    record = full_record(extra={"loss_gap": 0.1}, scored_weights="raw")
     assert list(record) == [
         "step", "num_samples", "f_mem", "f_mem_ci_low", "f_mem_ci_high",
         "ratio_q05", "ratio_q25", "ratio_median", "ratio_q75", "ratio_q95",
-        "fid", "fid_num_samples", "sharpness", "loss_gap", "metric_seconds", "sample_seconds",
+        "fid", "fid_num_samples", "sharpness", "loss_gap", "metric_seconds", "sample_seconds", "scored_weights",
     ]  # fmt: skip
+    assert "onset_forecast" in record.replace(onset_forecast=900.0)  # a key where it holds a value
     assert list(record) == listed_keys(fid=True, metrics=["sharpness"], extra=["loss_gap"])
     assert MemWatch(fid=None).record_keys == [k for k in listed_keys(fid=False) if k in own]
     watch = MemWatch(fid=FID(), metrics={"sharpness": lambda x: 0.0})

@@ -82,14 +82,14 @@ def get_json(url: str) -> object:
         return json.loads(response.read())
 
 
-def wait_for_scalars(base: str, timeout: float) -> list[str]:
-    """Wait until TensorBoard lists ``memwatch/f_mem`` for at least one run; return those runs."""
+def wait_for_scalars(base: str, timeout: float, min_runs: int = 1) -> list[str]:
+    """Wait until TensorBoard lists ``memwatch/f_mem`` for at least ``min_runs`` runs; return those runs."""
     deadline = time.time() + timeout
     while time.time() < deadline:
         try:
             tags = get_json(f"{base}/data/plugin/scalars/tags")
             runs = sorted(run for run, run_tags in tags.items() if F_MEM in run_tags)  # type: ignore[union-attr]
-            if runs:
+            if len(runs) >= min_runs:
                 points = get_json(
                     f"{base}/data/plugin/scalars/scalars?" + urllib.parse.urlencode({"run": runs[0], "tag": F_MEM})
                 )
@@ -123,8 +123,26 @@ def shoot(chromium: str, url: str, out: Path, width: int, height: int, budget_ms
         shutil.copyfile(tmp_png, out)
 
 
-def dashboard_url(base: str, tags: str) -> str:
-    """The Time Series dashboard filtered on ``tags``: no smoothing, light theme, SVG charts (no WebGL headless)."""
+def shoot_unclipped(url: str, out: Path, width: int, height: int, budget_ms: int) -> None:
+    """The CUSTOM SCALARS page with *Ignore outliers in chart scaling* unticked (a setting TensorBoard keeps in
+    the browser's local storage, so a plain ``--screenshot`` cannot change it), through chromedriver."""
+    from browser import Browser  # docs/tools/browser.py, beside this script
+
+    with Browser(width, height) as browser:
+        browser.open(url)
+        time.sleep(2)
+        browser.run_script("window.localStorage.setItem('_ignoreYOutliers', 'false');")
+        browser.open(url.replace("#", "?reload#", 1))
+        time.sleep(budget_ms / 1000)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        browser.screenshot(out)
+
+
+def dashboard_url(base: str, tags: str, dashboard: str = "timeseries") -> str:
+    """The Time Series dashboard filtered on ``tags`` (no smoothing, light theme, SVG charts: no WebGL headless),
+    or MemWatch's CUSTOM SCALARS layout with smoothing off (the link the docs give)."""
+    if dashboard == "custom_scalars":
+        return f"{base}/#custom_scalars&_smoothingWeight=0"
     query = urllib.parse.urlencode({"darkMode": "false", "forceSVG": "true", "smoothing": "0", "tagFilter": tags})
     return f"{base}/?{query}#timeseries"
 
@@ -134,9 +152,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--logdir", required=True, help="TensorBoard log directory of a MemWatch run")
     parser.add_argument("--out", default="docs/img/tensorboard.png", help="PNG to write")
     parser.add_argument("--tags", default=DEFAULT_TAGS, help="tag filter (regular expression)")
+    parser.add_argument(
+        "--dashboard", choices=("timeseries", "custom_scalars"), default="timeseries",
+        help="Time Series filtered on --tags, or MemWatch's CUSTOM SCALARS layout",
+    )
     parser.add_argument("--width", type=int, default=1600)
     parser.add_argument("--height", type=int, default=1500)
     parser.add_argument("--wait", type=float, default=90.0, help="seconds to wait for TensorBoard's data")
+    parser.add_argument("--min-runs", type=int, default=1, help="runs to wait for (e.g. 4 for the full demo)")
     parser.add_argument("--render-ms", type=int, default=20000, help="Chromium virtual time budget (ms)")
     parser.add_argument("--chromium", default=None, help="Chromium executable (default: found on PATH)")
     args = parser.parse_args(argv)
@@ -165,9 +188,13 @@ def main(argv: list[str] | None = None) -> int:
         env=env,
     )
     try:
-        runs = wait_for_scalars(base, args.wait)
-        url = dashboard_url(base, args.tags)
-        shoot(chromium, url, Path(args.out), args.width, args.height, args.render_ms)
+        runs = wait_for_scalars(base, args.wait, args.min_runs)
+        time.sleep(5)  # the runs' other tags (images, the layout) finish loading
+        url = dashboard_url(base, args.tags, args.dashboard)
+        if args.dashboard == "custom_scalars" and shutil.which("chromedriver"):
+            shoot_unclipped(url, Path(args.out), args.width, args.height, args.render_ms)
+        else:
+            shoot(chromium, url, Path(args.out), args.width, args.height, args.render_ms)
     finally:
         server.terminate()
         try:

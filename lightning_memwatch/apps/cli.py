@@ -4,7 +4,7 @@ Usage::
 
     memwatch fit --config recipes/celeba_n_sweep.yaml [--data.init_args.n 2048 ...] [--print_config]
     memwatch sweep --config recipes/celeba_n_sweep.yaml --n 128 256 512 1024 [--out DIR] [--gpus auto]
-    memwatch demo [--out runs/demo] [--quick]
+    memwatch demo [--out runs/demo] [--quick] [--overwrite]
     memwatch report LOGDIR
 
 ``fit`` is Lightning's ``LightningCLI`` (any LightningModule / LightningDataModule by ``class_path``); it
@@ -47,7 +47,7 @@ USAGE = """usage: memwatch {fit,sweep,demo,report} ...
 
   fit     train one recipe: memwatch fit --config recipes/<recipe>.yaml [--print_config] [overrides]
   sweep   run one recipe over several values: memwatch sweep --config X.yaml --n 128 256 512 [--gpus auto]
-  demo    the offline CPU demo (scikit-learn digits): memwatch demo [--out runs/demo] [--quick]
+  demo    the offline CPU demo (scikit-learn digits): memwatch demo [--out runs/demo] [--quick] [--overwrite]
   report  read a sweep's logs back, write summary.json and plots: memwatch report LOGDIR
 
 Run `memwatch <command> --help` for the options of one command.

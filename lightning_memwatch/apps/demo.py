@@ -17,19 +17,23 @@ The demo goes through the public API exactly as a user's training code would:
 * a :class:`~lightning_memwatch.TimescaleDetector` with demo settings (printed): tau_gen when the Frechet
   distance falls to ``gen_threshold`` (50; on this scale the real training sets score 4 to 21 and clipped
   Gaussian noise about 820), tau_mem when f_mem exceeds ``mem_threshold`` (3% of the samples);
-* :class:`~lightning_memwatch.MemorizationEarlyStopping` stops each run shortly after tau_mem;
+* :class:`~lightning_memwatch.MemorizationEarlyStopping` stops each run when tau_mem is flagged (the detector's
+  ``patience``: 3 evaluations in a row above the threshold) and restores the best weights before the onset;
 * the runs (one per ``n``) go to worker processes with one thread each (two side by side use 2 cores best);
 * finally :func:`lightning_memwatch.apps.report.report` reads the TensorBoard logs back, recomputes the timescales
   offline, fits tau_mem = slope * n, prints the table and writes ``summary.json`` and the plots.
 
-Outputs, under ``--out`` (default ``runs/demo``)::
+Outputs, under ``--out`` (default ``runs/demo``; ``runs/demo-quick`` with ``--quick``; a folder that holds
+anything is refused unless ``--overwrite`` is given, which replaces the demo's outputs there)::
 
     summary.json            runs (n, tau_gen, tau_mem, final f_mem, best Frechet distance) and the fit
     plots/*.png             f_mem vs step and vs step / n, Frechet distance vs step, timescales vs n, forecast
-    logs/n<n>/              one TensorBoard run per n (events file, memwatch_run.json)
+    logs/n<n>/              one TensorBoard run per n (events file, memwatch_run.json); n zero-padded to the
+                            largest n's digits (n08, n16, n32), so TensorBoard lists the runs in the order of n
     digit_classifier.pt     the feature network of the Frechet distance
 
-Open the logs with ``tensorboard --logdir runs/demo/logs --host 127.0.0.1``.
+Open the logs with ``tensorboard --logdir runs/demo/logs --host 127.0.0.1`` (the command is printed with the path
+of the ``tensorboard`` beside the running Python when that one is not on ``PATH``, as after ``make demo``).
 """
 
 from __future__ import annotations
@@ -55,6 +59,7 @@ from torch import Tensor, nn
 __all__ = [
     "DemoConfig",
     "DigitFeatureNet",
+    "OutputFolderNotEmptyError",
     "classifier_frechet_distance",
     "main",
     "run_demo",
@@ -63,6 +68,9 @@ __all__ = [
 
 NUM_DIGITS = 1797
 CLASSIFIER_FILENAME = "digit_classifier.pt"
+QUICK_OUT = Path("runs/demo-quick")
+"""Default output folder of ``memwatch demo --quick`` (the full demo's is ``runs/demo``)."""
+_OUTPUTS = ("logs", "plots", "summary.json", CLASSIFIER_FILENAME)  # what the demo writes under --out
 QUALITY_LABEL = "Frechet distance (digit-classifier features)"
 
 
@@ -96,9 +104,8 @@ class DemoConfig:
         mem_threshold: tau_mem is the first evaluation whose f_mem is > this value (the fraction of memorized
             samples; the detector's ``mem_rule="threshold"`` with ``f0=mem_threshold``).
         mem_patience: evaluations in a row above ``mem_threshold`` needed to flag tau_mem (the detector's
-            ``patience``; tau_mem is the first of them).
-        stop_patience: evaluations in a row above the threshold before training stops (the early stopping's
-            ``patience``): a few evaluations past tau_mem show memorization growing.
+            ``patience``; tau_mem is dated at the first of them). Training stops at the evaluation that flags
+            it, so the last few evaluations show memorization growing.
         workers: worker processes (runs side by side); 1 runs everything in this process.
         threads_per_worker: torch threads of each worker.
         seed: seed of the data split, the weights and the sampling noise.
@@ -131,8 +138,7 @@ class DemoConfig:
     max_steps_extra: int = 3000
     gen_threshold: float = 50.0
     mem_threshold: float = 0.03
-    mem_patience: int = 1
-    stop_patience: int = 3
+    mem_patience: int = 3
     workers: int = 2
     threads_per_worker: int = 1
     seed: int = 0
@@ -203,6 +209,11 @@ class DemoConfig:
     def eval_period(self, n: int) -> int:
         """Optimizer steps between two evaluations of the run with ``n`` training images."""
         return max(int(self.eval_every), int(math.ceil(self.eval_every_per_image * n)))
+
+    def run_name(self, n: int) -> str:
+        """The TensorBoard run (folder under ``logs/``) of the run with ``n`` images: ``n`` zero-padded to the
+        largest n's digits (``n08``, ``n16``, ``n32``), so runs sort by n in TensorBoard's lists."""
+        return f"n{int(n):0{len(str(max(self.ns)))}d}"
 
     def noise_draws(self, n: int) -> int:
         """Noisy copies of each training image in the loss of one step of the run with ``n`` images."""
@@ -386,7 +397,10 @@ def _quiet_lightning() -> None:
     warnings.filterwarnings("ignore", message=".*smaller than the logging interval.*")
     warnings.filterwarnings("ignore", message=".*module\\(s\\) in eval mode.*")  # the DDPM's frozen EMA copy
     warnings.filterwarnings("ignore", message=".*isinstance\\(treespec, LeafSpec\\).*")
-    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    # the stopper's message when quality was still improving: the demo prints each run's outcome as one line
+    warnings.filterwarnings("ignore", message="Memorization detected")
+    # a deprecated call of this library stays visible (Python hides DeprecationWarnings outside __main__)
+    warnings.filterwarnings("default", category=DeprecationWarning, module=r"lightning_memwatch\.")
 
 
 def _worker_init(threads: int) -> None:
@@ -413,6 +427,55 @@ def _quieted() -> Iterator[None]:
         finally:
             for name, level in levels.items():
                 logging.getLogger(name).setLevel(level)
+
+
+def demo_objects(config: DemoConfig) -> list[str]:
+    """How each run builds its detector and early stopping, as code (the values the runs use)."""
+    from lightning_memwatch import TimescaleDetector
+
+    built = TimescaleDetector(**config.detector_kwargs())
+    given = {k: v for k, v in built.config().items() if k in config.detector_kwargs()}
+    return [
+        f"detector = TimescaleDetector({', '.join(f'{k}={v!r}' for k, v in given.items())})",
+        "stopper = MemorizationEarlyStopping(watch, restore_best=True)  # stops when the detector flags tau_mem",
+    ]
+
+
+def tau_gen_line(detector: Any, history: Sequence[Any], gen_threshold: float) -> str:
+    """``tau_gen: step S (...)`` or ``tau_gen: not flagged (why, in words)`` for one run."""
+    event = detector.tau_gen
+    if event is not None:
+        return f"tau_gen: step {event.step} ({event.reason})"
+    values = [(r["step"], r["fid"]) for r in history if r.get("fid") is not None and math.isfinite(r["fid"])]
+    if not values:
+        return "tau_gen: not flagged (no evaluation measured the Frechet distance)"
+    best_step, best = min(values, key=lambda sv: sv[1])
+    return (
+        f"tau_gen: not flagged (the Frechet distance never fell to {gen_threshold:g}; its best was {best:.1f} at "
+        f"step {best_step}): the model copied training digits before its samples were good"
+        if detector.tau_mem is not None
+        else f"tau_gen: not flagged (the Frechet distance never fell to {gen_threshold:g}; its best was {best:.1f} "
+        f"at step {best_step})"
+    )
+
+
+def stopper_line(stopper: Any, detector: Any, steps: int, max_steps: int) -> str:
+    """The early stopping's outcome for one run, in one plain line: where it stopped, which weights it kept."""
+    tau_mem = detector.tau_mem
+    if stopper.stopped_step is None:
+        return (
+            f"not stopped: tau_mem was not flagged within the cap of {max_steps} steps; the final weights "
+            f"(step {steps}) stay"
+        )
+    onset = f"tau_mem = step {tau_mem.step}, flagged at step {stopper.stopped_step}" if tau_mem is not None else ""
+    if stopper.restored_step is None:
+        return f"stopped at step {stopper.stopped_step} ({onset}); no evaluation before the onset to restore"
+    quality = "" if stopper.best_score is None else f", Frechet distance {stopper.best_score:.1f}"
+    f_mem = "" if stopper.best_f_mem is None else f", f_mem {stopper.best_f_mem:.3f}"
+    return (
+        f"stopped at step {stopper.stopped_step} ({onset}); restored the weights of step {stopper.restored_step}"
+        f"{quality}{f_mem}: the best evaluation before the onset"
+    )
 
 
 def train_one(config: DemoConfig, n: int, classifier_state: dict[str, Tensor]) -> dict[str, Any]:
@@ -458,9 +521,9 @@ def train_one(config: DemoConfig, n: int, classifier_state: dict[str, Tensor]) -
         verbose=False,
         train_labels=datamodule.train_labels() if config.conditional else None,
     )
-    stopper = MemorizationEarlyStopping(watch, patience=config.stop_patience, restore_best=True)
+    stopper = MemorizationEarlyStopping(watch, restore_best=True)  # patience lives in the detector
     log_root = config.out / "logs"
-    logger = TensorBoardLogger(save_dir=str(log_root), name="", version=f"n{n}", default_hp_metric=False)
+    logger = TensorBoardLogger(save_dir=str(log_root), name="", version=config.run_name(n), default_hp_metric=False)
     run_dir = Path(logger.log_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     metadata: dict[str, Any] = {
@@ -527,9 +590,10 @@ def train_one(config: DemoConfig, n: int, classifier_state: dict[str, Tensor]) -
     last = watch.history[-1] if watch.history else {}
     _say(
         f"  [n={n:>4}] done at step {steps} in {wall:.0f} s ({result['ms_per_step']:.1f} ms/step training, "
-        f"{eval_seconds:.0f} s in {len(watch.history)} evaluations); tau_gen={watch.tau_gen}, "
-        f"tau_mem={watch.tau_mem}, last f_mem={last.get('f_mem', float('nan')):.3f}"
+        f"{eval_seconds:.0f} s in {len(watch.history)} evaluations); last f_mem = {last.get('f_mem', float('nan')):.3f}"
     )
+    _say(f"  [n={n:>4}] {tau_gen_line(detector, watch.history, config.gen_threshold)}")
+    _say(f"  [n={n:>4}] {stopper_line(stopper, detector, steps, config.max_steps(n))}")
     return result
 
 
@@ -599,7 +663,65 @@ def _run_all(config: DemoConfig, state: dict[str, Tensor]) -> list[dict[str, Any
         return [f.result() for f in futures]
 
 
-def run_demo(config: DemoConfig | None = None, *, echo: Callable[[str], None] = _say) -> dict[str, Any]:
+class OutputFolderNotEmptyError(FileExistsError):
+    """``--out`` already holds files: the report would read the old runs together with the new ones."""
+
+
+def prepare_output(out: Path, *, overwrite: bool = False) -> None:
+    """Refuse an output folder that holds anything, or with ``overwrite`` remove the demo's outputs there.
+
+    Raises:
+        OutputFolderNotEmptyError: ``out`` holds files and ``overwrite`` is False, or it holds files that are not
+            the demo's (which ``overwrite`` leaves alone).
+    """
+    out = Path(out)
+    held = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+    if not held:
+        return
+    if not overwrite:
+        raise OutputFolderNotEmptyError(
+            f"The output folder {out} already holds {', '.join(held[:4])}{', ...' if len(held) > 4 else ''}: "
+            "memwatch report would fit tau_mem over those runs and the new ones together. Pass another --out, "
+            "or --overwrite to replace the demo's outputs there."
+        )
+    foreign = [name for name in held if name not in _OUTPUTS]
+    if foreign:
+        raise OutputFolderNotEmptyError(
+            f"--overwrite replaces only the demo's outputs, and {out} also holds {', '.join(foreign[:4])}: "
+            "pass an empty or new --out."
+        )
+    import shutil
+
+    for name in held:
+        path = out / name
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+
+
+def program_here(name: str) -> str:
+    """How to call the command ``name`` installed beside this Python: its bare name when ``PATH`` finds that
+    one, else its path (relative to the working directory when inside it), as ``.venv/bin/tensorboard`` after
+    ``make demo``, whose venv is not activated."""
+    import shutil
+
+    beside = Path(sys.executable).with_name(name)
+    on_path = shutil.which(name)
+    if not beside.exists() or (on_path is not None and Path(on_path).resolve() == beside.resolve()):
+        return name
+    try:
+        return str(beside.relative_to(Path.cwd()))
+    except ValueError:
+        return str(beside)
+
+
+def tensorboard_command(logdir: Path) -> str:
+    """``tensorboard --logdir LOGDIR --host 127.0.0.1``, with the ``tensorboard`` of this environment
+    (:func:`program_here`)."""
+    return f"{program_here('tensorboard')} --logdir {logdir} --host 127.0.0.1"
+
+
+def run_demo(
+    config: DemoConfig | None = None, *, overwrite: bool = False, echo: Callable[[str], None] = _say
+) -> dict[str, Any]:
     """Run the demo: classifier, one training run per n, then the report. Returns the report's summary.
 
     With ``workers > 1`` the runs go to spawned processes: call it from a script's
@@ -607,23 +729,29 @@ def run_demo(config: DemoConfig | None = None, *, echo: Callable[[str], None] = 
 
     Args:
         config: settings (default: the full demo, :class:`DemoConfig`).
+        overwrite: replace the demo's outputs in ``config.out`` (else a folder holding anything is refused).
         echo: where progress lines go (default: print).
+
+    Raises:
+        OutputFolderNotEmptyError: ``config.out`` holds files (see :func:`prepare_output`).
 
     Returns:
         The ``summary.json`` content (:func:`lightning_memwatch.apps.report.report`), plus ``"demo"``: timings and
         the online results of each run.
     """
+    config = config or DemoConfig()
+    prepare_output(config.out, overwrite=overwrite)
     with _quieted():
-        return _run_demo(config or DemoConfig(), echo)
+        return _run_demo(config, echo)
 
 
 def _run_demo(config: DemoConfig, echo: Callable[[str], None]) -> dict[str, Any]:
     from lightning_memwatch.apps.report import report
+    from lightning_memwatch.tensorboard_layout import dashboard_url
 
     start = time.perf_counter()
     out = config.out
     out.mkdir(parents=True, exist_ok=True)
-    detector = config.detector_kwargs()
     echo("memwatch demo: scikit-learn digits (8x8, rescaled to [-1, 1]), DDPM + residual-MLP denoiser, CPU")
     echo(
         f"  n = {', '.join(map(str, config.ns))} training digits (full batch"
@@ -639,10 +767,11 @@ def _run_demo(config: DemoConfig, echo: Callable[[str], None]) -> dict[str, Any]
     echo(
         f"  detector: tau_gen when Frechet distance <= {config.gen_threshold:g}; tau_mem when f_mem > "
         f"{config.mem_threshold:g}"
-        + (f" at {config.mem_patience} evaluations in a row" if config.mem_patience > 1 else "")
-        + f"; early stopping at the {ordinal(config.stop_patience)} consecutive evaluation past the threshold"
+        + (f" at {config.mem_patience} evaluations in a row (dated at the first)" if config.mem_patience > 1 else "")
+        + "; training stops when tau_mem is flagged and ends with the best weights from before it"
     )
-    echo(f"  TimescaleDetector({', '.join(f'{k}={v!r}' for k, v in detector.items())})")
+    for line in demo_objects(config):  # the objects each run builds, as built
+        echo(f"  {line}")
     classifier, info = _prepare_classifier(config)
     torch.save(classifier.state_dict(), out / CLASSIFIER_FILENAME)
     echo(
@@ -671,7 +800,9 @@ def _run_demo(config: DemoConfig, echo: Callable[[str], None]) -> dict[str, Any]
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
     echo(f"  wall time: {total:.0f} s ({train_seconds:.0f} s of training runs)")
-    echo(f"  TensorBoard: tensorboard --logdir {out / 'logs'} --host 127.0.0.1   (then open http://127.0.0.1:6006)")
+    echo(f"  TensorBoard: {tensorboard_command(out / 'logs')}")
+    echo(f"    then open {dashboard_url()}   (MemWatch's charts, smoothing off)")
+    echo(f"  the report again, from the logs alone: {program_here('memwatch')} report {out}")
     return summary
 
 
@@ -690,7 +821,8 @@ def build_parser() -> Any:
     )
     d = DemoConfig()
     add = parser.add_argument
-    add("--out", type=Path, default=d.out, help=f"output directory ({d.out})")
+    add("--out", type=Path, default=None, help=f"output directory ({d.out}; with --quick {QUICK_OUT})")
+    add("--overwrite", action="store_true", help="replace the demo's outputs in a --out that holds some")
     add("--quick", action="store_true", help="smoke run of under a minute (tiny n, few steps)")
     add("--n", type=int, nargs="+", default=None, help=f"training-set sizes ({' '.join(map(str, d.ns))})")
     add("--workers", type=int, default=None, help=f"runs side by side ({d.workers})")
@@ -701,13 +833,18 @@ def build_parser() -> Any:
     add("--mem-threshold", type=float, default=None, help=f"tau_mem: f_mem > this ({d.mem_threshold:g})")
     add("--seed", type=int, default=None, help=f"seed of the split, weights and noise ({d.seed})")
     add("--no-images", action="store_true", help="do not log sample grids to TensorBoard")
+    add("--finetune", action="store_true", help="fine-tune on 16 images of one digit after pretraining on the "
+        "other nine (or loading that checkpoint from --out), MemWatch's defaults throughout (docs/finetune.md)")
     add("--conditional", action="store_true", help="class-conditional models: per-class onsets, copied digits")
     return parser
 
 
 def config_from_args(args: Any) -> DemoConfig:
     """Turn parsed ``memwatch demo`` arguments into a :class:`DemoConfig`."""
-    overrides: dict[str, Any] = {"out": args.out}
+    default_out = QUICK_OUT if args.quick else DemoConfig.out
+    if args.conditional:  # its own folder: never mixed with the unconditional runs
+        default_out = default_out.with_name(f"{default_out.name}-conditional")
+    overrides: dict[str, Any] = {"out": args.out if args.out is not None else default_out}
     pairs = {
         "ns": args.n,
         "workers": args.workers,
@@ -729,8 +866,20 @@ def config_from_args(args: Any) -> DemoConfig:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``memwatch demo [--out DIR] [--quick] [--n 64 128 ...] ...``: run the demo; returns the exit code (0)."""
-    args = build_parser().parse_args(list(argv) if argv is not None else None)
-    run_demo(config_from_args(args))
+    parser = build_parser()
+    args = parser.parse_args(list(argv) if argv is not None else None)
+    if args.finetune:  # apps/finetune.py: its own settings; --out (when given), --seed and --threads apply
+        from lightning_memwatch.apps.finetune import FinetuneConfig, run_finetune
+
+        given: dict[str, Any] = {"out": args.out} if args.out is not None else {}
+        given.update({k: v for k, v in (("seed", args.seed), ("threads", args.threads)) if v is not None})
+        run_finetune(FinetuneConfig(**given))
+        return 0
+    config = config_from_args(args)
+    try:
+        run_demo(config, overwrite=args.overwrite)
+    except OutputFolderNotEmptyError as err:
+        parser.error(str(err))  # exit code 2, the message on stderr
     return 0
 
 

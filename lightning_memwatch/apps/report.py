@@ -63,6 +63,7 @@ __all__ = [
     "main",
     "read_event_records",
     "report",
+    "settings_differences",
     "summarize_run",
     "write_plots",
     "write_run_metadata",
@@ -255,6 +256,29 @@ def load_run(run_dir: str | os.PathLike[str], *, nested_runs: Sequence[Path] = (
     n = None if raw_n is None else int(raw_n)
     records = read_event_records(_event_dirs(directory, {Path(p) for p in nested_runs}))
     return RunHistory(run_dir=directory, n=n, metadata=metadata, records=records)
+
+
+_PER_RUN_SETTINGS = frozenset({"out"})  # settings that name the output, not the experiment
+
+
+def settings_differences(runs: Sequence[RunHistory], limit: int = 3) -> str:
+    """The metadata settings (``settings`` and ``detector``) on which runs disagree, e.g.
+    ``"settings.lr: 0.001 (n=64), 0.003 (n=8, n=16)"``; empty when they agree or no run records any."""
+    values: dict[str, dict[str, list[str]]] = {}
+    for run in runs:
+        for group in ("settings", "detector"):
+            entries = run.metadata.get(group)
+            if not isinstance(entries, Mapping):
+                continue
+            for key, value in entries.items():
+                if key not in _PER_RUN_SETTINGS:
+                    values.setdefault(f"{group}.{key}", {}).setdefault(json.dumps(value), []).append(run.label)
+    described = [
+        f"{key}: " + ", ".join(f"{value} ({', '.join(labels)})" for value, labels in by_value.items())
+        for key, by_value in values.items()
+        if len(by_value) > 1
+    ]
+    return "; ".join(described[:limit]) + (f"; and {len(described) - limit} more" if len(described) > limit else "")
 
 
 def _sweep_sizes(root: Path) -> dict[Path, tuple[str, int]]:
@@ -455,6 +479,13 @@ def report(
     if not runs:
         raise FileNotFoundError(f"No run under {root} holds {mwlog.F_MEM} scalars.")
     runs.sort(key=lambda r: (r.n is None, r.n or 0, str(r.run_dir)))
+    if mixed := settings_differences(runs):
+        warnings.warn(
+            f"The runs under {root} were made with different settings ({mixed}): the tau_mem fit mixes them. "
+            "Give each experiment its own folder (memwatch demo --out DIR), or point the report at one of them.",
+            UserWarning,
+            stacklevel=2,
+        )
     entries = [summarize_run(run, detector, relative_to=root) for run in runs]
     fit, forecast = _fit(entries)
     summary: dict[str, Any] = {
@@ -636,7 +667,13 @@ def _plot_quality(runs: Sequence[RunHistory], entries: Sequence[Mapping[str, Any
         ax.text(0.5, 0.5, "no quality values (FID off)", ha="center", va="center", transform=ax.transAxes)
     ax.set_xlabel("optimizer steps")
     ax.set_ylabel(runs[0].quality_label if runs else "FID")
-    ax.set_title("sample quality (lower is better)")
+    unflagged = [e for e in entries if e["tau_gen"] is None]
+    gen = (
+        "" if not unflagged
+        else "; tau_gen: not flagged in any run" if len(unflagged) == len(entries)
+        else "; tau_gen not flagged for " + ", ".join(f"n={e['n']}" for e in unflagged)
+    )
+    ax.set_title(f"sample quality (lower is better){gen}")
     fig.savefig(path, dpi=110)
 
 
@@ -665,7 +702,9 @@ def _plot_timescales(entries: Sequence[Mapping[str, Any]], fit: Mapping[str, Any
             ax.legend(fontsize=8)
     lin.set_xlim(left=0)
     lin.set_ylim(bottom=0)
-    lin.set_title("timescales vs n: tau_gen flat, tau_mem linear")
+    missing = [key for key in ("tau_gen", "tau_mem") if not any(e[key] is not None for e in usable)]
+    shown = " and ".join(k for k in ("tau_gen", "tau_mem") if k not in missing) or "no timescale"
+    lin.set_title(f"{shown} vs n" + "".join(f"; {key}: not flagged in any run" for key in missing))
     if any(e["tau_mem"] or e["tau_gen"] for e in usable):
         loglog.set_xscale("log")
         loglog.set_yscale("log")

@@ -31,6 +31,7 @@ from lightning_memwatch.evaluator import Evaluator
 from lightning_memwatch.images import collect_images, num_images, select_rows
 from lightning_memwatch.metrics.knn_sharded import ShardedNearestNeighbourIndex
 from lightning_memwatch.sampling import rank_slice
+from lightning_memwatch.value_check import ValueProfile
 
 __all__ = ["ImageSource", "TrainImages", "find_train_data", "shards_index"]
 
@@ -107,6 +108,21 @@ class TrainImages:
             return cls(source, sharded=True, images=block, image_shape=shape)
         images, shape = _read_on_rank_zero(trainer, source, data_range)
         return cls(source, sharded=False, images=images, image_shape=shape)
+
+    def value_profile(self, trainer: Trainer) -> ValueProfile:
+        """The training images' value profile (:mod:`lightning_memwatch.value_check`), the same on every rank:
+        the ranks' blocks merged when sharded, else rank 0's, broadcast (a collective under several processes)."""
+        if self.sharded:
+
+            def gather(obj: object) -> list[Any]:
+                out: list[Any] = [None] * trainer.world_size
+                dist.all_gather_object(out, obj)
+                return out
+
+            block = self._images if self._images is not None else torch.empty(0, *self.image_shape)
+            return ValueProfile.build(block, gather)
+        profile = ValueProfile.of(self._images) if self._images is not None else None
+        return trainer.strategy.broadcast(profile, src=0) if trainer.world_size > 1 else profile
 
     @property
     def fid_fallback(self) -> ImageSource:

@@ -26,7 +26,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
-from lightning_memwatch import _checks
+from lightning_memwatch import _checks, tensorboard_layout
 from lightning_memwatch import log as mwlog
 from lightning_memwatch._checks import check_sample_range
 from lightning_memwatch.callbacks import _copies
@@ -36,16 +36,20 @@ from lightning_memwatch.callbacks._trainer import data_range_of, reference_image
 from lightning_memwatch.copies import CopiedTrainingImage, CopyTable
 from lightning_memwatch.detection import TimescaleDetector, TimescaleEvent
 from lightning_memwatch.evaluator import Evaluator, check_metric_names
+from lightning_memwatch.hparams import HparamsSession
 from lightning_memwatch.images import collect_images
 from lightning_memwatch.images import sampler_rows as _sampler_rows  # noqa: F401  (its old home)
 from lightning_memwatch.labels import LabelsChoice, sample_labels, train_labels_of
 from lightning_memwatch.metrics.fid import FID, FIDEvaluator
 from lightning_memwatch.metrics.memorization import KnnIndex
+from lightning_memwatch.onset import OnsetForecast, detector_level, forecast_onset
 from lightning_memwatch.progress import EvalProgress, setup_summary
 from lightning_memwatch.record import FID_TRAIN_FLOOR, RECORD_FIELDS, EvalRecord, RecordField, listed_keys
 from lightning_memwatch.sampling import accepts_labels, draw_samples, gather_in_order, rank_slice, sampler_of
 from lightning_memwatch.schedule import EvalSchedule
+from lightning_memwatch.value_check import ValueProfile, check_values
 from lightning_memwatch.weights import (
+    RAW_WARMUP,
     WEIGHTS_NAMES,
     ModuleEMA,
     ScoredWeights,
@@ -206,6 +210,8 @@ class MemWatch(Callback):
         self._last_evaluated_step: int | None = None
         self._overshoot_warned = False
         self.fid_train_floor: float | None = None
+        self._values: ValueProfile | None = None  # the training images' values (setup), checked against samples
+        self._hparams: HparamsSession | None = None  # this fit's hparams session (rank 0), from on_fit_start
 
     # -- public read-only views -------------------------------------------------------------------------
     @property
@@ -262,6 +268,31 @@ class MemWatch(Callback):
         """
         return self._copies.rows(label)
 
+    def hparams(self) -> dict[str, Any]:
+        """MemWatch's settings as hyperparameters: ``memwatch/<name>``, ``memwatch/detector_<name>`` and, with
+        FID, ``memwatch/fid_<name>``; what was built (index backend, sharding, training images) once it is."""
+        index = self.index
+        values: dict[str, Any] = {
+            "num_samples": self.num_samples,
+            "sample_batch_size": self.sample_batch_size,
+            "threshold": self.threshold,
+            "schedule": repr(self.schedule),
+            "seed": self.seed,
+            "data_range": None if self.data_range is None else str(tuple(self.data_range)),
+            "knn_backend": self.knn_backend if index is None else index.backend,
+            # what was built: "sharded" (split across ranks) or "single" (one index); before that, the setting
+            "knn_sharding": self.knn_sharding
+            if index is None
+            else ("sharded" if getattr(index, "world_size", 1) > 1 else "single"),
+            "feature_fn": None if self.feature_fn is None else getattr(self.feature_fn, "__name__", "custom"),
+            "num_train": None if index is None else index.num_train,
+        }
+        out = {f"{mwlog.PREFIX}{k}": v for k, v in values.items() if v is not None}
+        out.update({f"{mwlog.PREFIX}detector_{k}": v for k, v in self.detector.config().items() if v is not None})
+        if self._fid_evaluator is not None:
+            out.update({f"{mwlog.PREFIX}fid_{k}": v for k, v in self._fid_evaluator.hparams().items()})
+        return out
+
     def add_listener(self, fn: Listener) -> None:
         """Call ``fn(trainer, pl_module, record)`` on every rank after each evaluation (detector updated, events
         emitted); ``record`` is the :class:`~lightning_memwatch.EvalRecord` just appended to the history."""
@@ -301,6 +332,7 @@ class MemWatch(Callback):
                 trainer, self.train_data, knn_sharding=self.knn_sharding, data_range=self.data_range
             )
             self._setup_labels(trainer, pl_module)
+            self._values = self._train.value_profile(trainer)  # where the values sit (value_check)
         if self.fid is not None and self._fid_evaluator is None:
             # built on every rank: a missing weights file fails everywhere, before training starts
             self._fid_evaluator = self._build_fid(trainer)
@@ -380,7 +412,14 @@ class MemWatch(Callback):
         if trainer.is_global_zero:
             if self._fid_evaluator is not None and not trainer.strategy.restore_checkpoint_after_setup:
                 self._fid_evaluator.prepare_reference()  # idempotent; its origin (cache hit/miss) goes in hparams
-            mwlog.join_hparams_session(trainer, lambda: mwlog.memwatch_settings(self))
+            self._hparams = HparamsSession(self.hparams, tensorboard_layout.hparams_metrics(self))
+            self._hparams.join(trainer)
+            tensorboard_layout.register(trainer, self)  # TensorBoard's CUSTOM SCALARS tab
+
+    def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if self._hparams is not None:  # loggers get their own log_hyperparams back, also after a failure
+            self._hparams.release()
+            self._hparams = None
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self._fid_evaluator is not None and trainer.is_global_zero:
@@ -389,7 +428,8 @@ class MemWatch(Callback):
             self._set_train_floor(trainer)
         step = trainer.global_step
         if trainer.is_global_zero:  # settings (when Lightning logged no hparams) and the setup summary
-            mwlog.flush_hparams(trainer, lambda: mwlog.memwatch_settings(self))
+            if self._hparams is not None:
+                self._hparams.flush()
             if self.verbose:
                 rank_zero_info(self._setup_summary(trainer, step))
         if not self.history and (unreachable := self.schedule.unreachable_warning(step, trainer.max_steps)):
@@ -414,7 +454,7 @@ class MemWatch(Callback):
                 fid_n = self.fid.num_samples or self.num_samples  # type: ignore[union-attr]
                 first = self._train.first_images(self._evaluator, fid_n)  # as many as sampled; maybe a collective
                 if trainer.is_global_zero:
-                    value = evaluator.train_floor(first)
+                    value = evaluator.train_floor(first, num_samples=fid_n)  # the level of fid_n images
             value = trainer.strategy.broadcast(value, src=0)
             self.fid_train_floor = value
             if value is not None and trainer.is_global_zero:
@@ -430,6 +470,19 @@ class MemWatch(Callback):
         step = trainer.global_step
         if step != self._last_evaluated_step and step in self.schedule:
             self._evaluate(trainer, pl_module, step, can_log=True)
+
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # Lightning's WeightAveraging copies its average into the module when training ends, updated or not:
+        # a never-updated average is the initial weights. MemWatch scored the raw weights; say what fit returns.
+        scored = self.scored_weights
+        if scored is not None and self.history and scored.in_use(pl_module) == RAW_WARMUP:
+            rank_zero_warn(
+                f"MemWatch: training ended at step {trainer.global_step} before {scored.describe()} was ever "
+                f"updated ({scored.warmup_note()}): MemWatch scored the raw weights, but the averaging callback "
+                "copies its never-updated average, the initial weights, into the module at the end of fit. Start "
+                "the average earlier (update_starting_at_step below the steps you train), or take the raw weights "
+                "from a checkpoint."
+            )
 
     def _setup_summary(self, trainer: Trainer, step: int) -> str:
         """The one line printed per fit (what was indexed, backend, FID reference, next evaluation)."""
@@ -456,14 +509,46 @@ class MemWatch(Callback):
     def _evaluate(self, trainer: Trainer, pl_module: LightningModule, step: int, *, can_log: bool) -> None:
         # the scored weights (raw, EMA or averaged), in eval mode, stay in the module until every listener has
         # seen them
+        scored = self.scored_weights if self.scored_weights is not None else ScoredWeights()
+        in_use = scored.in_use(pl_module)  # the raw weights while a chosen average was never updated
         with scoring(trainer, pl_module, self.scored_weights):
             record, copies = self._record_of(trainer, pl_module, step)
             self._record_copies(trainer, step, copies)
+            record = self._annotate(record, in_use)
             self.history.append(record)
             self._last_evaluated_step = step
             events = self.detector.update(record)
             self.schedule.observe(record)  # an adaptive schedule plans its next step (every rank alike)
             self._publish(trainer, pl_module, record, events, can_log=can_log)
+        if in_use == RAW_WARMUP or (len(self.history) > 1 and self.history[-2].scored_weights == RAW_WARMUP):
+            self._say_warmup(trainer, scored, in_use, step)
+
+    def _say_warmup(self, trainer: Trainer, scored: ScoredWeights, in_use: str, step: int) -> None:
+        """Say in the TensorBoard text (and once in the log) that the raw weights were scored, and when the
+        average takes over."""
+        if in_use == RAW_WARMUP:
+            text = f"step {step}: {scored.warmup_note()}."
+            if len(self.history) == 1 or self.history[-2].scored_weights != RAW_WARMUP:
+                rank_zero_info(f"MemWatch: {text} The average is scored from its first update on.")
+        else:
+            text = f"step {step}: the {scored.describe()} are scored from here on (the average has been updated)."
+            rank_zero_info(f"MemWatch: {text}")
+        if trainer.is_global_zero:
+            mwlog.log_text(trainer, mwlog.TIMESCALE_TEXT, text, step)
+
+    def _annotate(self, record: EvalRecord, scored_weights: str) -> EvalRecord:
+        """The record with what MemWatch knows beyond the samples: the weights scored and the onset forecast
+        (:mod:`lightning_memwatch.onset`, from the history and this record: when f_mem will reach the level at
+        which the detector's tau_mem rule holds, :func:`~lightning_memwatch.onset.detector_level`)."""
+        level = detector_level(getattr(self.detector, "mem_rule", "ci"), getattr(self.detector, "f0", 0.0),
+                               self.num_samples)  # fmt: skip
+        forecast: OnsetForecast = forecast_onset([*self.history, record], threshold=self.threshold, level=level)
+        return record.replace(
+            scored_weights=scored_weights,
+            onset_forecast=forecast.step,
+            onset_forecast_low=forecast.low,
+            onset_forecast_high=forecast.high,
+        )
 
     def _record_of(
         self, trainer: Trainer, pl_module: LightningModule, step: int
@@ -482,6 +567,8 @@ class MemWatch(Callback):
             if overshoot is not None and not self._overshoot_warned:
                 self._overshoot_warned = True
                 rank_zero_warn(overshoot)
+            if self._values is not None:  # where the values sit, not only their range (value_check)
+                check_values(generated, self._values, f"MemWatch samples at step {step}")
             state = None
             self._last_nearest = None
             sharded = self._train is not None and self._train.sharded
@@ -576,6 +663,8 @@ class MemWatch(Callback):
         values = record.to_scalars()
         values.update({_event_key(e): float(e.step) for e in events})
         log_scalars(trainer, pl_module, values, record.step, can_log=can_log)
+        if trainer.is_global_zero:  # the f0 line and the event steps of the CUSTOM SCALARS layout
+            tensorboard_layout.log_guides(trainer, self, record.step)
         if self.verbose:
             rank_zero_info(f"{_describe(record)}{_copying_classes(record)}; {self.detector.status}")
         for event in events:
@@ -717,4 +806,9 @@ def _describe(record: EvalRecord) -> str:
     )
     if record.fid is not None:
         text += f", FID={record.fid:.3f} ({record.fid_num_samples} samples)"
+    if record.onset_forecast is not None:
+        high = "open" if record.onset_forecast_high is None else f"{record.onset_forecast_high:.0f}"
+        text += f", onset forecast ~{record.onset_forecast:.0f} [{record.onset_forecast_low:.0f}, {high}]"
+    if record.scored_weights == RAW_WARMUP:
+        text += ", raw weights (the average is not updated yet)"
     return text + f" (sampling {record.sample_seconds:.1f} s, metrics {record.metric_seconds:.2f} s)"

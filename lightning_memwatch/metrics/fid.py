@@ -277,7 +277,7 @@ class FIDEvaluator:
         self._sqrt_cov: Tensor | None = None
         self._stats_origin: str | None = None  # "computed" | "cache" | "state"
         self._loaded: dict[str, object] | None = None
-        self._warned_rank = False
+        self._warned_sets: set[str] = set()  # image sets already warned about ("generated", "train")
         self._warned_out_of_range = False
         if state is not None:
             self.load_state_dict(state)
@@ -326,7 +326,7 @@ class FIDEvaluator:
         d = self.extractor.num_features
         if self.num_samples is not None and d is not None and self.num_samples < d:
             warnings.warn(self._rank_message(self.num_samples, d, "generated"), UserWarning, stacklevel=3)
-            self._warned_rank = True
+            self._warned_sets.add("generated")
         if not isinstance(self.extractor, InceptionFeatureExtractor) or self.device.type != "cpu":
             return
         per_eval = self.num_samples or 0
@@ -345,6 +345,12 @@ class FIDEvaluator:
 
     @staticmethod
     def _rank_message(n: int, d: int, which: str) -> str:
+        if which == "train":  # the training set's own FID (the floor): all of it is used, nothing to raise
+            return (
+                f"The FID floor (the training images' own FID against the reference) uses {n} training images, "
+                f"fewer than the feature dimension {d}: like any FID from so few images it is biased upward, so "
+                "read the generated samples' FID against it, not against FIDs of larger sets."
+            )
         if which == "generated":
             fix = f"Raise FID(num_samples=...) above {d} for a standard FID."
         else:
@@ -472,11 +478,37 @@ class FIDEvaluator:
 
     # ---- evaluation ----------------------------------------------------------------------------------------
 
-    def train_floor(self, train: Tensor) -> float:
-        """FID of (a share of) the training images against the reference: the level real data reaches with
-        this many images, a floor for the FID of generated samples of the same count. Not counted in
-        :attr:`num_generated_forward_passes`."""
-        return self.compute(train, name="train")
+    def train_floor(self, train: Tensor, num_samples: int | None = None) -> float:
+        """FID of the training images against the reference: the level real data reaches with ``num_samples``
+        images, a floor for the FID of that many generated samples. Not counted in
+        :attr:`num_generated_forward_passes`.
+
+        FID falls with the number of images it is computed on (its bias grows like 1 / N). With fewer training
+        images ``n`` than ``num_samples`` (a small training set), the FID of the ``n`` images would overstate
+        the level of ``num_samples`` real images; it is extrapolated instead from the FID of the ``n`` images
+        and the mean FID of their two halves, with ``FID(N) = a + b / N`` (Chong & Forsyth 2020), to
+        ``N = num_samples`` (never above the FID of the ``n`` images, never below 0), when each half holds at
+        least as many images as the features have dimensions (else the FID of the ``n`` images). With ``n >=
+        num_samples`` (or None) it is the FID of the first ``num_samples`` images.
+
+        Args:
+            train: training images (N >= 2) in ``data_range``.
+            num_samples: generated samples the FID of each evaluation uses (images), or None.
+        """
+        n = len(train)
+        if num_samples is None or n >= num_samples:
+            return self.compute(train if num_samples is None else train[:num_samples], name="train")
+        full = self.compute(train, name="train")
+        half = n // 2
+        self.prepare_reference()
+        if half < max(4, len(self.reference_statistics[0])):
+            # halves below the feature dimension have rank-deficient covariances, off the 1/N law: keep the FID
+            # of all n images (biased upward, as the warning of compute says)
+            return full
+        halves = 0.5 * (self.compute(train[:half], name="train") + self.compute(train[half : 2 * half], name="train"))
+        slope = (halves - full) / (1.0 / half - 1.0 / n)  # b in FID(N) = a + b / N
+        at_num_samples = full + slope * (1.0 / num_samples - 1.0 / n)
+        return float(min(max(at_num_samples, 0.0), full))
 
     def compute(self, generated: Tensor, *, name: str = "generated") -> float:
         """FID of ``generated`` (N >= 2 images in ``data_range``, any device) against the reference
@@ -496,9 +528,10 @@ class FIDEvaluator:
         if mean_g.shape != mean_r.shape:
             raise _checks.config_error(f"generated features have dimension {len(mean_g)}, reference {len(mean_r)}.")
         n, d = len(generated), len(mean_r)
-        if n < d and not self._warned_rank:
-            warnings.warn(self._rank_message(n, d, "generated"), UserWarning, stacklevel=2)
-            self._warned_rank = True
+        which = "train" if name == "train" else "generated"
+        if n < d and which not in self._warned_sets:
+            warnings.warn(self._rank_message(n, d, which), UserWarning, stacklevel=2)
+            self._warned_sets.add(which)
         if name == "generated":
             self.last_num_samples = n
         value = float(frechet_distance(mean_g, cov_g, mean_r, cov_r, sqrt_cov2=self._sqrt_cov))

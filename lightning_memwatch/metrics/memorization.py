@@ -29,8 +29,16 @@ import torch
 import torchmetrics
 from torch import Tensor
 
-from lightning_memwatch._checks import check_batch, check_float, check_int, config_error, config_type_error
+from lightning_memwatch._checks import (
+    check_batch,
+    check_float,
+    check_int,
+    check_sample_range,
+    config_error,
+    config_type_error,
+)
 from lightning_memwatch.metrics.knn import NearestNeighbourIndex
+from lightning_memwatch.value_check import ValueProfile, check_against_train, check_values
 
 __all__ = [
     "KnnIndex",
@@ -143,6 +151,8 @@ def _neighbours(
     if not isinstance(index_or_train, NearestNeighbourIndex):
         check_batch(generated, "generated")  # fail before building an index; the search checks it otherwise
     check_sample_shape(generated, shape if shape is not None else _sample_shape(index_or_train))
+    if isinstance(index_or_train, Tensor):  # the samples' values against the training images' (value_check)
+        check_against_train(generated, index_or_train)
     index = _as_index(index_or_train)
     if isinstance(index, NearestNeighbourIndex):  # its errors then name the samples "generated"
         distances, nn_indices = index.search(generated, 2, name="generated")
@@ -194,6 +204,12 @@ def memorization_fraction(
 
     Returns:
         A :class:`MemorizationResult`; see the module notes for the interval at 0 or ``m`` memorized.
+
+    Raises:
+        ConfigError: (a ``ValueError``) given the training set as a tensor, samples on another scale than it:
+            mostly or far outside the range of its values (e.g. copies in [0, 255] of images in [0, 1]), or on
+            another part of it (e.g. copies in [0, 1] of images in [-1, 1]; see
+            :mod:`lightning_memwatch.value_check`). Their ratios would all be near 1.
 
     Example:
         >>> train = torch.tensor([[0.0, 0.0], [4.0, 0.0], [0.0, 9.0]])
@@ -270,6 +286,10 @@ class MemorizationFraction(torchmetrics.Metric):
         super().__init__(**kwargs)
         threshold = check_float(threshold, "threshold", low=0, low_open=True, high=1, hint="the paper uses 1/3")
         self.sample_shape = _sample_shape(index_or_train)
+        # the training images' values, when given as a tensor: each batch is checked against them
+        self._values: ValueProfile | None = None
+        if isinstance(index_or_train, Tensor) and len(index_or_train) and torch.is_floating_point(index_or_train):
+            self._values = ValueProfile.of(index_or_train)
         self.index = _as_index(index_or_train)
         self.threshold = float(threshold)
         self.add_state("memorized", default=torch.tensor(0, dtype=torch.int64), dist_reduce_fx="sum")
@@ -277,6 +297,11 @@ class MemorizationFraction(torchmetrics.Metric):
 
     def update(self, generated: Tensor) -> None:
         """Add a batch of generated samples ``(m, ...)``, shaped like the training images."""
+        if self._values is not None and isinstance(generated, Tensor) and torch.is_floating_point(generated):
+            values = self._values
+            if values.high > values.low:
+                check_sample_range(generated, "generated", (values.low, values.high))
+                check_values(generated, values, "generated")
         ratios = _neighbours(generated, self.index, self.sample_shape)[0]
         self.memorized += (ratios < self.threshold).sum().to(self.memorized.device)
         self.total += len(ratios)

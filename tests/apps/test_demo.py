@@ -11,6 +11,7 @@ import torch
 from lightning_memwatch import log as mwlog
 from lightning_memwatch.apps.demo import (
     CLASSIFIER_FILENAME,
+    QUICK_OUT,
     DemoConfig,
     DigitFeatureNet,
     build_parser,
@@ -50,9 +51,9 @@ def test_quick_demo_flags_memorization_in_the_order_of_n(quick_run):
     for run in summary["demo"]["runs"]:
         if run["n"] in flagged:  # early stopping ended the run a few evaluations after its tau_mem
             assert run["stopped_early"] and run["steps"] < config.max_steps(run["n"])
-            assert run["steps"] == flagged[run["n"]] + (config.stop_patience - 1) * config.eval_period(run["n"])
+            assert run["steps"] == flagged[run["n"]] + (config.mem_patience - 1) * config.eval_period(run["n"])
     for n in flagged:
-        records = read_event_records([out / "logs" / f"n{n}"])
+        records = read_event_records([out / "logs" / config.run_name(n)])
         assert records[0]["f_mem"] == 0.0 and records[-1]["f_mem"] > config.mem_threshold
     assert set(summary["fit"]) >= {"slope", "intercept", "r2", "exponent"} and summary["fit"]["slope"] > 0
     assert "repeated to 256 noisy copies per step" in printed  # the header (the runs print from their workers)
@@ -85,7 +86,7 @@ def test_quick_demo_tensorboard_logs_hold_every_evaluation(quick_run):
     out, _, _ = quick_run
     config = DemoConfig.quick()
     for n in config.ns:
-        run_dir = out / "logs" / f"n{n}"
+        run_dir = out / "logs" / config.run_name(n)
         meta = json.loads((run_dir / RUN_METADATA).read_text())
         assert meta["n"] == n and meta["detector"]["floor"] == config.gen_threshold
         assert meta["result"]["steps"] == config.max_steps(n) or meta["result"]["stopped_early"]
@@ -98,11 +99,73 @@ def test_quick_demo_tensorboard_logs_hold_every_evaluation(quick_run):
         assert any(p.name.startswith("events.out.tfevents") for p in run_dir.iterdir())
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    acc = EventAccumulator(str(out / "logs" / f"n{config.ns[0]}"), size_guidance={"images": 0})
+    acc = EventAccumulator(str(out / "logs" / config.run_name(config.ns[0])), size_guidance={"images": 0})
     acc.Reload()
     assert mwlog.SAMPLES_IMAGE in acc.Tags()["images"]
     net = DigitFeatureNet()
     net.load_state_dict(torch.load(out / CLASSIFIER_FILENAME, weights_only=True))
+
+
+@pytest.mark.slow
+def test_quick_demo_prints_the_patience_that_runs(quick_run):
+    """The header shows the detector each run builds; its patience is the one the runs' flags and metadata hold,
+    and the stopper is built without the deprecated patience=."""
+    import re
+
+    out, _, printed = quick_run
+    config = DemoConfig.quick()
+    header = re.search(r"detector = TimescaleDetector\((.*)\)", printed)
+    assert header is not None, printed[:2000]
+    printed_patience = int(re.search(r"patience=(\d+)", header.group(1)).group(1))
+    assert "MemorizationEarlyStopping(watch, restore_best=True)" in printed and "patience=" not in printed.split(
+        "MemorizationEarlyStopping(", 1
+    )[1].split(")", 1)[0]
+    for n in config.ns:
+        meta = json.loads((out / "logs" / config.run_name(n) / RUN_METADATA).read_text())
+        assert meta["detector"]["patience"] == printed_patience == config.mem_patience
+    # the runs' own lines (flags, outcome) are printed by the worker processes, outside this capture
+
+
+def test_run_outcome_lines_say_in_words_what_happened():
+    from types import SimpleNamespace as NS
+
+    from lightning_memwatch.apps.demo import stopper_line, tau_gen_line
+
+    tau_mem = NS(step=150, reason="f_mem > f0")
+    detector = NS(tau_gen=None, tau_mem=tau_mem)
+    history = [{"step": 0, "fid": 800.0}, {"step": 25, "fid": 208.2}, {"step": 50, "fid": None}]
+    line = tau_gen_line(detector, history, 50.0)
+    assert line.startswith("tau_gen: not flagged (the Frechet distance never fell to 50; its best was 208.2 at step 25")
+    assert "copied training digits before its samples were good" in line
+    stopper = NS(stopped_step=200, restored_step=125, best_score=268.24, best_f_mem=0.0196)
+    assert stopper_line(stopper, detector, 200, 620) == (
+        "stopped at step 200 (tau_mem = step 150, flagged at step 200); restored the weights of step 125, "
+        "Frechet distance 268.2, f_mem 0.020: the best evaluation before the onset"
+    )
+    idle = NS(stopped_step=None, restored_step=None, best_score=None, best_f_mem=None)
+    assert stopper_line(idle, NS(tau_gen=None, tau_mem=None), 620, 620).startswith("not stopped: tau_mem was not")
+
+
+def test_demo_refuses_an_output_folder_that_holds_runs(tmp_path, capsys):
+    out = tmp_path / "out"
+    (out / "logs" / "n64").mkdir(parents=True)
+    (out / "summary.json").write_text("{}")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--quick", "--out", str(out)])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "already holds logs, summary.json" in err and "--overwrite" in err
+    assert sorted(p.name for p in out.iterdir()) == ["logs", "summary.json"]  # nothing touched
+    (out / "notes.txt").write_text("mine")  # --overwrite replaces only the demo's own outputs
+    with pytest.raises(SystemExit):
+        main(["--quick", "--out", str(out), "--overwrite"])
+    assert "notes.txt" in capsys.readouterr().err and (out / "logs" / "n64").is_dir()
+
+
+def test_quick_demo_has_its_own_default_folder():
+    assert config_from_args(build_parser().parse_args(["--quick"])).out == QUICK_OUT
+    assert config_from_args(build_parser().parse_args([])).out == DemoConfig().out != QUICK_OUT
+    assert DemoConfig.quick().run_name(8) == "n08" and DemoConfig().run_name(512) == "n512"
 
 
 def test_digit_classifier_features_separate_digits_from_noise():

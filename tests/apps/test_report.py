@@ -248,3 +248,20 @@ def test_runs_without_labels_are_named_after_their_experiment(tmp_path):
 
     write_run(tmp_path / "logs" / "baseline" / "version_0", planted_history(100, 500, 1000, 1500), metadata=False)
     assert load_run(tmp_path / "logs" / "baseline" / "version_0").label == "baseline"  # the legend's text
+
+
+def test_report_warns_when_runs_were_made_with_different_settings(tmp_path):
+    """Two demos into one folder: the fit would mix them, so the report says which settings differ."""
+    for n, lr in ((8, 0.003), (16, 0.003), (64, 0.001)):
+        run_dir = tmp_path / f"n{n}"
+        write_run(run_dir, planted_history(n, 500, 1000 + 10 * n, 1000 + 10 * n + 3 * EVERY), n=n)
+        meta = json.loads((run_dir / RUN_METADATA).read_text())
+        write_run_metadata(run_dir, **{**meta, "settings": {"lr": lr, "out": str(tmp_path)}})
+    with pytest.warns(UserWarning, match=r"different settings \(settings\.lr: 0\.003 \(toy n=8, toy n=16\), 0\.001"):
+        summary = report(tmp_path, plots=False, write=False, echo=None)
+    assert [r["n"] for r in summary["runs"]] == [8, 16, 64]  # by n, not by name (n16, n64, n8)
+
+
+def test_report_is_silent_when_runs_share_their_settings(logdir, recwarn):
+    report(logdir, plots=False, write=False, echo=None)
+    assert not [w for w in recwarn if "different settings" in str(w.message)]

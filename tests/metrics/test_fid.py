@@ -198,6 +198,23 @@ def test_sample_count_below_feature_dimension_warns(tmp_path: Path) -> None:
     assert math.isfinite(value)
 
 
+
+def test_train_floor_warning_names_the_training_set(tmp_path: Path) -> None:
+    """The training set's own FID (the floor) from few images warns about the training images, with nothing to
+    raise (all of them are used), and leaves the generated samples' own warning to come."""
+    import warnings
+
+    evaluator = _build(_images(40, seed=0), tmp_path, num_samples=40)  # 12 features: 40 samples are enough
+    with pytest.warns(UserWarning, match="The FID floor .* uses 8 training images") as caught:
+        evaluator.train_floor(_images(8, seed=2))
+    assert not any("num_samples" in str(w.message) or "generated images" in str(w.message) for w in caught)
+    with pytest.warns(UserWarning, match="FID from 8 generated images"):  # its own warning, once
+        evaluator.compute(_images(8, seed=1))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        evaluator.compute(_images(8, seed=3))
+
+
 def test_settings_are_validated() -> None:
     with pytest.raises(ValueError, match="'inception' or a torch.nn.Module"):
         FID(feature_extractor="vgg")
@@ -531,3 +548,29 @@ def test_inception_refuses_out_of_range_reference_and_clamps_generated(inception
     with pytest.warns(UserWarning, match="clamped to data_range"):
         value = evaluator.compute(far_off)
     assert value == pytest.approx(evaluator.compute(far_off.clamp(-1, 1)), rel=1e-6)
+
+
+def test_train_floor_of_a_small_training_set_is_the_level_of_num_samples_real_images():
+    """n = 40 training images, FID on 1000 samples: the FID of the 40 images (the old floor) overstates the
+    level 1000 real images reach several times; the floor extrapolated to 1000 images lands near it."""
+    from lightning_memwatch import FID
+
+    g = torch.Generator().manual_seed(0)
+    reference = torch.randn(20000, 1, 2, 4, generator=g)
+    evaluator = FID(reference=reference, feature_extractor=torch.nn.Flatten(), cache=False).build(
+        data_range=(-10.0, 10.0), device="cpu", fallback_reference=None, num_samples=1000
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # fewer images than feature dimensions in the halves: expected here
+        level = sum(evaluator.compute(torch.randn(1000, 1, 2, 4, generator=g)) for _ in range(4)) / 4
+        old, new = [], []
+        for _ in range(4):
+            train = torch.randn(40, 1, 2, 4, generator=g)
+            old.append(evaluator.compute(train, name="train"))
+            new.append(evaluator.train_floor(train, num_samples=1000))
+        assert evaluator.train_floor(train[:30], num_samples=20) == pytest.approx(
+            evaluator.compute(train[:20], name="train")
+        )  # enough images: the FID of the first num_samples
+    old_error, new_error = abs(sum(old) / 4 - level), abs(sum(new) / 4 - level)
+    assert old_error > 10 * level  # the inflation the floor had
+    assert new_error < 0.25 * old_error and all(0 <= f <= o for f, o in zip(new, old, strict=True))

@@ -47,7 +47,7 @@ def planted(train: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(2)
     copies = train[torch.randperm(200, generator=g)[:25]]
     near = train[50:60] + 0.01 * torch.randn(10, 1, 8, 8, generator=g)
-    far = 40.0 + torch.randn(65, 1, 8, 8, generator=g)
+    far = 40.0 + torch.randn(65, 1, 8, 8, generator=g)  # off the training scale: search through an index
     generated = torch.cat([copies, near, far])
     memorized = torch.zeros(100, dtype=torch.bool)
     memorized[:35] = True
@@ -149,7 +149,9 @@ def test_zero_second_distance_gives_ratio_zero_not_nan() -> None:
 
 def test_interval_when_none_or_all_are_memorized(train: torch.Tensor) -> None:
     far = 40.0 + dyadic(50, 1, 8, 8, seed=5)
-    none = memorization_fraction(far, train)
+    # far from every training image on purpose: through an index (a tensor would have the samples' scale
+    # checked against the training images' and raise, see test_value_check.py)
+    none = memorization_fraction(far, NearestNeighbourIndex(train))
     assert none.fraction == 0.0 and none.ci_low == 0.0
     assert none.ci_high == pytest.approx(1 - 0.025 ** (1 / 50))  # exact Clopper-Pearson upper bound
     assert 0.05 < none.ci_high < 0.08
@@ -185,7 +187,7 @@ def test_threshold_is_strict_and_configurable() -> None:
 def test_results_follow_the_generated_device_and_inputs_are_untouched(train: torch.Tensor, planted) -> None:
     generated, _ = planted
     before_g, before_t = generated.clone(), train.clone()
-    result = memorization_fraction(generated, train)
+    result = memorization_fraction(generated, NearestNeighbourIndex(train))
     assert result.ratios.device == generated.device
     assert torch.equal(generated, before_g) and torch.equal(train, before_t)
 
@@ -218,11 +220,12 @@ def test_bad_inputs_get_errors_that_name_the_fix(train: torch.Tensor) -> None:
 @pytest.mark.filterwarnings("ignore:The ``compute`` method")
 def test_metric_two_updates_equal_one_call(train: torch.Tensor, planted) -> None:
     generated, _ = planted
-    metric = MemorizationFraction(train)
+    index = NearestNeighbourIndex(train)  # (the planted far samples are off the training images' scale)
+    metric = MemorizationFraction(index)
     metric.update(generated[:37])
     metric.update(generated[37:])
     assert int(metric.total) == 100 and int(metric.memorized) == 35
-    assert float(metric.compute()) == pytest.approx(memorization_fraction(generated, train).fraction)
+    assert float(metric.compute()) == pytest.approx(memorization_fraction(generated, index).fraction)
     clone = metric.clone()  # deep copy, index included
     clone.update(generated[:10])
     assert int(clone.total) == 110 and int(metric.total) == 100
