@@ -1,29 +1,66 @@
 #!/usr/bin/env bash
-# The prepared GPU check (one short run, ~5-8 min on one H100): the checks issues 2, 3 and 6 ask for on CUDA.
-#   1. environment: CUDA device, faiss GPU count (faiss-gpu comes from the `gpu` extra);
-#   2. benchmarks/knn.py on CUDA: faiss-gpu / torch / torch-bf16 backends vs float64 brute force, GFLOP/s table,
-#      the screen on a low-rank set, and the sharded index (2 gloo processes, CPU);
-#   3. benchmarks/overhead.py at the paper's scale (W=32, 2,048 DDIM-100 samples, n=32,768);
-#   4. a reduced CelebA-like run: the paper's U-Net (W=32) on digits upscaled to 32x32, MemWatch with f_mem
-#      (faiss-gpu) and a pixel-space Frechet distance, 2,000 steps.
-# Usage: bash benchmarks/gpu_check.sh [OUTDIR]   (outputs and logs under OUTDIR, default $OUT or runs/gpu_check)
+# The prepared GPU check for the lent machine (one H100, no internet; its image has Python 3.12, torch 2.11 with
+# CUDA 13, lightning 2.6.6, torchmetrics 1.9, tensorboard, scikit-learn, matplotlib, setuptools; no faiss,
+# torch-fidelity, jsonargparse or diffusers). Whole check: about 5 minutes, each step under its own timeout,
+# at most 8 minutes in all. Every step writes its output to OUTDIR (default $OUT, else runs/gpu_check).
+#   0. install: the project from this tree (`pip install --no-deps --no-build-isolation --no-index`), after the
+#      wheels carried in .whl/ if there are any;
+#   1. environment: torch, CUDA device, bf16 screen rule, faiss (absent: its rows are skipped);
+#   2. the exact search on CUDA, m = 10,000, n = 10^6, d = 1,024 (issue 24's target: under 10 s, bf16 screen
+#      >= 2x the float32 path), uniform and near-tie-dense (saturated) data, each checked against float64;
+#   3. the property tests of the search on CPU (every backend here), as a regression check of the image.
+# Usage: bash benchmarks/gpu_check.sh [--dry-run] [OUTDIR]
+#   --dry-run: the same steps at smoke sizes on the CPU (CUDA-less torch), without installing, the tests only
+#   collected: what tests/metrics/test_knn_gpu_check.py runs, so that the script cannot rot unseen.
 set -euo pipefail
+dry=0
+if [[ "${1:-}" == "--dry-run" ]]; then
+    dry=1
+    shift
+fi
 out="${1:-${OUT:-runs/gpu_check}}"
 mkdir -p "$out"
-py="${PYTHON:-python}"
-"$py" - <<'PY' | tee "$out/env.txt"
-import faiss, torch
-print("torch", torch.__version__, "cuda", torch.version.cuda, "device", torch.cuda.get_device_name(0))
-print("faiss", faiss.__version__, "GPUs seen by faiss:", faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0)
-PY
-"$py" benchmarks/knn.py --device cuda --repeats 3 | tee "$out/knn_cuda.txt"   # includes torch-bf16 (screen)
-# issue 15: the split-bf16 screen on CUDA on structured data, and the sharded index (gloo, 2 processes)
-"$py" benchmarks/knn.py --device cuda --data lowrank --m 1000 --repeats 2 | tee "$out/knn_cuda_lowrank.txt"
-"$py" benchmarks/knn.py --shards 1 2 --m 1000 --backend torch-bf16 --repeats 2 | tee "$out/knn_shards.txt"
-"$py" benchmarks/overhead.py --width 32 --num-samples 2048 --sample-batch-size 1024 --sample-steps 100 \
-    --train-size 32768 --batch-size 512 --steps 200 --every 100 --fid conv | tee "$out/overhead_cuda.txt"
-"$py" -m lightning_memwatch.apps.cli fit --config recipes/quick_unet_digits.yaml \
-    --trainer.accelerator gpu --trainer.max_steps 2000 --trainer.default_root_dir "$out/unet_digits32" \
-    --data.init_args.image_size 32 --data.init_args.n 256 \
-    --model.init_args.denoiser.init_args.base_width 32 --model.init_args.sample_autocast true \
-    2>&1 | tee "$out/unet_digits32.txt" | grep -E "MemWatch|tau_|Error" || true
+py="${PYTHON:-python3}"
+cd "$(dirname "$0")/.."
+export PYTHONUNBUFFERED=1
+step() {  # step NAME SECONDS COMMAND...: run with a timeout, output to OUTDIR/NAME.txt; a failure is reported
+    local name=$1 limit=$2
+    shift 2
+    echo "== $name (limit ${limit}s)"
+    if timeout "$limit" "$@" >"$out/$name.txt" 2>&1; then
+        tail -n 25 "$out/$name.txt"
+    else
+        echo "step $name FAILED (exit $?): see $out/$name.txt"
+        tail -n 40 "$out/$name.txt"
+        failed=1
+    fi
+}
+failed=0
+if [[ $dry == 1 ]]; then
+    device=cpu sizes=(--n 512 --m 40 --d 16 --repeats 1)
+    export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+    tests=(tests/metrics/test_knn_bounds.py --collect-only)
+else
+    device=cuda sizes=(--n 1000000 --m 10000 --d 1024 --repeats 3)
+    tests=(tests/metrics/test_knn_bounds.py)
+    if compgen -G ".whl/*.whl" >/dev/null; then
+        step install_wheels 120 "$py" -m pip install -q --no-index --no-deps --no-compile .whl/*.whl
+    fi
+    step install 120 "$py" -m pip install -q --no-deps --no-build-isolation --no-index .
+fi
+step env 120 "$py" -c "
+import torch
+from lightning_memwatch.metrics.knn import available_backends, has_fast_bfloat16
+from lightning_memwatch.metrics.knn.backends import import_faiss
+cuda = torch.cuda.is_available()
+print('torch', torch.__version__, 'cuda', torch.version.cuda, 'device', torch.cuda.get_device_name(0) if cuda else 'none')
+faiss = import_faiss()
+print('faiss', faiss.__version__ if faiss else 'absent (its rows are skipped)')
+device = 'cuda' if cuda else 'cpu'
+print('backends on', device, available_backends(device), 'bf16 screen by auto:', has_fast_bfloat16(device))
+"
+step knn_uniform 200 "$py" benchmarks/knn_gpu.py --device "$device" --data uniform "${sizes[@]}"
+step knn_saturated 200 "$py" benchmarks/knn_gpu.py --device "$device" --data saturated "${sizes[@]}"
+step knn_property_tests 120 "$py" -m pytest -q -p no:randomly -p no:cacheprovider "${tests[@]}"
+echo "outputs in $out"
+exit $failed

@@ -12,8 +12,10 @@ Times, in one run and interleaved (so that load from other processes hits every 
   it is memory-bound and slow, so it is timed on a subset of the queries and its rate is reported.
 
 Throughput is ``2 m n d / seconds`` (GFLOP/s) for every method. Each method's nearest-neighbour indices are
-checked against a float64 brute force on the first 200 queries. Data: training rows uniform in [0, 1]
-(image-like), queries uniform with 10% exact copies of training rows.
+checked against a float64 brute force on the first 200 queries. Data (``benchmarks/knn_data.py``): training rows
+uniform in [0, 1] (image-like), queries uniform with 10% exact copies of training rows; or ``--data lowrank``,
+``digits``, ``saturated`` (near-tie-dense: half of the pixels at exactly 1.0). Our indices also report their
+work: scans of the training set per search and candidates re-ranked exactly.
 
 Usage::
 
@@ -22,6 +24,7 @@ Usage::
     python benchmarks/knn.py --m 1000 --n 16384 --d 512 --repeats 5 --threads 2
     python benchmarks/knn.py --data lowrank     # structured, image-like training set (low intrinsic dimension)
     python benchmarks/knn.py --data digits --backends faiss-cpu torch   # real digits upsampled; some backends
+    python benchmarks/knn.py --data saturated --m 1000   # near-tie-dense images (half the pixels at 1.0)
     python benchmarks/knn.py --shards 1 2 4 --m 1000   # sharded: W gloo processes on this machine, per rank
     python benchmarks/knn.py --memmap --n 262144 --d 1024 --m 1000   # streamed search of a 1 GiB .npy memmap
 """
@@ -29,7 +32,6 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import platform
 import statistics
@@ -38,6 +40,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
+from knn_data import KINDS, make_data  # beside this file
 
 from lightning_memwatch.metrics.knn import NearestNeighbourIndex, available_backends
 
@@ -161,47 +164,6 @@ def _methods(train: torch.Tensor, queries: torch.Tensor, only: list[str] | None 
     return methods
 
 
-def make_data(m: int, n: int, d: int, seed: int, kind: str = "uniform") -> tuple[torch.Tensor, torch.Tensor]:
-    """``uniform``: rows uniform in [0, 1]; ``lowrank``: an image-like set of low intrinsic dimension (rank-16
-    structure squashed into [0, 1], plus 1% noise); ``digits``: scikit-learn's 1,797 real 8x8 digits, upsampled
-    (bilinear) to ``d`` pixels, shifted by up to 2 pixels and with 1% noise, in [0, 1]. Queries: 10% exact
-    copies, 20% near copies, the rest new."""
-    g = torch.Generator().manual_seed(seed)
-    if kind == "digits":
-        train, queries = _digits(n, g, d), _digits(m, g, d)
-        near = torch.randint(0, n, (m // 5,), generator=g)
-        queries[m // 10 : m // 10 + m // 5] = (train[near] + 0.02 * torch.randn(m // 5, d, generator=g)).clamp(0, 1)
-    elif kind == "uniform":
-        train = torch.rand(n, d, generator=g)
-        queries = torch.rand(m, d, generator=g)
-    else:
-        basis = torch.randn(16, d, generator=g) / 4
-
-        def draw(rows: int) -> torch.Tensor:
-            x = torch.sigmoid(torch.randn(rows, 16, generator=g) @ basis)
-            return (x + 0.01 * torch.randn(rows, d, generator=g)).clamp(0, 1)
-
-        train, queries = draw(n), draw(m)
-        near = torch.randint(0, n, (m // 5,), generator=g)
-        queries[m // 10 : m // 10 + m // 5] = (train[near] + 0.02 * torch.randn(m // 5, d, generator=g)).clamp(0, 1)
-    queries[: m // 10] = train[torch.randint(0, n, (m // 10,), generator=g)]
-    return train, queries
-
-
-def _digits(rows: int, g: torch.Generator, d: int) -> torch.Tensor:
-    from sklearn.datasets import load_digits  # bundled with scikit-learn: no download
-
-    side = math.isqrt(d)
-    if side * side != d:
-        raise SystemExit(f"--data digits needs a square --d (e.g. 1024 = 32 x 32); got {d}.")
-    images = torch.from_numpy(load_digits().images).float()[:, None] / 16
-    big = torch.nn.functional.interpolate(images, size=(side, side), mode="bilinear", align_corners=False)
-    pick = big[torch.randint(0, len(big), (rows,), generator=g)]
-    shifts = torch.randint(-2, 3, (rows, 2), generator=g)
-    out = torch.stack([torch.roll(x, (int(a), int(b)), dims=(1, 2)) for x, (a, b) in zip(pick, shifts.tolist())])
-    return (out.reshape(rows, d) + 0.01 * torch.randn(rows, d, generator=g)).clamp(0, 1)
-
-
 def run_shape(
     m: int,
     n: int,
@@ -245,12 +207,13 @@ def run_shape(
             agree = f"{int((x.check().cpu() == reference).all(dim=1).sum())}/{len(reference)}"
         note = x.note
         if x.index is not None:
-            note += f"; uncertified rows {x.index.num_fallback}/{x.index.num_searched}"
-            if x.index.backend == "torch-bf16":
-                note += (
-                    f"; screen certified {x.index.num_searched - x.index.num_screen_fallback}/"
-                    f"{x.index.num_searched} at once, float32 path {x.index.num_screen_float32}"
-                )
+            x.index.search(queries, k=2)  # the timed search's work (the check above searched fewer queries)
+            stats = x.index.last_search
+            assert stats is not None
+            note += (
+                f"; scans per search {stats.scans}, certified at once {stats.certified_at_once}/{stats.queries}, "
+                f"candidates {stats.candidates} ({stats.candidates_per_query:.2f} per query)"
+            )
         best, median = min(x.times), statistics.median(x.times)
         lines.append(
             f"| {x.name} | {best:.3f} ({median:.3f}) | {rate[x.name]:.1f} | {100 * rate[x.name] / peak:.0f}% "
@@ -298,7 +261,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true", help="small smoke run (m=1000,200; n=4096; d=256)")
-    parser.add_argument("--data", choices=["uniform", "lowrank", "digits"], default="uniform", help="training set")
+    parser.add_argument("--data", choices=KINDS, default="uniform", help="training set (see knn_data.py)")
     parser.add_argument("--backends", nargs="+", help="only these backends of ours (default: all available)")
     parser.add_argument("--shards", type=int, nargs="+", help="instead: sharded search with W gloo processes")
     parser.add_argument("--memmap", action="store_true", help="instead: streamed search of a .npy memmap")

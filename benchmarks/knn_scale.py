@@ -29,7 +29,7 @@ def _mem_status() -> dict[str, int]:
 
 
 def _rank(rank: int, world: int, store: str, args, results) -> None:  # type: ignore[no-untyped-def]
-    from knn import make_data
+    from knn_data import make_data
 
     from lightning_memwatch.metrics.knn_sharded import ShardedNearestNeighbourIndex
 

@@ -11,10 +11,10 @@ shard plus ``O(block)``; time per rank proportional to its shard's rows.
 
 Every method is a collective: all ranks of the group call it, in the same order.
 
-This module is the distributed half of :mod:`lightning_memwatch.metrics.knn` and reads that module's internals
-on purpose (``_search_sq``, ``_source``, ``_row_hashes``, ``_duplicate_groups``, ``_resolve_backend``): the squared
-float64 distances, row sources and duplicate hashing are what each shard must share exactly with the
-single-process index for the merged result to equal it, and they are not a public API for users.
+This module is the distributed half of :mod:`lightning_memwatch.metrics.knn` and uses that package's public
+pieces: :meth:`NearestNeighbourIndex.search_squared` (exact float64 squared distances), the index's
+``row_source``, and :mod:`~lightning_memwatch.metrics.knn.build`'s row hashes and duplicate groups: what each
+shard must share exactly with the single-process index for the merged result to equal it.
 """
 
 from __future__ import annotations
@@ -28,9 +28,11 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from lightning_memwatch._checks import config_error
-from lightning_memwatch.metrics import knn as _knn
+from lightning_memwatch._checks import check_batch, config_error
 from lightning_memwatch.metrics.knn import Backend, NearestNeighbourIndex
+from lightning_memwatch.metrics.knn.backends import resolve_backend
+from lightning_memwatch.metrics.knn.build import duplicate_groups, row_hashes
+from lightning_memwatch.metrics.knn.rows import source_device
 
 __all__ = ["ShardedNearestNeighbourIndex"]
 
@@ -96,7 +98,7 @@ class ShardedNearestNeighbourIndex:
                     shape = local.sample_shape
             except (TypeError, ValueError) as err:
                 problem = f"rank {self.rank}: {err}"
-        n_local = 0 if local is None else local._n
+        n_local = 0 if local is None else local.num_rows
         dim = -1 if local is None else local.dim
         # One metadata exchange, so that a problem on one rank raises on every rank (no rank hangs).
         meta = self._all_gather_object((problem, n_local, dim, shape))
@@ -132,7 +134,7 @@ class ShardedNearestNeighbourIndex:
                 "nearest and second-nearest training examples: pass at least 2 distinct examples."
             )
         self.backend = (
-            self._local.backend if self._local is not None else _knn._resolve_backend(backend, torch.device("cpu"))[0]
+            self._local.backend if self._local is not None else resolve_backend(backend, torch.device("cpu"))[0]
         )
         self.device = self._local.device if self._local is not None else torch.device("cpu")
 
@@ -145,9 +147,7 @@ class ShardedNearestNeighbourIndex:
     def _drop_global_duplicates(self, counts: list[int]) -> None:
         """Drop rows that exactly equal an earlier global row (on any rank); the first copy stays."""
         local = self._local
-        hashes = (
-            _knn._row_hashes(local._source, local.device) if local is not None else torch.empty(0, dtype=torch.int64)
-        )
+        hashes = row_hashes(local.row_source, local.device) if local is not None else torch.empty(0, dtype=torch.int64)
         all_hashes = torch.cat(self._all_gather_object(hashes))
         lo, hi = self.offset, self.offset + self.shard_rows
 
@@ -155,7 +155,7 @@ class ShardedNearestNeighbourIndex:
             # every rank sends its suspect rows; every rank then groups the same union
             own = [int(r) for r in rows if lo <= int(r) < hi]
             payload = (
-                local._source.gather(torch.tensor(own, dtype=torch.int64) - self.offset).cpu()
+                local.row_source.gather(torch.tensor(own, dtype=torch.int64) - self.offset).cpu()
                 if own and local is not None
                 else torch.empty(0, self.dim)
             )
@@ -163,7 +163,7 @@ class ShardedNearestNeighbourIndex:
             by_row = {r: row for ids, rows_ in parts for r, row in zip(ids, rows_)}
             return torch.stack([by_row[int(r)] for r in rows])
 
-        dropped = _knn._duplicate_groups(all_hashes, fetch)
+        dropped = duplicate_groups(all_hashes, fetch)
         self.num_duplicates = int(dropped.sum())
         mine_dropped = dropped[self.offset : self.offset + self.shard_rows]
         if self.num_duplicates and self.rank == 0:
@@ -179,7 +179,7 @@ class ShardedNearestNeighbourIndex:
             if len(keep) == 0:
                 self._local = None
                 return
-            rows = local._source.gather(keep.to(_knn._source_device(local._source)))
+            rows = local.row_source.gather(keep.to(source_device(local.row_source)))
             if self.feature_fn is None:
                 rows = rows.reshape(len(rows), *self.sample_shape)
             self._local = NearestNeighbourIndex(
@@ -216,12 +216,12 @@ class ShardedNearestNeighbourIndex:
         device = self._comm_device or torch.device("cpu")
         if self._local is not None:
             q = self._prepare(queries)
-            d2, idx = self._local._search_sq(q, k)
+            d2, idx = self._local.search_squared(q, k)
             if self._ids is not None:
                 idx = torch.where(idx >= 0, self._ids.to(idx.device)[idx.clamp_min(0)], idx)
             idx = torch.where(idx >= 0, idx + self.offset, idx)
         else:
-            _knn.check_batch(queries, "queries")
+            check_batch(queries, "queries")
             d2 = torch.full((m, k), torch.inf, dtype=torch.float64)
             idx = torch.full((m, k), -1, dtype=torch.int64)
         d2, idx = d2.to(device), idx.to(device)
@@ -247,7 +247,7 @@ class ShardedNearestNeighbourIndex:
         local = self._local
         if local.feature_fn is None:
             feats = self.feature_fn(queries.to(local.device))
-            return _knn.check_batch(feats, "feature_fn(queries)").reshape(len(feats), -1).float()
+            return check_batch(feats, "feature_fn(queries)").reshape(len(feats), -1).float()
         return local.prepare_queries(queries)
 
     def train_images(self, indices: Tensor) -> Tensor:
@@ -262,7 +262,7 @@ class ShardedNearestNeighbourIndex:
             local_pos = mine - self.offset
             if self._ids is not None:
                 local_pos = torch.searchsorted(self._ids, local_pos)
-            rows = self._local._source.gather(local_pos.to(_knn._source_device(self._local._source))).cpu()
+            rows = self._local.row_source.gather(local_pos.to(source_device(self._local.row_source))).cpu()
             rows = rows.reshape(len(mine), *self.sample_shape)
         parts = self._all_gather_object((mask.nonzero().flatten(), rows))
         out = torch.empty(len(flat), *self.sample_shape)

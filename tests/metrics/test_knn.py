@@ -9,8 +9,9 @@ import warnings
 import pytest
 import torch
 
-from lightning_memwatch.metrics import knn as knn_module
 from lightning_memwatch.metrics.knn import NearestNeighbourIndex, available_backends
+from lightning_memwatch.metrics.knn import backends as knn_backends
+from lightning_memwatch.metrics.knn import exact as knn_exact
 
 torch.set_num_threads(1)
 
@@ -79,9 +80,9 @@ def test_near_duplicates_with_large_offset_stay_exact(backend: str) -> None:
     assert (ratios_of(distances) - want_d[:, 0] / want_d[:, 1]).abs().max() < 1e-5
 
 
-def test_uncertified_rows_fall_back_to_float64() -> None:
-    # Query at the origin; many neighbours at distance ~2 differing by 1e-7 relative, plus far rows that make
-    # the rounding bound large: the approximate pass cannot certify its candidates.
+def test_near_ties_become_candidates_of_the_one_scan() -> None:
+    # Query at the origin; many neighbours at distance ~2 differing by 1e-7 relative, plus far rows: the
+    # approximate pass cannot order the near ties, so they all become candidates, in the same scan.
     dim = 24
     near = torch.zeros(12, dim)
     for i in range(12):
@@ -95,7 +96,9 @@ def test_uncertified_rows_fall_back_to_float64() -> None:
         index = NearestNeighbourIndex(train, backend=backend)
         distances, indices = index.search(queries, k=2)
         want_d, want_i = brute_force(queries, train, 2)
-        assert index.num_fallback + index.num_screen_fallback > 0, backend  # the screen re-screens first
+        stats = index.last_search
+        assert stats is not None and stats.scans == 1, backend
+        assert stats.candidates > 3 * 2 and stats.certified_at_once < 3, backend  # the near ties: candidates
         assert torch.equal(indices, want_i), backend
         torch.testing.assert_close(distances.double(), want_d, rtol=1e-7, atol=0)
 
@@ -104,7 +107,7 @@ def test_torch_reranking_path_matches_numpy(data, monkeypatch: pytest.MonkeyPatc
     # The GPU code path of the exact re-ranking, exercised on CPU.
     train, queries = data
     want = NearestNeighbourIndex(train, backend="torch").search(queries)
-    monkeypatch.setattr(knn_module, "_NUMPY_ON_CPU", False)
+    monkeypatch.setattr(knn_exact, "NUMPY_ON_CPU", False)
     got = NearestNeighbourIndex(train, backend="torch").search(queries)
     assert torch.equal(got[1], want[1])
     torch.testing.assert_close(got[0], want[0], rtol=1e-7, atol=0)
@@ -112,18 +115,21 @@ def test_torch_reranking_path_matches_numpy(data, monkeypatch: pytest.MonkeyPatc
 
 @pytest.mark.parametrize("precision", ["high", "medium"])
 def test_reduced_matmul_precision_widens_the_bound_and_stays_exact(data, precision: str) -> None:
-    # TF32/bfloat16 matmuls may be enabled by the user (Lightning suggests it): the bound grows, more rows take
-    # the widened pass (in float64 then), and results stay exact.
+    # TF32/bfloat16 matmuls may be enabled by the user (Lightning suggests it): the bound grows, more rows become
+    # candidates, and results stay exact.
     train, queries = data
+    index = NearestNeighbourIndex(train * 30.0, backend="torch")
+    index.search(queries * 30.0)
+    assert index.last_search is not None
+    ieee = index.last_search.candidates
     previous = torch.get_float32_matmul_precision()
     torch.set_float32_matmul_precision(precision)
     try:
-        index = NearestNeighbourIndex(train * 30.0, backend="torch")
         distances, indices = index.search(queries * 30.0)
     finally:
         torch.set_float32_matmul_precision(previous)
     want_d, want_i = brute_force(queries * 30.0, train * 30.0, 2)
-    assert index.num_fallback > 0 or precision == "high"
+    assert index.last_search.candidates > ieee and index.last_search.scans == 1
     assert torch.equal(indices, want_i)
     torch.testing.assert_close(distances.double(), want_d, rtol=1e-6, atol=1e-6)
 
@@ -131,7 +137,7 @@ def test_reduced_matmul_precision_widens_the_bound_and_stays_exact(data, precisi
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_exact_ties_go_to_the_lower_row(backend: str) -> None:
     # 2 x 16 rows at exactly distance 1 from the origin, shuffled, plus far rows: every query at the origin has
-    # 32 tied neighbours; the widened pass must return the two lowest row numbers.
+    # 32 tied neighbours, all candidates of the one scan; the lowest row numbers win.
     dim = 16
     ring = torch.cat([torch.eye(dim), -torch.eye(dim)])
     train = torch.cat([ring[torch.randperm(2 * dim, generator=torch.Generator().manual_seed(9))], 500 * ring[:2]])
@@ -139,7 +145,8 @@ def test_exact_ties_go_to_the_lower_row(backend: str) -> None:
     distances, indices = index.search(torch.zeros(2, dim), k=3)
     assert distances.tolist() == [[1.0, 1.0, 1.0]] * 2
     assert indices.tolist() == [[0, 1, 2]] * 2
-    assert index.num_fallback + index.num_screen_fallback == 2  # torch-bf16: its wider second screen
+    assert index.last_search is not None and index.last_search.scans == 1
+    assert index.last_search.candidates == 2 * 2 * dim  # every tied row of both queries
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
@@ -267,12 +274,12 @@ def test_k_one_and_k_equal_to_num_train() -> None:
 
 def test_auto_backend_choice(monkeypatch: pytest.MonkeyPatch) -> None:
     train = torch.randn(10, 4)
-    monkeypatch.setattr(knn_module, "_cpu_flags", lambda: frozenset({"avx512f", "amx_bf16"}))
+    monkeypatch.setattr(knn_backends, "cpu_flags", lambda: frozenset({"avx512f", "amx_bf16"}))
     assert NearestNeighbourIndex(train).backend == "torch-bf16"  # AMX: the screen
-    monkeypatch.setattr(knn_module, "_cpu_flags", lambda: frozenset({"avx512f", "avx512_bf16"}))
+    monkeypatch.setattr(knn_backends, "cpu_flags", lambda: frozenset({"avx512f", "avx512_bf16"}))
     expected = "faiss-cpu" if "faiss" in str(CPU_BACKENDS) else "torch"
     assert NearestNeighbourIndex(train).backend == expected  # no AMX: today's path
-    monkeypatch.setattr(knn_module, "_import_faiss", lambda: None)
+    monkeypatch.setattr(knn_backends, "import_faiss", lambda: None)
     assert NearestNeighbourIndex(train).backend == "torch"
     with pytest.raises(ImportError, match="pip install faiss-cpu"):
         NearestNeighbourIndex(train, backend="faiss-cpu")
@@ -328,136 +335,37 @@ def test_bad_inputs_get_errors_that_name_the_fix() -> None:
         NearestNeighbourIndex(train, block_size=0)
 
 
-# ------------------------------------------------------------------- offset form of the float32 pass
+# ------------------------------------------------------------------------------------ offsets, candidates
 FLOAT32_CPU = [b for b in CPU_BACKENDS if b in ("torch", "faiss-cpu")]
 
 
-def offset_sets(seed: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """Image-like sets with a common offset: uniform [0, 1], low-rank in [0, 1] with duplicates, and queries
-    with exact copies, near copies (near ties) and rows far out along the mean (large ``x . mean``)."""
-    g = torch.Generator().manual_seed(seed)
-    uniform = torch.rand(500, 64, generator=g)
-    basis = torch.randn(4, 64, generator=g)
-    lowrank = torch.sigmoid(torch.randn(500, 4, generator=g) @ basis).clamp(0, 1)
-    out = {}
-    for name, train in (("uniform", uniform), ("lowrank", lowrank)):
-        train[400:410] = train[10:20]  # exact duplicates inside the training set
-        mean = train.mean(dim=0)
-        queries = torch.cat(
-            [
-                train[[0, 15, 405, 499]],  # exact copies (405 duplicates 15)
-                train[100:130] + 1e-5 * torch.randn(30, 64, generator=g),  # near copies
-                torch.rand(30, 64, generator=g),
-                mean + 3 * (train[200:210] - mean),  # far from the mean, both ways
-                4 * mean + 0.1 * torch.rand(5, 64, generator=g),  # far along the mean: x . mean >> 0
-                (-2 * mean)[None],  # far against it: x . mean << 0
-            ]
-        )
-        out[name] = (train, queries)
-    return out
-
-
-@pytest.mark.parametrize("backend", FLOAT32_CPU)
-@pytest.mark.parametrize("kind", ["uniform", "lowrank"])
-@pytest.mark.parametrize("dedupe", [True, False])
-def test_offset_form_equals_float64_brute_force(backend: str, kind: str, dedupe: bool) -> None:
-    train, queries = offset_sets(7)[kind]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the duplicate warning
-        index = NearestNeighbourIndex(train, backend=backend, dedupe=dedupe, database_block_size=128, block_size=32)
-    assert index._shift_norms64 is not None  # [0, 1] data: raw rows at most ~2-3x the centred ones
-    d, i = index.search(queries, k=3)
-    keep = torch.ones(len(train), dtype=torch.bool)
-    if dedupe:
-        keep[400:410] = False
-    want_d, want_local = brute_force(queries, train[keep], 3)
-    assert torch.equal(i, keep.nonzero().flatten()[want_local])
-    torch.testing.assert_close(d.double(), want_d, rtol=1e-6, atol=0)
-    assert d[:4, 0].tolist() == [0.0] * 4
-    if not dedupe:  # the copy of a duplicated row ties at 0 with it: lower row first
-        assert i[2, :2].tolist() == [15, 405] and d[2, :2].tolist() == [0.0, 0.0]
-
-
-@pytest.mark.parametrize("device", ["cpu"] + (["cuda"] if CUDA else []))
-def test_offset_form_bound_holds_for_every_row(device: str) -> None:
-    # All rows as candidates: every approximate distance of the offset form lies within its bound of the
-    # float64 one, and the bound is not vacuous (within 10^4 of the largest error seen).
-    train, queries = offset_sets(8)["uniform"]
-    train, queries = train.to(device), queries.to(device)
-    index = NearestNeighbourIndex(train, backend="torch", dedupe=False)
-    q_fast = index._centred(queries)
-    q_norms = (q_fast * q_fast).sum(dim=1).double()
-    shift = index._offset_shift(q_fast)
-    scores, cand = index._torch_topc(q_fast, index.num_train, True)
-    approx = scores.double() + q_norms[:, None] + shift[:, None]
-    true = ((queries.double()[:, None, :] - train.double()[cand]) ** 2).sum(dim=2)  # cand: all rows
-    err = (approx - true).abs()
-    bound = index._offset_bound(q_norms)[:, None]
-    assert bool((err <= bound).all())
-    assert float((err / bound).max()) > 1e-4
-
-
-@pytest.mark.parametrize("backend", FLOAT32_CPU)
-def test_far_offset_keeps_centred_rows_and_stays_exact(backend: str) -> None:
-    # An offset 1000x the spread would make the offset form's bound useless: the pass centres the rows instead.
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_far_offset_is_centred_and_stays_exact(backend: str) -> None:
+    # An offset 1000x the spread: the fast passes centre rows and queries on the training mean.
     g = torch.Generator().manual_seed(9)
     train = 1000.0 + torch.rand(300, 32, generator=g)
     queries = torch.cat([train[:5], 1000.0 + torch.rand(20, 32, generator=g)])
     index = NearestNeighbourIndex(train, backend=backend, database_block_size=64)
-    assert index._mean is not None and index._shift_norms64 is None
+    assert index._mean is not None
     d, i = index.search(queries, k=2)
     want_d, want_i = brute_force(queries, train, 2)
     assert torch.equal(i, want_i)
     torch.testing.assert_close(d.double(), want_d, rtol=1e-6, atol=0)
 
 
-@pytest.mark.skipif("faiss-cpu" not in FLOAT32_CPU, reason="needs faiss-cpu")
-@pytest.mark.parametrize(("dim", "raw"), [(1024, True), (8200, False)])
-def test_faiss_cpu_searches_raw_rows_of_images_up_to_8192_dimensions(
-    dim: int, raw: bool, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    # Above 8,192 dimensions the raw rows' bound (about 4x the centred one for [0, 1] data) leaves many rows
-    # uncertified: faiss-cpu centres the blocks instead. Either way the answer is the float64 one.
-    g = torch.Generator().manual_seed(11)
-    train = torch.rand(120, dim, generator=g)
-    queries = torch.cat(
-        [train[:3], train[3:8] + 1e-4 * torch.rand(5, dim, generator=g), torch.rand(4, dim, generator=g)]
-    )
-    index = NearestNeighbourIndex(train, backend="faiss-cpu")
-    assert index._shift_norms64 is not None  # a moderate offset: the raw rows are candidates for the raw pass
-    seen: list[bool] = []
-    search = NearestNeighbourIndex._faiss_topc
-
-    def spy(self: NearestNeighbourIndex, q: torch.Tensor, c: int, raw: bool = False) -> tuple:
-        seen.append(raw)
-        return search(self, q, c, raw=raw)
-
-    monkeypatch.setattr(NearestNeighbourIndex, "_faiss_topc", spy)
-    d, i = index.search(queries, k=2)
-    assert seen and set(seen) == {raw}
-    want_d, want_i = brute_force(queries, train, 2)
-    assert torch.equal(i, want_i)
-    torch.testing.assert_close(d.double(), want_d, rtol=1e-6, atol=0)
-
-
-def test_reranking_skips_candidates_that_cannot_be_nearest(monkeypatch: pytest.MonkeyPatch) -> None:
-    # Well-separated rows: only the k nearest candidates of each query get exact distances; near ties still
-    # get all of them (and the answer stays exact).
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_well_separated_queries_are_certified_at_once(backend: str) -> None:
+    # Well-separated rows: only the k nearest rows of each near copy become candidates; the midpoint of two
+    # rows is a near tie and takes more, in the same scan.
     g = torch.Generator().manual_seed(10)
     train = torch.randn(300, 16, generator=g) * 10
     queries = torch.cat([train[:20] + 0.01 * torch.randn(20, 16, generator=g), (train[[30]] + train[[31]]) / 2])
-    widths: list[int] = []
-    exact_sq = NearestNeighbourIndex._exact_sq
-
-    def counting(self: NearestNeighbourIndex, q: torch.Tensor, cand: torch.Tensor) -> torch.Tensor:
-        widths.extend([cand.shape[1]] * len(q))
-        return exact_sq(self, q, cand)
-
-    monkeypatch.setattr(NearestNeighbourIndex, "_exact_sq", counting)
-    index = NearestNeighbourIndex(train, backend="torch")
+    index = NearestNeighbourIndex(train, backend=backend)
     d, i = index.search(queries, k=2)
     want_d, want_i = brute_force(queries, train, 2)
     assert torch.equal(i, want_i)
     torch.testing.assert_close(d.double(), want_d, rtol=1e-6, atol=0)
-    assert widths.count(2) >= 20  # the near copies: their two nearest only
-    assert max(widths) == 2 + knn_module._candidate_slack(16)  # the midpoint's tie: every candidate
+    stats = index.last_search
+    assert stats is not None and stats.scans == 1 and stats.queries == 21
+    # bfloat16 rounds the screen's output to 2**-8 of the distance: a few 2nd/3rd neighbours stay candidates
+    assert stats.certified_at_once >= (20 if backend != "torch-bf16" else 15) and stats.candidates >= 2 * 21

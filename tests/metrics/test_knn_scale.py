@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from lightning_memwatch.metrics import knn as knn_module
 from lightning_memwatch.metrics.knn import NearestNeighbourIndex
+from lightning_memwatch.metrics.knn.backends import import_faiss
 
 torch.set_num_threads(1)
 
@@ -68,12 +68,14 @@ def test_screened_backend_equals_float64_brute_force_on_adversarial_data(seed: i
     d_all, i_all = kept.search(queries, k=2)
     want_d, want_i = brute_force64(queries, train, 2)
     assert torch.equal(i_all, want_i) and torch.equal(d_all, want_d.sqrt().float())
-    assert index.num_screen_fallback > 0  # the offset rows widen the screen's bound: float32 path
+    assert index.last_search is not None and index.last_search.scans == 1
     plain = NearestNeighbourIndex(train[:300], backend="torch-bf16")  # image-like rows only
     d, i = plain.search(queries[7:], k=2)
     want_d, want_i = brute_force64(queries[7:], train[:300], 2)
     assert torch.equal(i, want_i) and torch.equal(d, want_d.sqrt().float())
-    assert 0 < plain.num_screen_fallback < len(queries) - 7  # the near ties go to the float32 path
+    stats = plain.last_search
+    assert stats is not None and stats.scans == 1
+    assert stats.certified_at_once < stats.queries  # the near ties: more candidates, no second scan
 
 
 @pytest.mark.parametrize("backend", ["torch", "torch-bf16"])
@@ -89,7 +91,8 @@ def test_query_overflowing_float32_never_certifies(backend: str) -> None:
     d, i = index.search(query, k=2)
     assert i.tolist() == [[3, 7]]
     assert d[0, 0] == d[0, 1] == 2.0**47
-    assert (index.num_screen_fallback if backend == "torch-bf16" else index.num_fallback) == 1
+    assert index.last_search is not None  # float32 cannot hold it: the one scan is in float64
+    assert index.last_search.float64_queries == 1 and index.last_search.scans == 1
 
 
 def test_queries_must_have_the_training_per_sample_shape() -> None:
@@ -113,7 +116,7 @@ def test_streamed_memmap_equals_in_memory(tmp_path) -> None:
     queries = torch.cat([train[[3, 12, 321, 499]], torch.rand(20, 2, 6, 6, generator=g)])
     np.save(tmp_path / "train.npy", train.numpy())
     mm = np.load(tmp_path / "train.npy", mmap_mode="r")
-    for backend in ("torch", "torch-bf16", *(["faiss-cpu"] if knn_module._import_faiss() else [])):
+    for backend in ("torch", "torch-bf16", *(["faiss-cpu"] if import_faiss() else [])):
         with pytest.warns(UserWarning, match="1 exact duplicate"):
             held = NearestNeighbourIndex(train, backend=backend, database_block_size=64)
         with pytest.warns(UserWarning, match="1 exact duplicate"):
@@ -153,5 +156,19 @@ def test_the_index_holds_one_copy_of_offset_data() -> None:
     index = NearestNeighbourIndex(train, backend="torch")
     assert index._mean is not None
     held = [v for v in vars(index).values() if isinstance(v, torch.Tensor) and v.numel() >= train.numel()]
-    held += [index._source.rows]
+    held += [index.row_source.rows]
     assert sum(t.numel() for t in {id(t): t for t in held}.values()) == train.numel()
+
+
+def test_streamed_memmap_search_gives_no_numpy_writability_warning(tmp_path) -> None:
+    # torch.from_numpy on a read-only memmap block warned "The given NumPy array is not writable" on every block
+    g = torch.Generator().manual_seed(1)
+    train = torch.rand(300, 12, generator=g)
+    np.save(tmp_path / "train.npy", train.numpy())
+    mm = np.load(tmp_path / "train.npy", mmap_mode="r")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        index = NearestNeighbourIndex(mm, backend="torch", database_block_size=64)  # type: ignore[arg-type]
+        _, idx = index.search(train[:5])
+        images = index.train_images(idx)
+    assert idx[:, 0].tolist() == [0, 1, 2, 3, 4] and torch.equal(images[:, 0], train[:5])

@@ -1,0 +1,171 @@
+"""The build: exact duplicates (row hashes, confirmed by comparison), the centre, and the norms of the rows.
+
+One pass over the rows, in cache-sized blocks (numpy, one thread per torch thread), hashes every row's bits
+and takes the float64 squared norms of the rows and of the rows centred on a centre candidate (the mean of
+up to 4,096 evenly spaced rows: any centre keeps the search exact, a good one keeps its bounds small). The
+index centres when that removes at least half of the squared norms. No float64 copy of the data is made.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from lightning_memwatch.metrics.knn.rows import HeldRows, source_device
+
+__all__ = ["RowStats", "duplicate_groups", "duplicate_mask", "row_hashes", "row_stats"]
+
+# Bytes of float32 rows per block of the build passes (stays in cache with its temporaries).
+BUILD_BLOCK_BYTES = 2 * 2**20
+_HASH_SEED = 0x6D656D77
+# Rows (evenly spaced) whose mean is the centre candidate: any float32 centre keeps the search exact.
+CENTRE_SAMPLE = 4096
+
+
+def build_block(dim: int) -> int:
+    """Rows per block of the build passes."""
+    return max(1, BUILD_BLOCK_BYTES // (4 * max(dim, 1)))
+
+
+@functools.lru_cache(maxsize=8)
+def _hash_coefficients(words: int, bits: int) -> np.ndarray:
+    g = np.random.default_rng(_HASH_SEED)
+    dtype = np.uint64 if bits == 64 else np.uint32
+    return (g.integers(0, 2**bits, size=words, dtype=dtype) | dtype(1)).astype(dtype)
+
+
+def hash_block(rows: np.ndarray, scratch: np.ndarray | None = None) -> np.ndarray:
+    """64-bit hash (``int64``) of each float32 row's bits (``-0.0`` as ``0.0``); wraps modulo 2**64, any order.
+
+    Pairs of float32 words are read as one 64-bit word (one uint32 word per value for odd dimensions, whose
+    hash is then 32 bits wide); equal rows always hash equal, and collisions are resolved by exact comparison.
+    """
+    out = np.add(rows, 0.0, out=scratch[: len(rows)] if scratch is not None else None, dtype=np.float32)
+    if rows.shape[1] % 2 == 0:
+        words = out.view(np.uint64)
+        h = (words * _hash_coefficients(words.shape[1], 64)).sum(axis=1, dtype=np.uint64)
+    else:
+        words = out.view(np.uint32)
+        h = (words * _hash_coefficients(words.shape[1], 32)).sum(axis=1, dtype=np.uint32).astype(np.uint64)
+    return h.view(np.int64)
+
+
+@dataclass
+class RowStats:
+    """What the build pass learns about the rows.
+
+    Attributes:
+        hashes: int64 hash of every row (None when not asked for).
+        centre: float32 centre candidate (the float64 mean of up to 4,096 evenly spaced rows, rounded).
+        sq_norms: float64 squared norm of every row.
+        centred_sq_norms: float64 squared norm of every ``fl32(row - centre)``.
+    """
+
+    hashes: Tensor | None
+    centre: Tensor
+    sq_norms: Tensor
+    centred_sq_norms: Tensor
+
+
+def _sample_centre(source: HeldRows, device: torch.device) -> Tensor:
+    rows = torch.linspace(0, source.n - 1, min(source.n, CENTRE_SAMPLE)).round().long().unique()
+    sample = source.gather(rows.to(source_device(source))).to(device, torch.float64)
+    return sample.mean(dim=0).to(torch.float32)
+
+
+def _numpy_block(
+    block: np.ndarray, centre: np.ndarray, hashes: bool
+) -> tuple[np.ndarray | None, np.ndarray, np.ndarray]:
+    """Hash, squared norm and centred squared norm of each row of one float32 block (numpy, GIL released)."""
+    h = hash_block(block) if hashes else None
+    b64 = block.astype(np.float64)
+    raw = np.einsum("ij,ij->i", b64, b64)
+    diff = (block - centre).astype(np.float64)  # the float32 difference, as the centred passes see it
+    return h, raw, np.einsum("ij,ij->i", diff, diff)
+
+
+def row_stats(source: HeldRows, device: torch.device, *, hashes: bool, copy_to: Tensor | None = None) -> RowStats:
+    """Hashes, squared norms and centred squared norms of every row, in one pass over the rows.
+
+    On CPU the blocks are processed by numpy in ``torch.get_num_threads()`` threads (numpy releases the GIL);
+    elsewhere by torch on the device (hashes on the CPU). ``copy_to``: a ``(n, D)`` float32 tensor that
+    receives a copy of the rows in the same pass (the index's own copy, written while each block is in cache).
+    """
+    centre = _sample_centre(source, device) if source.n else torch.zeros(source.dim, device=device)
+    step = build_block(source.dim)
+    starts = range(0, source.n, step)
+    if device.type == "cpu":
+        centre_np = centre.numpy()
+
+        target = copy_to.numpy() if copy_to is not None else None
+
+        def work(j: int) -> tuple[np.ndarray | None, np.ndarray, np.ndarray]:
+            block = source.block(j, min(j + step, source.n), device).numpy()
+            if target is not None:
+                target[j : j + len(block)] = block
+            return _numpy_block(block, centre_np, hashes)
+
+        with ThreadPoolExecutor(max_workers=max(1, torch.get_num_threads())) as pool:
+            parts = list(pool.map(work, starts))
+        found = [torch.from_numpy(p[0]) for p in parts if p[0] is not None]
+        raw = [torch.from_numpy(p[1]) for p in parts]
+        cen = [torch.from_numpy(p[2]) for p in parts]
+    else:
+        found, raw, cen = [], [], []
+        for j in starts:
+            block = source.block(j, min(j + step, source.n), device).to(device)
+            if copy_to is not None:
+                copy_to[j : j + len(block)] = block
+            if hashes:
+                found.append(torch.from_numpy(hash_block(block.cpu().numpy())))
+            raw.append(torch.linalg.vector_norm(block, dim=1, dtype=torch.float64).square_())
+            cen.append(torch.linalg.vector_norm(block - centre, dim=1, dtype=torch.float64).square_())
+    empty = torch.empty(0, dtype=torch.float64, device=device)
+    return RowStats(
+        hashes=(torch.cat(found) if found else torch.empty(0, dtype=torch.int64)) if hashes else None,
+        centre=centre,
+        sq_norms=torch.cat(raw).to(device) if raw else empty,
+        centred_sq_norms=torch.cat(cen).to(device) if cen else empty,
+    )
+
+
+def row_hashes(source: HeldRows, device: torch.device) -> Tensor:
+    """int64 hash of every row of ``source`` (CPU tensor), as :func:`hash_block` defines it."""
+    hashes = row_stats(source, device, hashes=True).hashes
+    assert hashes is not None
+    return hashes
+
+
+def duplicate_groups(hashes: Tensor, fetch: Callable[[Tensor], Tensor]) -> Tensor:
+    """Mask of rows that exactly equal an earlier row (by number).
+
+    Args:
+        hashes: one per row.
+        fetch: ``fetch(rows)`` returns those rows (float32, ``(len, D)``) for exact confirmation of collisions.
+    """
+    dropped = torch.zeros(len(hashes), dtype=torch.bool)
+    if len(hashes) < 2:
+        return dropped
+    h = hashes.numpy()
+    ordered = np.sort(h)  # (numpy: torch.unique on CPU took seconds at 10^6 rows)
+    repeated = ordered[1:][ordered[1:] == ordered[:-1]]
+    if len(repeated) == 0:
+        return dropped
+    suspects = torch.from_numpy(np.isin(h, repeated).nonzero()[0]).to(torch.int64)
+    rows = fetch(suspects).cpu() + 0.0  # -0.0 as 0.0, as the hash
+    _, groups = torch.unique(rows, dim=0, return_inverse=True)
+    first = torch.full((int(groups.max()) + 1,), len(hashes), dtype=torch.int64)
+    first = first.scatter_reduce(0, groups, suspects, reduce="amin")
+    dropped[suspects] = first[groups] != suspects
+    return dropped
+
+
+def duplicate_mask(hashes: Tensor, source: HeldRows) -> Tensor:
+    """Mask of the rows of ``source`` that exactly equal an earlier row."""
+    return duplicate_groups(hashes, lambda rows: source.gather(rows.to(source_device(source))))
