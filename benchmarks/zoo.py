@@ -17,7 +17,17 @@ extractor and reference):
   cached under ``--root``), then fine-tuned on 16 images of 9 (full batch, lr 2e-4); the FID reference is
   the held-out 9s (:mod:`lightning_memwatch.apps.finetune`);
 * ``paper-unet-16``: the paper's U-Net recipe (``lightning_memwatch.apps.models``, width 8) on 16x16 digits;
-* ``mlp``: a plain MLP denoiser wrapped in the recipe's DDPM module.
+* ``mlp``: a plain MLP denoiser wrapped in the recipe's DDPM module;
+* ``diffusers-class``: class-conditional: the diffusers ``UNet2DModel`` with class embeddings
+  (``num_class_embeds=10``), trained with the digits' classes as ``class_labels``;
+* ``lucidrains-cfg``: class-conditional: lucidrains' classifier-free-guidance ``Unet(num_classes=10)`` +
+  ``GaussianDiffusion`` (``denoising_diffusion_pytorch.classifier_free_guidance``), sampled with its default
+  guidance scale (6) through ``LucidrainsSampler``.
+
+The conditional setups train on ``(image, class)`` batches; MemWatch draws each sample's class from the training
+classes' frequencies (its default), and their rows add the per-class onsets (``class_tau_mem``), the classes
+flagged first, the most-copied training images and whether the restored weights come from before every flagged
+onset (``before_every_class_onset``).
 
 Quality is a Frechet distance in the feature space of a small digit classifier trained, before any setup, on the
 held-out digits (never trained on by the diffusion models): ``FID(feature_extractor=<that nn.Module>)``. It needs
@@ -46,6 +56,7 @@ for paper-unet-16 (see docs/integrations.md).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import math
@@ -153,6 +164,46 @@ class MLPDenoiser(nn.Module):
         return self.net(torch.cat([x.flatten(1), emb], dim=1)).reshape(x.shape)
 
 
+class DiffusersClassUNet(DiffusersUNet):
+    """The diffusers ``UNet2DModel`` with class embeddings, trained as diffusers' examples train one."""
+
+    def __init__(self, image_size: int = 8, lr: float = 2e-3, num_classes: int = 10) -> None:
+        super().__init__(image_size, lr)
+        from diffusers import UNet2DModel
+
+        self.unet = UNet2DModel(**{**self.unet.config, "num_class_embeds": num_classes})
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        x, labels = batch
+        noise = torch.randn_like(x)
+        t = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (len(x),), device=x.device)
+        pred = self.unet(self.noise_scheduler.add_noise(x, noise, t), t, class_labels=labels).sample
+        loss = F.mse_loss(pred, noise)
+        self.log("train/loss", loss, prog_bar=False, batch_size=len(x))
+        return loss
+
+
+class LucidrainsCFG(L.LightningModule):
+    """lucidrains' classifier-free-guidance ``GaussianDiffusion`` around its ``Unet(num_classes=...)``."""
+
+    def __init__(self, image_size: int = 8, lr: float = 2e-3, num_classes: int = 10) -> None:
+        super().__init__()
+        from denoising_diffusion_pytorch.classifier_free_guidance import GaussianDiffusion, Unet
+
+        net = Unet(dim=16, num_classes=num_classes, dim_mults=(1, 2), channels=1, attn_heads=2, attn_dim_head=16)
+        self.diffusion = GaussianDiffusion(net, image_size=image_size, timesteps=1000, sampling_timesteps=SAMPLER_STEPS)
+        self.lr = lr
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        x, labels = batch
+        loss = self.diffusion((x + 1.0) / 2.0, classes=labels)  # the package's [0, 1]
+        self.log("train/loss", loss, prog_bar=False, batch_size=len(x))
+        return loss
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.Adam(self.diffusion.parameters(), lr=self.lr)
+
+
 # ------------------------------------------------------------------------------------------------ setups
 @dataclass
 class Setup:
@@ -171,6 +222,7 @@ class Setup:
     # the data: None for the digits split of every other setup, else fn(n, seed) -> a datamodule with
     # train_images(), data_range and reference_images() (the FID reference)
     datamodule: Callable[[int, int], Any] | None = None
+    conditional: bool = False  # (image, class) batches; MemWatch reads the classes
 
 
 def _diffusers() -> tuple[L.LightningModule, Any]:
@@ -186,6 +238,21 @@ def _lucidrains() -> tuple[L.LightningModule, Any]:
     from lightning_memwatch.adapters import LucidrainsSampler
 
     return Lucidrains(), LucidrainsSampler("diffusion", data_range=(-1.0, 1.0))
+
+
+def _diffusers_class() -> tuple[L.LightningModule, Any]:
+    from diffusers import DDIMScheduler
+
+    from lightning_memwatch.adapters import DiffusersSampler
+
+    sample_fn = DiffusersSampler(DDIMScheduler(num_train_timesteps=1000), num_inference_steps=SAMPLER_STEPS)
+    return DiffusersClassUNet(), sample_fn
+
+
+def _lucidrains_cfg() -> tuple[L.LightningModule, Any]:
+    from lightning_memwatch.adapters import LucidrainsSampler
+
+    return LucidrainsCFG(), LucidrainsSampler("diffusion", data_range=(-1.0, 1.0))
 
 
 def _finetune() -> tuple[L.LightningModule, Any]:
@@ -237,6 +304,8 @@ SETUPS = {
         Setup("paper-unet-16", _paper_unet, image_size=16, normalization="center", max_steps=4000),
         # at n = 8 it plateaued only 0.78 doublings before copying began (step 6000): too short to confirm
         Setup("mlp", _mlp, n=16, max_steps=16000),
+        Setup("diffusers-class", _diffusers_class, n=128, conditional=True),  # at n = 40 it copied by step 500
+        Setup("lucidrains-cfg", _lucidrains_cfg, n=128, conditional=True),
     ]
 }
 
@@ -281,6 +350,7 @@ def run_setup(setup: Setup, classifier: nn.Module, *, n: int, max_steps: int, se
             normalization=setup.normalization,
             full_batch=True,
             passes_per_epoch=50,  # fewer Lightning epoch boundaries; one batch is still one optimizer step
+            labelled=setup.conditional,
         )
     dm.setup("fit")
     low, high = dm.data_range
@@ -297,6 +367,7 @@ def run_setup(setup: Setup, classifier: nn.Module, *, n: int, max_steps: int, se
             fid=FID(feature_extractor=feat, cache=False),
             verbose=False,
             log_images=False,
+            train_labels=dm.train_labels() if setup.conditional else None,
         )
 
     live = watch()
@@ -373,7 +444,27 @@ def run_setup(setup: Setup, classifier: nn.Module, *, n: int, max_steps: int, se
     row["gen_before_mem"] = (
         row["tau_gen"] is not None and (row["tau_mem"] is None or row["tau_gen"] < row["tau_mem"])
     )
+    if setup.conditional:
+        row.update(per_class_row(live, kept_step, dm.train_labels()))
     return row
+
+
+def per_class_row(watch: MemWatch, kept_step: int, train_labels: Tensor) -> dict:
+    """The per-class part of a conditional setup's row: onsets, first classes, most-copied images, and whether the
+    weights fit ended with come from before every flagged class onset."""
+    onsets = {int(k): e.step for k, e in sorted(watch.detector.class_tau_mem.items())}
+    first = min(onsets.values()) if onsets else None
+    return {
+        "class_tau_mem": onsets,
+        "classes_flagged_first": [k for k, s in onsets.items() if s == first],
+        "class_sizes": {int(k): int(v) for k, v in zip(*torch.unique(train_labels, return_counts=True), strict=True)},
+        "per_class_history": [
+            {"step": r.step, **{str(k): [c.num_samples, c.f_mem, c.f_mem_ci_low] for k, c in r.per_class.items()}}
+            for r in watch.history
+        ],
+        "most_copied": [dataclasses.asdict(r) for r in watch.copied_training_images()[:10]],
+        "before_every_class_onset": all(kept_step < s for s in onsets.values()),
+    }
 
 
 class _Affine(nn.Module):
@@ -498,6 +589,23 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def class_table(rows: list[dict]) -> str:
+    """The per-class lines of the conditional setups: onsets, first classes, most-copied images, restored weights."""
+    lines = []
+    for r in rows:
+        if "class_tau_mem" not in r:
+            continue
+        onsets = ", ".join(f"{k}: {s}" for k, s in r["class_tau_mem"].items()) or "none"
+        top = r["most_copied"][:5]
+        copied = ", ".join(f"#{c['train_index']} (class {c['label']}) x{c['times_copied']}" for c in top)
+        lines.append(
+            f"{r['setup']} (n={r['n']}, classes {r['class_sizes']}): per-class tau_mem {{{onsets}}}; flagged first: "
+            f"{r['classes_flagged_first'] or '-'}; most copied: {copied or '-'}; restored step "
+            f"{_fmt(r['restored_step'])} before every class onset: {'yes' if r['before_every_class_onset'] else 'NO'}"
+        )
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--setups", nargs="+", default=list(SETUPS), choices=list(SETUPS))
@@ -513,6 +621,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.table_from:
         rows = [row for path in args.table_from for row in json.load(open(path))]
         print(table(rows))
+        print(class_table(rows))
         return 0
     torch.set_num_threads(args.threads)
     for name in ("lightning.pytorch", "lightning.fabric", "lightning"):
@@ -530,6 +639,7 @@ def main(argv: list[str] | None = None) -> int:
         for w in row["warnings"]:
             print(f"  warning: {w}", flush=True)
     print(table(rows))
+    print(class_table(rows))
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(rows, fh, indent=1)

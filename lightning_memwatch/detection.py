@@ -58,6 +58,12 @@ Rules and their defaults (times are the ``step`` of an evaluation, in optimizer 
   (``f0=0``): the paper's strict "f_mem leaves zero" criterion, protected from single false copies (with
   1000 samples and a 95% interval, one memorized sample leaves the lower bound at 0).
 * **tau_mem, rule "threshold"**: ``f_mem > f0``.
+* **per class** (class-conditional models, records with ``per_class``): each generated class's f_mem gets the
+  same tau_mem rule, ``f0`` and patience, and fires its own ``tau_mem`` event carrying the class
+  (``event.label``; :attr:`TimescaleDetector.class_tau_mem`). A class with fewer than ``min_class_samples=20``
+  samples in an evaluation is not decided there (its interval spans more than 17 points even when none is
+  copied: Clopper-Pearson 0 of 20 is [0, 0.168]); the status line says so. Memorization is judged against the
+  whole training set either way.
 * **patience** (tau_mem): the condition must hold at ``patience`` consecutive evaluations before tau_mem is
   flagged, as Lightning's ``EarlyStopping`` counts bad checks: ``patience=0`` and ``patience=1`` both flag at
   the first evaluation that meets the condition. The event's ``step`` is the *first* evaluation of the
@@ -130,6 +136,7 @@ class TimescaleEvent:
         confirmed_step: the step of the evaluation at which the flag was raised (``>= step``; equal to
             ``step`` except for tau_mem with ``patience > 1`` and tau_gen's plateau rule, whose ``step`` is
             the first evaluation of the plateau). Defaults to ``step``.
+        label: the class of a per-class tau_mem event (class-conditional models), None for the global flags.
     """
 
     name: str
@@ -138,6 +145,7 @@ class TimescaleEvent:
     reason: str
     value: float
     confirmed_step: int = -1
+    label: int | None = None
 
     def __post_init__(self) -> None:
         if self.confirmed_step < 0:
@@ -157,6 +165,7 @@ class TimescaleEvent:
             reason=str(data["reason"]),
             value=float(data["value"]),
             confirmed_step=int(data.get("confirmed_step", -1)),
+            label=None if data.get("label") is None else int(data["label"]),
         )
 
 
@@ -232,10 +241,13 @@ class TimescaleDetector:
         mem_rule: ``"ci"`` (``f_mem_ci_low > f0``) or ``"threshold"`` (``f_mem > f0``).
         f0: memorized fraction that counts as "zero" (in [0, 1); the paper's strict criterion is 0).
         patience: consecutive evaluations meeting the tau_mem condition before the flag (0 and 1: the first).
+        min_class_samples: per-class tau_mem: fewest samples of a class in an evaluation for its rule to decide
+            there (images); fewer neither extend nor break the class's run.
 
     Attributes:
         tau_gen: the tau_gen event, or None until it fires.
         tau_mem: the tau_mem event, or None until it fires.
+        class_tau_mem: ``{class: tau_mem event}`` of the classes flagged so far (class-conditional models).
         last_step: step of the last record consumed, or None.
         num_records: records consumed so far.
 
@@ -264,6 +276,7 @@ class TimescaleDetector:
         mem_rule: MemRule = "ci",
         f0: float = 0.0,
         patience: int = 0,
+        min_class_samples: int = 20,
     ) -> None:
         if not isinstance(quality_key, str) or not quality_key:
             raise config_error(f"quality_key must be a non-empty record key (e.g. 'fid'); got {quality_key!r}.")
@@ -309,6 +322,7 @@ class TimescaleDetector:
             raise config_error(f"f0 must lie in [0, 1) (a memorized fraction; the paper uses 0); got {f0}.")
         self.f0 = f0
         self.patience = check_int(patience, "patience", minimum=0, unit="evaluations")
+        self.min_class_samples = check_int(min_class_samples, "min_class_samples", minimum=1, unit="images")
 
         self.tau_gen: TimescaleEvent | None = None
         self.tau_mem: TimescaleEvent | None = None
@@ -316,6 +330,9 @@ class TimescaleDetector:
         self.num_records = 0
         self._gen = _GenState()
         self._mem = _MemState()
+        self.class_tau_mem: dict[int, TimescaleEvent] = {}
+        self._class_mem: dict[int, _MemState] = {}
+        self._class_notes: dict[int, str] = {}  # classes too small to decide at the last record
 
     # -- configuration -----------------------------------------------------------------------------------
     def config(self) -> dict[str, Any]:
@@ -333,6 +350,7 @@ class TimescaleDetector:
             "mem_rule": self.mem_rule,
             "f0": self.f0,
             "patience": self.patience,
+            "min_class_samples": self.min_class_samples,
         }
 
     def set_reference_floor(self, value: float | None) -> None:
@@ -358,7 +376,15 @@ class TimescaleDetector:
         else:
             tested = _MEM_KEYS[self.mem_rule]
             mem = f"tau_mem: {tested} > {self.f0:g} for {self._mem.run_length}/{self.required_consecutive} evaluations"
-        return f"{gen}; {mem}"
+        return f"{gen}; {mem}{self._class_status()}"
+
+    def _class_status(self) -> str:
+        """The per-class part of :attr:`status` (empty for unconditional records)."""
+        parts = [f"class {k} at step {e.step}" for k, e in sorted(self.class_tau_mem.items())]
+        text = f"; tau_mem per class: {', '.join(parts)}" if parts else ""
+        if self._class_notes:
+            text += "; " + ", ".join(self._class_notes.values())
+        return text
 
     @property
     def run_length(self) -> int:
@@ -408,6 +434,7 @@ class TimescaleDetector:
         if mem_event is not None:
             self.tau_mem = mem_event
             events.append(mem_event)
+        events += self._update_classes(record, step)
         self.last_step = step
         self.num_records += 1
         return events
@@ -534,24 +561,63 @@ class TimescaleDetector:
         value = self.memorization_value(record)
         if value is None:  # no f_mem in this record: neither extends nor breaks a run
             return None
-        state = self._mem
+        return self._advance_run(self._mem, value, step, flagged=self.tau_mem is not None, label=None)
+
+    def _advance_run(
+        self, state: _MemState, value: float, step: int, *, flagged: bool, label: int | None
+    ) -> TimescaleEvent | None:
+        """The tau_mem rule with patience on one run (global or one class's): the event once it is confirmed."""
         if value > self.f0:
             if state.run_length == 0:
                 state.run_start, state.run_value = step, value
             state.run_length += 1
         else:
             state.run_start, state.run_value, state.run_length = None, None, 0
-        if self.tau_mem is not None or state.run_length < self.required_consecutive:
+        if flagged or state.run_length < self.required_consecutive:
             return None
         assert state.run_start is not None and state.run_value is not None
         tested = _MEM_KEYS[self.mem_rule]
-        reason = f"{tested} = {state.run_value:.4g} > f0 = {self.f0:g} at step {state.run_start}"
+        whose = "" if label is None else f"class {label}: "
+        reason = f"{whose}{tested} = {state.run_value:.4g} > f0 = {self.f0:g} at step {state.run_start}"
         if self.required_consecutive > 1:
             reason += (
                 f", held for {state.run_length} consecutive evaluations (patience {self.patience}), "
                 f"confirmed at step {step}"
             )
-        return TimescaleEvent("tau_mem", state.run_start, self.mem_rule, reason, state.run_value, step)
+        return TimescaleEvent("tau_mem", state.run_start, self.mem_rule, reason, state.run_value, step, label)
+
+    def classes_memorizing(self, record: Mapping[str, object]) -> list[int]:
+        """The classes of ``record.per_class`` meeting the tau_mem condition at this record (before patience),
+        among those with at least ``min_class_samples`` samples."""
+        out = []
+        for label, entry in _per_class(record).items():
+            value = _finite_float(entry.get(_MEM_KEYS[self.mem_rule]))
+            count = _finite_float(entry.get(RecordField.NUM_SAMPLES))
+            enough = count is None or count >= self.min_class_samples
+            if value is not None and value > self.f0 and enough:
+                out.append(label)
+        return out
+
+    def _update_classes(self, record: Mapping[str, object], step: int) -> list[TimescaleEvent]:
+        """Per-class tau_mem: the global rule and patience on each class's f_mem; small classes undecided."""
+        events: list[TimescaleEvent] = []
+        self._class_notes = {}
+        for label, entry in _per_class(record).items():
+            count = _finite_float(entry.get(RecordField.NUM_SAMPLES))
+            if count is not None and count < self.min_class_samples:
+                self._class_notes[label] = (
+                    f"class {label}: {int(count)} samples < min_class_samples {self.min_class_samples}, not decided"
+                )
+                continue
+            value = _finite_float(entry.get(_MEM_KEYS[self.mem_rule]))
+            if value is None:
+                continue
+            state = self._class_mem.setdefault(label, _MemState())
+            event = self._advance_run(state, value, step, flagged=label in self.class_tau_mem, label=label)
+            if event is not None:
+                self.class_tau_mem[label] = event
+                events.append(event)
+        return events
 
     # -- state -----------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -576,6 +642,16 @@ class TimescaleDetector:
                 "run_value": self._mem.run_value,
                 "run_length": self._mem.run_length,
             },
+            "classes": {
+                int(k): {
+                    "run_start": s.run_start,
+                    "run_value": s.run_value,
+                    "run_length": s.run_length,
+                    "tau_mem": None if k not in self.class_tau_mem else self.class_tau_mem[k].to_dict(),
+                }
+                for k, s in sorted(self._class_mem.items())
+            },
+            "class_notes": dict(self._class_notes),
         }
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
@@ -618,10 +694,27 @@ class TimescaleDetector:
         self._mem = _MemState(
             run_start=mem["run_start"], run_value=mem["run_value"], run_length=int(mem["run_length"])
         )
+        classes = state_dict.get("classes") or {}  # absent from states saved before per-class flags
+        self._class_mem = {
+            int(k): _MemState(run_start=c["run_start"], run_value=c["run_value"], run_length=int(c["run_length"]))
+            for k, c in classes.items()
+        }
+        self.class_tau_mem = {
+            int(k): TimescaleEvent.from_dict(c["tau_mem"]) for k, c in classes.items() if c.get("tau_mem")
+        }
+        self._class_notes = {int(k): str(v) for k, v in (state_dict.get("class_notes") or {}).items()}
 
     def __repr__(self) -> str:
         settings = ", ".join(f"{k}={v!r}" for k, v in self.config().items())
         return f"TimescaleDetector({settings})"
+
+
+def _per_class(record: Mapping[str, object]) -> dict[int, Any]:
+    """``record["per_class"]`` as ``{class: entry with .get(field)}`` (empty for unconditional records)."""
+    entries = record.get(RecordField.PER_CLASS) if isinstance(record, Mapping) else None
+    if not isinstance(entries, Mapping):
+        return {}
+    return {int(k): v for k, v in sorted(entries.items(), key=lambda kv: int(kv[0])) if hasattr(v, "get")}
 
 
 # -- the tau_gen rules' verdicts (numbers) and their descriptions (sentences) ---------------------------------

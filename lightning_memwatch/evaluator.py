@@ -35,6 +35,7 @@ from lightning_memwatch import _checks
 from lightning_memwatch.metrics.fid import FID, FIDEvaluator
 from lightning_memwatch.metrics.knn import Backend, NearestNeighbourIndex
 from lightning_memwatch.metrics.memorization import KnnIndex, MemorizationResult, memorization_fraction
+from lightning_memwatch.metrics.per_class import per_class_memorization
 from lightning_memwatch.record import RATIO_QUANTILES, RECORD_FIELDS, EvalRecord
 from lightning_memwatch.value_check import ValueProfile, check_values
 
@@ -185,13 +186,23 @@ class Evaluator:
             check_values(generated, self._values, f"samples at step {step}")
         return overshoot
 
-    def evaluate(self, generated: Tensor, step: int, *, sample_seconds: float | None = None) -> EvalRecord:
+    def evaluate(
+        self,
+        generated: Tensor,
+        step: int,
+        *,
+        sample_seconds: float | None = None,
+        labels: Tensor | None = None,
+    ) -> EvalRecord:
         """Every metric on one batch of generated samples.
 
         Args:
             generated: ``(m, ...)`` samples shaped like the training images, in ``data_range``.
             step: the training step they were drawn at (optimizer steps); stored in the record.
             sample_seconds: how long drawing them took (seconds), stored in the record when given.
+            labels: class-conditional models: the class each sample was generated for, ``(m,)`` integers;
+                the record then holds f_mem per class (``record.per_class``), memorization still judged
+                against the whole training set.
 
         Returns:
             The :class:`~lightning_memwatch.EvalRecord` of the evaluation.
@@ -208,6 +219,9 @@ class Evaluator:
             generated[:count], self.index, threshold=self.threshold, bootstrap=self.bootstrap, seed=self.seed
         )
         self.last_result = result
+        per_class = {}
+        if labels is not None:
+            per_class = per_class_memorization(result.memorized, labels[:count])
         ratios = result.ratios.float()
         quantiles = torch.quantile(
             ratios.cpu().double(), torch.tensor(list(RATIO_QUANTILES.values()), dtype=torch.float64)
@@ -228,6 +242,7 @@ class Evaluator:
             fid=fid,
             fid_num_samples=fid_num_samples,
             metrics=metrics,
+            per_class=per_class,
             metric_seconds=time.perf_counter() - start,
             sample_seconds=None if sample_seconds is None else float(sample_seconds),
         )

@@ -34,7 +34,15 @@ from torch.utils.data import (
 
 from lightning_memwatch import _checks
 
-__all__ = ["ImageSource", "collect_images", "iter_image_batches", "num_images", "sampler_rows", "select_rows"]
+__all__ = [
+    "ImageSource",
+    "collect_images",
+    "iter_image_batches",
+    "num_images",
+    "sampler_rows",
+    "select_rows",
+    "sequential_loader",
+]
 
 ImageSource = Tensor | Dataset | DataLoader
 """What the package accepts wherever it takes images: a tensor, a map-style or iterable Dataset, a DataLoader."""
@@ -84,6 +92,12 @@ def _as_loader(source: Dataset | DataLoader, batch_size: int, name: str) -> Data
     else:
         dataset, collate = source, None
     return DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate)  # type: ignore[arg-type]
+
+
+def sequential_loader(source: Dataset | DataLoader, batch_size: int, name: str) -> DataLoader:
+    """A sequential loader over the rows of ``source`` in the order :func:`collect_images` reads them (whole
+    batches, labels kept): e.g. to read the training labels beside the images."""
+    return _as_loader(source, batch_size, name)
 
 
 def _check_source(source: object, name: str) -> None:

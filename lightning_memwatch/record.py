@@ -24,8 +24,10 @@ from dataclasses import KW_ONLY, dataclass, field, fields, replace
 from typing import Any, ClassVar
 
 __all__ = [
+    "ClassRecord",
     "EvalRecord",
     "F_MEM",
+    "F_MEM_CLASS_PREFIX",
     "F_MEM_CI_HIGH",
     "F_MEM_CI_LOW",
     "FID_KEY",
@@ -63,6 +65,8 @@ TAU_GEN = "memwatch/tau_gen"
 """Logged once, at the evaluation that flags tau_gen: the event's step (optimizer steps)."""
 TAU_MEM = "memwatch/tau_mem"
 """Logged once, at the evaluation that flags tau_mem: the event's step (optimizer steps)."""
+F_MEM_CLASS_PREFIX = "memwatch/f_mem/class_"
+"""Per generated class ``k`` of a class-conditional model, f_mem is logged as ``memwatch/f_mem/class_<k>``."""
 FID_TRAIN_FLOOR = "memwatch/fid_train_floor"
 """Logged once at setup: FID of the training images against the reference (the level of real data)."""
 
@@ -75,18 +79,59 @@ class RecordField:
     ``AttributeError``, not a silent ``None``.
 
     One upper-case attribute per own field of :class:`EvalRecord` (``STEP``, ``F_MEM``, ``F_MEM_CI_LOW``, ...,
-    ``SAMPLE_SECONDS``), set from the dataclass's fields below: the names are spelled once, in the dataclass.
+    ``SAMPLE_SECONDS``, ``PER_CLASS``), set from the dataclass's fields below: the names are spelled once, in the
+    dataclass.
     """
 
     STEP: ClassVar[str]
     F_MEM: ClassVar[str]
     FID: ClassVar[str]
+    NUM_SAMPLES: ClassVar[str]
+    PER_CLASS: ClassVar[str]
 
 
 # Field metadata (read below, so that every table of names derives from the dataclass):
 #   "scalar": the key the field is logged under (user metrics and extra signals are logged as memwatch/<name>);
 #   "quantile": the quantile of the per-sample ratios d1/d2 the field holds;
 #   "fid": a FID field, listed as a mapping key even when None (FID off), as in the dict records.
+
+
+@dataclass(frozen=True)
+class ClassRecord:
+    """f_mem of the samples generated for one class (class-conditional models), memorization judged against
+    the whole training set as for the global f_mem.
+
+    Attributes:
+        num_samples: samples generated for the class (images).
+        f_mem: fraction of them memorized, in [0, 1].
+        f_mem_ci_low: lower end of its confidence interval (None when read back from a log).
+        f_mem_ci_high: upper end (None when read back from a log).
+    """
+
+    num_samples: int | None
+    f_mem: float
+    f_mem_ci_low: float | None = None
+    f_mem_ci_high: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain Python values (inverse of :meth:`from_dict`)."""
+        return {
+            "num_samples": self.num_samples,
+            "f_mem": self.f_mem,
+            "f_mem_ci_low": self.f_mem_ci_low,
+            "f_mem_ci_high": self.f_mem_ci_high,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any] | ClassRecord) -> ClassRecord:
+        """A class record from :meth:`to_dict`'s output (or the record itself)."""
+        if isinstance(data, ClassRecord):
+            return data
+        return cls(**{key: data.get(key) for key in ("num_samples", "f_mem", "f_mem_ci_low", "f_mem_ci_high")})
+
+    def get(self, key: str, default: Any = None) -> Any:
+        """A field by name (as the detector reads records), or ``default``."""
+        return getattr(self, key, default)
 
 
 @dataclass(frozen=True, eq=False)
@@ -122,6 +167,9 @@ class EvalRecord(Mapping[str, Any]):
             (:mod:`lightning_memwatch.onset`); None when there is none (no drift yet, or f_mem already there).
         onset_forecast_low: early end of the forecast's interval (optimizer steps), or None.
         onset_forecast_high: late end of the forecast's interval (optimizer steps), or None (unbounded).
+        per_class: class-conditional models: ``{class: ClassRecord}`` per generated class (sample count,
+            f_mem and its interval), f_mem logged as ``memwatch/f_mem/class_<k>``; empty otherwise (and then not
+            a mapping key).
 
     Example:
         >>> record = EvalRecord(step=500, f_mem=0.25, f_mem_ci_low=0.1, f_mem_ci_high=0.4, num_samples=4)
@@ -155,12 +203,18 @@ class EvalRecord(Mapping[str, Any]):
     onset_forecast: float | None = field(default=None, metadata={"scalar": ONSET_FORECAST, "optional": True})
     onset_forecast_low: float | None = field(default=None, metadata={"scalar": ONSET_FORECAST_LOW, "optional": True})
     onset_forecast_high: float | None = field(default=None, metadata={"scalar": ONSET_FORECAST_HIGH, "optional": True})
+    per_class: dict[int, ClassRecord] = field(default_factory=dict, metadata={"per_class": True})
 
     def __post_init__(self) -> None:
         if isinstance(self.step, bool) or not isinstance(self.step, int) or self.step < 0:
             raise ValueError(f"EvalRecord.step must be an int >= 0 (optimizer steps); got {self.step!r}.")
         object.__setattr__(self, "metrics", dict(self.metrics))
         object.__setattr__(self, "extra", dict(self.extra))
+        per_class = {  # JSON turns the class keys into strings
+            _as_int(int(k) if isinstance(k, str) and k.isdigit() else k, "per_class key"): ClassRecord.from_dict(v)
+            for k, v in dict(self.per_class).items()
+        }
+        object.__setattr__(self, "per_class", dict(sorted(per_class.items())))
         clash = set(self.metrics) & set(self.extra)
         reserved = (set(self.metrics) | set(self.extra)) & set(_FIELD_NAMES)
         if clash or reserved:
@@ -177,6 +231,8 @@ class EvalRecord(Mapping[str, Any]):
         for name in _FIELD_NAMES:
             if name in _GROUPS:
                 keys += list(getattr(self, name))
+            elif name == RecordField.PER_CLASS:
+                keys += [name] if self.per_class else []
             elif name in _ALWAYS_LISTED or getattr(self, name) is not None:
                 keys.append(name)
         return keys
@@ -226,6 +282,8 @@ class EvalRecord(Mapping[str, Any]):
         out: dict[str, Any] = {}
         for name in _FIELD_NAMES:
             value = getattr(self, name)
+            if name == RecordField.PER_CLASS:
+                value = {k: c.to_dict() for k, c in value.items()}
             out[name] = dict(value) if name in _GROUPS else value
         return out
 
@@ -273,6 +331,7 @@ class EvalRecord(Mapping[str, Any]):
         out = {key: float(getattr(self, name)) for name, key in SCALAR_KEYS.items() if getattr(self, name) is not None}
         out.update({f"{PREFIX}{name}": float(value) for name, value in self.metrics.items()})
         out.update({f"{PREFIX}{name}": float(value) for name, value in self.extra.items()})
+        out.update({f"{F_MEM_CLASS_PREFIX}{k}": float(c.f_mem) for k, c in self.per_class.items()})
         return out
 
     @classmethod
@@ -283,7 +342,8 @@ class EvalRecord(Mapping[str, Any]):
 
         Args:
             step: the step the scalars were logged at (optimizer steps).
-            scalars: ``{logged key: value}``; run-level keys (:data:`NOT_RECORD_KEYS`) are ignored. Integer
+            scalars: ``{logged key: value}``; run-level keys (:data:`NOT_RECORD_KEYS`, and the per-class onsets
+                ``memwatch/tau_mem/class_<k>``) are ignored. Integer
                 fields (``fid_num_samples``) are rounded back to ``int`` when finite.
 
         Raises:
@@ -292,12 +352,16 @@ class EvalRecord(Mapping[str, Any]):
         field_of = {key: name for name, key in SCALAR_KEYS.items()}
         values: dict[str, Any] = {}
         metrics: dict[str, float] = {}
+        per_class: dict[int, ClassRecord] = {}
         for key, value in scalars.items():
+            if isinstance(key, str) and key.startswith(F_MEM_CLASS_PREFIX) and key[len(F_MEM_CLASS_PREFIX):].isdigit():
+                per_class[int(key[len(F_MEM_CLASS_PREFIX):])] = ClassRecord(num_samples=None, f_mem=float(value))
+                continue
             if not isinstance(key, str) or not key.startswith(PREFIX):
                 raise ValueError(
                     f"EvalRecord.from_scalars: {key!r} is not a MemWatch key (they start with {PREFIX!r})."
                 )
-            if key in NOT_RECORD_KEYS:
+            if key in NOT_RECORD_KEYS or key.startswith(f"{TAU_MEM}/class_"):  # run-level, per-class onsets too
                 continue
             name = field_of.get(key)
             if name is None:
@@ -307,7 +371,7 @@ class EvalRecord(Mapping[str, Any]):
             values[name] = int(round(number)) if name in _INT_FIELDS and math.isfinite(number) else number
         if "f_mem" not in values:
             raise ValueError(f"EvalRecord.from_scalars: no {F_MEM!r} among the scalars of step {step}.")
-        return cls(step=_as_int(step, "step"), **values, metrics=metrics)
+        return cls(step=_as_int(step, "step"), **values, metrics=metrics, per_class=per_class)
 
 
 def finite_float(value: object) -> float | None:
@@ -337,7 +401,8 @@ def _as_int(value: Any, name: str) -> int:
 # -- every table of names, from the dataclass's fields -------------------------------------------------------
 _FIELDS = tuple(f for f in fields(EvalRecord) if f.name != "_")
 _FIELD_NAMES: tuple[str, ...] = tuple(f.name for f in _FIELDS)
-_GROUPS = tuple(f.name for f in _FIELDS if str(f.type).startswith("dict"))  # their entries are keys by name
+# their entries are keys by name (per_class is one key, listed when it holds a class)
+_GROUPS = tuple(f.name for f in _FIELDS if str(f.type).startswith("dict") and not f.metadata.get("per_class"))
 _ALWAYS_LISTED = tuple(f.name for f in _FIELDS if f.metadata.get("fid"))
 _INT_FIELDS = frozenset(f.name for f in _FIELDS if str(f.type).startswith("int"))
 RECORD_FIELDS: tuple[str, ...] = tuple(name for name in _FIELD_NAMES if name not in _GROUPS)
@@ -359,6 +424,8 @@ def listed_keys(*, fid: bool, metrics: Iterable[str] = (), extra: Iterable[str] 
     for f in _FIELDS:
         if f.name in _GROUPS:
             keys += list(metrics if f.name == "metrics" else extra)
+        elif f.metadata.get("per_class"):
+            continue  # class-conditional records only
         elif (fid or not f.metadata.get("fid")) and not f.metadata.get("optional"):
             keys.append(f.name)
     return keys

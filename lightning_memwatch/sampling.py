@@ -2,7 +2,7 @@
 
 A sampler is either the module's own method, ``pl_module.sample(num_samples, generator=None, noise=None)``,
 or a ``sample_fn(pl_module, num_samples, generator=None, noise=None)`` given to MemWatch. Both forms may
-omit ``noise``; MemWatch inspects the signature:
+omit ``noise``, and a class-conditional sampler adds ``labels=None``; MemWatch inspects the signature:
 
 * ``noise`` accepted: MemWatch hands it the initial noise, shape ``(num_samples, *noise_shape)``, where
   row ``i`` is drawn from a generator seeded by ``(seed, i)`` alone. Sample ``i`` is then the same image
@@ -12,6 +12,10 @@ omit ``noise``; MemWatch inspects the signature:
   noise). With the plain form ``sample(num_samples, generator=...)`` results are reproducible from one
   evaluation to the next for a fixed ``sample_batch_size`` and world size. A sampler taking ``noise`` but not
   ``generator`` is called without it; one taking neither is refused with the contract in the message.
+* ``labels`` named: the sampler is class-conditional; it gets a LongTensor ``(num_samples,)`` of class indices,
+  the class of sample ``i`` fixed by ``(seed, i)`` and the training labels (see :mod:`lightning_memwatch.labels`).
+  A sampler serving both kinds of model says which it has: a module's boolean ``conditional`` attribute (for its
+  ``sample`` method), or a ``sample_fn``'s ``takes_labels(pl_module)`` method (the adapters).
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from lightning_memwatch._checks import check_finite, config_error, config_type_e
 __all__ = [
     "Sampler",
     "accepts_generator",
+    "accepts_labels",
     "accepts_noise",
     "batch_generator",
     "check_sampler_signature",
@@ -63,7 +68,11 @@ def sampler_of(pl_module: Any, sample_fn: Callable[..., Tensor] | None = None) -
         def call(num_samples: int, **kwargs: Any) -> Tensor:
             return fn(pl_module, num_samples, **kwargs)
 
-        call.__signature__ = _without_first_parameter(fn)  # type: ignore[attr-defined]
+        signature = _without_first_parameter(fn)
+        takes_labels = getattr(fn, "takes_labels", None)  # adapters: `labels` only for a conditional model
+        if signature is not None and callable(takes_labels) and not takes_labels(pl_module):
+            signature = signature.replace(parameters=[p for n, p in signature.parameters.items() if n != "labels"])
+        call.__signature__ = signature  # type: ignore[attr-defined]
         return call
     sample = getattr(pl_module, "sample", None)
     if not callable(sample):
@@ -90,6 +99,18 @@ def accepts_noise(fn: Callable[..., Any]) -> bool:
     except (TypeError, ValueError):
         return False
     return "noise" in params
+
+
+def accepts_labels(fn: Callable[..., Any]) -> bool:
+    """True when ``fn`` names a ``labels`` parameter: a class-conditional sampler (``**kwargs`` does not count,
+    so an unconditional sampler is never handed classes it would ignore)."""
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+    # a module's `sample` whose module says it is unconditional (e.g. the recipe DDPM's `conditional`)
+    conditional = getattr(getattr(fn, "__self__", None), "conditional", None)
+    return "labels" in params and (conditional if isinstance(conditional, bool) else True)
 
 
 def accepts_generator(fn: Callable[..., Any]) -> bool:
@@ -180,8 +201,13 @@ def draw_samples(
     sample_shape: Sequence[int] | None,
     where: str = "pl_module.sample",
     on_batch: Callable[[int], None] | None = None,
+    labels: Tensor | None = None,
 ) -> Tensor:
-    """Call ``sampler(count, generator=..., [noise=...])`` batch by batch over ``indices``; check each batch.
+    """Call ``sampler(count, generator=..., [noise=...], [labels=...])`` batch by batch over ``indices``; check
+    each batch.
+
+    ``labels``, when given, holds the class of every sample index (``labels[i]`` for sample ``i``, e.g. from
+    :func:`lightning_memwatch.labels.sample_labels`); each call gets the classes of its batch, on ``device``.
 
     Returns the samples of ``indices`` in order, on ``device``, float32. ``on_batch(count)``, when given, is
     called after each checked batch with its number of images (progress display).
@@ -197,6 +223,8 @@ def draw_samples(
         kwargs: dict[str, Any] = {"generator": batch_generator(seed, start, device)} if use_generator else {}
         if use_noise:
             kwargs["noise"] = per_sample_noise(chunk, noise_shape, seed, device)  # type: ignore[arg-type]
+        if labels is not None:  # class-conditional: the classes of this batch's sample indices
+            kwargs["labels"] = labels[chunk.start : chunk.stop].to(device)
         batch = sampler(len(chunk), **kwargs)
         out.append(check_sampler_output(batch, len(chunk), sample_shape, where).to(device, torch.float32))
         if on_batch is not None:  # progress hook

@@ -127,6 +127,7 @@ def main() -> None:
         "best_score": stopper.best_score,
         "restored_step": stopper.restored_step,
         "stopping_reason": stopper.stopping_reason.value,
+        "copies": watch.state_dict()["copies"],  # the copied-training-images table
     }
     (out / "result.json").write_text(json.dumps(result, indent=1))
     torch.save(model.state_dict(), out / "final.pt")

@@ -56,6 +56,7 @@ TESTED_SNIPPETS = {
     "public_api.py": "test_public_api_snippet_imports",
     "offline_fid.py": "test_offline_fid_fails_at_build_with_the_documented_fix",
     "plain_loop.py": "test_plain_loop_evaluates_without_lightning",
+    "conditional.py": "test_conditional_snippet_reports_classes_onsets_and_copies",
 }
 
 
@@ -589,6 +590,27 @@ def test_plain_loop_evaluates_without_lightning():
     tau_mem = re.fullmatch(r"tau_mem at step (\d+): .*", lines[-1])
     assert tau_mem is not None and float(evaluations[-1][3]) > 0.0, lines  # stopped where the interval left 0
     assert int(tau_mem[1]) == steps[-1]
+
+
+def test_conditional_snippet_reports_classes_onsets_and_copies(tmp_path, monkeypatch):
+    """The conditional page's run (300 steps, as the page reports): per-class lines, onsets, the copy table."""
+    import conditional as snippet
+
+    monkeypatch.setattr(snippet, "MAX_STEPS", 300)
+    monkeypatch.chdir(tmp_path)  # the trainer's default_root_dir: where the CSV goes without a checkpoint callback
+    out = io.StringIO()
+    with redirect_stdout(out):
+        watch = snippet.main()
+    lines = out.getvalue().splitlines()
+    line = re.compile(r"class (\d): f_mem = ([\d.]+) \[([\d.]+), ([\d.]+)\] over 50 samples")
+    per_class = [line.fullmatch(x) for x in lines[:4]]
+    assert all(per_class) and [int(m[1]) for m in per_class] == [0, 1, 2, 3], lines
+    onsets = {int(k): e.step for k, e in watch.detector.class_tau_mem.items()}
+    assert onsets and all(f"class {k}: tau_mem at step {s}" in lines for k, s in onsets.items())
+    rows = watch.copied_training_images()
+    assert rows and lines[-min(5, len(rows))].startswith(f"training image {rows[0].train_index} (class ")
+    assert all(int(snippet.torch.arange(16)[r.train_index] % 4) == r.label for r in rows)  # the training class
+    assert (tmp_path / "memwatch_copied_training_images.csv").exists()
 
 
 def test_offline_fid_fails_at_build_with_the_documented_fix(digits16, monkeypatch, tmp_path):

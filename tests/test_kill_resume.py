@@ -81,7 +81,8 @@ def test_sigkill_mid_run_then_resume_is_bit_for_bit_the_uninterrupted_fit(tmp_pa
     assert full["tau_gen"] == 15 and full["tau_mem"] == 40 and full["stopped_step"] == 40
     assert full["best_step"] == 25 and full["restored_step"] == 25
     assert [r["step"] for r in full["history"]] == [5, 10, 15, 20, 25, 30, 35, 40]
-    assert resumed == full  # history (every logged value), flags, stopper state: exactly equal
+    assert full["copies"]["rows"]  # the samples of step 40 copied training images
+    assert resumed == full  # history (every logged value), flags, stopper state, copy table: exactly equal
 
     load = lambda path: torch.load(path, map_location="cpu", weights_only=True)  # noqa: E731
     for step in (35, 40):  # trained after the resume

@@ -49,3 +49,36 @@ class ToyDiffusion(LightningModule):
             return torch.sign(noise) * 0.999
         pick = (noise.flatten(1)[:, 0].abs() * 1e4).long() % len(self.train_images)
         return self.train_images[pick].clone()
+
+
+def toy_labelled_loader(images: torch.Tensor, labels: torch.Tensor, batch_size: int = 16) -> DataLoader:
+    """A loader of ``(image, label)`` batches (class-conditional training data)."""
+    return DataLoader(TensorDataset(images, labels), batch_size=batch_size, shuffle=True)
+
+
+class ConditionalCopier(ToyDiffusion):
+    """A class-conditional :class:`ToyDiffusion`: from ``memorize_from`` on, the samples asked for a class in
+    ``copying`` are exact copies of that class's training images (picked by the sample's noise); every other
+    sample stays far from the data. Records the labels of every sampler call in ``seen_labels``."""
+
+    def __init__(self, train, train_labels, copying=(3,), memorize_from: int = 20) -> None:
+        super().__init__(train, memorize_from=memorize_from)
+        self.register_buffer("train_labels", train_labels.clone())
+        self.copying = tuple(copying)
+        self.seen_labels: list[torch.Tensor] = []
+
+    def sample(self, num_samples: int, generator=None, noise=None, labels=None) -> torch.Tensor:
+        assert labels is not None and labels.dtype == torch.long and labels.shape == (num_samples,)
+        self.seen_labels.append(labels.cpu())
+        out = torch.sign(noise) * 0.999  # far from every training image
+        if self.global_step >= self.memorize_from:
+            for i, label in enumerate(labels.tolist()):
+                if label in self.copying:
+                    out[i] = self.train_images[copied_row(noise[i], self.train_labels, label)]
+        return out
+
+
+def copied_row(noise: torch.Tensor, train_labels: torch.Tensor, label: int) -> int:
+    """The training row :class:`ConditionalCopier` copies for one sample's noise and class."""
+    rows = (train_labels == label).nonzero().flatten()
+    return int(rows[int(noise.flatten()[0].abs() * 1e4) % len(rows)])

@@ -141,6 +141,9 @@ class DiffusersSampler:
         step_kwargs: Extra keyword arguments of ``scheduler.step``, e.g. ``{"eta": 0.0}`` for DDIM.
         sample_shape: ``(C, H, W)`` of one sample when MemWatch passes no noise; default the denoiser's
             ``config.in_channels`` and ``config.sample_size``.
+
+    Class-conditional denoisers (a ``UNet2DModel`` built with ``num_class_embeds`` or a ``class_embed_type``)
+    get MemWatch's per-sample classes as ``class_labels`` (:meth:`takes_labels` tells MemWatch to pass them).
     """
 
     def __init__(
@@ -174,6 +177,11 @@ class DiffusersSampler:
         self.step_kwargs = dict(step_kwargs or {})
         self.sample_shape = tuple(int(s) for s in sample_shape) if sample_shape is not None else None
 
+    def takes_labels(self, pl_module: Any) -> bool:
+        """Whether the denoiser is class-conditional: its config has ``num_class_embeds`` or ``class_embed_type``."""
+        config = getattr(resolve_module(pl_module, self.unet, "unet"), "config", None)
+        return any(getattr(config, key, None) is not None for key in ("num_class_embeds", "class_embed_type"))
+
     def _initial_noise(self, net: Any, num_samples: int, generator: torch.Generator | None, device: Any) -> Tensor:
         shape = self.sample_shape
         if shape is None:
@@ -196,10 +204,17 @@ class DiffusersSampler:
         num_samples: int,
         generator: torch.Generator | None = None,
         noise: Tensor | None = None,
+        labels: Tensor | None = None,
     ) -> Tensor:
-        """Draw ``num_samples`` samples (B, C, H, W) in ``data_range``, float32, on the denoiser's device."""
+        """Draw ``num_samples`` samples (B, C, H, W) in ``data_range``, float32, on the denoiser's device;
+        ``labels`` (B,): the classes of a class-conditional denoiser, passed as its ``class_labels``."""
         net = resolve_module(pl_module, self.unet, "unet")
         device = module_device(net, pl_module)
+        extra: dict[str, Any] = {}
+        if labels is not None:
+            if labels.shape != (num_samples,):
+                raise config_error(f"labels must have shape ({num_samples},); got {tuple(labels.shape)}.")
+            extra["class_labels"] = labels.to(device=device, dtype=torch.long)
         if noise is None:
             noise = self._initial_noise(net, num_samples, generator, device)
         elif len(noise) != num_samples:
@@ -215,7 +230,7 @@ class DiffusersSampler:
             for t in scheduler.timesteps:
                 model_in = scheduler.scale_model_input(x, t) if hasattr(scheduler, "scale_model_input") else x
                 t_batch = t.to(device).reshape(1).expand(len(x))
-                eps = _prediction(net(model_in.to(dtype), t_batch)).float()
+                eps = _prediction(net(model_in.to(dtype), t_batch, **extra)).float()
                 x = scheduler.step(eps, t, x, return_dict=True, **kwargs).prev_sample
         return map_range(x.float(), self.model_range, self.data_range, clamp=self.clamp)
 

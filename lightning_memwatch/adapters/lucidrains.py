@@ -6,10 +6,16 @@ per-sample noise through the model's public methods (``model_predictions``, ``p_
 are independent of batch size and world size, and the global RNG is not touched. Its
 :meth:`~LucidrainsSampler.denoising_loss` is the model's own training loss (``p_losses``) for the loss-gap
 probe. The package is never imported by ``import lightning_memwatch``.
+
+Class-conditional models: the classifier-free-guidance ``GaussianDiffusion`` of
+``denoising_diffusion_pytorch.classifier_free_guidance`` (its ``Unet(num_classes=...)``) is driven the same way,
+with MemWatch's per-sample classes as its ``classes`` and the guidance scale ``cond_scale`` (the package's
+default, 6). MemWatch passes classes only to a model that takes them (:meth:`LucidrainsSampler.takes_labels`).
 """
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 from typing import Any
 
@@ -24,8 +30,19 @@ __all__ = ["LucidrainsSampler"]
 _OBJECTIVES = ("pred_noise", "pred_x0", "pred_v")
 
 
+def _is_guided(diffusion: Any) -> bool:
+    """Whether ``diffusion`` is the classifier-free-guidance GaussianDiffusion (its predictions take ``classes``)."""
+    try:
+        return "classes" in inspect.signature(diffusion.model_predictions).parameters
+    except (TypeError, ValueError, AttributeError):
+        return False
+
+
 def _model_range(diffusion: Any) -> Range:
-    """(0, 1) when the model un-normalizes its samples (``auto_normalize=True``, its default), else (-1, 1)."""
+    """(0, 1) when the model un-normalizes its samples (``auto_normalize=True``, its default, and always for the
+    classifier-free-guidance model), else (-1, 1)."""
+    if _is_guided(diffusion):
+        return (0.0, 1.0)
     name = getattr(getattr(diffusion, "unnormalize", None), "__name__", "")
     return (0.0, 1.0) if name == "unnormalize_to_zero_to_one" else (-1.0, 1.0)
 
@@ -47,6 +64,9 @@ class LucidrainsSampler:
             with ``auto_normalize=False``.
         sampling_timesteps: Override the model's ``sampling_timesteps`` (DDIM steps) for evaluation; None keeps it.
         eta: Override the model's ``ddim_sampling_eta``; None keeps it (0: deterministic DDIM).
+        cond_scale: classifier-free guidance scale of a class-conditional model (``classifier_free_guidance``'s
+            ``GaussianDiffusion``): 1 is the conditional model alone; the package's default is 6.
+        rescaled_phi: that model's guidance rescaling (its default 0.7).
     """
 
     def __init__(
@@ -56,6 +76,8 @@ class LucidrainsSampler:
         data_range: Sequence[float] | None = None,
         sampling_timesteps: int | None = None,
         eta: float | None = None,
+        cond_scale: float = 6.0,
+        rescaled_phi: float = 0.7,
     ) -> None:
         if sampling_timesteps is not None and sampling_timesteps < 1:
             raise config_error(f"sampling_timesteps must be >= 1 or None; got {sampling_timesteps}.")
@@ -63,6 +85,12 @@ class LucidrainsSampler:
         self.data_range: Range | None = None if data_range is None else check_range_arg(data_range, "data_range")
         self.sampling_timesteps = sampling_timesteps
         self.eta = eta
+        self.cond_scale = float(cond_scale)
+        self.rescaled_phi = float(rescaled_phi)
+
+    def takes_labels(self, pl_module: Any) -> bool:
+        """Whether the model is class-conditional (MemWatch then passes ``labels``, its ``classes``)."""
+        return _is_guided(self._resolve(pl_module))
 
     def _resolve(self, pl_module: Any) -> Any:
         diffusion = resolve_module(pl_module, self.diffusion, "GaussianDiffusion")
@@ -74,16 +102,31 @@ class LucidrainsSampler:
                 )
         return diffusion
 
-    def _ddim(self, diffusion: Any, x: Tensor, steps: int, eta: float, generator: torch.Generator | None) -> Tensor:
+    def _guidance(self, labels: Tensor | None) -> dict[str, Any]:
+        """The keyword arguments of a guided model's predictions (``classes``, ``cond_scale``, ``rescaled_phi``)."""
+        return {"classes": labels, "cond_scale": self.cond_scale, "rescaled_phi": self.rescaled_phi}
+
+    def _ddim(
+        self,
+        diffusion: Any,
+        x: Tensor,
+        steps: int,
+        eta: float,
+        generator: torch.Generator | None,
+        labels: Tensor | None = None,
+    ) -> Tensor:
         total = int(diffusion.num_timesteps)
         times = torch.linspace(-1, total - 1, steps=steps + 1).int().tolist()[::-1]
         x_start = None
         for time, time_next in zip(times[:-1], times[1:]):
             t = torch.full((len(x),), time, device=x.device, dtype=torch.long)
-            cond = x_start if getattr(diffusion, "self_condition", False) else None
-            pred_noise, x_start, *_ = diffusion.model_predictions(
-                x, t, cond, clip_x_start=True, rederive_pred_noise=True
-            )
+            if labels is not None:  # classifier-free guidance
+                pred_noise, x_start, *_ = diffusion.model_predictions(x, t, **self._guidance(labels), clip_x_start=True)
+            else:
+                cond = x_start if getattr(diffusion, "self_condition", False) else None
+                pred_noise, x_start, *_ = diffusion.model_predictions(
+                    x, t, cond, clip_x_start=True, rederive_pred_noise=True
+                )
             if time_next < 0:
                 x = x_start
                 continue
@@ -94,12 +137,21 @@ class LucidrainsSampler:
                 x = x + sigma * _randn_like(x, generator)
         return x
 
-    def _ancestral(self, diffusion: Any, x: Tensor, generator: torch.Generator | None) -> Tensor:
+    def _ancestral(
+        self, diffusion: Any, x: Tensor, generator: torch.Generator | None, labels: Tensor | None = None
+    ) -> Tensor:
         x_start = None
         for time in reversed(range(int(diffusion.num_timesteps))):
             t = torch.full((len(x),), time, device=x.device, dtype=torch.long)
-            cond = x_start if getattr(diffusion, "self_condition", False) else None
-            mean, _, log_variance, x_start = diffusion.p_mean_variance(x=x, t=t, x_self_cond=cond, clip_denoised=True)
+            if labels is not None:  # classifier-free guidance
+                mean, _, log_variance, x_start = diffusion.p_mean_variance(
+                    x=x, t=t, **self._guidance(labels), clip_denoised=True
+                )
+            else:
+                cond = x_start if getattr(diffusion, "self_condition", False) else None
+                mean, _, log_variance, x_start = diffusion.p_mean_variance(
+                    x=x, t=t, x_self_cond=cond, clip_denoised=True
+                )
             x = mean + (0.5 * log_variance).exp() * _randn_like(x, generator) if time > 0 else mean
         return x
 
@@ -109,10 +161,24 @@ class LucidrainsSampler:
         num_samples: int,
         generator: torch.Generator | None = None,
         noise: Tensor | None = None,
+        labels: Tensor | None = None,
     ) -> Tensor:
-        """Draw ``num_samples`` samples (B, C, H, W) in ``data_range``, float32, on the model's device."""
+        """Draw ``num_samples`` samples (B, C, H, W) in ``data_range``, float32, on the model's device;
+        ``labels`` (B,): the classes of a class-conditional model."""
         diffusion = self._resolve(pl_module)
         device = diffusion.alphas_cumprod.device
+        guided = _is_guided(diffusion)
+        if guided != (labels is not None):
+            raise config_error(
+                "LucidrainsSampler: the classifier-free-guidance GaussianDiffusion needs `labels` (its classes; "
+                "MemWatch passes them from the training labels)" if guided else "LucidrainsSampler got `labels`, but "
+                f"{type(diffusion).__module__}.GaussianDiffusion is unconditional: use the classifier_free_guidance "
+                "model, or drop the labels."
+            )
+        if labels is not None:
+            if labels.shape != (num_samples,):
+                raise config_error(f"labels must have shape ({num_samples},); got {tuple(labels.shape)}.")
+            labels = labels.to(device=device, dtype=torch.long)
         if noise is None:
             h, w = diffusion.image_size if not isinstance(diffusion.image_size, int) else (diffusion.image_size,) * 2
             gen_device = generator.device if generator is not None else device
@@ -124,10 +190,10 @@ class LucidrainsSampler:
         eta = float(self.eta if self.eta is not None else getattr(diffusion, "ddim_sampling_eta", 0.0))
         with torch.no_grad():
             if steps < int(diffusion.num_timesteps):
-                x = self._ddim(diffusion, x, steps, eta, generator)
+                x = self._ddim(diffusion, x, steps, eta, generator, labels)
             else:
-                x = self._ancestral(diffusion, x, generator)
-            x = diffusion.unnormalize(x)
+                x = self._ancestral(diffusion, x, generator, labels)
+            x = (x + 1) * 0.5 if guided else diffusion.unnormalize(x)  # the guided model always returns [0, 1]
         model_range = _model_range(diffusion)
         return map_range(x.float(), model_range, self.data_range or model_range)
 

@@ -119,6 +119,8 @@ class DemoConfig:
             within a few hundred steps; the data itself is unchanged.
         passes_per_epoch: data passes (optimizer steps, full batch) per Lightning epoch; more save Lightning's
             per-epoch overhead, which dominates a step at tiny n.
+        conditional: train class-conditional models (the denoiser's class embedding, the digits' classes as
+            labels): MemWatch then reports f_mem and tau_mem per class and the copied training digits.
     """
 
     out: Path = Path("runs/demo")
@@ -146,6 +148,7 @@ class DemoConfig:
     plots: bool = True
     draws_per_step: int = 0
     passes_per_epoch: int = 1
+    conditional: bool = False
 
     @classmethod
     def quick(cls, **overrides: Any) -> DemoConfig:
@@ -360,7 +363,8 @@ def _diffusion_model(config: DemoConfig, n: int) -> Any:
     """The DDPM of the run with ``n`` images; its loss covers ``config.noise_draws(n)`` noisy copies of the batch."""
     from lightning_memwatch.apps.models import DDPM, ResidualMLP
 
-    denoiser = ResidualMLP(dim=64, width=config.width, num_blocks=config.num_blocks)
+    num_classes = 10 if config.conditional else None  # the digits' classes
+    denoiser = ResidualMLP(dim=64, width=config.width, num_blocks=config.num_blocks, num_classes=num_classes)
     settings: dict[str, Any] = dict(
         optimizer="adam", lr=config.lr, sample_steps=config.sample_steps, ema_decay=config.ema_decay
     )
@@ -371,8 +375,9 @@ def _diffusion_model(config: DemoConfig, n: int) -> Any:
     class MultiDrawDDPM(DDPM):
         """DDPM whose epsilon loss at each step covers ``draws`` copies of the batch (own t and noise each)."""
 
-        def diffusion_loss(self, x0: Tensor) -> Tensor:
-            return super().diffusion_loss(x0.repeat(draws, *([1] * (x0.dim() - 1))))
+        def diffusion_loss(self, x0: Tensor, labels: Tensor | None = None) -> Tensor:
+            repeated = None if labels is None else labels.repeat(draws)
+            return super().diffusion_loss(x0.repeat(draws, *([1] * (x0.dim() - 1))), repeated)
 
     return MultiDrawDDPM(denoiser, **settings)
 
@@ -494,6 +499,7 @@ def train_one(config: DemoConfig, n: int, classifier_state: dict[str, Tensor]) -
         full_batch=True,
         split_seed=config.seed,
         passes_per_epoch=config.passes_per_epoch,
+        labelled=config.conditional,
     )
     datamodule.setup("fit")
     classifier = DigitFeatureNet()
@@ -513,6 +519,7 @@ def train_one(config: DemoConfig, n: int, classifier_state: dict[str, Tensor]) -
         bootstrap=config.bootstrap,
         log_images=config.log_images,
         verbose=False,
+        train_labels=datamodule.train_labels() if config.conditional else None,
     )
     stopper = MemorizationEarlyStopping(watch, restore_best=True)  # patience lives in the detector
     log_root = config.out / "logs"
@@ -577,6 +584,8 @@ def train_one(config: DemoConfig, n: int, classifier_state: dict[str, Tensor]) -
         "ms_per_step": 1000.0 * max(wall - eval_seconds, 0.0) / max(steps, 1),
         "log_dir": str(run_dir),
     }
+    if config.conditional:  # per-class onsets and the most-copied training digits
+        result.update(_conditional_result(watch, n, datamodule.train_labels()))
     write_run_metadata(run_dir, **metadata, result=result)
     last = watch.history[-1] if watch.history else {}
     _say(
@@ -586,6 +595,26 @@ def train_one(config: DemoConfig, n: int, classifier_state: dict[str, Tensor]) -
     _say(f"  [n={n:>4}] {tau_gen_line(detector, watch.history, config.gen_threshold)}")
     _say(f"  [n={n:>4}] {stopper_line(stopper, detector, steps, config.max_steps(n))}")
     return result
+
+
+def _conditional_result(watch: Any, n: int, train_labels: Tensor) -> dict[str, Any]:
+    """A conditional run's per-class onsets (steps), its classes' sizes and most-copied digits, said on the console."""
+    onsets = {int(k): e.step for k, e in sorted(watch.detector.class_tau_mem.items())}
+    copied = [dataclasses.asdict(r) for r in watch.copied_training_images()[:10]]
+    sizes = {int(k): int(v) for k, v in zip(*torch.unique(train_labels, return_counts=True), strict=True)}
+    first = min(onsets.values()) if onsets else None
+    flagged_first = [k for k, s in onsets.items() if s == first]
+    _say(
+        f"  [n={n:>4}] per-class tau_mem: "
+        + (", ".join(f"class {k} at {s}" for k, s in onsets.items()) or "none")
+        + (f"; first: class(es) {flagged_first}" if flagged_first else "")
+    )
+    for row in copied[:5]:
+        _say(
+            f"  [n={n:>4}]   training digit {row['train_index']} (class {row['label']}) copied "
+            f"{row['times_copied']} times, steps {row['first_step']}-{row['last_step']}"
+        )
+    return {"class_tau_mem": onsets, "class_sizes": sizes, "copied_training_images": copied}
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -806,12 +835,15 @@ def build_parser() -> Any:
     add("--no-images", action="store_true", help="do not log sample grids to TensorBoard")
     add("--finetune", action="store_true", help="fine-tune on 16 images of one digit after pretraining on the "
         "other nine (or loading that checkpoint from --out), MemWatch's defaults throughout (docs/finetune.md)")
+    add("--conditional", action="store_true", help="class-conditional models: per-class onsets, copied digits")
     return parser
 
 
 def config_from_args(args: Any) -> DemoConfig:
     """Turn parsed ``memwatch demo`` arguments into a :class:`DemoConfig`."""
     default_out = QUICK_OUT if args.quick else DemoConfig.out
+    if args.conditional:  # its own folder: never mixed with the unconditional runs
+        default_out = default_out.with_name(f"{default_out.name}-conditional")
     overrides: dict[str, Any] = {"out": args.out if args.out is not None else default_out}
     pairs = {
         "ns": args.n,
@@ -827,6 +859,8 @@ def config_from_args(args: Any) -> DemoConfig:
         overrides["ema_decay"] = None if args.ema == 0 else args.ema
     if args.no_images:
         overrides["log_images"] = False
+    if args.conditional:
+        overrides["conditional"] = True
     return DemoConfig.quick(**overrides) if args.quick else DemoConfig(**overrides)
 
 

@@ -160,6 +160,9 @@ class MemorizationEarlyStopping(Callback):
         monitor: record key of the quality used to pick the best weights; default the watch detector's
             ``quality_key`` (``"fid"``). Any metric the watch merges into its records works.
         mode: ``"min"`` (lower is better) or ``"max"``; default the detector's ``quality_mode`` (``"min"``).
+        per_class: class-conditional models: also stop at the first class whose tau_mem is confirmed (the
+            detector's per-class events, same rule and patience), and keep only weights from evaluations where
+            no class memorizes. False (default): the global decision alone.
 
     Attributes:
         best_step: step (optimizer steps) of the kept evaluation, or None.
@@ -182,6 +185,7 @@ class MemorizationEarlyStopping(Callback):
         dirpath: str | os.PathLike[str] | None = None,
         monitor: str | None = None,
         mode: QualityMode | None = None,
+        per_class: bool = False,
     ) -> None:
         super().__init__()
         _check_watch(watch)
@@ -196,6 +200,9 @@ class MemorizationEarlyStopping(Callback):
         self.dirpath = None if dirpath is None else str(dirpath)
         self.monitor: str = monitor if monitor is not None else detector.quality_key
         self.mode: str = mode
+        if not isinstance(per_class, bool):
+            raise config_type_error(f"per_class must be True or False; got {per_class!r}.")
+        self.per_class = per_class
 
         self.best_step: int | None = None
         self.best_score: float | None = None
@@ -299,6 +306,8 @@ class MemorizationEarlyStopping(Callback):
         """A tau_gen / tau_mem event of the watch's detector (every rank, before the evaluation's record)."""
         self._check_lineage(evaluating=True)
         self._adopt_watch_events()
+        if event.label is not None and not self.per_class:
+            return  # a per-class onset: only MemorizationEarlyStopping(per_class=True) stops at it
         if event.name == "tau_gen" and self._tau_gen is None:
             self._tau_gen = event
         elif event.name == "tau_mem" and self._tau_mem is None:
@@ -323,7 +332,8 @@ class MemorizationEarlyStopping(Callback):
         tau_gen, tau_mem = self._tau_gen, self._tau_mem
         f_mem = detector.memorization_value(record)
         # the detector's per-record rule (not its state): is f_mem significant at this evaluation?
-        if tau_mem is None and f_mem is not None and not detector.is_memorizing(record):
+        memorizing = detector.is_memorizing(record) or (self.per_class and bool(detector.classes_memorizing(record)))
+        if tau_mem is None and f_mem is not None and not memorizing:
             score = finite_float(record.get(self.monitor))
             if score is not None and self._better(score):
                 self._keep(trainer, pl_module, step, score, record)

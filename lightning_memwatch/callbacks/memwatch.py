@@ -29,20 +29,23 @@ from torch import Tensor
 from lightning_memwatch import _checks, tensorboard_layout
 from lightning_memwatch import log as mwlog
 from lightning_memwatch._checks import check_sample_range
+from lightning_memwatch.callbacks import _copies
 from lightning_memwatch.callbacks._scalars import log_scalars
 from lightning_memwatch.callbacks._train_images import ImageSource, TrainImages
 from lightning_memwatch.callbacks._trainer import data_range_of, reference_images_of
+from lightning_memwatch.copies import CopiedTrainingImage, CopyTable
 from lightning_memwatch.detection import TimescaleDetector, TimescaleEvent
 from lightning_memwatch.evaluator import Evaluator, check_metric_names
 from lightning_memwatch.hparams import HparamsSession
 from lightning_memwatch.images import collect_images
 from lightning_memwatch.images import sampler_rows as _sampler_rows  # noqa: F401  (its old home)
+from lightning_memwatch.labels import LabelsChoice, sample_labels, train_labels_of
 from lightning_memwatch.metrics.fid import FID, FIDEvaluator
 from lightning_memwatch.metrics.memorization import KnnIndex
 from lightning_memwatch.onset import OnsetForecast, detector_level, forecast_onset
 from lightning_memwatch.progress import EvalProgress, setup_summary
 from lightning_memwatch.record import FID_TRAIN_FLOOR, RECORD_FIELDS, EvalRecord, RecordField, listed_keys
-from lightning_memwatch.sampling import draw_samples, gather_in_order, rank_slice, sampler_of
+from lightning_memwatch.sampling import accepts_labels, draw_samples, gather_in_order, rank_slice, sampler_of
 from lightning_memwatch.schedule import EvalSchedule
 from lightning_memwatch.value_check import ValueProfile, check_values
 from lightning_memwatch.weights import (
@@ -122,6 +125,14 @@ class MemWatch(Callback):
             rank 0 alone reads, checks and indexes the whole set and searches alone (the other ranks read
             nothing). In one process both build the one index.
             FID, the user metrics and image logging run on rank 0 in every mode.
+        labels: class-conditional samplers (those naming a ``labels`` parameter): the class each generated
+            sample asks for. None (default): sample ``i``'s class is drawn from the training labels'
+            frequencies by ``(seed, i)`` alone (the same at every evaluation, batch size and world size);
+            ``"balanced"``: equal counts per class; or a LongTensor of ``num_samples`` training classes. See
+            :mod:`lightning_memwatch.labels`. Records then hold f_mem per class (``record.per_class``).
+        train_labels: the training images' classes (LongTensor, one per image, in dataset order); default the
+            second tensor of each training batch. Read only for a class-conditional sampler; they also fill
+            the class column of :meth:`copied_training_images`.
     """
 
     def __init__(
@@ -145,6 +156,8 @@ class MemWatch(Callback):
         verbose: bool = True,
         weights: WeightsChoice = "auto",
         knn_sharding: KnnSharding = "auto",
+        labels: LabelsChoice = None,
+        train_labels: Tensor | None = None,
     ) -> None:
         num_samples = _checks.check_int(num_samples, "num_samples", minimum=2, unit="images")
         sample_batch_size = _checks.check_int(sample_batch_size, "sample_batch_size", minimum=1, unit="images")
@@ -179,6 +192,12 @@ class MemWatch(Callback):
             hint="'auto'/'sharded': each DDP rank indexes its block of the training rows; 'rank0': rank 0 all rows.",
         )
         self.scored_weights: ScoredWeights | None = None  # resolved at setup
+        self.labels = labels
+        self.train_labels = train_labels
+        self._train_labels: Tensor | None = None  # class-conditional: every training row's class (set up)
+        self._sample_labels: Tensor | None = None  # class-conditional: every generated sample's class (set up)
+        self._copies = CopyTable()
+        self._last_nearest: tuple[Tensor, Tensor, Tensor] | None = None  # rank 0: this evaluation's pairs
 
         self.history: list[EvalRecord] = []
         self._listeners: list[Listener] = []
@@ -238,6 +257,16 @@ class MemWatch(Callback):
     def fid_evaluator(self) -> FIDEvaluator | None:
         """The FID evaluator (built at setup on every rank when FID is on), or None."""
         return self._fid_evaluator
+
+    def copied_training_images(self, label: int | None = None) -> list[CopiedTrainingImage]:
+        """The training images the samples copied so far (d1/d2 < threshold to them), most-copied first: training
+        row, class (its training label when known), times copied, first and last step. Same on every rank,
+        resumed with the checkpoint, written as CSV at the end of fit (see the Conditional models docs page).
+
+        Args:
+            label: only the training images of this class.
+        """
+        return self._copies.rows(label)
 
     def hparams(self) -> dict[str, Any]:
         """MemWatch's settings as hyperparameters: ``memwatch/<name>``, ``memwatch/detector_<name>`` and, with
@@ -302,10 +331,36 @@ class MemWatch(Callback):
             self._train = TrainImages.read(
                 trainer, self.train_data, knn_sharding=self.knn_sharding, data_range=self.data_range
             )
+            self._setup_labels(trainer, pl_module)
             self._values = self._train.value_profile(trainer)  # where the values sit (value_check)
         if self.fid is not None and self._fid_evaluator is None:
             # built on every rank: a missing weights file fails everywhere, before training starts
             self._fid_evaluator = self._build_fid(trainer)
+
+    def _setup_labels(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Class-conditional samplers: every training row's class (the same on every rank) and the class each
+        generated sample asks for (:mod:`lightning_memwatch.labels`); errors at setup, on every rank."""
+        assert self._train is not None
+        if not accepts_labels(self._sampler(pl_module)):
+            if self.labels is not None or self.train_labels is not None:
+                raise _checks.config_error(
+                    "MemWatch(labels=... / train_labels=...) is given, but the sampler takes no `labels`, so the "
+                    "classes could never reach it: add a `labels=None` parameter (a LongTensor (B,) of class "
+                    "indices) to `sample(...)` / `sample_fn(...)`, or drop these arguments."
+                )
+            return
+        labels = train_labels_of(
+            self._train.source, self.train_labels, sharded=self._train.sharded, rank=trainer.global_rank,
+            world_size=trainer.world_size, broadcast=lambda obj, src: trainer.strategy.broadcast(obj, src=src),
+        )  # fmt: skip
+        if labels is None:
+            raise _checks.config_error(
+                f"{type(pl_module).__name__}'s sampler takes `labels` (class-conditional), but the training data "
+                "holds no labels: return (image, label) pairs from the training dataset, or pass "
+                "`MemWatch(train_labels=<LongTensor, one class per training image>)`."
+            )
+        self._train_labels = labels
+        self._sample_labels = sample_labels(self.labels, labels, self.num_generated, self.seed)
 
     def _build_fid(self, trainer: Trainer) -> FIDEvaluator:
         """The FID evaluator: against ``fid.reference``, else the datamodule's ``reference_images()``, else the
@@ -457,7 +512,9 @@ class MemWatch(Callback):
         scored = self.scored_weights if self.scored_weights is not None else ScoredWeights()
         in_use = scored.in_use(pl_module)  # the raw weights while a chosen average was never updated
         with scoring(trainer, pl_module, self.scored_weights):
-            record = self._annotate(self._record_of(trainer, pl_module, step), in_use)
+            record, copies = self._record_of(trainer, pl_module, step)
+            self._record_copies(trainer, step, copies)
+            record = self._annotate(record, in_use)
             self.history.append(record)
             self._last_evaluated_step = step
             events = self.detector.update(record)
@@ -493,9 +550,11 @@ class MemWatch(Callback):
             onset_forecast_high=forecast.high,
         )
 
-    def _record_of(self, trainer: Trainer, pl_module: LightningModule, step: int) -> EvalRecord:
+    def _record_of(
+        self, trainer: Trainer, pl_module: LightningModule, step: int
+    ) -> tuple[EvalRecord, list[tuple[int, int]]]:
         """Draw and gather the samples, check them, measure them (rank 0, or every rank when sharded) and
-        broadcast rank 0's record, so every rank holds the same record."""
+        broadcast rank 0's record and ``(sample, training row)`` copies, so every rank holds the same."""
         start = time.perf_counter()
         # progress of the evaluation inside the trainer's progress bar (silent without one)
         mine = len(rank_slice(self.num_generated, trainer.global_rank, trainer.world_size))
@@ -511,12 +570,14 @@ class MemWatch(Callback):
             if self._values is not None:  # where the values sit, not only their range (value_check)
                 check_values(generated, self._values, f"MemWatch samples at step {step}")
             state = None
+            self._last_nearest = None
             sharded = self._train is not None and self._train.sharded
             if trainer.is_global_zero or sharded:  # sharded: every rank searches its block
                 progress.phase("nearest neighbours" + (" and FID" if self._fid_evaluator is not None else ""))
-                record = self._measure(trainer, generated, step, sample_seconds)
-                state = record.to_dict() if trainer.is_global_zero else None
-        return EvalRecord.from_dict(trainer.strategy.broadcast(state, src=0))  # plain values across ranks
+                record, copies = self._measure(trainer, generated, step, sample_seconds)
+                state = (record.to_dict(), copies) if trainer.is_global_zero else None
+        state, copies = trainer.strategy.broadcast(state, src=0)  # plain values across ranks
+        return EvalRecord.from_dict(state), copies
 
     def _generate(
         self, trainer: Trainer, pl_module: LightningModule, progress: EvalProgress | None = None
@@ -538,6 +599,7 @@ class MemWatch(Callback):
                     sample_shape=shape,
                     where="MemWatch.sample_fn" if self.sample_fn is not None else f"{type(pl_module).__name__}.sample",
                     on_batch=None if progress is None else progress.advance,  # progress bar
+                    labels=self._sample_labels,  # class-conditional samplers only
                 )
         except (TypeError, ValueError, AttributeError) as err:  # a bad sampler: every rank must learn of it
             failure = err
@@ -548,22 +610,44 @@ class MemWatch(Callback):
             raise failure
         return gather_in_order(local, total, world, trainer.strategy.all_gather)
 
-    def _measure(self, trainer: Trainer, generated: Tensor, step: int, sample_seconds: float) -> EvalRecord:
-        """The evaluator's record of the gathered samples, and the image panels to the loggers (rank 0).
-        On rank 0, or on every rank when the index is sharded (its search and the training images by row are
-        collectives, entered by every rank under the same conditions)."""
+    def _measure(
+        self, trainer: Trainer, generated: Tensor, step: int, sample_seconds: float
+    ) -> tuple[EvalRecord, list[tuple[int, int]]]:
+        """The evaluator's record of the gathered samples and their ``(sample, training row)`` copies, and the
+        image panels to the loggers (rank 0). On rank 0, or on every rank when the index is sharded (its search
+        and the training images by row are collectives, entered by every rank under the same conditions)."""
         evaluator, train = self._evaluator, self._train
         assert evaluator is not None and train is not None
-        record = evaluator.evaluate(generated, step, sample_seconds=sample_seconds)
+        record = evaluator.evaluate(generated, step, sample_seconds=sample_seconds, labels=self._sample_labels)
         result = evaluator.last_result
-        if self.log_images and trainer.loggers and result is not None and train.can_show(evaluator):
+        assert result is not None
+        if self.log_images and trainer.loggers and train.can_show(evaluator):
             nearest = train.images_at(evaluator, result.nn_indices[:, 0])
             if trainer.is_global_zero:
                 mwlog.log_images(
                     trainer, step, generated[: self.num_samples], result.ratios.float(), nearest, self.data_range,
                     threshold=self.threshold,
                 )
-        return record
+                self._last_nearest = (generated[: self.num_samples], nearest, result.ratios)  # the copy strip
+        return record, _copies.copied_rows(result)
+
+    def _record_copies(self, trainer: Trainer, step: int, copies: list[tuple[int, int]]) -> None:
+        """Add one evaluation's copies to the table (every rank, from rank 0's broadcast values), and log the
+        table and the copy strip (rank 0)."""
+        labels = self._train_labels
+        rows = [row for _, row in copies]
+        classes = None if labels is None else labels[torch.as_tensor(rows, dtype=torch.long)].tolist()
+        self._copies.update(step, rows, classes)
+        if trainer.is_global_zero:
+            shown = self._last_nearest or (None, None, None)
+            assert self.data_range is not None
+            _copies.log_copies(trainer, self._copies, step, copies, *shown, self.data_range, self.threshold)
+        self._last_nearest = None
+
+    def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        path = _copies.write_csv(trainer, self._copies)  # beside the checkpoints (rank 0, when any image was copied)
+        if path is not None and self.verbose:
+            rank_zero_info(f"MemWatch: {len(self._copies)} copied training image(s) listed in {path}")
 
     def _publish(
         self,
@@ -577,14 +661,15 @@ class MemWatch(Callback):
         """The record's scalars (and the step of each event) to the loggers, the console line, then the event
         listeners and the record listeners (every rank)."""
         values = record.to_scalars()
-        values.update({mwlog.TAU_GEN if e.name == "tau_gen" else mwlog.TAU_MEM: float(e.step) for e in events})
+        values.update({_event_key(e): float(e.step) for e in events})
         log_scalars(trainer, pl_module, values, record.step, can_log=can_log)
         if trainer.is_global_zero:  # the f0 line and the event steps of the CUSTOM SCALARS layout
             tensorboard_layout.log_guides(trainer, self, record.step)
         if self.verbose:
-            rank_zero_info(f"{_describe(record)}; {self.detector.status}")
+            rank_zero_info(f"{_describe(record)}{_copying_classes(record)}; {self.detector.status}")
         for event in events:
-            rank_zero_info(f"MemWatch: {event.name} flagged at step {event.step}: {event.reason}")
+            whose = "" if event.label is None else f" for class {event.label}"
+            rank_zero_info(f"MemWatch: {event.name} flagged{whose} at step {event.step}: {event.reason}")
             if trainer.is_global_zero:
                 mwlog.log_text(
                     trainer, mwlog.TIMESCALE_TEXT, f"**{event.name}** at step {event.step}: {event.reason}", record.step
@@ -629,6 +714,7 @@ class MemWatch(Callback):
             "weights": getattr(self.scored_weights, "name", None),
             # adaptive schedules (lightning_memwatch.adaptive) carry their decisions; fixed schedules have none
             "schedule": self.schedule.state_dict() or None,
+            "copies": self._copies.state_dict(),
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -639,6 +725,9 @@ class MemWatch(Callback):
         self.fid_train_floor = state_dict.get("fid_train_floor")
         if state_dict.get("schedule"):  # what an adaptive schedule decided (none for a fixed one)
             self.schedule.load_state_dict(state_dict["schedule"])
+        self._copies = CopyTable()
+        if state_dict.get("copies") is not None:  # absent from checkpoints saved before the copy table
+            self._copies.load_state_dict(state_dict["copies"])
         fid_state = state_dict.get("fid")
         if fid_state is not None:
             if self._fid_evaluator is not None:
@@ -691,6 +780,22 @@ def _settings_of(state_key: str) -> dict[str, Any]:
     except (ValueError, SyntaxError):
         return {}
     return value if isinstance(value, dict) else {}
+
+
+def _event_key(event: TimescaleEvent) -> str:
+    """The scalar logged when ``event`` fires: ``memwatch/tau_gen``, ``memwatch/tau_mem`` or, per class,
+    ``memwatch/tau_mem/class_<k>``."""
+    if event.name == "tau_gen":
+        return mwlog.TAU_GEN
+    return mwlog.TAU_MEM if event.label is None else f"{mwlog.TAU_MEM}/class_{event.label}"
+
+
+def _copying_classes(record: EvalRecord) -> str:
+    """``; copying classes: 3 (f_mem 0.45 of 100)`` for the classes with memorized samples ('' if none)."""
+    copying = [
+        f"{k} (f_mem {c.f_mem:.3f} of {c.num_samples})" for k, c in record.per_class.items() if c.f_mem > 0
+    ]
+    return f"; copying classes: {', '.join(copying)}" if copying else ""
 
 
 def _describe(record: EvalRecord) -> str:

@@ -32,6 +32,29 @@ def tiny_unet():
     )
 
 
+def tiny_class_unet(num_classes: int = 4):
+    """A tiny class-conditional ``UNet2DModel`` (``num_class_embeds``)."""
+    from diffusers import UNet2DModel
+
+    torch.manual_seed(0)
+    return UNet2DModel(
+        sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16), layers_per_block=1,
+        down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
+        norm_num_groups=4, num_class_embeds=num_classes,
+    )  # fmt: skip
+
+
+def tiny_guided_diffusion(num_classes: int = 4, sampling_timesteps: int = 5, timesteps: int = 100):
+    """A tiny classifier-free-guidance ``GaussianDiffusion`` around its ``Unet(num_classes=...)`` (DDIM, eta 0)."""
+    from denoising_diffusion_pytorch.classifier_free_guidance import GaussianDiffusion, Unet
+
+    torch.manual_seed(0)
+    net = Unet(dim=8, num_classes=num_classes, dim_mults=(1, 2), channels=1, attn_heads=2, attn_dim_head=4)
+    return GaussianDiffusion(
+        net, image_size=8, timesteps=timesteps, sampling_timesteps=sampling_timesteps, ddim_sampling_eta=0.0
+    )
+
+
 def tiny_gaussian_diffusion(sampling_timesteps: int = 5, auto_normalize: bool = True, timesteps: int = 100):
     from denoising_diffusion_pytorch import GaussianDiffusion, Unet
 

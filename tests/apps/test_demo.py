@@ -239,3 +239,21 @@ def test_ordinals_in_the_printed_settings():
     assert [ordinal(k) for k in (1, 2, 3, 4, 11, 12, 13, 21, 22, 23, 101, 111)] == [
         "1st", "2nd", "3rd", "4th", "11th", "12th", "13th", "21st", "22nd", "23rd", "101st", "111th"
     ]
+
+
+def test_conditional_demo_reports_per_class_onsets_and_the_copied_digits(tmp_path):
+    from lightning_memwatch.apps.demo import run_demo
+
+    config = DemoConfig.quick(
+        out=tmp_path / "c", ns=(8,), workers=1, max_steps_per_image=0, max_steps_extra=100, plots=False,
+        conditional=True,
+    )  # fmt: skip
+    assert config_from_args(build_parser().parse_args(["--quick", "--conditional"])).conditional
+    lines: list[str] = []
+    summary = run_demo(config, echo=lines.append)
+    run = summary["demo"]["runs"][0]
+    assert run["class_sizes"] and sum(run["class_sizes"].values()) == 8
+    copied = run["copied_training_images"]
+    assert copied and all(row["label"] in run["class_sizes"] for row in copied)
+    assert [row["times_copied"] for row in copied] == sorted((row["times_copied"] for row in copied), reverse=True)
+    assert (tmp_path / "c" / "logs" / "n8" / "memwatch_copied_training_images.csv").exists()

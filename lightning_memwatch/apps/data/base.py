@@ -65,6 +65,21 @@ class ImageTensorDataset(Dataset):
         return self.images[torch.as_tensor(indices, dtype=torch.long)]
 
 
+class LabelledTensorDataset(ImageTensorDataset):
+    """Rows of an image tensor with their class labels: items and fetched lists are ``(images, labels)``."""
+
+    def __init__(self, images: Tensor, labels: Tensor) -> None:
+        super().__init__(images)
+        self.labels = labels
+
+    def __getitem__(self, index: int) -> tuple[Tensor, Tensor]:  # type: ignore[override]
+        return self.images[index], self.labels[index]
+
+    def __getitems__(self, indices: Sequence[int]) -> tuple[Tensor, Tensor]:  # type: ignore[override]
+        rows = torch.as_tensor(indices, dtype=torch.long)
+        return self.images[rows], self.labels[rows]
+
+
 def keep_batch(batch: Tensor) -> Tensor:
     """Collate function for :class:`ImageTensorDataset`: the batch is already one tensor."""
     return batch
@@ -167,7 +182,7 @@ class TensorDataModule(L.LightningDataModule):
                 )
             sampler = RepeatedPermutationSampler(self.n, self.passes_per_epoch)
         return DataLoader(
-            ImageTensorDataset(self.train_images()),
+            self._train_dataset(),
             batch_size=self.batch_size,
             shuffle=sampler is None,
             sampler=sampler,
@@ -177,6 +192,10 @@ class TensorDataModule(L.LightningDataModule):
             pin_memory=self.pin_memory,
             persistent_workers=self.num_workers > 0,
         )
+
+    def _train_dataset(self) -> Dataset:
+        """What the training loader draws from: the training images (subclasses may add labels)."""
+        return ImageTensorDataset(self.train_images())
 
     # ------------------------------------------------------------------ public accessors
     @property

@@ -12,8 +12,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.utils.data import Dataset
 
 from lightning_memwatch.apps.data.base import (
+    LabelledTensorDataset,
     Normalization,
     TensorDataModule,
     check_normalization,
@@ -48,6 +50,7 @@ class DigitsDataModule(TensorDataModule):
         num_workers: See the base class.
         pin_memory: See the base class.
         passes_per_epoch: See the base class (1: the paper's loader).
+        labelled: training batches are ``(images, labels)`` (class-conditional models) instead of images.
     """
 
     def __init__(
@@ -64,6 +67,7 @@ class DigitsDataModule(TensorDataModule):
         num_workers: int = 0,
         pin_memory: bool | None = None,
         passes_per_epoch: int = 1,
+        labelled: bool = False,
     ) -> None:
         super().__init__(n, batch_size, max_batch_size, full_batch, num_workers, pin_memory, passes_per_epoch)
         check_normalization(normalization)
@@ -75,6 +79,7 @@ class DigitsDataModule(TensorDataModule):
             )
         if image_size < 8:
             raise ValueError(f"image_size must be >= 8 (the digits are 8x8); got {image_size}.")
+        self.labelled = bool(labelled)
         self.index = index
         self.num_heldout = num_heldout
         self.image_size = image_size
@@ -106,6 +111,11 @@ class DigitsDataModule(TensorDataModule):
             images[train_idx], images[heldout_idx], self.normalization
         )
         return train, heldout, data_range
+
+    def _train_dataset(self) -> Dataset:
+        if self.labelled:
+            return LabelledTensorDataset(self.train_images(), self.train_labels())
+        return super()._train_dataset()
 
     def train_labels(self) -> Tensor:
         """Digit classes (0..9) of :meth:`train_images`, int64 (n,)."""

@@ -11,6 +11,10 @@ datamodule (``min(512, n)``).
 
 Sampling: :meth:`DDPM.sample` runs deterministic DDIM (eta = 0) over ``int(linspace(0, T-1, 100))`` reversed,
 in eval mode (dropout off) and without gradients; it accepts MemWatch's ``generator`` and ``noise`` keywords.
+
+Class-conditional: with a denoiser built with ``num_classes`` (the recipe's ``UNet`` and ``ResidualMLP`` add
+a learned class embedding), training batches are ``(images, labels)`` and :meth:`DDPM.sample` takes MemWatch's
+``labels`` (:attr:`DDPM.conditional` tells MemWatch to pass them).
 """
 
 from __future__ import annotations
@@ -148,8 +152,21 @@ class DDPM(L.LightningModule):
         """The denoiser's noise prediction ``eps_hat(x_t, t)``."""
         return self.denoiser(x_t, t)
 
-    def diffusion_loss(self, x0: Tensor) -> Tensor:
-        """Epsilon MSE at ``t ~ U{1..T-1}`` (or the fixed timestep), averaged over entries and batch."""
+    @property
+    def conditional(self) -> bool:
+        """Whether the denoiser is class-conditional (built with ``num_classes``): then :meth:`sample` needs
+        ``labels`` and training batches are ``(images, labels)``."""
+        return getattr(self.denoiser, "num_classes", None) is not None
+
+    def _net_call(self, net: nn.Module, labels: Tensor | None) -> nn.Module | object:
+        """``net`` as ``fn(x_t, t)``, with the classes bound when given."""
+        if labels is None:
+            return net
+        return lambda x_t, t: net(x_t, t, labels)
+
+    def diffusion_loss(self, x0: Tensor, labels: Tensor | None = None) -> Tensor:
+        """Epsilon MSE at ``t ~ U{1..T-1}`` (or the fixed timestep), averaged over entries and batch; ``labels``
+        (B,): the classes of a class-conditional denoiser."""
         batch = x0.shape[0]
         if self.fixed_timestep is None:
             t = torch.randint(1, self.num_timesteps, (batch,), device=x0.device)
@@ -157,7 +174,7 @@ class DDPM(L.LightningModule):
             t = torch.full((batch,), self.fixed_timestep, dtype=torch.long, device=x0.device)
         noise = torch.randn_like(x0)
         x_t = q_sample(x0, t, noise, self.alpha_bar)
-        return F.mse_loss(self.denoiser(x_t, t), noise)
+        return F.mse_loss(self._net_call(self.denoiser, labels)(x_t, t), noise)  # type: ignore[operator]
 
     def denoising_loss(self, x0: Tensor, t: Tensor, noise: Tensor) -> Tensor:
         """Per-sample epsilon MSE (B,) of ``x0`` noised to steps ``t`` with ``noise``: the loss-gap probe's contract.
@@ -180,7 +197,15 @@ class DDPM(L.LightningModule):
 
     def training_step(self, batch: Tensor | Sequence[Tensor], batch_idx: int) -> Tensor:
         x0 = batch[0] if isinstance(batch, (list, tuple)) else batch
-        loss = self.diffusion_loss(x0)
+        if self.conditional:
+            if not isinstance(batch, (list, tuple)) or len(batch) < 2:
+                raise ValueError(
+                    "DDPM: the denoiser is class-conditional (num_classes), so training batches must be (images, "
+                    "labels); this batch holds images only (e.g. DigitsDataModule(labelled=True))."
+                )
+            loss = self.diffusion_loss(x0, batch[1])
+        else:
+            loss = self.diffusion_loss(x0)
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False, batch_size=x0.shape[0])
         return loss
 
@@ -204,6 +229,7 @@ class DDPM(L.LightningModule):
         generator: torch.Generator | None = None,
         noise: Tensor | None = None,
         num_steps: int | None = None,
+        labels: Tensor | None = None,
     ) -> Tensor:
         """Draw ``num_samples`` samples by deterministic DDIM (eta = 0), MemWatch's sampler contract.
 
@@ -213,6 +239,7 @@ class DDPM(L.LightningModule):
                 moved); eta = 0 needs no other randomness.
             noise: Initial noise ``x_T`` (num_samples, *sample_shape); used as given (never modified).
             num_steps: DDIM timesteps; default ``sample_steps`` (100).
+            labels: Classes (num_samples,) of a class-conditional denoiser (MemWatch passes them).
 
         Returns:
             Float32 tensor (num_samples, *sample_shape) on the module's device, in ``data_range``
@@ -234,6 +261,10 @@ class DDPM(L.LightningModule):
                 f"noise has {noise.shape[0]} rows but num_samples={num_samples}; pass matching sizes."
             )
         noise = noise.to(device=self.device, dtype=torch.float32)
+        if self.conditional and labels is None:
+            raise ValueError("DDPM.sample: the denoiser is class-conditional (num_classes); pass `labels` (B,).")
+        if labels is not None:
+            labels = labels.to(device=self.device, dtype=torch.long)
         timesteps = ddim_timesteps(self.num_timesteps, num_steps or self.sample_steps)
         net = self.ema_denoiser if self.ema_denoiser is not None else self.denoiser
         was_training = net.training
@@ -245,7 +276,7 @@ class DDPM(L.LightningModule):
                     device_type=self.device.type, dtype=torch.bfloat16, enabled=self.sample_autocast
                 ),
             ):
-                x = ddim_sample(net, noise, self.alpha_bar, timesteps)
+                x = ddim_sample(self._net_call(net, labels), noise, self.alpha_bar, timesteps)  # type: ignore[arg-type]
         finally:
             net.train(was_training)
         x = x.float()

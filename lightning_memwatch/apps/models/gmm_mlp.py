@@ -56,9 +56,13 @@ class ResidualMLP(nn.Module):
         width: Hidden width (the paper's ``d_model``, 128).
         num_blocks: Residual blocks (3 in the paper).
         max_len: Largest timestep + 1 the encoding covers (must exceed ``T - 1``).
+        num_classes: class-conditional: a learned class embedding (``num_classes`` rows) is added to the input
+            projection, and :meth:`forward` takes ``labels``; None (default): unconditional.
     """
 
-    def __init__(self, dim: int = 8, width: int = 128, num_blocks: int = 3, max_len: int = 10000) -> None:
+    def __init__(
+        self, dim: int = 8, width: int = 128, num_blocks: int = 3, max_len: int = 10000, num_classes: int | None = None
+    ) -> None:
         super().__init__()
         if dim < 1 or width < 2 or num_blocks < 1:
             raise ValueError(f"Need dim >= 1, width >= 2, num_blocks >= 1; got {dim}, {width}, {num_blocks}.")
@@ -67,9 +71,12 @@ class ResidualMLP(nn.Module):
         self.inp = nn.Linear(dim, width)
         self.blocks = nn.ModuleList(TimeResidualBlock(width, max_len) for _ in range(num_blocks))
         self.out = nn.Linear(width, dim)
+        self.num_classes = num_classes
+        self.class_embedding = None if num_classes is None else nn.Embedding(num_classes, width)
 
-    def forward(self, x: Tensor, t: Tensor) -> Tensor:
-        """Predict the noise in ``x`` at integer timesteps ``t`` (B,).
+    def forward(self, x: Tensor, t: Tensor, labels: Tensor | None = None) -> Tensor:
+        """Predict the noise in ``x`` at integer timesteps ``t`` (B,), for classes ``labels`` (B,) when the
+        model is class-conditional (None: no class term).
 
         ``x`` is (B, dim) or any (B, *shape) with ``prod(shape) == dim`` (e.g. 8x8 images with dim=64): it is
         flattened in and the output reshaped back to ``x``'s shape.
@@ -82,6 +89,8 @@ class ResidualMLP(nn.Module):
             )
         t = t.reshape(-1).long()
         h = self.inp(flat)
+        if labels is not None and self.class_embedding is not None:
+            h = h + self.class_embedding(labels.reshape(-1).long())
         for block in self.blocks:
             h = block(h, t)
         return self.out(h).reshape(x.shape)

@@ -140,6 +140,8 @@ class UNet(nn.Module):
         num_timesteps: ``T``: rows of the time table; ``t`` must lie in [0, T).
         num_heads: Attention heads.
         groups: GroupNorm groups.
+        num_classes: class-conditional: a learned class embedding (``num_classes`` rows) is added to the time
+            embedding, and :meth:`forward` takes ``labels``; None (default, the paper): unconditional.
 
     Input ``x`` is (B, in_channels, H, W) with H and W divisible by ``2 ** (len(channel_mults) - 1)``;
     ``t`` is an int64 tensor (B,). Output has the shape of ``x``.
@@ -156,6 +158,7 @@ class UNet(nn.Module):
         num_timesteps: int = 1000,
         num_heads: int = 4,
         groups: int = 8,
+        num_classes: int | None = None,
     ) -> None:
         super().__init__()
         if base_width <= 0 or base_width % groups:
@@ -174,6 +177,8 @@ class UNet(nn.Module):
         block = dict(dropout=dropout, num_heads=num_heads, groups=groups)
 
         self.time_embedding = TimeEmbedding(num_timesteps, base_width, time_dim)
+        self.num_classes = num_classes
+        self.class_embedding = None if num_classes is None else nn.Embedding(num_classes, time_dim)
         self.stem = nn.Conv2d(in_channels, base_width, 3, padding=1)
 
         skips = [base_width]
@@ -212,8 +217,9 @@ class UNet(nn.Module):
             nn.GroupNorm(groups, ch), nn.SiLU(), nn.Conv2d(ch, in_channels, 3, padding=1)
         )
 
-    def forward(self, x: Tensor, t: Tensor) -> Tensor:
-        """Predict the noise in ``x`` (B, C, H, W) at integer timesteps ``t`` (B,)."""
+    def forward(self, x: Tensor, t: Tensor, labels: Tensor | None = None) -> Tensor:
+        """Predict the noise in ``x`` (B, C, H, W) at integer timesteps ``t`` (B,), for classes ``labels`` (B,)
+        when the model is class-conditional (None: no class term)."""
         factor = 2 ** (self.num_levels - 1)
         if x.ndim != 4 or x.shape[1] != self.in_channels or x.shape[-1] % factor or x.shape[-2] % factor:
             raise ValueError(
@@ -221,6 +227,8 @@ class UNet(nn.Module):
                 f"got shape {tuple(x.shape)}."
             )
         temb = self.time_embedding(t.reshape(-1).long())
+        if labels is not None and self.class_embedding is not None:
+            temb = temb + self.class_embedding(labels.reshape(-1).long())
         h = self.stem(x)
         skips = [h]
         for layer in self.down:

@@ -160,3 +160,33 @@ def test_sample_works_under_inference_mode_as_memwatch_calls_it() -> None:
     # eta = 0: the generator adds nothing once noise is given. Bit-exact because both calls run batch 5 through
     # the same kernels (inference mode changes no kernel choice)
     assert torch.equal(got, expected)
+
+
+@pytest.mark.parametrize(
+    "make_denoiser", [lambda k: UNet(8, num_classes=k), lambda k: ResidualMLP(64, 32, 2, num_classes=k)]
+)
+def test_class_embedding_makes_the_ddpm_class_conditional(make_denoiser) -> None:
+    from lightning_memwatch.sampling import accepts_labels
+
+    torch.manual_seed(0)
+    shape = (1, 8, 8) if isinstance(make_denoiser(3), ResidualMLP) else (1, 32, 32)
+    module = DDPM(make_denoiser(3), sample_shape=shape, sample_steps=4).eval()
+    assert module.conditional and accepts_labels(module.sample)
+    plain = DDPM(make_denoiser(None), sample_shape=shape, sample_steps=4)
+    assert not plain.conditional and not accepts_labels(plain.sample)  # MemWatch passes it no labels
+
+    noise = torch.randn((3, *shape), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():  # a trained embedding: the classes must change the samples
+        module.denoiser.class_embedding.weight.normal_(0, 1)
+    labels = torch.tensor([0, 1, 2])
+    out = module.sample(3, noise=noise, labels=labels)
+    assert (module.sample(3, noise=noise, labels=labels.flip(0)) - out).abs().max() > 1e-4
+    with pytest.raises(ValueError, match="pass `labels`"):
+        module.sample(3, noise=noise)
+
+    module.train()
+    x0 = torch.rand((4, *shape)) * 2 - 1
+    loss = module.training_step((x0, torch.tensor([0, 1, 2, 0])), 0)
+    assert loss.ndim == 0 and torch.isfinite(loss)
+    with pytest.raises(ValueError, match=r"\(images, labels\)"):
+        module.training_step(x0, 0)
