@@ -22,7 +22,7 @@ from lightning_memwatch import EvalSchedule, MemorizationEarlyStopping, MemWatch
 from lightning_memwatch.callbacks._copies import COPIES_IMAGE, COPIES_TEXT
 from lightning_memwatch.copies import CSV_NAME, CopyTable
 from lightning_memwatch.detection import TimescaleEvent
-from lightning_memwatch.labels import balanced_labels, draw_labels, sample_labels
+from lightning_memwatch.labels import balanced_labels, draw_labels, labels_key, sample_labels
 from lightning_memwatch.metrics.per_class import per_class_memorization
 from lightning_memwatch.record import ClassRecord, EvalRecord
 from lightning_memwatch.sampling import per_sample_noise, rank_slice
@@ -304,7 +304,7 @@ def test_copy_table_unconditional_rows_have_no_generated_classes():
     [("balanced", "balanced", True), ("balanced", None, False), (torch.arange(NUM) % 5, "balanced", False),
      (torch.arange(NUM) % 5, torch.arange(NUM) % 5, True), (torch.arange(NUM) % 5, (torch.arange(NUM) + 1) % 5, False)],
 )  # fmt: skip
-def test_a_changed_labels_setting_gives_another_state_key(tmp_path, saved, resumed, restores):
+def test_a_changed_labels_setting_gives_another_state_key(tmp_path, recwarn, saved, resumed, restores):
     first = make_watch(labels=saved)
     ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=20, save_top_k=-1)
     model = ConditionalCopier(TRAIN, LABELS, copying=(3,), memorize_from=10)
@@ -315,6 +315,9 @@ def test_a_changed_labels_setting_gives_another_state_key(tmp_path, saved, resum
     assert (again.state_key == first.state_key) == restores
     model, data = ConditionalCopier(TRAIN, LABELS, copying=(3,), memorize_from=10), toy_labelled_loader(TRAIN, LABELS)
     make_trainer(tmp_path / "b", [again], max_steps=30).fit(model, data, ckpt_path=str(path))
+    if not restores:
+        said = " ".join(str(w.message) for w in recwarn)
+        assert f"labels: {labels_key(saved)!r} -> {labels_key(resumed)!r}" in said  # names the changed setting
     steps = [r.step for r in again.history]
     assert steps == ([10, 20, 30] if restores else [20, 30])  # restored, else a new one from the resumed step
     if restores:

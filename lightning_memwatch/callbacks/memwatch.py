@@ -771,7 +771,8 @@ def _saved_states(states: Mapping[str, Any], name: str, mine: Mapping[str, Any])
     parts = []
     for key in others:
         saved = _settings_of(key)
-        diff = ", ".join(f"{k}: {saved.get(k)!r} -> {v!r}" for k, v in mine.items() if saved.get(k) != v)
+        keys = [*mine, *(k for k in saved if k not in mine)]  # `labels` is in a key only when given
+        diff = ", ".join(f"{k}: {saved.get(k)!r} -> {mine.get(k)!r}" for k in keys if saved.get(k) != mine.get(k))
         n = len((states[key] or {}).get("history", []))
         parts.append(f"a MemWatch state of {n} evaluation(s) saved with other settings ({diff})")
     return "; ".join(parts)
