@@ -17,6 +17,7 @@ Every check runs at setup, so a bad label fails before the first training step. 
 from __future__ import annotations
 
 import bisect
+import hashlib
 from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
@@ -34,6 +35,7 @@ __all__ = [
     "check_train_labels",
     "draw_labels",
     "gather_train_labels",
+    "labels_key",
     "read_train_labels",
     "train_labels_of",
     "sample_labels",
@@ -233,6 +235,19 @@ def balanced_labels(num_samples: int, classes: Sequence[int]) -> Tensor:
     """Sample ``i`` asks for ``classes[i % K]``: equal counts (within one) per class, in a fixed order."""
     table = torch.as_tensor(list(classes), dtype=torch.long)
     return table[torch.arange(num_samples) % len(table)]
+
+
+def labels_key(choice: LabelsChoice) -> str | None:
+    """``MemWatch(labels=...)`` in a stable, compact form for the watch's checkpoint ``state_key``: None,
+    ``"balanced"``, or ``"tensor:<length>:<sha1 of the int64 values, 12 hex digits>"`` (the same classes give the
+    same key in every process; different classes a different one)."""
+    if choice is None or isinstance(choice, str):
+        return choice
+    if isinstance(choice, Tensor):
+        values = choice.detach().to("cpu", torch.long).contiguous().flatten()
+        digest = hashlib.sha1(values.numpy().tobytes()).hexdigest()[:12]
+        return f"tensor:{values.numel()}:{digest}"
+    return type(choice).__name__  # a bad choice: setup refuses it with the fix
 
 
 def sample_labels(choice: LabelsChoice, train_labels: Tensor, num_samples: int, seed: int) -> Tensor:

@@ -22,7 +22,7 @@ from lightning_memwatch import EvalSchedule, MemorizationEarlyStopping, MemWatch
 from lightning_memwatch.callbacks._copies import COPIES_IMAGE, COPIES_TEXT
 from lightning_memwatch.copies import CSV_NAME, CopyTable
 from lightning_memwatch.detection import TimescaleEvent
-from lightning_memwatch.labels import balanced_labels, draw_labels, sample_labels
+from lightning_memwatch.labels import balanced_labels, draw_labels, labels_key, sample_labels
 from lightning_memwatch.metrics.per_class import per_class_memorization
 from lightning_memwatch.record import ClassRecord, EvalRecord
 from lightning_memwatch.sampling import per_sample_noise, rank_slice
@@ -47,13 +47,14 @@ def make_watch(**kwargs):
     return MemWatch(**settings)
 
 
-def expected_copies(steps: list[int], label: int = 3) -> dict[int, int]:
-    """Training row -> times copied over ``steps`` by ConditionalCopier's class ``label`` (balanced labels)."""
+def expected_copies(steps: list[int], label: int = 3, source: int | None = None) -> dict[int, int]:
+    """Training row -> times copied over ``steps`` by ConditionalCopier's class ``label`` (balanced labels), from
+    the training images of class ``source`` (default ``label``)."""
     labels = balanced_labels(NUM, range(5))
     noise = per_sample_noise(range(NUM), TRAIN.shape[1:], seed=0)
     counts: dict[int, int] = {}
     for i in (labels == label).nonzero().flatten().tolist():
-        row = copied_row(noise[i], LABELS, label)
+        row = copied_row(noise[i], LABELS, label if source is None else source)
         counts[row] = counts.get(row, 0) + len(steps)
     return counts
 
@@ -258,3 +259,72 @@ def test_detector_per_class_rule_patience_and_small_classes():
     again = TimescaleDetector(patience=2, min_class_samples=10)
     again.load_state_dict(json.loads(json.dumps(detector.state_dict())))
     assert again.class_tau_mem == detector.class_tau_mem and again.state_dict() == detector.state_dict()
+
+
+def test_copy_table_names_the_generated_class_that_copied_each_training_image(tmp_path):
+    # samples generated for class 2 copy training images labelled 4 (as in a lucidrains run); class 3 its own
+    model = ConditionalCopier(TRAIN, LABELS, copying=(2, 3), memorize_from=20, copy_from={2: 4})
+    watch = make_watch()
+    make_trainer(tmp_path, [watch], max_steps=30).fit(model, toy_labelled_loader(TRAIN, LABELS))
+
+    rows = watch.copied_training_images()
+    from_2, from_3 = expected_copies([20, 30], label=2, source=4), expected_copies([20, 30], label=3)
+    assert {r.train_index: r.times_copied for r in rows} == {**from_2, **from_3}  # disjoint: classes 4 and 3
+    assert all(r.label == 4 and r.generated_classes == ((2, r.times_copied),) for r in rows if r.train_index in from_2)
+    assert all(r.label == 3 and r.generated_classes == ((3, r.times_copied),) for r in rows if r.train_index in from_3)
+
+    with (tmp_path / CSV_NAME).open() as f:  # no checkpoint callback, no logger: the default_root_dir
+        table = list(csv.DictReader(f))
+    assert [(int(r["train_index"]), int(r["class"]), r["generated_classes"]) for r in table] == [
+        (r.train_index, r.label, f"{r.generated_classes[0][0]}:{r.times_copied}") for r in rows
+    ]
+    assert "| generated for class (samples) |" in watch._copies.to_markdown()
+
+    saved = watch.state_dict()["copies"]
+    table = CopyTable()
+    table.load_state_dict(saved)
+    assert table.rows() == rows
+    old = {"version": 1, "rows": [row[:5] for row in saved["rows"]]}  # saved before the generated classes
+    table.load_state_dict(old)
+    assert [(r.train_index, r.label, r.times_copied, r.generated_classes) for r in table.rows()] == [
+        (r.train_index, r.label, r.times_copied, ()) for r in rows
+    ]
+
+
+def test_copy_table_unconditional_rows_have_no_generated_classes():
+    table = CopyTable()
+    table.update(step=10, train_indices=[5, 5], labels=None)
+    table.update(step=20, train_indices=[5], labels=None, generated_labels=[1])
+    assert table.rows()[0].generated_classes == ((1, 1),)
+    assert table.to_csv().splitlines()[1] == "5,,3,10,20,1:1"
+
+
+@pytest.mark.parametrize(
+    ("saved", "resumed", "restores"),
+    [("balanced", "balanced", True), ("balanced", None, False), (torch.arange(NUM) % 5, "balanced", False),
+     (torch.arange(NUM) % 5, torch.arange(NUM) % 5, True), (torch.arange(NUM) % 5, (torch.arange(NUM) + 1) % 5, False)],
+)  # fmt: skip
+def test_a_changed_labels_setting_gives_another_state_key(tmp_path, recwarn, saved, resumed, restores):
+    first = make_watch(labels=saved)
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=20, save_top_k=-1)
+    model = ConditionalCopier(TRAIN, LABELS, copying=(3,), memorize_from=10)
+    make_trainer(tmp_path / "a", [first, ckpt], max_steps=20).fit(model, toy_labelled_loader(TRAIN, LABELS))
+    path = next((tmp_path / "ckpt").glob("*step=20*.ckpt"))
+
+    again = make_watch(labels=resumed)
+    assert (again.state_key == first.state_key) == restores
+    model, data = ConditionalCopier(TRAIN, LABELS, copying=(3,), memorize_from=10), toy_labelled_loader(TRAIN, LABELS)
+    make_trainer(tmp_path / "b", [again], max_steps=30).fit(model, data, ckpt_path=str(path))
+    if not restores:
+        said = " ".join(str(w.message) for w in recwarn)
+        assert f"labels: {labels_key(saved)!r} -> {labels_key(resumed)!r}" in said  # names the changed setting
+    steps = [r.step for r in again.history]
+    assert steps == ([10, 20, 30] if restores else [20, 30])  # restored, else a new one from the resumed step
+    if restores:
+        assert [r.per_class for r in again.history[:2]] == [r.per_class for r in first.history]
+
+
+def test_checkpoints_saved_before_labels_joined_the_state_key_load_for_the_default_labels(tmp_path):
+    watch = make_watch(labels=None)
+    assert watch.state_key == "MemWatch{'num_samples': 100, 'seed': 0, 'threshold': 0.3333333333333333}"
+    assert make_watch(labels="balanced").state_key != watch.state_key

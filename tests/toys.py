@@ -59,12 +59,14 @@ def toy_labelled_loader(images: torch.Tensor, labels: torch.Tensor, batch_size: 
 class ConditionalCopier(ToyDiffusion):
     """A class-conditional :class:`ToyDiffusion`: from ``memorize_from`` on, the samples asked for a class in
     ``copying`` are exact copies of that class's training images (picked by the sample's noise); every other
-    sample stays far from the data. Records the labels of every sampler call in ``seen_labels``."""
+    sample stays far from the data. Records the labels of every sampler call in ``seen_labels``. ``copy_from``
+    maps a generated class to the training class its copies come from (default: its own)."""
 
-    def __init__(self, train, train_labels, copying=(3,), memorize_from: int = 20) -> None:
+    def __init__(self, train, train_labels, copying=(3,), memorize_from: int = 20, copy_from=None) -> None:
         super().__init__(train, memorize_from=memorize_from)
         self.register_buffer("train_labels", train_labels.clone())
         self.copying = tuple(copying)
+        self.copy_from = dict(copy_from or {})
         self.seen_labels: list[torch.Tensor] = []
 
     def sample(self, num_samples: int, generator=None, noise=None, labels=None) -> torch.Tensor:
@@ -74,7 +76,8 @@ class ConditionalCopier(ToyDiffusion):
         if self.global_step >= self.memorize_from:
             for i, label in enumerate(labels.tolist()):
                 if label in self.copying:
-                    out[i] = self.train_images[copied_row(noise[i], self.train_labels, label)]
+                    source = self.copy_from.get(label, label)
+                    out[i] = self.train_images[copied_row(noise[i], self.train_labels, source)]
         return out
 
 

@@ -39,7 +39,7 @@ from lightning_memwatch.evaluator import Evaluator, check_metric_names
 from lightning_memwatch.hparams import HparamsSession
 from lightning_memwatch.images import collect_images
 from lightning_memwatch.images import sampler_rows as _sampler_rows  # noqa: F401  (its old home)
-from lightning_memwatch.labels import LabelsChoice, sample_labels, train_labels_of
+from lightning_memwatch.labels import LabelsChoice, labels_key, sample_labels, train_labels_of
 from lightning_memwatch.metrics.fid import FID, FIDEvaluator
 from lightning_memwatch.metrics.memorization import KnnIndex
 from lightning_memwatch.onset import OnsetForecast, detector_level, forecast_onset
@@ -637,7 +637,9 @@ class MemWatch(Callback):
         labels = self._train_labels
         rows = [row for _, row in copies]
         classes = None if labels is None else labels[torch.as_tensor(rows, dtype=torch.long)].tolist()
-        self._copies.update(step, rows, classes)
+        asked = self._sample_labels  # the class each copying sample was generated for (class-conditional)
+        generated = None if asked is None else asked[torch.as_tensor([s for s, _ in copies], dtype=torch.long)].tolist()
+        self._copies.update(step, rows, classes, generated)
         if trainer.is_global_zero:
             shown = self._last_nearest or (None, None, None)
             assert self.data_range is not None
@@ -684,8 +686,9 @@ class MemWatch(Callback):
         """Say by name what is not restored when the checkpoint holds no state for this watch's settings.
 
         Lightning restores a callback's state only under its ``state_key`` (``num_samples``, ``seed``,
-        ``threshold``); otherwise it drops it with a generic warning. Here the watch says which settings
-        differ and what starts afresh (its :class:`MemorizationEarlyStopping` then drops its kept weights too).
+        ``threshold``, and ``labels`` when given); otherwise it drops it with a generic warning. Here the watch
+        says which settings differ and what starts afresh (its :class:`MemorizationEarlyStopping` then drops its
+        kept weights too).
         """
         states = checkpoint.get("callbacks") or {}
         if self.state_key in states:
@@ -699,7 +702,10 @@ class MemWatch(Callback):
         )
 
     def _state_settings(self) -> dict[str, Any]:
-        return {"num_samples": self.num_samples, "seed": self.seed, "threshold": self.threshold}
+        settings: dict[str, Any] = {"num_samples": self.num_samples, "seed": self.seed, "threshold": self.threshold}
+        if self.labels is not None:  # the default stays out, so checkpoints saved before `labels=` existed load
+            settings["labels"] = labels_key(self.labels)
+        return settings
 
     def state_dict(self) -> dict[str, Any]:
         fid_state = (
@@ -765,7 +771,8 @@ def _saved_states(states: Mapping[str, Any], name: str, mine: Mapping[str, Any])
     parts = []
     for key in others:
         saved = _settings_of(key)
-        diff = ", ".join(f"{k}: {saved.get(k)!r} -> {v!r}" for k, v in mine.items() if saved.get(k) != v)
+        keys = [*mine, *(k for k in saved if k not in mine)]  # `labels` is in a key only when given
+        diff = ", ".join(f"{k}: {saved.get(k)!r} -> {mine.get(k)!r}" for k in keys if saved.get(k) != mine.get(k))
         n = len((states[key] or {}).get("history", []))
         parts.append(f"a MemWatch state of {n} evaluation(s) saved with other settings ({diff})")
     return "; ".join(parts)
