@@ -88,13 +88,13 @@ class DriftingCopier(LightningModule):
         return (self.train_images[picks] + 0.5 * scale * noise.clamp(-2, 2)).clamp(-1, 1)
 
 
-def test_memwatch_records_and_prints_the_forecast(caplog):
+def test_memwatch_records_and_prints_the_forecast(caplog, tmp_path):
     train = toy_images(32, seed=1)
     model = DriftingCopier(train)
     watch = MemWatch(num_samples=128, sample_batch_size=128, schedule=EvalSchedule.every(5), bootstrap=10,
                      log_images=False, verbose=True)  # fmt: skip
     trainer = Trainer(max_steps=60, accelerator="cpu", callbacks=[watch], logger=False, enable_progress_bar=False,
-                      enable_model_summary=False, enable_checkpointing=False)  # fmt: skip
+                      enable_model_summary=False, enable_checkpointing=False, default_root_dir=tmp_path)  # fmt: skip
     with caplog.at_level("INFO"):
         trainer.fit(model, toy_loader(train, batch_size=8))
     onset = next(r.step for r in watch.history if r.f_mem > 0)
