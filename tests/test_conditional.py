@@ -146,6 +146,20 @@ def test_per_class_stop_only_when_asked(tmp_path):
     assert stopper.stopped_step == 20 and stopper.best_step == 10 and watch.history[-1].step == 20
 
 
+def test_default_stopper_never_keeps_weights_while_a_class_copies(tmp_path):
+    # class 3 copies from step 20 on while the global f_mem (0.2) stays under f0 = 0.25 and the quality keeps
+    # improving: the default stopper (per_class=False) does not stop, and keeps the weights of step 10
+    calls = iter(range(100, 0, -1))  # the quality (lower is better) improves at every evaluation
+    watch = make_watch(detector=TimescaleDetector(f0=0.25, quality_key="quality"),
+                       metrics={"quality": lambda generated: float(next(calls))})  # fmt: skip
+    stopper = MemorizationEarlyStopping(watch, strict=False)
+    model = ConditionalCopier(TRAIN, LABELS, copying=(3,), memorize_from=20)
+    make_trainer(tmp_path, [watch, stopper]).fit(model, toy_labelled_loader(TRAIN, LABELS))
+    assert stopper.stopped_step is None and watch.history[-1].step == 40
+    assert [r.step for r in watch.history if watch.detector.classes_memorizing(r)] == [20, 30, 40]
+    assert stopper.best_step == 10
+
+
 def test_copy_table_survives_a_resume_bit_for_bit(tmp_path):
     def watch_and_model():
         return make_watch(), ConditionalCopier(TRAIN, LABELS, copying=(1, 3), memorize_from=10)

@@ -109,8 +109,9 @@ class MemorizationEarlyStopping(Callback):
 
     1. keeps a copy of the scored weights (the ones MemWatch sampled with: raw, EMA or averaged, see
        :mod:`lightning_memwatch.weights`) when tau_mem is not flagged yet, f_mem is not significant at this
-       evaluation (the detector's ``is_memorizing`` is False) and its quality ``monitor`` beats the best so
-       far; with no quality value at all, the latest such evaluation is kept. Whether tau_gen was flagged does
+       evaluation, globally or for any class of a class-conditional model (the detector's ``is_memorizing``
+       is False and ``classes_memorizing`` empty) and its quality ``monitor`` beats the best so far; with no
+       quality value at all, the latest such evaluation is kept. Whether tau_gen was flagged does
        not matter: when copying begins while quality is still improving, the last good weights before the
        onset are the ones to keep. Evaluations from the onset on are never kept (with the detector's
        ``patience``, the onset is the first evaluation of the run that confirmed it, and every evaluation of
@@ -161,8 +162,9 @@ class MemorizationEarlyStopping(Callback):
             ``quality_key`` (``"fid"``). Any metric the watch merges into its records works.
         mode: ``"min"`` (lower is better) or ``"max"``; default the detector's ``quality_mode`` (``"min"``).
         per_class: class-conditional models: also stop at the first class whose tau_mem is confirmed (the
-            detector's per-class events, same rule and patience), and keep only weights from evaluations where
-            no class memorizes. False (default): the global decision alone.
+            detector's per-class events, same rule and patience). False (default): stop at the global tau_mem
+            alone. Either way, weights are kept only from evaluations where no class (with at least the
+            detector's ``min_class_samples`` samples) meets the memorization condition.
 
     Attributes:
         best_step: step (optimizer steps) of the kept evaluation, or None.
@@ -332,7 +334,8 @@ class MemorizationEarlyStopping(Callback):
         tau_gen, tau_mem = self._tau_gen, self._tau_mem
         f_mem = detector.memorization_value(record)
         # the detector's per-record rule (not its state): is f_mem significant at this evaluation?
-        memorizing = detector.is_memorizing(record) or (self.per_class and bool(detector.classes_memorizing(record)))
+        # class-conditional records: weights under which any class copies are never kept (per_class or not)
+        memorizing = detector.is_memorizing(record) or bool(detector.classes_memorizing(record))
         if tau_mem is None and f_mem is not None and not memorizing:
             score = finite_float(record.get(self.monitor))
             if score is not None and self._better(score):
