@@ -82,6 +82,7 @@ def analyze_one(run_data: dict) -> dict[str, Any]:
                            "eval_every": run_data.get("eval_every")}  # fmt: skip
     if tau_mem is None:
         return row
+    row["evaluations_before"] = sum(r["step"] < tau_mem for r in history)
     onset = tau_mem
     for share in (0.5, 0.75):
         at = _nearest(history, share * tau_mem, before=onset)
@@ -91,8 +92,8 @@ def analyze_one(run_data: dict) -> dict[str, Any]:
             continue
         past = [r for r in history if r["step"] <= at["step"]]
         forecast = forecast_onset(past, threshold=float(run_data.get("threshold", 1 / 3)), level=level)
-        entry: dict[str, Any] = {"step": at["step"], "forecast": forecast.step, "low": forecast.low,
-                                 "high": forecast.high, "reason": forecast.reason}  # fmt: skip
+        entry: dict[str, Any] = {"step": at["step"], "evaluations": len(past), "forecast": forecast.step,
+                                 "low": forecast.low, "high": forecast.high, "reason": forecast.reason}  # fmt: skip
         if forecast.step is not None:
             entry["error"] = (forecast.step - onset) / onset
             entry["in_interval"] = forecast.low <= onset <= (forecast.high if forecast.high is not None else 1e18)
