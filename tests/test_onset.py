@@ -143,6 +143,7 @@ def test_the_default_window_is_the_last_doubling_of_training_time():
     """A fall, then a pause of 400 steps (as the demo's n = 256, seed 1 paused before its onset): the last five
     evaluations (every 100 steps) see only the pause and forecast nothing; the last doubling of training
     time, steps (1000, 2000], holds the fall too, and its forecast holds the step the fall would resume to."""
+
     def record(step: int) -> dict:
         ratio = 0.95 - 2.5e-4 * min(step, 1600)  # 0.55 from step 1600 on
         return {"step": step, "f_mem": 0.0, "ratio_q05": ratio, "ratio_q25": ratio + 0.08, "num_samples": 1000}
