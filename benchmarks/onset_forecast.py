@@ -110,8 +110,9 @@ def analyze(out: Path) -> dict[str, Any]:
             continue
         data = json.loads(path.read_text())
         if isinstance(data, list):  # benchmarks/zoo.py rows: the default detector (f0 = 0)
-            runs += [{"setup": row["setup"], "seed": 0, "n": row["n"], "history": row["history"],
-                      "tau_mem": row["tau_mem"], "level": detector_level("ci", 0.0, 1000)}
+            runs += [{"setup": row["setup"] + (f" every {row['every']}" if row.get("every") else ""), "seed": 0,
+                      "n": row["n"], "history": row["history"], "tau_mem": row["tau_mem"],
+                      "level": detector_level("ci", 0.0, 1000), "eval_every": row.get("every") or 500}
                      for row in data]  # fmt: skip
         else:
             runs.append(data)
