@@ -42,11 +42,11 @@ def _loader():
     return torch.utils.data.DataLoader(data, batch_size=8, shuffle=False)
 
 
-def _parts(model, tmp_path, verbose=False, schedule=None):
+def _parts(model, tmp_path, verbose=False, schedule=None, weights="auto"):
     watch = MemWatch(
         train_data=TRAIN, num_samples=24, sample_batch_size=12, schedule=schedule or EvalSchedule.every(5),
-        bootstrap=100,
-        verbose=verbose, log_images=False, metrics={"quality": lambda generated: QUALITY[model.global_step]},
+        bootstrap=100, weights=weights, verbose=verbose, log_images=False,
+        metrics={"quality": lambda generated: QUALITY[model.global_step]},
         detector=TimescaleDetector(quality_key="quality", floor=1.0),
     )  # fmt: skip
     scored: dict[int, dict[str, torch.Tensor]] = {}
@@ -178,3 +178,18 @@ def test_a_fit_that_ends_inside_the_warmup_returns_the_raw_weights(tmp_path, ema
     _trainer(tmp_path, callbacks, max_steps=10).fit(model, _loader())
     assert [r.scored_weights for r in watch.history] == [RAW_WARMUP, RAW_WARMUP]
     assert _same(model.state_dict(), scored[10]) and not _same(model.state_dict(), initial)
+
+
+@pytest.mark.parametrize("ema_first", [True, False])
+def test_raw_weights_beside_an_average_are_restored_as_kept(tmp_path, ema_first):
+    """MemWatch(weights="raw") beside an updated EMAWeightAveraging: the stopper keeps the raw weights of step
+    25, and fit returns them, not the average that the callback copies into the module when training ends."""
+    torch.manual_seed(0)
+    model = CopyingToy()
+    watch, stopper, scored = _parts(model, tmp_path, weights="raw")
+    raw = RawWeights()
+    ema = EMAWeightAveraging(decay=0.5)
+    callbacks = [ema, raw, watch, stopper] if ema_first else [raw, watch, stopper, ema]
+    _trainer(tmp_path, callbacks).fit(model, _loader())
+    assert stopper.restored_step == 25 and {r.scored_weights for r in watch.history} == {"raw"}
+    assert _same(scored[25], raw.raw[25]) and _same(model.state_dict(), scored[25])
