@@ -15,9 +15,10 @@ During each evaluation the chosen weights are put into the module (sampling and 
 afterwards, so ``module.state_dict()`` read by a listener is exactly what was scored. At the end of fit,
 :meth:`ScoredWeights.restore` loads a kept state dict so that the module returned by ``trainer.fit`` holds it,
 whatever the order of the ``on_train_end`` calls (the averaging callback copies its average into the module
-there: the kept weights are loaded into the average too, also under ``weights="raw"``). When nothing is restored and the average was never
-updated, :meth:`ScoredWeights.hand_back` loads the module's raw weights into the average, so that the
-callback's end-of-fit copy hands back the raw weights that were scored, not the initial weights.
+there: the kept weights are loaded into the average too, also under ``weights="raw"``). When nothing is
+restored and the average was never updated, :meth:`ScoredWeights.hand_back` loads the module's raw weights
+into the average, so that the callback's end-of-fit copy hands back the raw weights that were scored, not
+the initial weights.
 
 An average that was never updated holds the initial weights (Lightning's ``WeightAveraging`` and
 ``EMAWeightAveraging(update_starting_at_step=...)`` start averaging late; a ``ModuleEMA`` held as an
