@@ -16,7 +16,8 @@ at the evaluations nearest 1/2 and 3/4 of tau_mem, with its relative error ``(fo
 and whether tau_mem lies in the forecast's interval. The first evaluation with f_mem > 0 is listed too.
 
 ``analyze`` also reads the JSON rows of ``benchmarks/zoo.py --json`` (the zoo's default detector: rule "ci",
-f0 = 0, 1000 samples: the forecast aims at the f_mem where that rule holds, ``onset.detector_level``).
+f0 = 0, 1000 samples: the forecast aims at the f_mem where that rule holds, ``onset.detector_level``); rows
+run with ``zoo.py --every N`` are named "SETUP every N".
 The table goes to docs/onset_forecast.md; the JSON summary to ``benchmarks/results/onset_forecast.json``.
 """
 
