@@ -424,6 +424,7 @@ class MemWatch(Callback):
             self._hparams = None
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._handed_back_step = None  # of this fit
         if self._fid_evaluator is not None and trainer.is_global_zero:
             self._fid_evaluator.prepare_reference()  # after load_state_dict: a resumed run reuses its stats
         if self._fid_evaluator is not None:
