@@ -193,3 +193,34 @@ def test_raw_weights_beside_an_average_are_restored_as_kept(tmp_path, ema_first)
     _trainer(tmp_path, callbacks).fit(model, _loader())
     assert stopper.restored_step == 25 and {r.scored_weights for r in watch.history} == {"raw"}
     assert _same(scored[25], raw.raw[25]) and _same(model.state_dict(), scored[25])
+
+
+def test_a_fit_ending_without_an_epoch_end_hands_back_or_warns():
+    """on_train_end without the last epoch's end (the hand-back's usual place): MemWatch placed before the
+    averaging callback still hands the raw weights back; placed after it, the initial weights are already in
+    the module, and it says so."""
+    import warnings
+
+    torch.manual_seed(0)
+    model = CopyingToy()
+    initial = _copy(model)
+    for order in ("watch_first", "ema_first"):
+        model.load_state_dict(initial)
+        ema = EMAWeightAveraging(update_starting_at_step=1000)
+        ema.setup(SimpleNamespace(), model, "fit")  # the average: a copy of the initial weights, never updated
+        with torch.no_grad():
+            model.layer.weight.add_(1.0)  # "trained"
+        trained = _copy(model)
+        watch = MemWatch(train_data=TRAIN, log_images=False)
+        callbacks = [watch, ema] if order == "watch_first" else [ema, watch]
+        trainer = SimpleNamespace(callbacks=callbacks, global_step=7)
+        watch.scored_weights = resolve_weights("auto", trainer, model)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for callback in callbacks:  # Lightning's order: the Trainer's callbacks in turn
+                callback.on_train_end(trainer, model)
+        said = any("has copied its never-updated average, the initial weights" in str(w.message) for w in caught)
+        if order == "watch_first":
+            assert _same(model.state_dict(), trained) and not said
+        else:
+            assert _same(model.state_dict(), initial) and said
