@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import copy
 import pickle
+import subprocess
+import sys
 import warnings
 
 import pytest
 import torch
+from _child_env import child_env
 
 from lightning_memwatch.metrics.knn import NearestNeighbourIndex, available_backends
 from lightning_memwatch.metrics.knn import backends as knn_backends
@@ -411,3 +414,27 @@ def test_auto_picks_the_int8_screen_on_cpus_with_int8_dot_products(monkeypatch: 
     assert NearestNeighbourIndex(train).backend == "torch-bf16"
     with pytest.raises(ValueError, match="torch._int_mm"):
         NearestNeighbourIndex(train, backend="torch-int8")
+
+
+_SATURATION_PROBE = """
+import torch
+from lightning_memwatch.metrics.knn.backends import int8_gemm_exact
+a, b = torch.full((4, 64), 127, dtype=torch.int8), torch.full((8, 64), -127, dtype=torch.int8)
+wrong = not torch.equal(torch._int_mm(a, b.T).long(), a.long() @ b.long().T)
+print(wrong, int8_gemm_exact())
+"""
+
+
+def test_int8_screen_is_not_offered_where_the_int8_gemm_saturates() -> None:
+    # oneDNN's AVX2 int8 kernel (no VNNI) sums pairs of products in saturating int16: wrong for large codes.
+    # Limiting oneDNN to AVX2 shows that CPU on any x86 machine; the screen must then not be offered.
+    done = subprocess.run(
+        [sys.executable, "-c", _SATURATION_PROBE],
+        env=child_env(ONEDNN_MAX_CPU_ISA="AVX2", OMP_NUM_THREADS="1"),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    wrong, exact = done.stdout.split()
+    assert not (wrong == "True" and exact == "True")

@@ -93,13 +93,16 @@ INT8_CPU_FLAGS = frozenset({"avx512_vnni", "avx_vnni", "amx_int8"})
 
 @functools.lru_cache(maxsize=1)
 def int8_gemm_exact() -> bool:
-    """Whether torch's CPU int8 GEMM (``torch._int_mm``) returns the exact int32 sums on a few shapes the int8
-    screen uses (its certificate assumes it; a build that fails here never gets the screen from ``"auto"``)."""
+    """Whether torch's CPU int8 GEMM (``torch._int_mm``) returns the exact int32 sums on a few shapes and codes
+    the int8 screen uses (its certificate assumes it). VNNI and AMX accumulate products in int32; oneDNN's AVX2
+    kernel adds pairs of products in saturating int16 and is wrong for codes beyond about +-64 (measured with
+    ``ONEDNN_MAX_CPU_ISA=AVX2``): there the screen is not offered."""
     try:
         g = torch.Generator().manual_seed(0)
         for m, d, n in ((1, 8, 3), (5, 24, 17), (33, 1032, 70)):
             a = torch.randint(-127, 128, (m, d), generator=g, dtype=torch.int8)
             b = torch.randint(-127, 128, (n, d), generator=g, dtype=torch.int8)
+            a[0], b[0] = 127, -127  # the largest sums of pairs
             if not torch.equal(torch._int_mm(a, b.T).to(torch.int64), a.to(torch.int64) @ b.to(torch.int64).T):
                 return False
     except (RuntimeError, AttributeError):  # pragma: no cover - torch without a CPU int8 GEMM
@@ -165,8 +168,9 @@ def resolve_backend(backend: str, device: torch.device, *, screen: bool = True) 
     if backend == "torch-int8":
         if device.type != "cpu" or not int8_gemm_exact():
             raise config_error(
-                "backend='torch-int8' runs on CPU data with a torch whose int8 GEMM (torch._int_mm) is exact: "
-                "move the training data to the CPU, or pass backend='auto'."
+                "backend='torch-int8' runs on CPU data, on a CPU whose int8 GEMM (torch._int_mm) returns exact sums "
+                "(VNNI or AMX: without them oneDNN's int16 pair sums saturate); move the training data to the CPU, "
+                "or pass backend='auto'."
             )
         return backend, device
     if backend == "faiss-cpu":

@@ -8,7 +8,9 @@ search time). With ``D2 = ||c_x - c_t||^2``,
     ||x - t|| = ||s (c_x - c_t) + (e_x - e_t)||   lies in   [s sqrt(D2) - r_x - r_t,  s sqrt(D2) + r_x + r_t]
 
 (the triangle inequality). ``D2 = ||c_x||^2 + ||c_t||^2 - 2 c_x . c_t`` is an *integer* and the GEMM that makes
-it (``torch._int_mm``: int8 inputs, int32 accumulation) is exact, whatever the kernel or summation order:
+it (``torch._int_mm``: int8 inputs, int32 accumulation) is exact, whatever the summation order, where the
+CPU accumulates products in int32 (VNNI, AMX; oneDNN's AVX2 kernel saturates pair sums in int16, so there the
+screen is not offered: :func:`~lightning_memwatch.metrics.knn.backends.int8_gemm_exact` checks it):
 ``|c_x . c_t| <= 127^2 D`` fits int32 for ``D <= 44,000`` (:data:`INT8_MAX_DIM` keeps a margin). So the
 bound has no rounding term at all: it is the quantization residual of the two vectors, per row and per query,
 and it does not grow with the norms. Where the data are 8-bit images (``k / 255``) and the centre is small, the
@@ -16,9 +18,10 @@ residuals are close to zero.
 
 What is computed in floating point, and its cover:
 
-* the residual norm: ``fl32(fl32(t - mu) - fl32(s c))`` errs by at most ``3 u (|t_i - mu_i| + s |c_i|)`` per
-  coordinate (``u = 2**-24``), so ``r = (1 + 8 u) ||e_computed|| + 8 u s ||c|| + 2**-120 D`` bounds the true
-  residual (``||t - mu|| <= s ||c|| + ||e||``; the norm itself is summed in float64);
+* the residual: ``fl32(fl32(t - mu) - fl32(s c))`` errs by at most ``3 u (|t_i - mu_i| + s |c_i|)`` per
+  coordinate (``u = 2**-24``; ``2**-150`` absolute per operation among subnormals), its norm is summed in
+  float64, so ``r = (1 + 2 (D + 8) u) (||e_computed|| + 8 u s ||c||) + 2**-120 D`` bounds the true residual
+  norm (``||t - mu|| <= s ||c|| + ||e||``; ``||c||^2`` is an exact integer);
 * ``s sqrt(D2)``, the sums and squares of the bounds: float64, a few roundings of ``2**-53``: the lower
   bounds are multiplied by ``1 - 2**-40`` and the upper bounds by ``1 + 2**-40``.
 
@@ -38,8 +41,10 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -101,18 +106,25 @@ def code_width(dim: int) -> int:
 
 
 def quantize(rows: Tensor, centre: Tensor, scale: float) -> tuple[Tensor, Tensor, Tensor]:
-    """int8 codes ``(len, code_width(D))``, int32 ``||c||^2`` and float64 residual bounds ``r`` of float32
-    ``rows`` (see the notes)."""
-    shifted = rows - centre
-    codes32 = torch.round(shifted / scale).clamp_(-127, 127)
-    steps = codes32 * scale
-    residual = torch.linalg.vector_norm(shifted - steps, dim=1, dtype=torch.float64)
-    step_norm = torch.linalg.vector_norm(steps, dim=1, dtype=torch.float64)
-    r = (1 + 8 * _UNIT) * residual + 8 * _UNIT * step_norm + 2.0**-120 * rows.shape[1]
-    codes = torch.zeros(len(rows), code_width(rows.shape[1]), dtype=torch.int8, device=rows.device)
-    codes[:, : rows.shape[1]] = codes32
-    code_sq = (codes32 * codes32).sum(dim=1, dtype=torch.float64).to(torch.int32)  # exact: < 2**31
-    return codes, code_sq, r
+    """int8 codes ``(len, code_width(D))``, int32 ``||c||^2`` and float64 residual bounds ``r`` of float32 CPU
+    ``rows`` (see the notes). numpy, one thread: torch's threaded elementwise kernels cost more than the work
+    when the cores are shared."""
+    x = rows.detach().contiguous().numpy()
+    dim = x.shape[1]
+    shifted = x - centre.numpy()
+    codes32 = np.rint(shifted * np.float32(1 / scale))
+    np.clip(codes32, -127, 127, out=codes32)
+    shifted -= codes32 * np.float32(scale)  # the residual, computed in float32
+    codes = np.zeros((len(x), code_width(dim)), dtype=np.int8)
+    codes[:, :dim] = codes32
+    wide = codes.astype(np.int32)
+    code_sq = np.einsum("ij,ij->i", wide, wide)  # exact in int32: <= 127**2 * D < 2**31
+    resid64 = shifted.astype(np.float64)  # squares in float64: float32 squares of tiny residuals underflow
+    resid = np.sqrt(np.einsum("ij,ij->i", resid64, resid64))
+    step = scale * np.sqrt(code_sq.astype(np.float64))
+    # the residual's own roundings: 3 u (|t - mu| + s |c|) per coordinate (subnormals: 2**-150 each) (notes)
+    r = (1 + 2 * (dim + 8) * _UNIT) * (resid + 8 * _UNIT * step) + 2.0**-120 * dim
+    return torch.from_numpy(codes), torch.from_numpy(code_sq), torch.from_numpy(r)
 
 
 def choose_scale(sample: Tensor, centre: Tensor) -> float:
@@ -150,11 +162,23 @@ def build_int8(
     codes = torch.empty(n, code_width(dim), dtype=torch.int8) if keep_codes else None
     code_sq = torch.empty(n, dtype=torch.int32)
     residual = torch.empty(n, dtype=torch.float64)
-    for j, rows in blocks:
+
+    def work(block: tuple[int, Tensor]) -> None:
+        j, rows = block
         c, sq, r = quantize(rows, centre, scale)
         if codes is not None:
             codes[j : j + len(rows)] = c
         code_sq[j : j + len(rows)], residual[j : j + len(rows)] = sq, r
+
+    workers = max(1, torch.get_num_threads())
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        pending: list[Future[None]] = []
+        for block in blocks:  # at most `workers` blocks read ahead (streamed rows are never read whole)
+            pending.append(pool.submit(work, block))
+            if len(pending) >= workers:
+                pending.pop(0).result()
+        for future in pending:
+            future.result()
     live = residual if dropped is None else residual[~dropped]
     r_hi = _r_hi(live)
     wide = residual > r_hi
