@@ -39,6 +39,7 @@ whose bound is tighter; the block is in memory, so this is no second scan of the
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -272,6 +273,44 @@ def _int8_tile(
         tile[:, masked] = INT32_MAX
     kc = min(k + INT8_SLACK, len(codes))
     vals, loc = torch.topk(tile, kc, dim=1, largest=False, sorted=False)
+    narrowable = kc < len(codes) - len(masked)  # rows beyond the top list may pass
+    with one_thread():
+        return _bookkeeping(
+            coll, rows8, code_sq, r_rows, wide, gram, tile, vals, loc, start, x_code_sq, r_x, narrowable
+        )
+
+
+@contextlib.contextmanager
+def one_thread() -> Iterator[None]:
+    """torch ops on one thread: the small ops of a tile's bookkeeping cost more in OpenMP barriers than in work,
+    and far more when another process shares the cores (a thread descheduled holds up every barrier)."""
+    threads = torch.get_num_threads()
+    if threads == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _bookkeeping(
+    coll: Candidates,
+    rows8: Int8Rows,
+    code_sq: Tensor,
+    r_rows: Tensor,
+    wide: Tensor,
+    gram: Tensor,
+    tile: Tensor,
+    vals: Tensor,
+    loc: Tensor,
+    start: int,
+    x_code_sq: Tensor,
+    r_x: Tensor,
+    narrowable: bool,
+) -> Tensor:
+    """The threshold, the candidates and the dense queries of one tile (see :func:`_int8_tile`)."""
     valid = vals < INT32_MAX
     lower, upper = lower_upper(vals.to(torch.int64) + x_code_sq[:, None], r_x[:, None] + r_rows[loc], rows8.scale)
     lower[~valid], upper[~valid] = torch.inf, torch.inf
@@ -281,7 +320,6 @@ def _int8_tile(
         wide_lower, wide_upper = lower_upper(wide_d2, r_x[:, None] + r_rows[wide], rows8.scale)
         coll.offer(wide_upper)
     theta = code_threshold(coll.threshold, r_x, rows8.r_hi, rows8.scale, x_code_sq)
-    narrowable = kc < len(codes) - len(masked)
     full = (vals.max(dim=1).values <= theta) if narrowable else torch.zeros(len(vals), dtype=torch.bool)
     thr = coll.threshold[:, None]
     qi, ci = (valid & (vals <= theta[:, None]) & (lower <= thr) & ~full[:, None]).nonzero(as_tuple=True)
