@@ -438,3 +438,22 @@ def test_int8_screen_is_not_offered_where_the_int8_gemm_saturates() -> None:
     assert done.returncode == 0, done.stderr[-2000:]
     wrong, exact = done.stdout.split()
     assert not (wrong == "True" and exact == "True")
+
+
+@pytest.mark.parametrize("backend", INT8)
+def test_int8_codes_made_per_block_without_a_copy_or_for_streamed_rows(backend: str, tmp_path) -> None:
+    import numpy as np
+
+    g = torch.Generator().manual_seed(32)
+    train = torch.rand(500, 40, generator=g)
+    queries = torch.cat([train[:6], torch.rand(14, 40, generator=g)])
+    np.save(tmp_path / "train.npy", train.numpy())
+    want_d, want_i = brute_force(queries, train, 2)
+    for index in (
+        NearestNeighbourIndex(train, backend=backend, screen_copy=False, database_block_size=128),
+        NearestNeighbourIndex(np.load(tmp_path / "train.npy", mmap_mode="r"), backend=backend, database_block_size=128),
+    ):
+        assert index._int8 is not None and index._int8.codes is None  # no resident codes
+        d, i = index.search(queries, k=2)
+        assert torch.equal(i, want_i)
+        torch.testing.assert_close(d.double(), want_d, rtol=1e-6, atol=0)

@@ -58,7 +58,8 @@ Decisions, in one place:
   blocks, and the exact re-ranking reads only the candidate rows.
 * **Memory** (resident, ``n`` rows of ``D`` float32 values): held rows ``4 n D`` bytes plus ``20 n`` bytes of
   norms and bias; ``torch-int8`` adds its codes, ``n`` rows of ``D`` padded to a multiple of 8 bytes, and
-  ``14 n`` bytes of code norms, residuals and row masks (streamed rows: codes made block by block);
+  ``14 n`` bytes of code norms, residuals and row masks (``screen_copy=False`` or streamed rows: codes made
+  block by block);
   ``torch-bf16`` adds its screening copy, ``2 n (3 D + 6)`` bytes rounded up to 32 columns
   (none with ``screen_copy=False`` or streamed rows); streamed rows hold only the ``20 n`` bytes. A search
   adds one tile of ``block_size x database_block_size`` scores, one centred block, and its candidates. No

@@ -97,9 +97,9 @@ class NearestNeighbourIndex:
         block_size: queries (rows) per block; ``None`` picks 1024 on CPU and 4096 on CUDA.
         database_block_size: training rows per block; ``None`` picks 4096 on CPU and 16384 on CUDA. Peak extra
             memory of a search is about ``4 * block_size * database_block_size`` bytes plus one centred block.
-        screen_copy: ``torch-bf16`` only: keep the bfloat16 screening copy of held rows (``(3 D + 6) * 2``
-            bytes per row, 1.5x the float32 rows); ``False`` makes it block by block at every search instead
-            (less memory, slower searches).
+        screen_copy: keep the screening copy of held rows: ``torch-bf16``'s bfloat16 rows (``(3 D + 6) * 2``
+            bytes per row, 1.5x the float32 rows), ``torch-int8``'s codes (``D`` bytes per row); ``False``
+            makes them block by block at every search instead (less memory, slower searches).
 
     Attributes:
         num_train: rows in the index (after removing duplicates).
@@ -266,7 +266,7 @@ class NearestNeighbourIndex:
                 source.gather(sample.to(source_device(source))).to(self.device),
                 stats.centre,
                 dropped,
-                keep_codes=source.held,
+                keep_codes=source.held and screen_copy,
             )
         self._passes = scan.FastPasses(
             self._fast,
