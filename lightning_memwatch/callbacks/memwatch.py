@@ -706,6 +706,8 @@ class MemWatch(Callback):
         settings: dict[str, Any] = {"num_samples": self.num_samples, "seed": self.seed, "threshold": self.threshold}
         if self.labels is not None:  # the default stays out, so checkpoints saved before `labels=` existed load
             settings["labels"] = labels_key(self.labels)
+        if self.train_labels is not None:  # other training classes: another per-class history
+            settings["train_labels"] = labels_key(self.train_labels)
         return settings
 
     def state_dict(self) -> dict[str, Any]:
