@@ -23,8 +23,9 @@ What is computed in floating point, and its cover:
   coordinate (``u = 2**-24``; ``2**-150`` absolute per operation among subnormals), its norm is summed in
   float64, so ``r = (1 + 2 (D + 8) u) (||e_computed|| + 8 u s ||c||) + 2**-120 D`` bounds the true residual
   norm (``||t - mu|| <= s ||c|| + ||e||``; ``||c||^2`` is an exact integer);
-* ``s sqrt(D2)``, the sums and squares of the bounds: float64, a few roundings of ``2**-53``: the lower
-  bounds are multiplied by ``1 - 2**-40`` and the upper bounds by ``1 + 2**-40``.
+* ``s sqrt(D2)``, the sums and squares of the bounds: float64, a few roundings of ``2**-53`` relative to
+  ``s sqrt(D2) + r_x + r_t``: the lower bound is ``((1 - 2**-40) s sqrt(D2) - (1 + 2**-40) (r_x + r_t))^2``
+  (0 when negative) times ``1 - 2**-40``, the upper bound ``(1 + 2**-40)^2 (s sqrt(D2) + r_x + r_t)^2``.
 
 The scan follows :mod:`.scan`'s running threshold ``T`` (the ``k``-th smallest upper bound seen): a row is a
 candidate when ``s sqrt(D2) - r_x - r_t <= sqrt(T)``. The tile test is an integer comparison per query,
@@ -119,8 +120,8 @@ def quantize(rows: Tensor, centre: Tensor, scale: float) -> tuple[Tensor, Tensor
     shifted -= codes32 * np.float32(scale)  # the residual, computed in float32
     codes = np.zeros((len(x), code_width(dim)), dtype=np.int8)
     codes[:, :dim] = codes32
-    wide = codes.astype(np.int32)
-    code_sq = np.einsum("ij,ij->i", wide, wide)  # exact in int32: <= 127**2 * D < 2**31
+    codes_i32 = codes.astype(np.int32)
+    code_sq = np.einsum("ij,ij->i", codes_i32, codes_i32)  # exact in int32: <= 127**2 * D < 2**31
     resid64 = shifted.astype(np.float64)  # squares in float64: float32 squares of tiny residuals underflow
     resid = np.sqrt(np.einsum("ij,ij->i", resid64, resid64))
     step = scale * np.sqrt(code_sq.astype(np.float64))
@@ -193,7 +194,8 @@ def build_int8(
 def lower_upper(d2_codes: Tensor, r_sum: Tensor, scale: float) -> tuple[Tensor, Tensor]:
     """float64 lower and upper bounds on the squared distance from the exact code distance ``D2``."""
     step = scale * d2_codes.to(torch.float64).clamp_min(0).sqrt()
-    lower = ((step - r_sum).clamp_min(0) * (1 - _MARGIN)).square()
+    # margins on both terms before the difference: its rounding is relative to step + r_sum, not to itself
+    lower = (step * (1 - _MARGIN) - r_sum * (1 + _MARGIN)).clamp_min(0).square() * (1 - _MARGIN)
     upper = ((step + r_sum) * (1 + _MARGIN)).square()
     return lower, upper
 
