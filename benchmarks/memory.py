@@ -63,6 +63,8 @@ def _child(n: int, d: int, backend: str) -> None:
     # the resident memory the module notes document: float32 rows, 20 bytes of norms and bias per row, and
     # torch-bf16's screening copy (3 D + 6 bfloat16 columns, padded to 32)
     documented = 4 * n * d + 20 * n + (2 * n * (-(-(3 * d + 6) // 32) * 32) if index.backend == "torch-bf16" else 0)
+    # torch-int8's codes (D padded to 8 bytes), int32 code norms, float64 residuals and two row masks
+    documented += n * (-(-d // 8) * 8) + 14 * n if index.backend == "torch-int8" else 0
     print(
         json.dumps(
             {

@@ -338,6 +338,15 @@ def test_a_changed_labels_setting_gives_another_state_key(tmp_path, recwarn, sav
         assert [r.per_class for r in again.history[:2]] == [r.per_class for r in first.history]
 
 
+def test_the_training_classes_given_join_the_state_key() -> None:
+    # per-class records of one labelling are no history for another: a resume with other train_labels starts anew
+    plain = make_watch()
+    given = make_watch(train_labels=LABELS)
+    assert given.state_key != plain.state_key
+    assert make_watch(train_labels=LABELS.clone()).state_key == given.state_key
+    assert make_watch(train_labels=(LABELS + 1) % 5).state_key != given.state_key
+
+
 def test_checkpoints_saved_before_labels_joined_the_state_key_load_for_the_default_labels(tmp_path):
     watch = make_watch(labels=None)
     assert watch.state_key == "MemWatch{'num_samples': 100, 'seed': 0, 'threshold': 0.3333333333333333}"

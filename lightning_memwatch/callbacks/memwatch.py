@@ -107,7 +107,8 @@ class MemWatch(Callback):
         noise_shape: shape of one sample's initial noise when the sampler takes ``noise``; default the
             training image shape.
         feature_fn: optional map images -> features for feature-space nearest neighbours (latent models).
-        knn_backend: ``"auto"``, ``"faiss-gpu"``, ``"faiss-cpu"`` or ``"torch"``.
+        knn_backend: ``"auto"``, ``"torch-int8"``, ``"torch-bf16"``, ``"faiss-gpu"``, ``"faiss-cpu"`` or
+            ``"torch"`` (docs: offline.md, the "auto" rule).
         bootstrap: bootstrap resamples for the f_mem confidence interval.
         log_images: log sample grids, nearest-neighbour pairs and ratio histograms to the loggers with an image
             API (TensorBoard, Weights & Biases, MLflow; see :mod:`lightning_memwatch.log`).
@@ -721,6 +722,8 @@ class MemWatch(Callback):
         settings: dict[str, Any] = {"num_samples": self.num_samples, "seed": self.seed, "threshold": self.threshold}
         if self.labels is not None:  # the default stays out, so checkpoints saved before `labels=` existed load
             settings["labels"] = labels_key(self.labels)
+        if self.train_labels is not None:  # other training classes: another per-class history
+            settings["train_labels"] = labels_key(self.train_labels)
         return settings
 
     def state_dict(self) -> dict[str, Any]:

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import copy
 import pickle
+import subprocess
+import sys
 import warnings
 
 import pytest
 import torch
+from _child_env import child_env
 
 from lightning_memwatch.metrics.knn import NearestNeighbourIndex, available_backends
 from lightning_memwatch.metrics.knn import backends as knn_backends
@@ -328,7 +331,8 @@ def test_bad_inputs_get_errors_that_name_the_fix() -> None:
     with pytest.raises(ValueError, match=r"k must be an int in \[1, num_train=20\]"):
         index.search(train, k=21)
     with pytest.raises(
-        ValueError, match=r"backend must be one of \['auto', 'faiss-gpu', 'faiss-cpu', 'torch', 'torch-bf16'\]"
+        ValueError,
+        match=r"backend must be one of \['auto', 'faiss-gpu', 'faiss-cpu', 'torch', 'torch-bf16', 'torch-int8'\]",
     ):
         NearestNeighbourIndex(train, backend="sklearn")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="block_size must be a positive int"):
@@ -367,5 +371,89 @@ def test_well_separated_queries_are_certified_at_once(backend: str) -> None:
     torch.testing.assert_close(d.double(), want_d, rtol=1e-6, atol=0)
     stats = index.last_search
     assert stats is not None and stats.scans == 1 and stats.queries == 21
-    # bfloat16 rounds the screen's output to 2**-8 of the distance: a few 2nd/3rd neighbours stay candidates
-    assert stats.certified_at_once >= (20 if backend != "torch-bf16" else 15) and stats.candidates >= 2 * 21
+    # bfloat16 rounds the screen's output to 2**-8 of the distance, int8 codes leave residuals of about 1/200
+    # of the largest value per coordinate: a few 2nd/3rd neighbours stay candidates
+    at_once = {"torch-bf16": 15, "torch-int8": 10}.get(backend, 20)
+    assert stats.certified_at_once >= at_once and stats.candidates >= 2 * 21
+
+
+# ------------------------------------------------------------------------------------------- int8 screen
+INT8 = ["torch-int8"] if "torch-int8" in CPU_BACKENDS else []
+
+
+@pytest.mark.parametrize("backend", INT8)
+def test_int8_screen_stays_exact_where_its_codes_cannot_narrow(backend: str) -> None:
+    # Queries far outside the training values (their codes clamp: a large residual) are scored again on each
+    # block with the float32 tile; a few rows far from the rest are tested one by one (wide rows); rows of one
+    # value (torch's int8 GEMM is wrong for an inner dimension of 1 unless padded).
+    g = torch.Generator().manual_seed(31)
+    train = torch.rand(400, 24, generator=g)
+    train[[100, 200, 300]] += 500.0  # beyond the code range: clamped, wide rows
+    queries = torch.cat([train[:10], torch.rand(10, 24, generator=g), 1e4 * torch.rand(5, 24, generator=g)])
+    index = NearestNeighbourIndex(train, backend=backend, database_block_size=400, block_size=8)
+    assert index._int8 is not None and int(index._int8.wide.sum()) >= 3
+    d, i = index.search(queries, k=2)
+    want_d, want_i = brute_force(queries, train, 2)
+    assert torch.equal(i, want_i)
+    torch.testing.assert_close(d.double(), want_d, rtol=1e-6, atol=0)
+    assert index.last_search is not None and index.last_search.scans == 1
+    assert index.last_search.rescanned_blocks > 0  # the far queries took the float32 tile
+    one = torch.rand(50, 1, generator=g)
+    d, i = NearestNeighbourIndex(one, backend=backend).search(one[:7] + 1e-3, k=2)
+    assert torch.equal(i, brute_force(one[:7] + 1e-3, one, 2)[1])
+
+
+def test_auto_picks_the_int8_screen_on_cpus_with_int8_dot_products(monkeypatch: pytest.MonkeyPatch) -> None:
+    train = torch.randn(10, 4)
+    for flags in ({"avx2", "avx512_vnni"}, {"avx2", "avx_vnni"}, {"amx_bf16", "amx_int8", "avx512_vnni"}):
+        monkeypatch.setattr(knn_backends, "cpu_flags", lambda flags=flags: frozenset(flags))
+        expected = "torch-int8" if knn_backends.int8_gemm_exact() else "torch-bf16" if "amx_bf16" in flags else None
+        if expected is not None:
+            assert NearestNeighbourIndex(train).backend == expected
+    monkeypatch.setattr(knn_backends, "int8_gemm_exact", lambda: False)  # a torch whose int8 GEMM is wrong
+    assert NearestNeighbourIndex(train).backend == "torch-bf16"
+    with pytest.raises(ValueError, match="torch._int_mm"):
+        NearestNeighbourIndex(train, backend="torch-int8")
+
+
+_SATURATION_PROBE = """
+import torch
+from lightning_memwatch.metrics.knn.backends import int8_gemm_exact
+a, b = torch.full((4, 64), 127, dtype=torch.int8), torch.full((8, 64), -127, dtype=torch.int8)
+wrong = not torch.equal(torch._int_mm(a, b.T).long(), a.long() @ b.long().T)
+print(wrong, int8_gemm_exact())
+"""
+
+
+def test_int8_screen_is_not_offered_where_the_int8_gemm_saturates() -> None:
+    # oneDNN's AVX2 int8 kernel (no VNNI) sums pairs of products in saturating int16: wrong for large codes.
+    # Limiting oneDNN to AVX2 shows that CPU on any x86 machine; the screen must then not be offered.
+    done = subprocess.run(
+        [sys.executable, "-c", _SATURATION_PROBE],
+        env=child_env(ONEDNN_MAX_CPU_ISA="AVX2", OMP_NUM_THREADS="1"),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    wrong, exact = done.stdout.split()
+    assert not (wrong == "True" and exact == "True")
+
+
+@pytest.mark.parametrize("backend", INT8)
+def test_int8_codes_made_per_block_without_a_copy_or_for_streamed_rows(backend: str, tmp_path) -> None:
+    import numpy as np
+
+    g = torch.Generator().manual_seed(32)
+    train = torch.rand(500, 40, generator=g)
+    queries = torch.cat([train[:6], torch.rand(14, 40, generator=g)])
+    np.save(tmp_path / "train.npy", train.numpy())
+    want_d, want_i = brute_force(queries, train, 2)
+    for index in (
+        NearestNeighbourIndex(train, backend=backend, screen_copy=False, database_block_size=128),
+        NearestNeighbourIndex(np.load(tmp_path / "train.npy", mmap_mode="r"), backend=backend, database_block_size=128),
+    ):
+        assert index._int8 is not None and index._int8.codes is None  # no resident codes
+        d, i = index.search(queries, k=2)
+        assert torch.equal(i, want_i)
+        torch.testing.assert_close(d.double(), want_d, rtol=1e-6, atol=0)

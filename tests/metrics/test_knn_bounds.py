@@ -101,7 +101,8 @@ def test_bounds_bracket_every_distance(backend: str, name: str) -> None:
     assert bool((lower <= true).all()) and bool((true <= upper).all())
     if name == "saturated":  # not vacuous: within a few percent of the distances between distinct images
         far = true > 1.0
-        assert float(((upper - lower)[far] / true[far]).median()) < (0.05 if backend == "torch-bf16" else 1e-3)
+        loose = backend in ("torch-bf16", "torch-int8")  # bfloat16 rounding, int8 code residuals
+        assert float(((upper - lower)[far] / true[far]).median()) < (0.05 if loose else 1e-3)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

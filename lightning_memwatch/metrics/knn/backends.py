@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import functools
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import torch
 
@@ -15,13 +15,14 @@ __all__ = [
     "available_backends",
     "faiss_num_gpus",
     "has_fast_bfloat16",
+    "has_fast_int8",
     "import_faiss",
     "matmul_input_unit",
     "resolve_backend",
 ]
 
-Backend = Literal["auto", "faiss-gpu", "faiss-cpu", "torch", "torch-bf16"]
-BACKENDS: tuple[str, ...] = ("auto", "faiss-gpu", "faiss-cpu", "torch", "torch-bf16")
+Backend = Literal["auto", "faiss-gpu", "faiss-cpu", "torch", "torch-bf16", "torch-int8"]
+BACKENDS: tuple[str, ...] = get_args(Backend)
 # Auto uses the bf16 screen up to this dimension: its bound grows with the 3 D-long sum (see knn.bounds).
 SCREEN_MAX_AUTO_DIM = 4096
 
@@ -85,6 +86,41 @@ def has_fast_bfloat16(device: torch.device | str = "cpu") -> bool:
     return device.type == "cpu" and "amx_bf16" in cpu_flags()
 
 
+# CPU features with int8 dot-product instructions (VNNI) or int8 tiles (AMX), where torch's int8 GEMM (oneDNN)
+# runs several times faster than its float32 GEMM (3.7x on an AMD EPYC with AVX512-VNNI, see docs/performance.md).
+INT8_CPU_FLAGS = frozenset({"avx512_vnni", "avx_vnni", "amx_int8"})
+
+
+@functools.lru_cache(maxsize=1)
+def int8_gemm_exact() -> bool:
+    """Whether torch's CPU int8 GEMM (``torch._int_mm``) returns the exact int32 sums on a few shapes and codes
+    the int8 screen uses (its certificate assumes it). VNNI and AMX accumulate products in int32; oneDNN's AVX2
+    kernel adds pairs of products in saturating int16 and is wrong for codes beyond about +-64 (measured with
+    ``ONEDNN_MAX_CPU_ISA=AVX2``): there the screen is not offered."""
+    try:
+        g = torch.Generator().manual_seed(0)
+        for m, d, n in ((1, 8, 3), (5, 24, 17), (33, 1032, 70)):
+            a = torch.randint(-127, 128, (m, d), generator=g, dtype=torch.int8)
+            b = torch.randint(-127, 128, (n, d), generator=g, dtype=torch.int8)
+            a[0], b[0] = 127, -127  # the largest sums of pairs
+            if not torch.equal(torch._int_mm(a, b.T).to(torch.int64), a.to(torch.int64) @ b.to(torch.int64).T):
+                return False
+    except (RuntimeError, AttributeError):  # pragma: no cover - torch without a CPU int8 GEMM
+        return False
+    return True
+
+
+def has_fast_int8(device: torch.device | str = "cpu") -> bool:
+    """Whether ``backend="auto"`` screens with exact int8 GEMMs for data on ``device``.
+
+    The rule: a CPU that reports VNNI or AMX int8 instructions (``avx512_vnni``, ``avx_vnni``, ``amx_int8``)
+    and whose torch computes int8 GEMMs exactly (:func:`int8_gemm_exact`). Elsewhere (AVX2 without VNNI, where
+    oneDNN's int8 GEMM is about as fast as a float32 GEMM; CUDA) ``"auto"`` keeps its other rules.
+    """
+    device = torch.device(device)
+    return device.type == "cpu" and bool(INT8_CPU_FLAGS & cpu_flags()) and int8_gemm_exact()
+
+
 def available_backends(device: torch.device | str = "cpu") -> list[str]:
     """Backends usable here for data on ``device`` (``"auto"`` excluded), fastest first.
 
@@ -92,12 +128,16 @@ def available_backends(device: torch.device | str = "cpu") -> list[str]:
         device: where the training data live.
 
     Returns:
-        A sublist of ``["torch-bf16", "faiss-gpu", "faiss-cpu", "torch"]``; ``"torch"`` and ``"torch-bf16"``
-        are always present (``"torch-bf16"`` first only where :func:`has_fast_bfloat16`).
+        A sublist of ``["torch-int8", "torch-bf16", "faiss-gpu", "faiss-cpu", "torch"]``; ``"torch"`` and
+        ``"torch-bf16"`` are always present (``"torch-bf16"`` first only where :func:`has_fast_bfloat16`),
+        ``"torch-int8"`` for CPU data wherever torch's int8 GEMM is exact (first where :func:`has_fast_int8`).
     """
     device = torch.device(device)
     faiss = import_faiss()
-    found = ["torch-bf16"] if has_fast_bfloat16(device) else []
+    int8 = device.type == "cpu" and int8_gemm_exact()
+    found = ["torch-int8"] if int8 and has_fast_int8(device) else []
+    if has_fast_bfloat16(device):
+        found.append("torch-bf16")
     if device.type == "cuda" and faiss_num_gpus(faiss) > 0:
         found.append("faiss-gpu")
     if faiss is not None:
@@ -105,6 +145,8 @@ def available_backends(device: torch.device | str = "cpu") -> list[str]:
     found.append("torch")
     if "torch-bf16" not in found:
         found.append("torch-bf16")
+    if int8 and "torch-int8" not in found:
+        found.append("torch-int8")
     return found
 
 
@@ -114,6 +156,8 @@ def resolve_backend(backend: str, device: torch.device, *, screen: bool = True) 
         raise config_error(f"backend must be one of {list(BACKENDS)}; got {backend!r}.")
     faiss = import_faiss()
     if backend == "auto":
+        if screen and has_fast_int8(device):
+            return "torch-int8", device
         if screen and has_fast_bfloat16(device):
             return "torch-bf16", device
         if device.type == "cuda" and faiss_num_gpus(faiss) > 0:
@@ -121,6 +165,14 @@ def resolve_backend(backend: str, device: torch.device, *, screen: bool = True) 
         if device.type == "cpu" and faiss is not None:
             return "faiss-cpu", device
         return "torch", device
+    if backend == "torch-int8":
+        if device.type != "cpu" or not int8_gemm_exact():
+            raise config_error(
+                "backend='torch-int8' runs on CPU data, on a CPU whose int8 GEMM (torch._int_mm) returns exact sums "
+                "(VNNI or AMX: without them oneDNN's int16 pair sums saturate); move the training data to the CPU, "
+                "or pass backend='auto'."
+            )
+        return backend, device
     if backend == "faiss-cpu":
         if faiss is None:
             raise ImportError("backend='faiss-cpu' needs faiss: `pip install faiss-cpu`, or pass backend='torch'.")

@@ -47,6 +47,14 @@ def exact_sq(source: HeldRows, q: Tensor, cand: Tensor, device: torch.device) ->
 def pair_distances(source: HeldRows, q: Tensor, pair_q: Tensor, pair_t: Tensor, device: torch.device) -> Tensor:
     """Exact squared distances (float64) between ``q[pair_q]`` and rows ``pair_t``, one per pair."""
     out = torch.empty(len(pair_q), dtype=torch.float64, device=device)
+    if device.type == "cpu" and NUMPY_ON_CPU:  # gathers in small chunks, in cache (no copy of q per pair)
+        q_np, pq, pt, out_np = q.numpy(), pair_q.numpy(), pair_t.numpy(), out.numpy()
+        chunk = max(1, RERANK_BYTES // max(1, 8 * source.dim))
+        for i in range(0, len(pq), chunk):
+            diff = source.gather_np(pt[i : i + chunk]).astype(np.float64)
+            diff -= q_np[pq[i : i + chunk]]
+            out_np[i : i + chunk] = np.einsum("ij,ij->i", diff, diff)
+        return out
     step = 64 * RERANK_CHUNK
     for i in range(0, len(pair_q), step):
         out[i : i + step] = exact_sq(source, q[pair_q[i : i + step]], pair_t[i : i + step, None], device)[:, 0]

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from lightning_memwatch._checks import check_batch, check_float_tensor, check_int, config_error
-from lightning_memwatch.metrics.knn import bounds, exact, scan
+from lightning_memwatch.metrics.knn import bounds, exact, int8, scan
 from lightning_memwatch.metrics.knn.backends import (
     SCREEN_MAX_AUTO_DIM,
     Backend,
@@ -42,8 +42,9 @@ class SearchStats:
         candidates: candidate rows re-ranked with exact distances, over all queries.
         scans: scans of the training set: 1, or 2 when some query held values float32 cannot (the float64 pass).
         float64_queries: queries that went through the float64 pass.
-        rescanned_blocks: (faiss) blocks of rows scored again with torch for queries whose faiss top list could
-            not hold all their candidates; the block is still in memory, so this is no scan of the training set.
+        rescanned_blocks: blocks of rows scored again with the float32 tile for some queries: (faiss) whose top
+            list could not hold all their candidates, (int8) whose codes could not narrow them; the block is
+            still in memory, so this is no scan of the training set.
         seconds: wall-clock seconds per pass (``"scan"``, ``"float64"``, ``"rerank"``).
     """
 
@@ -86,8 +87,8 @@ class NearestNeighbourIndex:
         train: training set: an ``(n, ...)`` floating-point tensor (copied once, never modified), a float32
             numpy memmap (``np.load(path, mmap_mode="r")``) or a map-style Dataset of images (both streamed in
             database blocks, never copied whole; not with ``feature_fn``). At least 2 distinct rows.
-        backend: ``"auto"`` (default), ``"faiss-gpu"``, ``"faiss-cpu"``, ``"torch"`` or ``"torch-bf16"`` (see
-            the module notes).
+        backend: ``"auto"`` (default), ``"faiss-gpu"``, ``"faiss-cpu"``, ``"torch"``, ``"torch-bf16"`` or
+            ``"torch-int8"`` (see the module notes).
         feature_fn: optional map from a batch of images to a batch of features, applied to ``train`` at build
             time and to every query batch at search time (under ``torch.no_grad()``). It must be
             deterministic: an exact copy is recognised only if it gets exactly the same features.
@@ -96,9 +97,9 @@ class NearestNeighbourIndex:
         block_size: queries (rows) per block; ``None`` picks 1024 on CPU and 4096 on CUDA.
         database_block_size: training rows per block; ``None`` picks 4096 on CPU and 16384 on CUDA. Peak extra
             memory of a search is about ``4 * block_size * database_block_size`` bytes plus one centred block.
-        screen_copy: ``torch-bf16`` only: keep the bfloat16 screening copy of held rows (``(3 D + 6) * 2``
-            bytes per row, 1.5x the float32 rows); ``False`` makes it block by block at every search instead
-            (less memory, slower searches).
+        screen_copy: keep the screening copy of held rows: ``torch-bf16``'s bfloat16 rows (``(3 D + 6) * 2``
+            bytes per row, 1.5x the float32 rows), ``torch-int8``'s codes (``D`` bytes per row); ``False``
+            makes them block by block at every search instead (less memory, slower searches).
 
     Attributes:
         num_train: rows in the index (after removing duplicates).
@@ -172,6 +173,13 @@ class NearestNeighbourIndex:
                 database_block_size = max(256, min(16384 if cuda else 4096, 2**24 // max(self.dim, 1)))
             self.database_block_size = database_block_size
             if backend == "auto" and self.backend == "torch-bf16" and self.dim > SCREEN_MAX_AUTO_DIM:
+                self.backend, self.device = resolve_backend("auto", data_device, screen=False)
+            if self.backend == "torch-int8" and self.dim > int8.INT8_MAX_DIM:
+                if backend != "auto":
+                    raise config_error(
+                        f"backend='torch-int8' takes rows of at most {int8.INT8_MAX_DIM} values (its integer "
+                        f"sums must fit int32); these have {self.dim}: pass backend='auto'."
+                    )
                 self.backend, self.device = resolve_backend("auto", data_device, screen=False)
             self._build(source, tensor, dedupe=dedupe and n > 1, screen_copy=screen_copy, min_rows=_min_rows)
         self._attach_faiss()
@@ -248,6 +256,18 @@ class NearestNeighbourIndex:
             screen = torch.empty(self.num_rows, width, dtype=torch.bfloat16, device=self.device)
             for j, rows in self._fast.blocks():
                 screen[j : j + len(rows)] = scan.screen_rows(rows, sq_norms[j : j + len(rows)])
+        self._int8: int8.Int8Rows | None = None
+        if self.backend == "torch-int8" and self.num_rows and not self._overflow:
+            sample = torch.linspace(0, self.num_rows - 1, min(self.num_rows, 4096)).round().long().unique()
+            self._int8 = int8.build_int8(
+                self._fast.blocks(centred=False),
+                self.num_rows,
+                self.dim,
+                source.gather(sample.to(source_device(source))).to(self.device),
+                stats.centre,
+                dropped,
+                keep_codes=source.held and screen_copy,
+            )
         self._passes = scan.FastPasses(
             self._fast,
             dim=self.dim,
@@ -379,7 +399,7 @@ class NearestNeighbourIndex:
             if len(fast_rows):
                 start = time.perf_counter()
                 sel = slice(None) if len(fast_rows) == m else fast_rows
-                a, b, rescans = self._fast_pass(x[sel], x_sq[sel], x_norm[sel], kk)
+                a, b, rescans = self._fast_pass(q[sel], x[sel], x_sq[sel], x_norm[sel], kk)
                 pq.append(fast_rows[a])
                 pt.append(b)
                 seconds["scan"] = time.perf_counter() - start
@@ -411,8 +431,10 @@ class NearestNeighbourIndex:
         return d2, indices
 
     # ------------------------------------------------------------------------------------------ fast passes
-    def _fast_pass(self, x: Tensor, x_sq: Tensor, x_norm: Tensor, k: int) -> tuple[Tensor, Tensor, int]:
-        """Candidate pairs (query, row) of the backend's fast pass, and the faiss blocks it re-scored."""
+    def _fast_pass(self, q: Tensor, x: Tensor, x_sq: Tensor, x_norm: Tensor, k: int) -> tuple[Tensor, Tensor, int]:
+        """Candidate pairs (query, row) of the backend's fast pass, and the blocks it re-scored in float32."""
+        if self._int8 is not None:
+            return int8.int8_scan(self._passes, self._int8, q, x, x_sq, x_norm, k)
         if self.backend == "torch-bf16":
             return (*self._passes.screen(x, x_sq, x_norm, k), 0)
         if self.backend.startswith("faiss"):
@@ -421,6 +443,16 @@ class NearestNeighbourIndex:
 
     def _all_bounds(self, q: Tensor) -> tuple[Tensor, Tensor]:
         """The fast pass's bounds on every squared distance (for the property tests, see :mod:`.scan`)."""
+        if self._int8 is not None:
+            codes, code_sq, r_x = int8.quantize(q, self._int8.centre, self._int8.scale)
+            parts = [
+                int8.int8_bounds(self._int8, codes, code_sq, r_x, j, self._int8.block(rows, j))
+                for j, rows in self._fast.blocks(centred=False)
+            ]
+            lower, upper = (torch.cat([p[i] for p in parts], dim=1) for i in (0, 1))
+            if self._fast.dropped is not None:
+                lower[:, self._fast.dropped], upper[:, self._fast.dropped] = torch.inf, torch.inf
+            return lower, upper
         return self._passes.all_bounds(q, self._faiss)
 
     # ---------------------------------------------------------------------------------------------- queries

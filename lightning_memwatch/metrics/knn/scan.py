@@ -314,10 +314,10 @@ class FastPasses:
         tile = torch.addmm(self.bias32[j : j + len(rows)], xb, rows.T, beta=1, alpha=-2, out=out)
         return tile.addr_(coef, self.fast.y_norm[j : j + len(rows)].to(torch.float32), alpha=-1)
 
-    def _collectors(self, x_norm: Tensor, k: int) -> list[Candidates]:
+    def collectors(self, x_norm: Tensor, k: int) -> list[Candidates]:
         return [Candidates(k, x_norm[i : i + self.block_size]) for i in range(0, len(x_norm), self.block_size)]
 
-    def _pairs(self, collectors: list[Candidates]) -> tuple[Tensor, Tensor]:
+    def pairs(self, collectors: list[Candidates]) -> tuple[Tensor, Tensor]:
         qs, ts = [], []
         for b, coll in enumerate(collectors):
             q, t = coll.result()
@@ -331,7 +331,7 @@ class FastPasses:
         model = self.expansion()
         cq = self.cq(model, x_sq, x_norm, fast.y_max, True)
         coef = (model.c_xy * x_norm).to(torch.float32)
-        colls = self._collectors(x_norm, k)
+        colls = self.collectors(x_norm, k)
         tile = torch.empty(min(bs, len(x)), min(fast.block_rows, self.fast.source.n), device=self.device)
         for j, rows in fast.blocks():
             for b, coll in enumerate(colls):
@@ -340,7 +340,7 @@ class FastPasses:
                 out = tile if tile.shape == (len(xb), len(rows)) else None
                 t = self.float32_tile(xb, coef[i : i + bs], j, rows, out)
                 coll.add_tile(t, j, fast.y_norm[j : j + len(rows)], cq[i : i + bs], model, fast.y_max)
-        return self._pairs(colls)
+        return self.pairs(colls)
 
     def screen(self, x: Tensor, x_sq: Tensor, x_norm: Tensor, k: int) -> tuple[Tensor, Tensor]:
         """The split-bfloat16 screen (``backend="torch-bf16"``)."""
@@ -353,7 +353,7 @@ class FastPasses:
         coef = (model.c_xy * x_norm).to(torch.float32)
         scale = -2 * (1 - model.rho)
         qs = screen_queries(x, x_sq)
-        colls = self._collectors(x_norm, k)
+        colls = self.collectors(x_norm, k)
         with float32_accumulation(self.device):
             for j, rows in fast.blocks():
                 stop = j + len(rows)
@@ -369,7 +369,7 @@ class FastPasses:
                     tile.sub_(yy).addr_(coef[i : i + bs], y32, alpha=-1)
                     fast.mask_dropped(tile, j)
                     coll.add_tile(tile, j, fast.y_norm[j:stop], cq[i : i + bs], model, fast.y_max)
-        return self._pairs(colls)
+        return self.pairs(colls)
 
     def faiss(
         self, faiss: Any, gpu_res: Any, x: Tensor, x_sq: Tensor, x_norm: Tensor, k: int
@@ -423,7 +423,7 @@ class FastPasses:
         q64 = q.to(torch.float64)
         x_sq = (q64 * q64).sum(dim=1)
         x_norm = x_sq.sqrt()
-        colls = self._collectors(x_norm, k)
+        colls = self.collectors(x_norm, k)
         bs = self.block_size
         for j, rows in self.fast.blocks(centred=False):
             r64 = rows.to(torch.float64)
@@ -439,7 +439,7 @@ class FastPasses:
                 tile = torch.addmm(bias, q64[i : i + bs], r64.T, beta=1, alpha=-2)
                 tile.addr_(model.c_xy * x_norm[i : i + bs], y_norm, alpha=-1)
                 coll.add_tile(tile, j, y_norm, cq[i : i + bs], model, y_max)
-        return self._pairs(colls)
+        return self.pairs(colls)
 
     def all_bounds(self, q: Tensor, faiss: Any) -> tuple[Tensor, Tensor]:
         """Lower and upper bounds of the backend's fast pass on every squared distance, ``(m, num_rows)``
