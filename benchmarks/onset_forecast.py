@@ -16,7 +16,8 @@ at the evaluations nearest 1/2 and 3/4 of tau_mem, with its relative error ``(fo
 and whether tau_mem lies in the forecast's interval. The first evaluation with f_mem > 0 is listed too.
 
 ``analyze`` also reads the JSON rows of ``benchmarks/zoo.py --json`` (the zoo's default detector: rule "ci",
-f0 = 0, 1000 samples: the forecast aims at the f_mem where that rule holds, ``onset.detector_level``).
+f0 = 0, 1000 samples: the forecast aims at the f_mem where that rule holds, ``onset.detector_level``); rows
+run with ``zoo.py --every N`` are named "SETUP every N".
 The table goes to docs/onset_forecast.md; the JSON summary to ``benchmarks/results/onset_forecast.json``.
 """
 
@@ -82,6 +83,7 @@ def analyze_one(run_data: dict) -> dict[str, Any]:
                            "eval_every": run_data.get("eval_every")}  # fmt: skip
     if tau_mem is None:
         return row
+    row["evaluations_before"] = sum(r["step"] < tau_mem for r in history)
     onset = tau_mem
     for share in (0.5, 0.75):
         at = _nearest(history, share * tau_mem, before=onset)
@@ -91,8 +93,8 @@ def analyze_one(run_data: dict) -> dict[str, Any]:
             continue
         past = [r for r in history if r["step"] <= at["step"]]
         forecast = forecast_onset(past, threshold=float(run_data.get("threshold", 1 / 3)), level=level)
-        entry: dict[str, Any] = {"step": at["step"], "forecast": forecast.step, "low": forecast.low,
-                                 "high": forecast.high, "reason": forecast.reason}  # fmt: skip
+        entry: dict[str, Any] = {"step": at["step"], "evaluations": len(past), "forecast": forecast.step,
+                                 "low": forecast.low, "high": forecast.high, "reason": forecast.reason}  # fmt: skip
         if forecast.step is not None:
             entry["error"] = (forecast.step - onset) / onset
             entry["in_interval"] = forecast.low <= onset <= (forecast.high if forecast.high is not None else 1e18)
@@ -109,8 +111,9 @@ def analyze(out: Path) -> dict[str, Any]:
             continue
         data = json.loads(path.read_text())
         if isinstance(data, list):  # benchmarks/zoo.py rows: the default detector (f0 = 0)
-            runs += [{"setup": row["setup"], "seed": 0, "n": row["n"], "history": row["history"],
-                      "tau_mem": row["tau_mem"], "level": detector_level("ci", 0.0, 1000)}
+            runs += [{"setup": row["setup"] + (f" every {row['every']}" if row.get("every") else ""), "seed": 0,
+                      "n": row["n"], "history": row["history"], "tau_mem": row["tau_mem"],
+                      "level": detector_level("ci", 0.0, 1000), "eval_every": row.get("every") or 500}
                      for row in data]  # fmt: skip
         else:
             runs.append(data)

@@ -72,7 +72,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightning_memwatch import FID, MemorizationEarlyStopping, MemWatch, TimescaleDetector
+from lightning_memwatch import FID, EvalSchedule, MemorizationEarlyStopping, MemWatch, TimescaleDetector
 from lightning_memwatch.apps.data import DigitsDataModule
 
 NUM_HELDOUT = 512
@@ -335,8 +335,11 @@ def _trainer(max_steps: int, callbacks: list, root: str) -> L.Trainer:
     )
 
 
-def run_setup(setup: Setup, classifier: nn.Module, *, n: int, max_steps: int, seed: int, root: str) -> dict:
-    """Train one setup with default MemWatch + MemorizationEarlyStopping, then re-evaluate the final module."""
+def run_setup(
+    setup: Setup, classifier: nn.Module, *, n: int, max_steps: int, seed: int, root: str, every: int | None = None
+) -> dict:
+    """Train one setup with default MemWatch + MemorizationEarlyStopping, then re-evaluate the final module;
+    ``every``: evaluate every that many steps instead of MemWatch's default schedule."""
     start, cpu_start = time.perf_counter(), time.process_time()
     L.seed_everything(seed, verbose=False)
     os.environ["MEMWATCH_ZOO_ROOT"] = root  # where a setup caches what it pretrains
@@ -371,6 +374,8 @@ def run_setup(setup: Setup, classifier: nn.Module, *, n: int, max_steps: int, se
         )
 
     live = watch()
+    if every is not None:
+        live.schedule = EvalSchedule.every(every)
     curve: list[dict[str, Any]] = []
 
     def record(trainer: L.Trainer, module: L.LightningModule, r: dict) -> None:
@@ -414,6 +419,7 @@ def run_setup(setup: Setup, classifier: nn.Module, *, n: int, max_steps: int, se
     row = {
         "setup": setup.name,
         "n": n,
+        "every": every,  # None: MemWatch's default schedule
         "steps": final_step,
         "evaluations": len(live.history),
         "tau_gen": live.tau_gen,
@@ -614,6 +620,7 @@ def main(argv: list[str] | None = None) -> int:
                         "(default per setup)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads (the budget: 2 cores per setup)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--every", type=int, default=None, help="evaluate every N steps (default: MemWatch's)")
     parser.add_argument("--json", default=None, help="write the rows (and each evaluation) to this file")
     parser.add_argument("--root", default="/tmp/memwatch_zoo", help="Lightning's default_root_dir")
     parser.add_argument("--table-from", nargs="+", default=None, help="print the table of earlier --json files")
@@ -632,7 +639,9 @@ def main(argv: list[str] | None = None) -> int:
     for name in args.setups:
         n = args.n or SETUPS[name].n
         max_steps = args.max_steps or SETUPS[name].max_steps
-        row = run_setup(SETUPS[name], classifier, n=n, max_steps=max_steps, seed=args.seed, root=args.root)
+        row = run_setup(
+            SETUPS[name], classifier, n=n, max_steps=max_steps, seed=args.seed, root=args.root, every=args.every
+        )
         rows.append(row)
         print(f"{name}: {row['seconds']:.0f} s wall, {row['cpu_seconds']:.0f} s CPU, load {row['load_average']}, "
               f"FD(train, reference) {row['fid_train_floor']}", flush=True)

@@ -13,9 +13,13 @@ the history, no model, no samples):
    uniform draws (a Beta(k, m - k + 1) law; exact for ``k = 1``, normal approximation above): ``p = 1/2`` for
    the forecast, ``p = 5%`` and ``95%`` for the ends of its interval (the ``k``-th lowest of ``m`` ratios is
    itself uncertain);
-2. a straight line (least squares, optimizer steps on the x axis) is fitted to the last ``window``
-   evaluations' lowest ratios; a forecast exists only while the line falls (slope below zero by more than
-   twice its standard error) and f_mem is still zero;
+2. a straight line (least squares, optimizer steps on the x axis) is fitted to the lowest ratios of the
+   evaluations of the last doubling of training time (steps in ``(t / 2, t]`` for the last evaluated step
+   ``t``; the last :data:`MIN_POINTS` evaluations when it holds fewer), the window the detector's plateau
+   rule also reads (``window_factor = 2``): the same span of training whatever the evaluation period, and a
+   span that grows with the run as the paper's timescales do (tau_mem grows in proportion to n). A forecast
+   exists only while the line falls (slope below zero by more than twice its standard error) and f_mem is
+   still zero;
 3. the forecast is where the line meets the threshold (never before the last evaluation); its interval runs
    from where the line of the 5%-quantile lowest ratio, steeper by two standard errors and two fit errors
    lower, meets it, to where the line of the 95%-quantile lowest ratio, shallower by two standard errors and
@@ -43,8 +47,8 @@ __all__ = ["OnsetForecast", "detector_level", "forecast_onset", "lowest_ratio"]
 
 _Z = NormalDist().inv_cdf
 _Z05, _Z25 = _Z(0.05), _Z(0.25)
-DEFAULT_WINDOW = 5
-"""Evaluations the trend is fitted on (the most recent ones)."""
+WINDOW_FACTOR = 2.0
+"""The trend is fitted on the evaluations of the last factor of training time: steps in ``(t / 2, t]``."""
 MIN_POINTS = 3
 """Fewest evaluations with ratio quantiles a forecast needs."""
 SIGNIFICANCE = 2.0
@@ -114,7 +118,7 @@ def forecast_onset(
     *,
     threshold: float = 1 / 3,
     level: float = 0.0,
-    window: int = DEFAULT_WINDOW,
+    window: int | None = None,
 ) -> OnsetForecast:
     """Forecast, after the last record of ``history``, the step at which f_mem leaves zero (exceeds ``level``).
 
@@ -124,7 +128,9 @@ def forecast_onset(
         threshold: the memorization threshold on d1/d2 (MemWatch's ``threshold``).
         level: the f_mem the onset is counted from (a fraction): 0 (f_mem leaves zero), or the detector's
             ``f0`` (MemWatch passes it).
-        window: most recent evaluations the trend is fitted on (at least :data:`MIN_POINTS`).
+        window: the trend is fitted on the last ``window`` evaluations (at least :data:`MIN_POINTS`); None
+            (default): on those of the last doubling of training time, steps in ``(t / 2, t]`` after the last
+            evaluated step ``t`` (:data:`WINDOW_FACTOR`), at least the last :data:`MIN_POINTS`.
 
     Returns:
         An :class:`OnsetForecast` (``step`` None when f_mem is already above ``level``, when fewer than
@@ -145,7 +151,7 @@ def forecast_onset(
         return OnsetForecast(None, None, None, f"f_mem is already above {'zero' if level == 0 else f'{level:.3g}'}")
     points = [(int(r["step"]), *(lowest_ratio(r, p, level=level) for p in (0.5, 0.05, 0.95))) for r in history]
     points = [point for point in points if None not in point]
-    points = points[-max(int(window), MIN_POINTS) :]
+    points = _window(points, window)
     if len(points) < MIN_POINTS:
         why = f"{len(points)} evaluation(s) with ratio quantiles, {MIN_POINTS} needed"
         return OnsetForecast(None, None, None, why)
@@ -174,6 +180,18 @@ def forecast_onset(
         f"{len(points)} evaluations"
     )
     return OnsetForecast(step, min(low, step), None if high is None else max(high, step), reason)
+
+
+def _window(points: list[tuple], window: int | None) -> list[tuple]:
+    """The points (step first, in step order) the trend is fitted on: the last ``window``, or (None) those
+    after ``t / WINDOW_FACTOR`` for the last step ``t``; never fewer than :data:`MIN_POINTS` (when there are)."""
+    if window is not None:
+        return points[-max(int(window), MIN_POINTS) :]
+    if not points:
+        return points
+    since = points[-1][0] / WINDOW_FACTOR
+    recent = [point for point in points if point[0] > since]
+    return recent if len(recent) >= MIN_POINTS else points[-MIN_POINTS:]
 
 
 def _line(x: Sequence[float], y: Sequence[float]) -> tuple[float, float, float, float] | None:

@@ -15,7 +15,10 @@ During each evaluation the chosen weights are put into the module (sampling and 
 afterwards, so ``module.state_dict()`` read by a listener is exactly what was scored. At the end of fit,
 :meth:`ScoredWeights.restore` loads a kept state dict so that the module returned by ``trainer.fit`` holds it,
 whatever the order of the ``on_train_end`` calls (the averaging callback copies its average into the module
-there: the kept weights are loaded into the average too).
+there: the kept weights are loaded into the average too, also under ``weights="raw"``). When nothing is
+restored and the average was never updated, :meth:`ScoredWeights.hand_back` loads the module's raw weights
+into the average, so that the callback's end-of-fit copy hands back the raw weights that were scored, not
+the initial weights.
 
 An average that was never updated holds the initial weights (Lightning's ``WeightAveraging`` and
 ``EMAWeightAveraging(update_starting_at_step=...)`` start averaging late; a ``ModuleEMA`` held as an
@@ -121,6 +124,12 @@ class ScoredWeights:
         """Load kept weights (a state dict read inside :meth:`applied`) so that fit ends with them."""
         pl_module.load_state_dict(state_dict)
 
+    def hand_back(self, trainer: Trainer, pl_module: LightningModule) -> bool:
+        """Make fit end with the weights the module holds now (the raw weights) when the chosen average was never
+        updated, so never hand back its initial weights; call it before the averaging callback's
+        ``on_train_end``. Returns whether the average was written (False: nothing to do)."""
+        return False
+
     def describe(self) -> str:
         return "raw weights"
 
@@ -160,14 +169,39 @@ class _Averaged(ScoredWeights):
             self.callback.on_validation_epoch_end(trainer, pl_module)  # swap back
 
     def restore(self, trainer: Trainer, pl_module: LightningModule, state_dict: dict[str, Tensor]) -> None:
-        # The callback copies its average into the module in its own on_train_end, which may come after ours:
-        # put the kept weights into the average as well, so both orders end with them.
-        pl_module.load_state_dict(state_dict)
-        self.callback.on_validation_epoch_start(trainer, pl_module)  # the average now holds the kept weights
-        pl_module.load_state_dict(state_dict)
+        _restore_beside(self.callback, trainer, pl_module, state_dict)
+
+    def hand_back(self, trainer: Trainer, pl_module: LightningModule) -> bool:
+        # A never-updated average holds the initial weights, and the callback copies it into the module when
+        # training ends. Its first update copies the module's weights (AveragedModel with n_averaged == 0), so
+        # writing into it changes no later average.
+        if self.in_use(pl_module) != RAW_WARMUP:
+            return False
+        self.restore(trainer, pl_module, {k: v.detach().clone() for k, v in pl_module.state_dict().items()})
+        return True
 
     def describe(self) -> str:
         return f"averaged weights of {type(self.callback).__name__}"
+
+
+class _RawBesideAveraging(ScoredWeights):
+    """The raw weights (``weights="raw"``) while an averaging callback runs: restored into its average too."""
+
+    def __init__(self, callback: WeightAveraging) -> None:
+        self.callback = callback
+
+    def restore(self, trainer: Trainer, pl_module: LightningModule, state_dict: dict[str, Tensor]) -> None:
+        _restore_beside(self.callback, trainer, pl_module, state_dict)
+
+
+def _restore_beside(
+    callback: WeightAveraging, trainer: Trainer, pl_module: LightningModule, state_dict: dict[str, Tensor]
+) -> None:
+    """Load kept weights into the module and into ``callback``'s average: the callback copies its average into
+    the module in its own ``on_train_end``, which may come after the caller's, so both orders end with them."""
+    pl_module.load_state_dict(state_dict)
+    callback.on_validation_epoch_start(trainer, pl_module)  # swap: the average now holds the kept weights
+    pl_module.load_state_dict(state_dict)
 
 
 class _ModuleEMA(ScoredWeights):
@@ -251,8 +285,9 @@ def resolve_weights(choice: Any, trainer: Trainer, pl_module: LightningModule) -
     if isinstance(choice, ModuleEMA):
         return _ModuleEMA(choice, pl_module)
     check_choice(choice, "MemWatch(weights=...)", WEIGHTS_NAMES, hint="Or pass ModuleEMA('attribute') for an EMA copy.")
-    if choice == "raw":
-        return ScoredWeights()
+    if choice == "raw":  # beside one averaging callback, a restore goes into its average too
+        found = [cb for cb in getattr(trainer, "callbacks", []) if isinstance(cb, WeightAveraging)]
+        return _RawBesideAveraging(found[0]) if len(found) == 1 else ScoredWeights()
     callback = find_weight_averaging(trainer)
     if callback is None:
         if choice == "averaged":

@@ -137,3 +137,22 @@ def test_the_level_aimed_at_is_where_the_detectors_rule_holds():
     assert detector_level("threshold", 0.03, 512) == 0.03
     level = detector_level("ci", 0.0, 1000)  # the default rule: the 95% interval's lower end leaves 0
     assert 3 / 1000 < level < 4 / 1000  # the fourth copy of 1000 samples
+
+
+def test_the_default_window_is_the_last_doubling_of_training_time():
+    """A fall, then a pause of 400 steps (as the demo's n = 256, seed 1 paused before its onset): the last five
+    evaluations (every 100 steps) see only the pause and forecast nothing; the last doubling of training
+    time, steps (1000, 2000], holds the fall too, and its forecast holds the step the fall would resume to."""
+
+    def record(step: int) -> dict:
+        ratio = 0.95 - 2.5e-4 * min(step, 1600)  # 0.55 from step 1600 on
+        return {"step": step, "f_mem": 0.0, "ratio_q05": ratio, "ratio_q25": ratio + 0.08, "num_samples": 1000}
+
+    history = [record(step) for step in range(0, 2001, 100)]
+    assert forecast_onset(history, window=5).step is None  # the pause only: "does not fall"
+    forecast = forecast_onset(history)
+    assert "over 10 evaluations" in forecast.reason  # steps 1100 to 2000
+    resumed = 2000 + (lowest_ratio(record(2000)) - 1 / 3) / 2.5e-4  # the onset if the fall resumed at 2000
+    assert forecast.low <= resumed <= forecast.high and abs(forecast.step - resumed) <= 0.25 * resumed
+    sparse = [record(step) for step in range(0, 2001, 500)]  # every 500: (1000, 2000] holds 2, so the last 3
+    assert "over 3 evaluations" in forecast_onset(sparse).reason

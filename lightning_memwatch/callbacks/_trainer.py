@@ -1,5 +1,6 @@
-"""What the callbacks read from the Trainer before training starts: the training loader and the datamodule's
-conventions (``data_range``, ``train_images()``, ``reference_images()``, ``heldout_images()``)."""
+"""What the callbacks read from the Trainer: before training starts, the training loader and the datamodule's
+conventions (``data_range``, ``train_images()``, ``reference_images()``, ``heldout_images()``); at an epoch's
+end, whether the fit ends with it."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from lightning.pytorch import Trainer
 __all__ = [
     "data_range_of",
     "datamodule_of",
+    "fit_ends_with_this_epoch",
     "heldout_images_of",
     "reference_images_of",
     "train_images_of",
@@ -82,3 +84,16 @@ def heldout_images_of(trainer: Trainer | None) -> Any | None:
     """Held-out images: the datamodule's ``reference_images()``, else its ``heldout_images()``, or None."""
     found = reference_images_of(trainer)
     return found if found is not None else _call(datamodule_of(trainer), "heldout_images")
+
+
+def fit_ends_with_this_epoch(trainer: Trainer) -> bool:
+    """In ``on_train_epoch_end``: whether training ends after this epoch (``trainer.should_stop``, ``max_steps``
+    reached, or the last of ``max_epochs``), read from the public Trainer attributes the fit loop tests. True
+    also when ``min_steps``/``min_epochs`` will override a ``should_stop``."""
+    if trainer.should_stop:
+        return True
+    max_steps = trainer.max_steps
+    if max_steps is not None and max_steps >= 0 and trainer.global_step >= max_steps:
+        return True
+    max_epochs = trainer.max_epochs
+    return max_epochs is not None and max_epochs >= 0 and trainer.current_epoch + 1 >= max_epochs

@@ -32,7 +32,7 @@ from lightning_memwatch._checks import check_sample_range
 from lightning_memwatch.callbacks import _copies
 from lightning_memwatch.callbacks._scalars import log_scalars
 from lightning_memwatch.callbacks._train_images import ImageSource, TrainImages
-from lightning_memwatch.callbacks._trainer import data_range_of, reference_images_of
+from lightning_memwatch.callbacks._trainer import data_range_of, fit_ends_with_this_epoch, reference_images_of
 from lightning_memwatch.copies import CopiedTrainingImage, CopyTable
 from lightning_memwatch.detection import TimescaleDetector, TimescaleEvent
 from lightning_memwatch.evaluator import Evaluator, check_metric_names
@@ -54,6 +54,7 @@ from lightning_memwatch.weights import (
     ModuleEMA,
     ScoredWeights,
     WeightsChoice,
+    find_weight_averaging,
     resolve_weights,
     scoring,
 )
@@ -193,6 +194,7 @@ class MemWatch(Callback):
             hint="'auto'/'sharded': each DDP rank indexes its block of the training rows; 'rank0': rank 0 all rows.",
         )
         self.scored_weights: ScoredWeights | None = None  # resolved at setup
+        self._handed_back_step: int | None = None  # the step at which a never-updated average got the raw weights
         self.labels = labels
         self.train_labels = train_labels
         self._train_labels: Tensor | None = None  # class-conditional: every training row's class (set up)
@@ -423,6 +425,7 @@ class MemWatch(Callback):
             self._hparams = None
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._handed_back_step = None  # of this fit
         if self._fid_evaluator is not None and trainer.is_global_zero:
             self._fid_evaluator.prepare_reference()  # after load_state_dict: a resumed run reuses its stats
         if self._fid_evaluator is not None:
@@ -472,18 +475,31 @@ class MemWatch(Callback):
         if step != self._last_evaluated_step and step in self.schedule:
             self._evaluate(trainer, pl_module, step, can_log=True)
 
-    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        # Lightning's WeightAveraging copies its average into the module when training ends, updated or not:
-        # a never-updated average is the initial weights. MemWatch scored the raw weights; say what fit returns.
+    # Lightning's WeightAveraging copies its average into the module when training ends, updated or not: a
+    # never-updated average holds the initial weights, while MemWatch scored the raw weights. The raw weights go
+    # into such an average before any on_train_end runs (the epoch's end comes first), so fit hands them back
+    # (MemorizationEarlyStopping's restore then writes its kept weights into both).
+    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         scored = self.scored_weights
-        if scored is not None and self.history and scored.in_use(pl_module) == RAW_WARMUP:
-            rank_zero_warn(
-                f"MemWatch: training ended at step {trainer.global_step} before {scored.describe()} was ever "
-                f"updated ({scored.warmup_note()}): MemWatch scored the raw weights, but the averaging callback "
-                "copies its never-updated average, the initial weights, into the module at the end of fit. Start "
-                "the average earlier (update_starting_at_step below the steps you train), or take the raw weights "
-                "from a checkpoint."
-            )
+        if scored is not None and fit_ends_with_this_epoch(trainer) and scored.hand_back(trainer, pl_module):
+            self._handed_back_step = trainer.global_step
+
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        scored = self.scored_weights
+        if scored is None or self._handed_back_step == trainer.global_step or scored.in_use(pl_module) != RAW_WARMUP:
+            return
+        averaging = find_weight_averaging(trainer)
+        callbacks = list(trainer.callbacks)
+        if averaging is None or self not in callbacks or callbacks.index(self) < callbacks.index(averaging):
+            scored.hand_back(trainer, pl_module)  # its copy comes after this hook
+            return
+        rank_zero_warn(
+            f"MemWatch: training ended at step {trainer.global_step}, without an epoch end, before "
+            f"{scored.describe()} was ever updated ({scored.warmup_note()}): MemWatch scored the raw weights, but "
+            "the averaging callback, placed before MemWatch, has copied its never-updated average, the initial "
+            "weights, into the module. Place MemWatch before the averaging callback in the Trainer's callbacks, "
+            "start the average earlier, or take the raw weights from a checkpoint."
+        )
 
     def _setup_summary(self, trainer: Trainer, step: int) -> str:
         """The one line printed per fit (what was indexed, backend, FID reference, next evaluation)."""

@@ -8,36 +8,14 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from lightning.pytorch import Callback, LightningModule, Trainer
+from _kill_resume_fit import QUALITY, TRAIN, CopyingToy  # samples copies from step 40 on
+from lightning.pytorch import Callback, Trainer
 from lightning.pytorch.callbacks import EMAWeightAveraging, ModelCheckpoint
 
 from lightning_memwatch import EvalSchedule, MemorizationEarlyStopping, MemWatch, TimescaleDetector
 from lightning_memwatch.weights import RAW_WARMUP, ModuleEMA, resolve_weights
 
-TRAIN = torch.rand((48, 1, 6, 6), generator=torch.Generator().manual_seed(0)) * 2 - 1
-QUALITY = {5: 10.0, 10: 5.0, 15: 1.05, 20: 1.0, 25: 0.95, 30: 1.02, 35: 0.99, 40: 0.5, 45: 0.4, 50: 0.3}
 START = 12  # EMAWeightAveraging(update_starting_at_step=START): first update at global_step START + 1
-
-
-class CopyingToy(LightningModule):
-    """A linear layer trained by SGD; samples copies of training images from step 40 on."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.register_buffer("train_images", TRAIN.clone())
-        self.layer = torch.nn.Linear(TRAIN[0].numel(), 1)
-
-    def training_step(self, batch, batch_idx):
-        return self.layer(batch[0].flatten(1)).pow(2).mean()
-
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=0.05, momentum=0.9)
-
-    def sample(self, num_samples, generator=None, noise=None):
-        if self.global_step < 40:
-            return torch.sign(noise) * 0.999
-        pick = (noise.flatten(1)[:, 0].abs() * 1e4).long() % len(self.train_images)
-        return self.train_images[pick].clone()
 
 
 class RawWeights(Callback):
@@ -64,10 +42,11 @@ def _loader():
     return torch.utils.data.DataLoader(data, batch_size=8, shuffle=False)
 
 
-def _parts(model, tmp_path, verbose=False):
+def _parts(model, tmp_path, verbose=False, schedule=None, weights="auto"):
     watch = MemWatch(
-        train_data=TRAIN, num_samples=24, sample_batch_size=12, schedule=EvalSchedule.every(5), bootstrap=100,
-        verbose=verbose, log_images=False, metrics={"quality": lambda generated: QUALITY[model.global_step]},
+        train_data=TRAIN, num_samples=24, sample_batch_size=12, schedule=schedule or EvalSchedule.every(5),
+        bootstrap=100, weights=weights, verbose=verbose, log_images=False,
+        metrics={"quality": lambda generated: QUALITY[model.global_step]},
         detector=TimescaleDetector(quality_key="quality", floor=1.0),
     )  # fmt: skip
     scored: dict[int, dict[str, torch.Tensor]] = {}
@@ -103,10 +82,11 @@ def test_before_the_first_update_the_raw_weights_are_scored_and_said(tmp_path, c
     assert _same(model.state_dict(), scored[stopper.restored_step])  # restored: exactly the scored weights
 
 
-@pytest.mark.parametrize("start", [START, 27])
+@pytest.mark.parametrize("start", [START, 27, 1000])
 def test_after_a_resume_under_ema_the_restored_weights_are_the_scored_ones(tmp_path, start):
     """Resumed at step 30 from a checkpoint holding the average and the raw weights; the best weights are those
-    of step 25: the average's (start 12) or, inside the warm-up (start 27), the raw weights of step 25."""
+    of step 25: the average's (start 12) or, inside the warm-up (start 27), the raw weights of step 25; with
+    start 1000 the average is never updated, before or after the resume, and fit still returns them."""
     torch.manual_seed(0)
     full_model = CopyingToy()
     start_weights = _copy(full_model)
@@ -150,17 +130,97 @@ def test_module_ema_held_as_an_averaged_model_is_scored_once_updated():
     assert scored.in_use(module) == "module_ema"
 
 
-def test_a_fit_that_ends_inside_the_warmup_says_fit_returns_the_initial_weights(tmp_path):
-    """Lightning's averaging callback copies its average into the module at the end of fit even when it was
-    never updated: MemWatch scored the raw weights, and warns that fit hands back the initial weights."""
+@pytest.mark.parametrize("ema_first", [True, False])
+def test_a_stop_inside_the_warmup_hands_back_the_kept_raw_weights(tmp_path, ema_first):
+    """The average is never updated (its warm-up outlasts the fit): the stopper keeps the raw weights of step 25
+    and stops at tau_mem = 40; fit returns those weights, whichever on_train_end runs first (Lightning's
+    averaging callback copies its average into the module there)."""
+    torch.manual_seed(0)
+    model = CopyingToy()
+    initial = _copy(model)
+    watch, stopper, scored = _parts(model, tmp_path)
+    raw = RawWeights()
+    ema = EMAWeightAveraging(decay=0.5, update_starting_at_step=1000)
+    callbacks = [ema, raw, watch, stopper] if ema_first else [raw, watch, stopper, ema]
+    _trainer(tmp_path, callbacks).fit(model, _loader())
+    assert watch.tau_mem == 40 and stopper.restored_step == 25
+    assert {r.scored_weights for r in watch.history} == {RAW_WARMUP}
+    assert _same(model.state_dict(), scored[25]) and _same(scored[25], raw.raw[25])
+    assert not _same(model.state_dict(), initial)
+
+
+@pytest.mark.parametrize("ema_first", [True, False])
+def test_a_stop_inside_the_warmup_with_nothing_kept_hands_back_the_last_scored_weights(tmp_path, ema_first):
+    """The zoo's diffusers-ema-warmup case: the first evaluation (step 40) already copies, so the stopper keeps
+    nothing and stops there; fit returns the raw weights scored at step 40, never the initial weights."""
+    torch.manual_seed(0)
+    model = CopyingToy()
+    initial = _copy(model)
+    watch, stopper, scored = _parts(model, tmp_path, schedule=EvalSchedule.at([40, 80]))
+    ema = EMAWeightAveraging(decay=0.5, update_starting_at_step=1000)
+    callbacks = [ema, watch, stopper] if ema_first else [watch, stopper, ema]
+    _trainer(tmp_path, callbacks).fit(model, _loader())
+    assert watch.tau_mem == 40 and stopper.best_step is None and stopper.stopped_step == 40
+    assert [r.scored_weights for r in watch.history] == [RAW_WARMUP]
+    assert _same(model.state_dict(), scored[40]) and not _same(model.state_dict(), initial)
+
+
+@pytest.mark.parametrize("ema_first", [True, False])
+def test_a_fit_that_ends_inside_the_warmup_returns_the_raw_weights(tmp_path, ema_first):
+    """max_steps inside the warm-up, no stopper: fit returns the raw weights MemWatch scored last (step 10),
+    not the initial weights that Lightning's averaging callback would copy from its never-updated average."""
+    torch.manual_seed(0)
+    model = CopyingToy()
+    initial = _copy(model)
+    watch, _, scored = _parts(model, tmp_path)
+    ema = EMAWeightAveraging(decay=0.5, update_starting_at_step=1000)
+    callbacks = [ema, watch] if ema_first else [watch, ema]
+    _trainer(tmp_path, callbacks, max_steps=10).fit(model, _loader())
+    assert [r.scored_weights for r in watch.history] == [RAW_WARMUP, RAW_WARMUP]
+    assert _same(model.state_dict(), scored[10]) and not _same(model.state_dict(), initial)
+
+
+@pytest.mark.parametrize("ema_first", [True, False])
+def test_raw_weights_beside_an_average_are_restored_as_kept(tmp_path, ema_first):
+    """MemWatch(weights="raw") beside an updated EMAWeightAveraging: the stopper keeps the raw weights of step
+    25, and fit returns them, not the average that the callback copies into the module when training ends."""
+    torch.manual_seed(0)
+    model = CopyingToy()
+    watch, stopper, scored = _parts(model, tmp_path, weights="raw")
+    raw = RawWeights()
+    ema = EMAWeightAveraging(decay=0.5)
+    callbacks = [ema, raw, watch, stopper] if ema_first else [raw, watch, stopper, ema]
+    _trainer(tmp_path, callbacks).fit(model, _loader())
+    assert stopper.restored_step == 25 and {r.scored_weights for r in watch.history} == {"raw"}
+    assert _same(scored[25], raw.raw[25]) and _same(model.state_dict(), scored[25])
+
+
+def test_a_fit_ending_without_an_epoch_end_hands_back_or_warns():
+    """on_train_end without the last epoch's end (the hand-back's usual place): MemWatch placed before the
+    averaging callback still hands the raw weights back; placed after it, the initial weights are already in
+    the module, and it says so."""
     import warnings
 
     torch.manual_seed(0)
     model = CopyingToy()
-    watch, _, scored = _parts(model, tmp_path)
-    ema = EMAWeightAveraging(decay=0.5, update_starting_at_step=1000)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        _trainer(tmp_path, [ema, watch], max_steps=10).fit(model, _loader())
-    assert [r.scored_weights for r in watch.history] == [RAW_WARMUP, RAW_WARMUP]
-    assert any("never-updated average, the initial weights" in str(w.message) for w in caught)
+    initial = _copy(model)
+    for order in ("watch_first", "ema_first"):
+        model.load_state_dict(initial)
+        ema = EMAWeightAveraging(update_starting_at_step=1000)
+        ema.setup(SimpleNamespace(), model, "fit")  # the average: a copy of the initial weights, never updated
+        with torch.no_grad():
+            model.layer.weight.add_(1.0)  # "trained"
+        trained = _copy(model)
+        watch = MemWatch(train_data=TRAIN, log_images=False)
+        callbacks = [watch, ema] if order == "watch_first" else [ema, watch]
+        trainer = SimpleNamespace(callbacks=callbacks, global_step=7)
+        watch.scored_weights = resolve_weights("auto", trainer, model)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for callback in callbacks:  # Lightning's order: the Trainer's callbacks in turn
+                callback.on_train_end(trainer, model)
+        said = any("has copied its never-updated average, the initial weights" in str(w.message) for w in caught)
+        if order == "watch_first":
+            assert _same(model.state_dict(), trained) and not said
+        else:
+            assert _same(model.state_dict(), initial) and said
