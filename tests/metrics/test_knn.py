@@ -403,14 +403,16 @@ def test_int8_screen_stays_exact_where_its_codes_cannot_narrow(backend: str) -> 
     assert torch.equal(i, brute_force(one[:7] + 1e-3, one, 2)[1])
 
 
-def test_auto_picks_the_int8_screen_on_cpus_with_int8_dot_products(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_auto_picks_the_int8_screen_on_cpus_with_vnni_or_amx(monkeypatch: pytest.MonkeyPatch) -> None:
     train = torch.randn(10, 4)
+    monkeypatch.setattr(knn_backends, "cpu_flags", lambda: frozenset({"avx2", "fma"}))
+    assert NearestNeighbourIndex(train).backend in ("faiss-cpu", "torch")  # AVX2 alone: float32
     for flags in ({"avx2", "avx512_vnni"}, {"avx2", "avx_vnni"}, {"amx_bf16", "amx_int8", "avx512_vnni"}):
         monkeypatch.setattr(knn_backends, "cpu_flags", lambda flags=flags: frozenset(flags))
         expected = "torch-int8" if knn_backends.int8_gemm_exact() else "torch-bf16" if "amx_bf16" in flags else None
         if expected is not None:
             assert NearestNeighbourIndex(train).backend == expected
-    monkeypatch.setattr(knn_backends, "int8_gemm_exact", lambda: False)  # a torch whose int8 GEMM is wrong
+    monkeypatch.setattr(knn_backends, "int8_code_limit", lambda: None)  # a torch whose int8 GEMM is never exact
     assert NearestNeighbourIndex(train).backend == "torch-bf16"
     with pytest.raises(ValueError, match="torch._int_mm"):
         NearestNeighbourIndex(train, backend="torch-int8")
@@ -418,16 +420,24 @@ def test_auto_picks_the_int8_screen_on_cpus_with_int8_dot_products(monkeypatch: 
 
 _SATURATION_PROBE = """
 import torch
-from lightning_memwatch.metrics.knn.backends import int8_gemm_exact
+from lightning_memwatch.metrics.knn import NearestNeighbourIndex
+from lightning_memwatch.metrics.knn.backends import int8_code_limit
 a, b = torch.full((4, 64), 127, dtype=torch.int8), torch.full((8, 64), -127, dtype=torch.int8)
 wrong = not torch.equal(torch._int_mm(a, b.T).long(), a.long() @ b.long().T)
-print(wrong, int8_gemm_exact())
+g = torch.Generator().manual_seed(0)
+train, queries = torch.rand(3000, 96, generator=g), torch.rand(40, 96, generator=g)
+exact = None
+if int8_code_limit() is not None:
+    got = NearestNeighbourIndex(train, backend="torch-int8").search(queries, 2)[1]
+    exact = torch.equal(got, torch.cdist(queries.double(), train.double()).topk(2, largest=False).indices)
+print(wrong, int8_code_limit(), exact)
 """
 
 
-def test_int8_screen_is_not_offered_where_the_int8_gemm_saturates() -> None:
+def test_int8_codes_stay_where_the_int8_gemm_is_exact() -> None:
     # oneDNN's AVX2 int8 kernel (no VNNI) sums pairs of products in saturating int16: wrong for large codes.
-    # Limiting oneDNN to AVX2 shows that CPU on any x86 machine; the screen must then not be offered.
+    # Limiting oneDNN to AVX2 shows that CPU on any x86 machine: the screen must use 7-bit codes there, and stay
+    # exact.
     done = subprocess.run(
         [sys.executable, "-c", _SATURATION_PROBE],
         env=child_env(ONEDNN_MAX_CPU_ISA="AVX2", OMP_NUM_THREADS="1"),
@@ -436,8 +446,11 @@ def test_int8_screen_is_not_offered_where_the_int8_gemm_saturates() -> None:
         timeout=120,
     )
     assert done.returncode == 0, done.stderr[-2000:]
-    wrong, exact = done.stdout.split()
-    assert not (wrong == "True" and exact == "True")
+    wrong, limit, exact = done.stdout.split()
+    assert not (wrong == "True" and limit == "127")
+    assert exact in ("True", "None")
+    if wrong == "True":
+        assert limit == "63" and exact == "True"
 
 
 @pytest.mark.parametrize("backend", INT8)

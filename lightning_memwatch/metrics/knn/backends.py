@@ -86,36 +86,54 @@ def has_fast_bfloat16(device: torch.device | str = "cpu") -> bool:
     return device.type == "cpu" and "amx_bf16" in cpu_flags()
 
 
-# CPU features with int8 dot-product instructions (VNNI) or int8 tiles (AMX), where torch's int8 GEMM (oneDNN)
-# runs several times faster than its float32 GEMM (3.7x on an AMD EPYC with AVX512-VNNI, see docs/performance.md).
+# CPU features with int8 dot products accumulated in int32 (VNNI) or int8 tiles (AMX): there torch's int8 GEMM
+# (oneDNN) runs several times faster than its float32 GEMM with 8-bit codes (docs/performance.md). AVX2 alone
+# needs 7-bit codes, whose wider bound makes uniform data slower than faiss-cpu: "auto" does not pick it there.
 INT8_CPU_FLAGS = frozenset({"avx512_vnni", "avx_vnni", "amx_int8"})
 
 
-@functools.lru_cache(maxsize=1)
-def int8_gemm_exact() -> bool:
-    """Whether torch's CPU int8 GEMM (``torch._int_mm``) returns the exact int32 sums on a few shapes and codes
-    the int8 screen uses (its certificate assumes it). VNNI and AMX accumulate products in int32; oneDNN's AVX2
-    kernel adds pairs of products in saturating int16 and is wrong for codes beyond about +-64 (measured with
-    ``ONEDNN_MAX_CPU_ISA=AVX2``): there the screen is not offered."""
-    try:
-        g = torch.Generator().manual_seed(0)
-        for m, d, n in ((1, 8, 3), (5, 24, 17), (33, 1032, 70)):
-            a = torch.randint(-127, 128, (m, d), generator=g, dtype=torch.int8)
-            b = torch.randint(-127, 128, (n, d), generator=g, dtype=torch.int8)
-            a[0], b[0] = 127, -127  # the largest sums of pairs
-            if not torch.equal(torch._int_mm(a, b.T).to(torch.int64), a.to(torch.int64) @ b.to(torch.int64).T):
-                return False
-    except (RuntimeError, AttributeError):  # pragma: no cover - torch without a CPU int8 GEMM
-        return False
+def _int_mm_exact(limit: int) -> bool:
+    """Whether ``torch._int_mm`` returns exact int32 sums for codes within ``+-limit`` on a few shapes."""
+    g = torch.Generator().manual_seed(0)
+    for m, d, n in ((1, 8, 3), (5, 24, 17), (33, 1032, 70)):
+        a = torch.randint(-limit, limit + 1, (m, d), generator=g, dtype=torch.int8)
+        b = torch.randint(-limit, limit + 1, (n, d), generator=g, dtype=torch.int8)
+        a[0], b[0] = limit, -limit  # the largest sums of pairs
+        if not torch.equal(torch._int_mm(a, b.T).to(torch.int64), a.to(torch.int64) @ b.to(torch.int64).T):
+            return False
     return True
+
+
+@functools.lru_cache(maxsize=1)
+def int8_code_limit() -> int | None:
+    """The largest code magnitude for which torch's CPU int8 GEMM (``torch._int_mm``) returns exact int32 sums
+    here: 127, or 63, or None (no exact int8 GEMM: the screen is not offered).
+
+    VNNI and AMX accumulate products in int32 (127). oneDNN's AVX2 kernel (no VNNI) adds pairs of products in
+    saturating int16, which is wrong for codes beyond about +-64 (measured with ``ONEDNN_MAX_CPU_ISA=AVX2``) and
+    exact within +-63 (7-bit codes: twice the step, a looser bound, the same exactness).
+    """
+    try:
+        for limit in (127, 63):
+            if _int_mm_exact(limit):
+                return limit
+    except (RuntimeError, AttributeError):  # pragma: no cover - torch without a CPU int8 GEMM
+        return None
+    return None
+
+
+def int8_gemm_exact() -> bool:
+    """Whether the int8 screen can run here (:func:`int8_code_limit` found an exact code range)."""
+    return int8_code_limit() is not None
 
 
 def has_fast_int8(device: torch.device | str = "cpu") -> bool:
     """Whether ``backend="auto"`` screens with exact int8 GEMMs for data on ``device``.
 
-    The rule: a CPU that reports VNNI or AMX int8 instructions (``avx512_vnni``, ``avx_vnni``, ``amx_int8``)
-    and whose torch computes int8 GEMMs exactly (:func:`int8_gemm_exact`). Elsewhere (AVX2 without VNNI, where
-    oneDNN's int8 GEMM is about as fast as a float32 GEMM; CUDA) ``"auto"`` keeps its other rules.
+    The rule: a CPU with VNNI or AMX int8 instructions (``avx512_vnni``, ``avx_vnni``, ``amx_int8``) whose torch
+    computes int8 GEMMs exactly (:func:`int8_code_limit`). Elsewhere (CUDA; AVX2 without VNNI, where only 7-bit
+    codes are exact) ``"auto"`` keeps its other rules; ``backend="torch-int8"`` runs wherever some code range
+    is exact.
     """
     device = torch.device(device)
     return device.type == "cpu" and bool(INT8_CPU_FLAGS & cpu_flags()) and int8_gemm_exact()
@@ -168,9 +186,8 @@ def resolve_backend(backend: str, device: torch.device, *, screen: bool = True) 
     if backend == "torch-int8":
         if device.type != "cpu" or not int8_gemm_exact():
             raise config_error(
-                "backend='torch-int8' runs on CPU data, on a CPU whose int8 GEMM (torch._int_mm) returns exact sums "
-                "(VNNI or AMX: without them oneDNN's int16 pair sums saturate); move the training data to the CPU, "
-                "or pass backend='auto'."
+                "backend='torch-int8' runs on CPU data, with a torch whose int8 GEMM (torch._int_mm) returns exact "
+                "sums on this CPU; move the training data to the CPU, or pass backend='auto'."
             )
         return backend, device
     if backend == "faiss-cpu":

@@ -19,6 +19,7 @@ from lightning_memwatch.metrics.knn.backends import (
     SCREEN_MAX_AUTO_DIM,
     Backend,
     import_faiss,
+    int8_code_limit,
     resolve_backend,
 )
 from lightning_memwatch.metrics.knn.build import duplicate_mask, row_stats
@@ -267,6 +268,7 @@ class NearestNeighbourIndex:
                 stats.centre,
                 dropped,
                 keep_codes=source.held and screen_copy,
+                limit=int8_code_limit() or 127,
             )
         self._passes = scan.FastPasses(
             self._fast,
@@ -444,7 +446,7 @@ class NearestNeighbourIndex:
     def _all_bounds(self, q: Tensor) -> tuple[Tensor, Tensor]:
         """The fast pass's bounds on every squared distance (for the property tests, see :mod:`.scan`)."""
         if self._int8 is not None:
-            codes, code_sq, r_x = int8.quantize(q, self._int8.centre, self._int8.scale)
+            codes, code_sq, r_x = int8.quantize(q, self._int8.centre, self._int8.scale, self._int8.limit)
             parts = [
                 int8.int8_bounds(self._int8, codes, code_sq, r_x, j, self._int8.block(rows, j))
                 for j, rows in self._fast.blocks(centred=False)

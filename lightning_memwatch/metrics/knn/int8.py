@@ -1,16 +1,18 @@
 r"""The int8 screen (``backend="torch-int8"``): exact integer GEMMs and a certificate per row and per query.
 
-Every row ``t`` (and every query) is stored as 8-bit codes ``c = clamp(round((t - mu) / s), -127, 127)`` on one
-scale ``s`` for the whole index (:func:`choose_scale`: about the largest ``|t - mu|`` over 127) and the
-float32 centre ``mu``. Its *residual* ``e = (t - mu) - s c`` has a norm ``r`` known at build time (per query at
-search time). With ``D2 = ||c_x - c_t||^2``,
+Every row ``t`` (and every query) is stored as 8-bit codes ``c = clamp(round((t - mu) / s), -L, L)`` on one
+scale ``s`` for the whole index (:func:`choose_scale`: about the largest ``|t - mu|`` over ``L``) and the
+float32 centre ``mu``; ``L`` is 127, or 63 where the CPU's int8 GEMM is exact only for 7-bit codes
+(:func:`~lightning_memwatch.metrics.knn.backends.int8_code_limit`). Its *residual* ``e = (t - mu) - s c`` has a
+norm ``r`` known at build time (per query at search time). With ``D2 = ||c_x - c_t||^2``,
 
     ||x - t|| = ||s (c_x - c_t) + (e_x - e_t)||   lies in   [s sqrt(D2) - r_x - r_t,  s sqrt(D2) + r_x + r_t]
 
 (the triangle inequality). ``D2 = ||c_x||^2 + ||c_t||^2 - 2 c_x . c_t`` is an *integer* and the GEMM that makes
 it (``torch._int_mm``: int8 inputs, int32 accumulation) is exact, whatever the summation order, where the
-CPU accumulates products in int32 (VNNI, AMX; oneDNN's AVX2 kernel saturates pair sums in int16, so there the
-screen is not offered: :func:`~lightning_memwatch.metrics.knn.backends.int8_gemm_exact` checks it):
+CPU accumulates products in int32 (VNNI, AMX) and, for codes within +-63, with oneDNN's AVX2 kernel (it adds
+pairs of products in saturating int16): :func:`~lightning_memwatch.metrics.knn.backends.int8_code_limit` checks
+it on the machine:
 ``|c_x . c_t| <= 127^2 D`` fits int32 for ``D <= 44,000`` (:data:`INT8_MAX_DIM` keeps a margin). So the
 bound has no rounding term at all: it is the quantization residual of the two vectors, per row and per query
 (about ``s sqrt(D / 12)``), and it does not grow with the norms. It is looser than the float32 bound (on
@@ -77,6 +79,7 @@ class Int8Rows:
 
     Attributes:
         scale: ``s``, the value of one code step.
+        limit: ``L``, the largest code magnitude.
         centre: float32 ``mu``, ``(D,)``.
         codes: int8 codes of held rows ``(n, D)``, or None (streamed rows: made block by block).
         code_sq: ``||c_t||^2`` per row, int32.
@@ -87,6 +90,7 @@ class Int8Rows:
     """
 
     scale: float
+    limit: int
     centre: Tensor
     codes: Tensor | None
     code_sq: Tensor
@@ -99,7 +103,7 @@ class Int8Rows:
         """The codes of the block of float32 rows starting at ``start`` (held: a view)."""
         if self.codes is not None:
             return self.codes[start : start + len(rows)]
-        return quantize(rows, self.centre, self.scale)[0]
+        return quantize(rows, self.centre, self.scale, self.limit)[0]
 
 
 def code_width(dim: int) -> int:
@@ -108,15 +112,15 @@ def code_width(dim: int) -> int:
     return -(-dim // 8) * 8
 
 
-def quantize(rows: Tensor, centre: Tensor, scale: float) -> tuple[Tensor, Tensor, Tensor]:
-    """int8 codes ``(len, code_width(D))``, int32 ``||c||^2`` and float64 residual bounds ``r`` of float32 CPU
-    ``rows`` (see the notes). numpy, one thread: torch's threaded elementwise kernels cost more than the work
-    when the cores are shared."""
+def quantize(rows: Tensor, centre: Tensor, scale: float, limit: int = 127) -> tuple[Tensor, Tensor, Tensor]:
+    """int8 codes within ``+-limit`` ``(len, code_width(D))``, int32 ``||c||^2`` and float64 residual bounds
+    ``r`` of float32 CPU ``rows`` (see the notes). numpy, one thread: torch's threaded elementwise kernels
+    cost more than the work when the cores are shared."""
     x = rows.detach().contiguous().numpy()
     dim = x.shape[1]
     shifted = x - centre.numpy()
     codes32 = np.rint(shifted * np.float32(1 / scale))
-    np.clip(codes32, -127, 127, out=codes32)
+    np.clip(codes32, -limit, limit, out=codes32)
     shifted -= codes32 * np.float32(scale)  # the residual, computed in float32
     codes = np.zeros((len(x), code_width(dim)), dtype=np.int8)
     codes[:, :dim] = codes32
@@ -130,8 +134,8 @@ def quantize(rows: Tensor, centre: Tensor, scale: float) -> tuple[Tensor, Tensor
     return torch.from_numpy(codes), torch.from_numpy(code_sq), torch.from_numpy(r)
 
 
-def choose_scale(sample: Tensor, centre: Tensor) -> float:
-    """The code step: the 99th percentile over the sampled rows of each row's largest ``|t - mu|``, over 127
+def choose_scale(sample: Tensor, centre: Tensor, limit: int = 127) -> float:
+    """The code step: the 99th percentile over the sampled rows of each row's largest ``|t - mu|``, over ``limit``
     (a few rows far outside the others clamp, and become wide rows, instead of coarsening every code); a
     float32 number (the residuals, computed in float32, and the bounds, in float64, use the same ``s``) within
     ``[2**-100, 2**100]``; 1.0 for constant rows."""
@@ -140,7 +144,7 @@ def choose_scale(sample: Tensor, centre: Tensor) -> float:
     top = float(torch.quantile((sample - centre).abs().amax(dim=1).to(torch.float64), SCALE_QUANTILE))
     if not (top > 0 and math.isfinite(top)):
         return 1.0
-    return float(torch.tensor(top / 127, dtype=torch.float32).clamp(2.0**-100, 2.0**100))
+    return float(torch.tensor(top / limit, dtype=torch.float32).clamp(2.0**-100, 2.0**100))
 
 
 def _r_hi(residual: Tensor) -> float:
@@ -159,16 +163,18 @@ def build_int8(
     dropped: Tensor | None,
     *,
     keep_codes: bool,
+    limit: int = 127,
 ) -> Int8Rows:
-    """Codes, norms and residuals of every row, from ``(start, float32 rows)`` blocks (not centred)."""
-    scale = choose_scale(sample, centre)
+    """Codes (within ``+-limit``), norms and residuals of every row, from ``(start, float32 rows)`` blocks (not
+    centred)."""
+    scale = choose_scale(sample, centre, limit)
     codes = torch.empty(n, code_width(dim), dtype=torch.int8) if keep_codes else None
     code_sq = torch.empty(n, dtype=torch.int32)
     residual = torch.empty(n, dtype=torch.float64)
 
     def work(block: tuple[int, Tensor]) -> None:
         j, rows = block
-        c, sq, r = quantize(rows, centre, scale)
+        c, sq, r = quantize(rows, centre, scale, limit)
         if codes is not None:
             codes[j : j + len(rows)] = c
         code_sq[j : j + len(rows)], residual[j : j + len(rows)] = sq, r
@@ -188,7 +194,7 @@ def build_int8(
     if dropped is not None:
         wide &= ~dropped
     masked = wide if dropped is None else wide | dropped
-    return Int8Rows(scale, centre, codes, code_sq, residual, r_hi, wide, masked)
+    return Int8Rows(scale, limit, centre, codes, code_sq, residual, r_hi, wide, masked)
 
 
 def lower_upper(d2_codes: Tensor, r_sum: Tensor, scale: float) -> tuple[Tensor, Tensor]:
@@ -229,7 +235,7 @@ def int8_scan(
             sees them (centred or not), with float64 squared norms and norms. k: neighbours per query.
     """
     fast, bs, scale = passes.fast, passes.block_size, rows8.scale
-    x_codes, x_code_sq, r_x = quantize(q, rows8.centre, scale)
+    x_codes, x_code_sq, r_x = quantize(q, rows8.centre, scale, rows8.limit)
     model = passes.expansion()
     cq = passes.cq(model, x_sq, x_norm, fast.y_max, True)
     coef = (model.c_xy * x_norm).to(torch.float32)
