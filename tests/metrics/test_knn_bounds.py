@@ -15,6 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from lightning_memwatch.metrics.knn import NearestNeighbourIndex, available_backends
+from lightning_memwatch.metrics.knn.backends import int8_code_limit
 
 torch.set_num_threads(1)
 
@@ -101,8 +102,9 @@ def test_bounds_bracket_every_distance(backend: str, name: str) -> None:
     assert bool((lower <= true).all()) and bool((true <= upper).all())
     if name == "saturated":  # not vacuous: within a few percent of the distances between distinct images
         far = true > 1.0
-        loose = backend in ("torch-bf16", "torch-int8")  # bfloat16 rounding, int8 code residuals
-        assert float(((upper - lower)[far] / true[far]).median()) < (0.05 if loose else 1e-3)
+        # bfloat16 rounding, int8 code residuals (twice as wide with 7-bit codes: AVX2 without VNNI)
+        width = {"torch-bf16": 0.05, "torch-int8": 0.05 if int8_code_limit() == 127 else 0.1}.get(backend, 1e-3)
+        assert float(((upper - lower)[far] / true[far]).median()) < width
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
