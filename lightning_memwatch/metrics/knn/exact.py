@@ -7,6 +7,8 @@ the ``k`` smallest are kept, ties going to the lower row. Results are therefore 
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 import torch
 from torch import Tensor
@@ -50,10 +52,19 @@ def pair_distances(source: HeldRows, q: Tensor, pair_q: Tensor, pair_t: Tensor, 
     if device.type == "cpu" and NUMPY_ON_CPU:  # gathers in small chunks, in cache (no copy of q per pair)
         q_np, pq, pt, out_np = q.numpy(), pair_q.numpy(), pair_t.numpy(), out.numpy()
         chunk = max(1, RERANK_BYTES // max(1, 8 * source.dim))
-        for i in range(0, len(pq), chunk):
+
+        def work(i: int) -> None:  # numpy releases the GIL: chunks run in torch's threads
             diff = source.gather_np(pt[i : i + chunk]).astype(np.float64)
             diff -= q_np[pq[i : i + chunk]]
             out_np[i : i + chunk] = np.einsum("ij,ij->i", diff, diff)
+
+        starts = range(0, len(pq), chunk)
+        if len(starts) > 1 and torch.get_num_threads() > 1:
+            with ThreadPoolExecutor(max_workers=torch.get_num_threads()) as pool:
+                list(pool.map(work, starts))
+        else:
+            for i in starts:
+                work(i)
         return out
     step = 64 * RERANK_CHUNK
     for i in range(0, len(pair_q), step):
