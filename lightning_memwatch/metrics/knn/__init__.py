@@ -34,7 +34,8 @@ Decisions, in one place:
   minus the two vectors' quantization residuals (known per row at build time, per query at search time), a
   bound with no rounding term (see :mod:`.int8`). ``"auto"`` picks it on CPUs with int8 dot-product
   instructions (``avx512_vnni``, ``avx_vnni``, ``amx_int8``: :func:`has_fast_int8`), where torch's int8 GEMM
-  runs several times faster than its float32 GEMM; queries the codes cannot narrow take the float32 tile on
+  runs several times faster than its float32 GEMM (on AVX2 alone it is exact for 7-bit codes only: forced
+  there, the screen uses them); queries the codes cannot narrow take the float32 tile on
   the block in hand (no second scan). It keeps an int8 copy of held rows (``D`` bytes per row, a quarter of
   the float32 rows).
 * **Split-bfloat16 screening** (``backend="torch-bf16"``). Each centred row is split into two bfloat16 parts
