@@ -22,9 +22,11 @@ replaces runs several times faster (:mod:`lightning_memwatch.metrics.knn`; ``doc
 What is computed in floating point, and its cover:
 
 * the residual: ``fl32(fl32(t - mu) - fl32(s c))`` errs by at most ``3 u (|t_i - mu_i| + s |c_i|)`` per
-  coordinate (``u = 2**-24``; ``2**-150`` absolute per operation among subnormals), its norm is summed in
-  float64, so ``r = (1 + 2 (D + 8) u) (||e_computed|| + 8 u s ||c||) + 2**-120 D`` bounds the true residual
-  norm (``||t - mu|| <= s ||c|| + ||e||``; ``||c||^2`` is an exact integer);
+  coordinate (``u = 2**-24``; ``2**-150`` absolute per operation among subnormals); it is scaled by ``fl32(1 /
+  s)`` (two more roundings) and its squares summed in float32 (``gamma_D`` relative; a square below
+  ``2**-150``, lost to underflow, is a coordinate below ``2**-75`` steps), so ``r = (1 + 2 (D + 8) u)
+  (s ||e_computed / s|| + 8 u s ||c||) + s sqrt(D) 2**-75 + 2**-120 D`` bounds the true residual norm
+  (``||t - mu|| <= s ||c|| + ||e||``; ``||c||^2`` is an exact integer, summed in float64);
 * ``s sqrt(D2)``, the sums and squares of the bounds: float64, a few roundings of ``2**-53`` relative to
   ``s sqrt(D2) + r_x + r_t``: the lower bound is ``((1 - 2**-40) s sqrt(D2) - (1 + 2**-40) (r_x + r_t))^2``
   (0 when negative) times ``1 - 2**-40``, the upper bound ``(1 + 2**-40)^2 (s sqrt(D2) + r_x + r_t)^2``.
@@ -64,6 +66,8 @@ INT8_MAX_DIM = 32_768
 INT8_SLACK = 8
 # A query with more rows of one block passing the integer test is scored on that block with the float32 tile.
 INT8_DENSE = 256
+# Bytes of float32 rows quantized at once (the temporaries stay in cache).
+QUANTIZE_BYTES = 2**19
 # Share of the sampled rows whose largest value sets the code step (the rest clamp).
 SCALE_QUANTILE = 0.99
 # Rows with the largest residuals tested one by one instead of widening every query's integer threshold.
@@ -112,26 +116,53 @@ def code_width(dim: int) -> int:
     return -(-dim // 8) * 8
 
 
-def quantize(rows: Tensor, centre: Tensor, scale: float, limit: int = 127) -> tuple[Tensor, Tensor, Tensor]:
+def quantize(
+    rows: Tensor, centre: Tensor, scale: float, limit: int = 127, out: tuple[Tensor, Tensor, Tensor] | None = None
+) -> tuple[Tensor, Tensor, Tensor]:
     """int8 codes within ``+-limit`` ``(len, code_width(D))``, int32 ``||c||^2`` and float64 residual bounds
-    ``r`` of float32 CPU ``rows`` (see the notes). numpy, one thread: torch's threaded elementwise kernels
-    cost more than the work when the cores are shared."""
+    ``r`` of float32 CPU ``rows`` (see the notes). numpy, one thread (torch's threaded elementwise kernels cost
+    more than the work when the cores are shared), in chunks of :data:`QUANTIZE_BYTES` (its temporaries stay in
+    cache: 2 MiB chunks ran at a quarter of the speed). ``out``: CPU tensors to write the three into."""
     x = rows.detach().contiguous().numpy()
     dim = x.shape[1]
-    shifted = x - centre.numpy()
-    codes32 = np.rint(shifted * np.float32(1 / scale))
+    if out is None:
+        out = (
+            torch.zeros(len(x), code_width(dim), dtype=torch.int8),
+            torch.empty(len(x), dtype=torch.int32),
+            torch.empty(len(x), dtype=torch.float64),
+        )
+    codes, code_sq, r = (t.numpy() for t in out)
+    step = max(1, QUANTIZE_BYTES // (4 * max(dim, 1)))
+    for i in range(0, len(x), step):
+        part = slice(i, i + step)
+        _quantize_chunk(x[part], centre.numpy(), scale, limit, codes[part], code_sq[part], r[part])
+    return out
+
+
+def _quantize_chunk(
+    x: np.ndarray, mu: np.ndarray, scale: float, limit: int, codes: np.ndarray, code_sq: np.ndarray, r: np.ndarray
+) -> None:
+    """:func:`quantize` of one chunk of rows, into ``codes``, ``code_sq`` and ``r``."""
+    dim = x.shape[1]
+    inv = np.float32(1 / scale)
+    shifted = x - mu
+    codes32 = np.rint(shifted * inv)
     np.clip(codes32, -limit, limit, out=codes32)
-    shifted -= codes32 * np.float32(scale)  # the residual, computed in float32
-    codes = np.zeros((len(x), code_width(dim)), dtype=np.int8)
     codes[:, :dim] = codes32
-    codes_i32 = codes.astype(np.int32)
-    code_sq = np.einsum("ij,ij->i", codes_i32, codes_i32)  # exact in int32: <= 127**2 * D < 2**31
-    resid64 = shifted.astype(np.float64)  # squares in float64: float32 squares of tiny residuals underflow
-    resid = np.sqrt(np.einsum("ij,ij->i", resid64, resid64))
-    step = scale * np.sqrt(code_sq.astype(np.float64))
-    # the residual's own roundings: 3 u (|t - mu| + s |c|) per coordinate (subnormals: 2**-150 each) (notes)
-    r = (1 + 2 * (dim + 8) * _UNIT) * (resid + 8 * _UNIT * step) + 2.0**-120 * dim
-    return torch.from_numpy(codes), torch.from_numpy(code_sq), torch.from_numpy(r)
+    codes[:, dim:] = 0
+    sq = np.zeros(len(x), dtype=np.float64)
+    for j in range(0, dim, 1024):  # float32 sums of 1024 squares of integers <= 127 are exact (< 2**24)
+        block = codes32[:, j : j + 1024]
+        sq += np.einsum("ij,ij->i", block, block)
+    code_sq[:] = sq
+    shifted -= codes32 * np.float32(scale)  # the residual, in float32
+    shifted *= inv  # in code steps (about +-1/2): its float32 squares underflow only below 2**-150
+    resid = scale * np.sqrt(np.einsum("ij,ij->i", shifted, shifted).astype(np.float64))
+    step = scale * np.sqrt(sq)
+    # roundings (module notes): the residual's own, 3 u (|t - mu| + s |c|) per coordinate, the scaling by 1 / s
+    # and the float32 sum of squares, within the first factor; squares lost to underflow, s sqrt(D) 2**-75
+    r[:] = (1 + 2 * (dim + 8) * _UNIT) * (resid + 8 * _UNIT * step) + scale * math.sqrt(dim) * 2.0**-75
+    r += 2.0**-120 * dim
 
 
 def choose_scale(sample: Tensor, centre: Tensor, limit: int = 127) -> float:
@@ -174,10 +205,9 @@ def build_int8(
 
     def work(block: tuple[int, Tensor]) -> None:
         j, rows = block
-        c, sq, r = quantize(rows, centre, scale, limit)
-        if codes is not None:
-            codes[j : j + len(rows)] = c
-        code_sq[j : j + len(rows)], residual[j : j + len(rows)] = sq, r
+        part = slice(j, j + len(rows))
+        c = codes[part] if codes is not None else torch.empty(len(rows), code_width(dim), dtype=torch.int8)
+        quantize(rows, centre, scale, limit, out=(c, code_sq[part], residual[part]))
 
     workers = max(1, torch.get_num_threads())
     with ThreadPoolExecutor(max_workers=workers) as pool:
