@@ -49,3 +49,5 @@ def main():
 
 if __name__ == "__main__":
     main()
+    if torch.distributed.is_initialized():  # a gloo group left to interpreter exit can abort it at exit
+        torch.distributed.destroy_process_group()  # ("terminate called without an active exception")

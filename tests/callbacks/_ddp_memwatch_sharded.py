@@ -145,3 +145,5 @@ def run(out: Path, devices: int, sharding: str, features: bool = False) -> None:
 
 if __name__ == "__main__":
     run(Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3], features=sys.argv[4:] == ["features"])
+    if torch.distributed.is_initialized():  # a gloo group left to interpreter exit can abort it at exit
+        torch.distributed.destroy_process_group()  # ("terminate called without an active exception")
