@@ -19,7 +19,7 @@ from torch import Tensor
 
 from lightning_memwatch.metrics.knn.rows import HeldRows, source_device
 
-__all__ = ["RowStats", "duplicate_groups", "duplicate_mask", "row_hashes", "row_stats"]
+__all__ = ["RowStats", "centre_of", "duplicate_groups", "duplicate_mask", "row_hashes", "row_stats", "sample_rows"]
 
 # Bytes of float32 rows per block of the build passes (stays in cache with its temporaries).
 BUILD_BLOCK_BYTES = 2 * 2**20
@@ -73,10 +73,15 @@ class RowStats:
     centred_sq_norms: Tensor
 
 
-def _sample_centre(source: HeldRows, device: torch.device) -> Tensor:
+def sample_rows(source: HeldRows, device: torch.device) -> Tensor:
+    """Up to :data:`CENTRE_SAMPLE` evenly spaced rows of ``source`` (float32, on ``device``)."""
     rows = torch.linspace(0, source.n - 1, min(source.n, CENTRE_SAMPLE)).round().long().unique()
-    sample = source.gather(rows.to(source_device(source))).to(device, torch.float64)
-    return sample.mean(dim=0).to(torch.float32)
+    return source.gather(rows.to(source_device(source))).to(device, torch.float32)
+
+
+def centre_of(sample: Tensor) -> Tensor:
+    """The centre candidate: the float64 mean of the sampled rows, rounded to float32."""
+    return sample.to(torch.float64).mean(dim=0).to(torch.float32)
 
 
 def _numpy_block(
@@ -90,14 +95,25 @@ def _numpy_block(
     return h, raw, np.einsum("ij,ij->i", diff, diff)
 
 
-def row_stats(source: HeldRows, device: torch.device, *, hashes: bool, copy_to: Tensor | None = None) -> RowStats:
+def row_stats(
+    source: HeldRows,
+    device: torch.device,
+    *,
+    hashes: bool,
+    copy_to: Tensor | None = None,
+    centre: Tensor | None = None,
+    on_block: Callable[[int, Tensor], None] | None = None,
+) -> RowStats:
     """Hashes, squared norms and centred squared norms of every row, in one pass over the rows.
 
     On CPU the blocks are processed by numpy in ``torch.get_num_threads()`` threads (numpy releases the GIL);
     elsewhere by torch on the device (hashes on the CPU). ``copy_to``: a ``(n, D)`` float32 tensor that
     receives a copy of the rows in the same pass (the index's own copy, written while each block is in cache).
+    ``centre``: the centre candidate, if already known (:func:`centre_of`). ``on_block(start, rows)``: more
+    work on each block in the same pass (the int8 codes), called from the worker threads.
     """
-    centre = _sample_centre(source, device) if source.n else torch.zeros(source.dim, device=device)
+    if centre is None:
+        centre = centre_of(sample_rows(source, device)) if source.n else torch.zeros(source.dim, device=device)
     step = build_block(source.dim)
     starts = range(0, source.n, step)
     if device.type == "cpu":
@@ -109,6 +125,8 @@ def row_stats(source: HeldRows, device: torch.device, *, hashes: bool, copy_to: 
             block = source.block(j, min(j + step, source.n), device).numpy()
             if target is not None:
                 target[j : j + len(block)] = block
+            if on_block is not None:
+                on_block(j, torch.from_numpy(block))
             return _numpy_block(block, centre_np, hashes)
 
         with ThreadPoolExecutor(max_workers=max(1, torch.get_num_threads())) as pool:
@@ -122,6 +140,8 @@ def row_stats(source: HeldRows, device: torch.device, *, hashes: bool, copy_to: 
             block = source.block(j, min(j + step, source.n), device).to(device)
             if copy_to is not None:
                 copy_to[j : j + len(block)] = block
+            if on_block is not None:
+                on_block(j, block)
             if hashes:
                 found.append(torch.from_numpy(hash_block(block.cpu().numpy())))
             raw.append(torch.linalg.vector_norm(block, dim=1, dtype=torch.float64).square_())

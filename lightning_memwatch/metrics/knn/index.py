@@ -22,7 +22,7 @@ from lightning_memwatch.metrics.knn.backends import (
     int8_code_limit,
     resolve_backend,
 )
-from lightning_memwatch.metrics.knn.build import duplicate_mask, row_stats
+from lightning_memwatch.metrics.knn.build import centre_of, duplicate_mask, row_stats, sample_rows
 from lightning_memwatch.metrics.knn.rows import HeldRows, as_row_source, source_device
 
 __all__ = ["NearestNeighbourIndex", "SearchStats"]
@@ -198,7 +198,14 @@ class NearestNeighbourIndex:
             and source.rows.untyped_storage().data_ptr() == tensor.untyped_storage().data_ptr()
         ):
             owned = torch.empty(source.rows.shape, dtype=torch.float32, device=source.rows.device)
-        stats = row_stats(source, self.device, hashes=dedupe, copy_to=owned)
+        sample = sample_rows(source, self.device) if n else torch.zeros(0, self.dim, device=self.device)
+        centre = centre_of(sample) if n else torch.zeros(self.dim, device=self.device)
+        codes = None  # the int8 codes, made in the same pass over the rows
+        if self.backend == "torch-int8" and n:
+            limit = int8_code_limit() or 127
+            codes = int8.Int8Builder(n, self.dim, sample, centre, keep_codes=source.held and screen_copy, limit=limit)
+        on_block = codes.block if codes is not None else None
+        stats = row_stats(source, self.device, hashes=dedupe, copy_to=owned, centre=centre, on_block=on_block)
         if owned is not None:
             source = HeldRows(owned)
         self.num_duplicates = 0
@@ -258,18 +265,8 @@ class NearestNeighbourIndex:
             for j, rows in self._fast.blocks():
                 screen[j : j + len(rows)] = scan.screen_rows(rows, sq_norms[j : j + len(rows)])
         self._int8: int8.Int8Rows | None = None
-        if self.backend == "torch-int8" and self.num_rows and not self._overflow:
-            sample = torch.linspace(0, self.num_rows - 1, min(self.num_rows, 4096)).round().long().unique()
-            self._int8 = int8.build_int8(
-                self._fast.blocks(centred=False),
-                self.num_rows,
-                self.dim,
-                source.gather(sample.to(source_device(source))).to(self.device),
-                stats.centre,
-                dropped,
-                keep_codes=source.held and screen_copy,
-                limit=int8_code_limit() or 127,
-            )
+        if codes is not None and self.num_rows and not self._overflow:
+            self._int8 = codes.finish(self._row_ids, dropped)
         self._passes = scan.FastPasses(
             self._fast,
             dim=self.dim,

@@ -48,7 +48,6 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -57,7 +56,7 @@ from torch import Tensor
 
 from lightning_memwatch.metrics.knn.scan import Candidates, FastPasses
 
-__all__ = ["INT8_MAX_DIM", "Int8Rows", "build_int8", "int8_bounds", "int8_scan", "quantize"]
+__all__ = ["INT8_MAX_DIM", "Int8Builder", "Int8Rows", "int8_bounds", "int8_scan", "quantize"]
 
 # Longest row the int8 screen takes: |2 c_x . c_t| + ||c_t||^2 <= 3 * 127^2 * D must fit int32.
 INT8_MAX_DIM = 32_768
@@ -145,17 +144,20 @@ def _quantize_chunk(
     """:func:`quantize` of one chunk of rows, into ``codes``, ``code_sq`` and ``r``."""
     dim = x.shape[1]
     inv = np.float32(1 / scale)
-    shifted = x - mu
-    codes32 = np.rint(shifted * inv)
+    shifted = np.subtract(x, mu)
+    codes32 = np.multiply(shifted, inv)
+    np.rint(codes32, out=codes32)
     np.clip(codes32, -limit, limit, out=codes32)
     codes[:, :dim] = codes32
-    codes[:, dim:] = 0
+    if codes.shape[1] > dim:
+        codes[:, dim:] = 0
     sq = np.zeros(len(x), dtype=np.float64)
     for j in range(0, dim, 1024):  # float32 sums of 1024 squares of integers <= 127 are exact (< 2**24)
         block = codes32[:, j : j + 1024]
         sq += np.einsum("ij,ij->i", block, block)
     code_sq[:] = sq
-    shifted -= codes32 * np.float32(scale)  # the residual, in float32
+    codes32 *= np.float32(scale)
+    shifted -= codes32  # the residual, in float32 (codes32 now holds s c)
     shifted *= inv  # in code steps (about +-1/2): its float32 squares underflow only below 2**-150
     resid = scale * np.sqrt(np.einsum("ij,ij->i", shifted, shifted).astype(np.float64))
     step = scale * np.sqrt(sq)
@@ -185,46 +187,45 @@ def _r_hi(residual: Tensor) -> float:
     return float(torch.topk(residual, WIDE_ROWS + 1).values[-1])
 
 
-def build_int8(
-    blocks: Iterator[tuple[int, Tensor]],
-    n: int,
-    dim: int,
-    sample: Tensor,
-    centre: Tensor,
-    dropped: Tensor | None,
-    *,
-    keep_codes: bool,
-    limit: int = 127,
-) -> Int8Rows:
-    """Codes (within ``+-limit``), norms and residuals of every row, from ``(start, float32 rows)`` blocks (not
-    centred)."""
-    scale = choose_scale(sample, centre, limit)
-    codes = torch.empty(n, code_width(dim), dtype=torch.int8) if keep_codes else None
-    code_sq = torch.empty(n, dtype=torch.int32)
-    residual = torch.empty(n, dtype=torch.float64)
+class Int8Builder:
+    """Makes the codes, code norms and residuals of every row, block by block, during the build's one pass over
+    the rows (:func:`lightning_memwatch.metrics.knn.build.row_stats`'s ``on_block``; blocks may come from
+    several threads, each writes its own rows).
 
-    def work(block: tuple[int, Tensor]) -> None:
-        j, rows = block
-        part = slice(j, j + len(rows))
-        c = codes[part] if codes is not None else torch.empty(len(rows), code_width(dim), dtype=torch.int8)
-        quantize(rows, centre, scale, limit, out=(c, code_sq[part], residual[part]))
+    Args:
+        n: rows. dim: row length. sample: sampled rows (the code step). centre: float32 ``mu``.
+        keep_codes: hold the codes (else they are made block by block at every search). limit: largest code.
+    """
 
-    workers = max(1, torch.get_num_threads())
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        pending: list[Future[None]] = []
-        for block in blocks:  # at most `workers` blocks read ahead (streamed rows are never read whole)
-            pending.append(pool.submit(work, block))
-            if len(pending) >= workers:
-                pending.pop(0).result()
-        for future in pending:
-            future.result()
-    live = residual if dropped is None else residual[~dropped]
-    r_hi = _r_hi(live)
-    wide = residual > r_hi
-    if dropped is not None:
-        wide &= ~dropped
-    masked = wide if dropped is None else wide | dropped
-    return Int8Rows(scale, limit, centre, codes, code_sq, residual, r_hi, wide, masked)
+    def __init__(self, n: int, dim: int, sample: Tensor, centre: Tensor, *, keep_codes: bool, limit: int) -> None:
+        self.scale, self.limit, self.centre = choose_scale(sample, centre, limit), limit, centre
+        self.codes = torch.empty(n, code_width(dim), dtype=torch.int8) if keep_codes else None
+        self.code_sq = torch.empty(n, dtype=torch.int32)
+        self.residual = torch.empty(n, dtype=torch.float64)
+
+    def block(self, start: int, rows: Tensor) -> None:
+        """Quantize the float32 rows starting at row ``start``."""
+        part = slice(start, start + len(rows))
+        if self.codes is not None:
+            codes = self.codes[part]
+        else:  # not kept: made again block by block at every search
+            codes = torch.empty(len(rows), code_width(rows.shape[1]), dtype=torch.int8)
+        quantize(rows, self.centre, self.scale, self.limit, out=(codes, self.code_sq[part], self.residual[part]))
+
+    def finish(self, keep: Tensor | None, dropped: Tensor | None) -> Int8Rows:
+        """The rows' :class:`Int8Rows`: ``keep`` the held rows kept after removing duplicates (None: all),
+        ``dropped`` the streamed duplicates masked out of every pass (None: none)."""
+        codes, code_sq, residual = self.codes, self.code_sq, self.residual
+        if keep is not None:
+            code_sq, residual = code_sq[keep], residual[keep]
+            codes = codes[keep] if codes is not None else None
+        live = residual if dropped is None else residual[~dropped]
+        r_hi = _r_hi(live)
+        wide = residual > r_hi
+        if dropped is not None:
+            wide &= ~dropped
+        masked = wide if dropped is None else wide | dropped
+        return Int8Rows(self.scale, self.limit, self.centre, codes, code_sq, residual, r_hi, wide, masked)
 
 
 def lower_upper(d2_codes: Tensor, r_sum: Tensor, scale: float) -> tuple[Tensor, Tensor]:
