@@ -2,8 +2,10 @@
 
 One pass over the rows, in cache-sized blocks (numpy, one thread per torch thread), hashes every row's bits
 and takes the float64 squared norms of the rows and of the rows centred on a centre candidate (the mean of
-up to 4,096 evenly spaced rows: any centre keeps the search exact, a good one keeps its bounds small). The
-index centres when that removes at least half of the squared norms. No float64 copy of the data is made.
+up to 4,096 evenly spaced rows: any centre keeps the search exact, a good one keeps its bounds small), and
+does the caller's own work on each block while it is in cache (``on_block``: the int8 codes of
+:mod:`.int8`). The index centres when that removes at least half of the squared norms. No float64 copy of the
+data is made.
 """
 
 from __future__ import annotations
