@@ -1,4 +1,5 @@
-"""When to evaluate: every N optimizer steps, log-spaced steps (the paper's grid), or explicit steps.
+"""When to evaluate: MemWatch's default (dense at the start), every N optimizer steps, log-spaced steps (the
+paper's grid), or explicit steps.
 
 Training time is counted in optimizer steps (``trainer.global_step``), as in the paper.
 """
@@ -17,6 +18,10 @@ from torch import Tensor
 from lightning_memwatch._checks import check_int, config_error, config_type_error
 
 __all__ = ["EvalSchedule", "paper_grid"]
+
+# MemWatch's default schedule ("auto"): (period, last step of that period), then AUTO_PERIOD for ever after.
+AUTO_START: tuple[tuple[int, int], ...] = ((100, 1000), (250, 2000))
+AUTO_PERIOD = 500
 
 
 def _log_spaced(start: float, stop: float, num: int, multiple: int) -> list[int]:
@@ -49,6 +54,8 @@ class EvalSchedule:
     ``start`` (exclusive of 0 unless ``include_zero``) up to ``stop``. Use the factories:
 
     Example:
+        >>> EvalSchedule.auto().between(0, 3000)   # MemWatch's default
+        [100, 200, 300, 400, 500, 600, 700, 800, 900, 1000, 1250, 1500, 1750, 2000, 2500]
         >>> EvalSchedule.every(500).next_after(0)
         500
         >>> 0 in EvalSchedule.every(500, include_zero=True)
@@ -95,6 +102,7 @@ class EvalSchedule:
         if self.include_zero and self.every_n_train_steps is not None:
             explicit = sorted({*explicit, self.start})
         self._steps = tuple(explicit)
+        self._name: str | None = None  # set by the named factories, for repr
         if not self._steps and self.every_n_train_steps is None:
             raise config_error(
                 "Empty EvalSchedule: give `steps` or `every_n_train_steps`, or use EvalSchedule.every(N), "
@@ -102,6 +110,24 @@ class EvalSchedule:
             )
 
     # -- factories -----------------------------------------------------------------------------------
+    @classmethod
+    def auto(cls) -> EvalSchedule:
+        """MemWatch's default: every 100 optimizer steps up to step 1,000, every 250 up to 2,000, then every 500.
+
+        Each evaluation comes at most about a quarter of the training time after the previous one from step 400
+        on (100 of 400, 250 of 1,000, 500 of 2,000), so a model that copies within a thousand steps (a fine-tune
+        on a few images, a small n) is still seen several times before it copies, which the onset forecast needs
+        (three evaluations in the last doubling of training time); a long run pays 10 evaluations more than
+        every 500 steps, all in its first 2,000 steps.
+        """
+        steps, first = [], 0
+        for period, last in AUTO_START:
+            steps += range(first + period, last + 1, period)
+            first = last
+        schedule = cls(steps=steps, every_n_train_steps=AUTO_PERIOD, start=first)
+        schedule._name = "EvalSchedule.auto()"
+        return schedule
+
     @classmethod
     def every(
         cls, n: int, *, start: int = 0, stop: int | None = None, include_zero: bool = False
@@ -137,13 +163,15 @@ class EvalSchedule:
 
     @classmethod
     def coerce(cls, spec: EvalSchedule | int | str | Iterable[int]) -> EvalSchedule:
-        """Accept a schedule, an int (every N steps), ``"paper"``, or a list of steps (config files)."""
+        """Accept a schedule, an int (every N steps), ``"auto"`` (:meth:`auto`), ``"paper"`` (:meth:`paper`), or
+        a list of steps (config files)."""
         if isinstance(spec, EvalSchedule):
             return spec
         if isinstance(spec, str):
-            if spec == "paper":
-                return cls.paper()
-            raise config_error(f"Unknown schedule name {spec!r}; the only named schedule is 'paper'.")
+            named = {"auto": cls.auto, "paper": cls.paper}
+            if spec in named:
+                return named[spec]()
+            raise config_error(f"Unknown schedule name {spec!r}; the named schedules are 'auto' and 'paper'.")
         scalar = spec.item() if isinstance(spec, (Tensor, np.ndarray, np.generic)) and np.ndim(spec) == 0 else spec
         if isinstance(scalar, bool) or not isinstance(scalar, (numbers.Real, Iterable)):
             raise config_type_error(
@@ -229,6 +257,8 @@ class EvalSchedule:
         state). A fixed schedule has none to restore."""
 
     def __repr__(self) -> str:
+        if self._name is not None:
+            return self._name
         parts = []
         if self._steps:
             shown = ", ".join(map(str, self._steps[:6])) + (", ..." if len(self._steps) > 6 else "")

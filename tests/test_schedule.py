@@ -21,6 +21,21 @@ def test_every_membership_and_next():
     assert 30 in stopped and 40 not in stopped and stopped.next_after(30) is None
 
 
+def test_auto_is_memwatchs_default_and_dense_at_the_start():
+    """Every 100 steps to 1,000, every 250 to 2,000, every 500 after: from step 400 on each evaluation comes at
+    most a quarter of the training time after the one before (what the onset forecast's trend needs)."""
+    from lightning_memwatch import MemWatch
+
+    s = EvalSchedule.auto()
+    steps = s.between(0, 10_001)
+    assert steps[:10] == list(range(100, 1001, 100))
+    assert steps[10:14] == [1250, 1500, 1750, 2000]
+    assert steps[14:] == list(range(2500, 10_001, 500))
+    assert 0 not in s and 2100 not in s and s.next_after(2000) == 2500 and s.next_after(1000) == 1250
+    assert all(b - a <= 0.25 * a for a, b in zip(steps, steps[1:]) if a >= 400)
+    assert repr(MemWatch().schedule) == "EvalSchedule.auto()"
+
+
 def test_explicit_and_between():
     s = EvalSchedule.at([30, 10, 20, 10])
     assert s.steps == (10, 20, 30)
@@ -41,7 +56,7 @@ def test_log_spaced_rounds_and_dedupes():
 
 @pytest.mark.parametrize(
     "spec, expected",
-    [(250, "every"), ("paper", "paper"), ([5, 7], "at")],
+    [(250, "every"), ("paper", "paper"), ([5, 7], "at"), ("auto", "auto")],
 )
 def test_coerce(spec, expected):
     s = EvalSchedule.coerce(spec)
@@ -49,6 +64,8 @@ def test_coerce(spec, expected):
         assert 250 in s and 500 in s
     elif expected == "paper":
         assert len(s.steps) == 81
+    elif expected == "auto":
+        assert repr(s) == "EvalSchedule.auto()" and 1250 in s and 2250 not in s
     else:
         assert s.steps == (5, 7)
 
@@ -60,7 +77,7 @@ def test_coerce(spec, expected):
 def test_bad_schedules(kwargs, message):
     with pytest.raises(ValueError, match=message):
         EvalSchedule(**kwargs)
-    with pytest.raises(ValueError, match="only named schedule"):
+    with pytest.raises(ValueError, match="named schedules are 'auto' and 'paper'"):
         EvalSchedule.coerce("weekly")
 
 

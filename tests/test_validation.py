@@ -138,7 +138,7 @@ def test_config_errors_are_caught_as_value_error_and_as_misconfiguration():
         (lambda: TimescaleDetector(rel_tol=-0.5), r"rel_tol must be a number in \[0, inf\); got -0.5"),
         (lambda: AdaptiveSchedule(min_every=10, max_every=100, signal="loss"), "signal must be one of .*got 'loss'"),
         (lambda: FID(resize="nearest", cache=False), "resize must be one of 'bilinear-antialias', 'tf1-bilinear'"),
-        (lambda: EvalSchedule.coerce("weekly"), "only named schedule is 'paper'"),
+        (lambda: EvalSchedule.coerce("weekly"), "named schedules are 'auto' and 'paper'"),
         (lambda: resolve_weights("ema", None, None), "one of 'auto', 'raw', 'averaged'; got 'ema'. Or pass ModuleEMA"),
     ]
     for make, message in cases:

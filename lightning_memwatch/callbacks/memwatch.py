@@ -92,7 +92,9 @@ class MemWatch(Callback):
             dataloader at setup (first tensor of each batch, labels dropped).
         num_samples: generated samples per evaluation used for f_mem (images).
         sample_batch_size: samples per sampler call (images).
-        schedule: an :class:`EvalSchedule`, an int (every N optimizer steps), ``"paper"`` or a list of steps.
+        schedule: an :class:`EvalSchedule`, an int (every N optimizer steps), ``"auto"`` (the default: every 100
+            steps up to 1,000, every 250 up to 2,000, then every 500; :meth:`EvalSchedule.auto`), ``"paper"`` or
+            a list of steps.
         sample_fn: ``sample_fn(pl_module, num_samples, generator=..., noise=...)``; default
             ``pl_module.sample``.
         data_range: (low, high) of the samples and the training images; None reads ``data_range`` from the
@@ -142,7 +144,7 @@ class MemWatch(Callback):
         train_data: ImageSource | None = None,
         num_samples: int = 1000,
         sample_batch_size: int = 250,
-        schedule: EvalSchedule | int | str | Sequence[int] = 500,
+        schedule: EvalSchedule | int | str | Sequence[int] = "auto",
         sample_fn: Callable[..., Tensor] | None = None,
         data_range: tuple[float, float] | None = (-1.0, 1.0),
         threshold: float = 1 / 3,
