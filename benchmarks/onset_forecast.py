@@ -113,7 +113,7 @@ def analyze(out: Path) -> dict[str, Any]:
         if isinstance(data, list):  # benchmarks/zoo.py rows: the default detector (f0 = 0)
             runs += [{"setup": row["setup"] + (f" every {row['every']}" if row.get("every") else ""), "seed": 0,
                       "n": row["n"], "history": row["history"], "tau_mem": row["tau_mem"],
-                      "level": detector_level("ci", 0.0, 1000), "eval_every": row.get("every") or 500}
+                      "level": detector_level("ci", 0.0, 1000), "eval_every": row.get("every") or "auto"}
                      for row in data]  # fmt: skip
         else:
             runs.append(data)

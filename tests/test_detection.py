@@ -284,7 +284,7 @@ def reference_noise(points):
 
 
 def reference_timescales(history, window_factor=2.0, rel_tol=0.05, min_improvement=0.2, floor=None, eps=0.1,
-                         mem_rule="ci", f0=0.0, patience=0, noise_z=2.0):
+                         mem_rule="ci", f0=0.0, patience=0, noise_z=2.0, max_noise_allowance=0.25):
     """Brute-force restatement of the documented definitions (min mode), for comparison."""
     qs = [(r["step"], r["fid"]) for r in history if isinstance(r["fid"], float) and math.isfinite(r["fid"])]
     tau_gen = None
@@ -302,6 +302,8 @@ def reference_timescales(history, window_factor=2.0, rel_tol=0.05, min_improveme
         noise = noise_z * math.sqrt(2.0) * reference_noise([(s, v) for s, v in qs[: i + 1] if s > step / window_factor])
         before, recent = min(before), min(recent)
         tol = max(rel_tol, noise / before)  # a gain within the noise of two evaluations' difference is no gain
+        if max_noise_allowance is not None:  # ... up to max_noise_allowance: a larger gain is a fall
+            tol = min(tol, max(rel_tol, max_noise_allowance))
         if (before - recent) / before < tol and (values[0] - min(values)) / values[0] >= min_improvement:
             tau_gen = step
             break
@@ -518,7 +520,7 @@ def test_noise_sd_is_zero_on_any_line_and_measures_white_noise_on_any_grid():
     assert _noise_sd(noisy) == pytest.approx(0.5, rel=0.1)  # 4000 points: the MAD estimate is within ~3%
 
 
-PLATEAU_STEPS = list(range(500, 20001, 500))  # MemWatch's default schedule: every 500 steps
+PLATEAU_STEPS = list(range(500, 20001, 500))  # every 500 steps (MemWatch's default from step 2000 on)
 
 
 @pytest.mark.parametrize("seed", range(8))
@@ -563,6 +565,24 @@ def test_noise_allowance_with_the_training_images_level_and_its_setting():
     assert TimescaleDetector(noise_z=0.0).config()["noise_z"] == 0.0
     with pytest.raises(ValueError, match=r"noise_z must be a number in \[0, inf\)"):
         TimescaleDetector(noise_z=-1.0)
+
+
+def test_the_noise_allowance_excuses_no_gain_above_its_cap():
+    """The zoo's MLP evaluated every 100 steps (MemWatch's default schedule at the start): its FD jumps by +-100
+    between evaluations while it falls from 714 to 182 by step 4500. Over (450, 900] the best improved by 42%
+    of the distance to the training images' level, within a noise allowance of 84%; the allowance is capped at
+    max_noise_allowance (25%): a larger gain over a doubling of training time is a fall, whatever the noise."""
+    steps = list(range(100, 1001, 100))
+    fid = [714.2, 461.6, 493.5, 419.7, 393.5, 330.2, 450.2, 367.5, 263.6, 343.3]
+    capped, uncapped = TimescaleDetector(), TimescaleDetector(max_noise_allowance=None)
+    for det in (capped, uncapped):
+        det.set_reference_floor(47.5)
+        feed(det, records(steps[:9], fid=fid[:9]))
+    assert capped.tau_gen is None and "noise allowance 84.3% capped at 25%" in capped.status
+    assert uncapped.tau_gen is not None and uncapped.tau_gen.confirmed_step == 900
+    assert TimescaleDetector(max_noise_allowance=0.5).config()["max_noise_allowance"] == 0.5
+    with pytest.raises(ValueError, match=r"max_noise_allowance must be a number in \[0, inf\)"):
+        TimescaleDetector(max_noise_allowance=-0.1)
 
 
 def test_the_plateau_rule_gives_numbers_first_and_the_reason_describes_them():
