@@ -12,7 +12,7 @@ extractor and reference):
 * ``diffusers-ema``: ``diffusers-ddim`` under Lightning's ``EMAWeightAveraging`` (its default decay);
 * ``diffusers-ema-warmup``: ``diffusers-ddim`` under ``EMAWeightAveraging(decay=0.99,
   update_starting_at_step=600)``: the average holds the initial weights until step 601, so MemWatch scores the
-  raw weights at step 500 and says so (``record.scored_weights == "raw_warmup"``);
+  raw weights at steps 100 to 600 and says so (``record.scored_weights == "raw_warmup"``);
 * ``finetune``: a diffusers ``UNet2DModel`` pretrained on the nine digits other than 9 (minibatches of 256;
   cached under ``--root``), then fine-tuned on 16 images of 9 (full batch, lr 2e-4); the FID reference is
   the held-out 9s (:mod:`lightning_memwatch.apps.finetune`);
@@ -50,9 +50,9 @@ evaluation (step, f_mem and its CI, FD, where each rule stood), the training ima
 sys: independent of the machine's load) and the load average.
 
 Run: ``python benchmarks/zoo.py`` (all setups in turn, 2 torch threads), ``--setups mlp lucidrains-ddim``,
-``--json out.json``, ``--table-from benchmarks/results/zoo_*.json``. Measured one setup at a time on an idle
-2-core AMD EPYC VM: 50-280 s of wall time for mlp, diffusers-ddim, diffusers-ema and lucidrains-ddim, 678 s
-for paper-unet-16 (see docs/integrations.md).
+``--json out.json``, ``--table-from benchmarks/results/zoo_*.json``, ``--every 500`` (the earlier default).
+Measured two setups at a time with one thread each on the project's 2-core AMD EPYC: 20-283 s of wall time,
+559 s for lucidrains-cfg and 701 s for paper-unet-16 (see docs/integrations.md).
 """
 
 from __future__ import annotations
@@ -296,11 +296,11 @@ def _mlp() -> tuple[L.LightningModule, Any]:
 SETUPS = {
     s.name: s
     for s in [
-        # at n = 16 (32 for lucidrains) these copied by step 500, MemWatch's first default evaluation
+        # at n = 16 (32 for lucidrains) these copied by step 500, the first evaluation of the earlier default
         Setup("diffusers-ddim", _diffusers, n=40),
         Setup("lucidrains-ddim", _lucidrains, n=128),  # at n = 64 it still copied by step 500
         Setup("diffusers-ema", _diffusers, ema=True),  # the average lags the raw weights: copies later
-        # a warm-up past MemWatch's first evaluation (step 500): the raw weights are scored there, and said so
+        # a warm-up past MemWatch's first evaluations (steps 100-600): the raw weights are scored there, and said so
         Setup("diffusers-ema-warmup", _diffusers, ema=True, ema_kwargs={"decay": 0.99, "update_starting_at_step": 600}),
         Setup("finetune", _finetune, n=16, max_steps=6000, datamodule=_finetune_data),
         Setup("paper-unet-16", _paper_unet, image_size=16, normalization="center", max_steps=4000),

@@ -111,21 +111,22 @@ class EvalSchedule:
 
     # -- factories -----------------------------------------------------------------------------------
     @classmethod
-    def auto(cls) -> EvalSchedule:
+    def auto(cls, *, include_zero: bool = False) -> EvalSchedule:
         """MemWatch's default: every 100 optimizer steps up to step 1,000, every 250 up to 2,000, then every 500.
 
         Each evaluation comes at most about a quarter of the training time after the previous one from step 400
         on (100 of 400, 250 of 1,000, 500 of 2,000), so a model that copies within a thousand steps (a fine-tune
         on a few images, a small n) is still seen several times before it copies, which the onset forecast needs
         (three evaluations in the last doubling of training time); a long run pays 10 evaluations more than
-        every 500 steps, all in its first 2,000 steps.
+        every 500 steps, all in its first 2,000 steps. ``include_zero`` adds step 0 (the model before training:
+        where a fine-tune starts).
         """
-        steps, first = [], 0
+        steps, first = [0] if include_zero else [], 0
         for period, last in AUTO_START:
             steps += range(first + period, last + 1, period)
             first = last
         schedule = cls(steps=steps, every_n_train_steps=AUTO_PERIOD, start=first)
-        schedule._name = "EvalSchedule.auto()"
+        schedule._name = "EvalSchedule.auto(include_zero=True)" if include_zero else "EvalSchedule.auto()"
         return schedule
 
     @classmethod

@@ -34,6 +34,8 @@ def test_auto_is_memwatchs_default_and_dense_at_the_start():
     assert 0 not in s and 2100 not in s and s.next_after(2000) == 2500 and s.next_after(1000) == 1250
     assert all(b - a <= 0.25 * a for a, b in zip(steps, steps[1:]) if a >= 400)
     assert repr(MemWatch().schedule) == "EvalSchedule.auto()"
+    with_zero = EvalSchedule.auto(include_zero=True)
+    assert 0 in with_zero and with_zero.between(-1, 3000) == [0, *steps[:15]]
 
 
 def test_explicit_and_between():
