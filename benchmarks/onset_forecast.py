@@ -149,6 +149,37 @@ def analyze(out: Path) -> dict[str, Any]:
     return summary
 
 
+def probe_signals(paths: list[Path], rise: float = 0.02) -> list[dict[str, Any]]:
+    """What the loss-gap probe said before tau_mem in zoo runs with ``zoo.py --probe N``: the gap at tau_mem,
+    the step of the lowest held-out loss and the first step it stood ``rise`` above it, and how far those
+    steps lie from tau_mem (a forecast from the probe would need one of them to sit at a fixed place)."""
+    rows = []
+    for path in paths:
+        for run_row in json.loads(path.read_text()):
+            readings, tau_mem = run_row.get("probe_readings"), run_row.get("tau_mem")
+            if not readings or tau_mem is None:
+                continue
+            before = [r for r in readings if r["step"] <= tau_mem]
+            at = before[-1]
+            lowest = min(before, key=lambda r: r["loss_heldout"])
+            risen = next((r for r in before if r["step"] > lowest["step"]
+                          and r["loss_heldout"] >= (1 + rise) * lowest["loss_heldout"]), None)  # fmt: skip
+            half = next((r for r in before if r["gap"] >= 0.5 * at["gap"]), None)
+            rows.append({
+                "setup": run_row["setup"], "n": run_row["n"], "tau_mem": tau_mem, "gap_at_tau_mem": at["gap"],
+                "heldout_lowest_step": lowest["step"],
+                "heldout_rise_step": None if risen is None else risen["step"],
+                "half_gap_step": None if half is None else half["step"],
+            })  # fmt: skip
+    print(f"{'setup':<22}{'n':>5}{'tau_mem':>8}{'gap@tau':>9}{'lowest':>8}{'+2%':>7}{'tau/+2%':>9}{'gap/2':>7}{'tau/(gap/2)':>12}")
+    for r in rows:
+        ratio = "-" if not r["heldout_rise_step"] else f"{r['tau_mem'] / r['heldout_rise_step']:.1f}"
+        half = "-" if not r["half_gap_step"] else f"{r['tau_mem'] / r['half_gap_step']:.1f}"
+        print(f"{r['setup']:<22}{r['n']:>5}{r['tau_mem']:>8}{r['gap_at_tau_mem']:>9.2f}{r['heldout_lowest_step']:>8}"
+              f"{str(r['heldout_rise_step']):>7}{ratio:>9}{str(r['half_gap_step']):>7}{half:>12}")  # fmt: skip
+    return rows
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -159,9 +190,13 @@ def main(argv: list[str] | None = None) -> None:
     r.add_argument("--out", type=Path, default=Path("runs/onset"))
     a = sub.add_parser("analyze")
     a.add_argument("--out", type=Path, default=Path("runs/onset"))
+    p = sub.add_parser("probe", help="the loss-gap probe's signals against tau_mem in zoo.py --probe rows")
+    p.add_argument("paths", type=Path, nargs="+")
     args = parser.parse_args(argv)
     if args.command == "run":
         run(args.seed, args.n, args.out, args.quick)
+    elif args.command == "probe":
+        probe_signals(args.paths)
     else:
         analyze(args.out)
 

@@ -50,7 +50,8 @@ evaluation (step, f_mem and its CI, FD, where each rule stood), the training ima
 sys: independent of the machine's load) and the load average.
 
 Run: ``python benchmarks/zoo.py`` (all setups in turn, 2 torch threads), ``--setups mlp lucidrains-ddim``,
-``--json out.json``, ``--table-from benchmarks/results/zoo_*.json``, ``--every 500`` (the earlier default).
+``--json out.json``, ``--table-from benchmarks/results/zoo_*.json``, ``--every 500`` (the earlier default),
+``--probe 50`` (a ``LossGapProbe`` reading every 50 steps, its readings in the row's ``probe_readings``).
 Measured two setups at a time with one thread each on the project's 2-core AMD EPYC: 20-283 s of wall time,
 559 s for lucidrains-cfg and 701 s for paper-unet-16 (see docs/integrations.md).
 """
@@ -338,10 +339,19 @@ def _trainer(max_steps: int, callbacks: list, root: str) -> L.Trainer:
 
 
 def run_setup(
-    setup: Setup, classifier: nn.Module, *, n: int, max_steps: int, seed: int, root: str, every: int | None = None
+    setup: Setup,
+    classifier: nn.Module,
+    *,
+    n: int,
+    max_steps: int,
+    seed: int,
+    root: str,
+    every: int | None = None,
+    probe_every: int | None = None,
 ) -> dict:
     """Train one setup with default MemWatch + MemorizationEarlyStopping, then re-evaluate the final module;
-    ``every``: evaluate every that many steps instead of MemWatch's default schedule."""
+    ``every``: evaluate every that many steps instead of MemWatch's default schedule; ``probe_every``: add a
+    default ``LossGapProbe`` reading every that many steps (its readings go into the row)."""
     start, cpu_start = time.perf_counter(), time.process_time()
     L.seed_everything(seed, verbose=False)
     os.environ["MEMWATCH_ZOO_ROOT"] = root  # where a setup caches what it pretrains
@@ -402,6 +412,12 @@ def run_setup(
 
         callbacks.append(EMAWeightAveraging(**setup.ema_kwargs))
     callbacks += [live, stopper]
+    probe = None
+    if probe_every is not None:
+        from lightning_memwatch import LossGapProbe
+
+        probe = LossGapProbe(every_n_train_steps=probe_every)  # held-out: the datamodule's reference images
+        callbacks.append(probe)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         trainer = _trainer(max_steps, callbacks, root)
@@ -422,6 +438,7 @@ def run_setup(
         "setup": setup.name,
         "n": n,
         "every": every,  # None: MemWatch's default schedule
+        "probe_readings": None if probe is None else [r.to_dict() for r in probe.history],
         "steps": final_step,
         "evaluations": len(live.history),
         "tau_gen": live.tau_gen,
@@ -623,6 +640,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2, help="torch threads (the budget: 2 cores per setup)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--every", type=int, default=None, help="evaluate every N steps (default: MemWatch's)")
+    parser.add_argument("--probe", type=int, default=None, help="add a LossGapProbe reading every N steps")
     parser.add_argument("--json", default=None, help="write the rows (and each evaluation) to this file")
     parser.add_argument("--root", default="/tmp/memwatch_zoo", help="Lightning's default_root_dir")
     parser.add_argument("--table-from", nargs="+", default=None, help="print the table of earlier --json files")
@@ -642,7 +660,8 @@ def main(argv: list[str] | None = None) -> int:
         n = args.n or SETUPS[name].n
         max_steps = args.max_steps or SETUPS[name].max_steps
         row = run_setup(
-            SETUPS[name], classifier, n=n, max_steps=max_steps, seed=args.seed, root=args.root, every=args.every
+            SETUPS[name], classifier, n=n, max_steps=max_steps, seed=args.seed, root=args.root, every=args.every,
+            probe_every=args.probe,
         )
         rows.append(row)
         print(f"{name}: {row['seconds']:.0f} s wall, {row['cpu_seconds']:.0f} s CPU, load {row['load_average']}, "

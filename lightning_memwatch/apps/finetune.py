@@ -136,7 +136,8 @@ def pretrain(
 ) -> Any:
     """The model pretrained on ``images`` (the nine digits), loaded from ``<out>/<filename>`` when that file
     holds the same settings, else trained and saved there. ``model``: the module to pretrain (default the
-    demo's DDPM around a residual MLP)."""
+    demo's DDPM around a residual MLP). Either way it returns with the global random state seeded from
+    ``config.seed``, so the fine-tune after it is the same whether the model was trained or loaded."""
     import lightning as L
     from torch.utils.data import DataLoader, TensorDataset
 
@@ -149,6 +150,7 @@ def pretrain(
         if saved.get("settings") == settings:
             model.load_state_dict(saved["state_dict"])
             echo(f"  pretrained model loaded from {path}")
+            L.seed_everything(config.seed, verbose=False)
             return model
     start = time.perf_counter()
     generator = torch.Generator().manual_seed(config.seed)
@@ -162,6 +164,7 @@ def pretrain(
     torch.save({"state_dict": model.state_dict(), "settings": settings}, path)
     echo(f"  pretrained on {len(images)} images of nine digits for {config.pretrain_steps} steps in "
          f"{time.perf_counter() - start:.0f} s; saved to {path}")  # fmt: skip
+    L.seed_everything(config.seed, verbose=False)  # training drew from the global state; loading did not
     return model
 
 

@@ -59,6 +59,18 @@ LossCallable = Callable[[LightningModule, Tensor, Tensor, Tensor], Tensor]
 """``loss_fn(pl_module, x0, t, noise) -> per-sample loss (B,)``."""
 
 
+def _class_conditional(source: Any, pl_module: LightningModule) -> bool:
+    """Whether the model the loss source reads is class-conditional: its adapter says so
+    (``takes_labels(pl_module)``), or the module's own ``sample`` names ``labels``."""
+    from lightning_memwatch.sampling import accepts_labels
+
+    takes_labels = getattr(source.sampler, "takes_labels", None)
+    if callable(takes_labels):
+        return bool(takes_labels(pl_module))
+    sample = getattr(pl_module, "sample", None)
+    return source.sampler is None and callable(sample) and accepts_labels(sample)
+
+
 def _provides_loss(sampler: Any) -> bool:
     """Whether a ``sample_fn`` adapter has the loss part of the sampler contract."""
     return callable(getattr(sampler, "denoising_loss", None)) and callable(getattr(sampler, "num_timesteps", None))
@@ -213,7 +225,20 @@ class LossGapProbe(Callback):
         return found
 
     def _resolve_loss(self, trainer: Trainer | None, pl_module: LightningModule) -> _LossSource:
-        """Where the loss comes from: ``loss_fn``, ``sampler``, MemWatch's adapter, or the module, in that order."""
+        """Where the loss comes from (``loss_fn``, ``sampler``, MemWatch's adapter, or the module, in that
+        order); a class-conditional model's is refused unless ``loss_fn`` is given (it takes no class)."""
+        source = self._loss_source(trainer, pl_module)
+        if self.loss_fn is None and _class_conditional(source, pl_module):
+            raise config_error(
+                f"LossGapProbe: {type(pl_module).__name__} is class-conditional (its sampler takes `labels`), and "
+                f"{source.name} takes no class: the probe's loss on (x0, t, noise) would fail or measure another "
+                "model. Remove the LossGapProbe for this model, or pass `LossGapProbe(loss_fn=lambda module, x0, t, "
+                "noise: ..., num_timesteps=T)` that conditions as you choose (e.g. on the null class of "
+                "classifier-free guidance)."
+            )
+        return source
+
+    def _loss_source(self, trainer: Trainer | None, pl_module: LightningModule) -> _LossSource:
         module_name = type(pl_module).__name__
         if self.loss_fn is not None:
             return _LossSource(self.loss_fn, lambda m: getattr(m, "num_timesteps", None), "loss_fn")

@@ -75,3 +75,23 @@ def test_lucidrains_sampler_drives_the_classifier_free_guidance_unet(tmp_path):
     watch = evaluate_once(tmp_path, Holder("diffusion", tiny_guided_diffusion()), LucidrainsSampler(),
                           images(16, 0.0, 1.0), (0.0, 1.0))  # fmt: skip
     assert sorted(watch.history[0].per_class) == [0, 1, 2, 3]
+
+
+def test_the_probe_refuses_a_class_conditional_unet_at_setup_and_names_the_fix(tmp_path):
+    """The probe's loss takes (x0, t, noise), no class: on a class-conditional UNet diffusers raised mid-fit
+    ('class_labels should be provided'); now setup refuses, naming loss_fn=, before the first step."""
+    from lightning_memwatch import LossGapProbe
+    from lightning_memwatch._checks import ConfigError
+
+    sample_fn = DiffusersSampler(DDIMScheduler(num_train_timesteps=1000), 3)
+    watch = MemWatch(num_samples=8, schedule=[2], sample_fn=sample_fn, bootstrap=10, log_images=False, verbose=False)
+    probe = LossGapProbe(heldout_data=images(16, seed=1), num_triples=8, every_n_train_steps=2)
+    trainer = Trainer(max_steps=2, callbacks=[watch, probe], logger=False, accelerator="cpu", devices=1,
+                      enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+                      default_root_dir=str(tmp_path))  # fmt: skip
+    module = Holder("unet", tiny_class_unet())
+    with pytest.raises(ConfigError, match=r"class-conditional .*`LossGapProbe\(loss_fn=") as info:
+        trainer.fit(module, DataLoader(TensorDataset(images(16), LABELS), batch_size=8))
+    assert trainer.global_step == 0 and "DiffusersSampler.denoising_loss takes no class" in str(info.value)
+    # an unconditional UNet with the same adapter is accepted (the check reads the model, not the adapter)
+    assert not sample_fn.takes_labels(Holder("unet", tiny_unet()))

@@ -30,9 +30,14 @@ def test_pretraining_is_saved_and_loaded(tmp_path):
     config = FinetuneConfig(out=tmp_path, pretrain_steps=3, pretrain_batch=8, threads=1)
     images = digit_split(9, 16)["pretrain"][:32]
     said: list[str] = []
+    torch.manual_seed(123)
     first = pretrain(config, images, said.append)
+    state_after_training = torch.get_rng_state()
+    torch.manual_seed(456)
     again = pretrain(config, images, said.append)
     assert "saved to" in said[0] and "loaded from" in said[1]
+    # the fine-tune after it starts from the same random state whether the model was trained or loaded
+    assert torch.equal(state_after_training, torch.get_rng_state())
     assert all(torch.equal(a, b) for a, b in zip(first.state_dict().values(), again.state_dict().values()))
 
 
