@@ -104,6 +104,10 @@ def test_memwatch_records_and_prints_the_forecast(caplog, tmp_path):
     assert last.onset_forecast_low <= onset <= (last.onset_forecast_high or float("inf"))
     assert "onset forecast ~" in caplog.text
     assert "memwatch/onset_forecast" in last.to_scalars()
+    # the warning before the copies: said once, at the first forecast, before the onset
+    first = forecasts[0]
+    said = [m for m in caplog.messages if "copying forecast at step" in m]
+    assert len(said) == 1 and f"step {first.step}: the samples are drifting" in said[0]
 
 
 def test_the_adaptive_schedule_evaluates_densely_around_the_forecast():

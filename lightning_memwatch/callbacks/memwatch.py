@@ -555,6 +555,21 @@ class MemWatch(Callback):
         if trainer.is_global_zero:
             mwlog.log_text(trainer, mwlog.TIMESCALE_TEXT, text, step)
 
+    def _say_first_forecast(self, trainer: Trainer, record: EvalRecord) -> None:
+        """The warning before the copies: the first evaluation of the fit with an onset forecast says so once,
+        in the log and the TensorBoard text (read from the history, so a resume does not repeat it)."""
+        if record.onset_forecast is None or any(r.onset_forecast is not None for r in self.history[:-1]):
+            return
+        high = "open" if record.onset_forecast_high is None else f"{record.onset_forecast_high:.0f}"
+        text = (
+            f"step {record.step}: the samples are drifting toward the training images (ratio d1/d2 falling; f_mem "
+            f"{record.f_mem:.3g}): copying forecast at step ~{record.onset_forecast:.0f} "
+            f"[{record.onset_forecast_low:.0f}, {high}]"
+        )
+        rank_zero_info(f"MemWatch: {text}.")
+        if trainer.is_global_zero:
+            mwlog.log_text(trainer, mwlog.TIMESCALE_TEXT, f"**onset forecast** at {text}", record.step)
+
     def _annotate(self, record: EvalRecord, scored_weights: str) -> EvalRecord:
         """The record with what MemWatch knows beyond the samples: the weights scored and the onset forecast
         (:mod:`lightning_memwatch.onset`, from the history and this record: when f_mem will reach the level at
@@ -688,6 +703,7 @@ class MemWatch(Callback):
             tensorboard_layout.log_guides(trainer, self, record.step)
         if self.verbose:
             rank_zero_info(f"{_describe(record)}{_copying_classes(record)}; {self.detector.status}")
+        self._say_first_forecast(trainer, record)
         for event in events:
             whose = "" if event.label is None else f" for class {event.label}"
             rank_zero_info(f"MemWatch: {event.name} flagged{whose} at step {event.step}: {event.reason}")
