@@ -1,5 +1,5 @@
-"""What a user sees while MemWatch works: progress of an evaluation inside the trainer's progress bar, and the
-one-line summary of the set-up.
+"""What a user sees while MemWatch works: progress of an evaluation inside the trainer's progress bar, the
+one-line summary of the set-up, and a word when watching costs more than training.
 
 An evaluation stops the training loop for as long as sampling takes (tens of seconds to minutes), and the
 trainer's own progress bar stands still meanwhile. :class:`EvalProgress` adds a line to that bar, the way
@@ -20,7 +20,8 @@ Example:
 from __future__ import annotations
 
 import sys
-from collections.abc import Mapping, Sequence
+import time
+from collections.abc import Callable, Mapping, Sequence
 from types import TracebackType
 from typing import Any
 
@@ -28,7 +29,59 @@ from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import RichProgressBar, TQDMProgressBar
 from lightning.pytorch.callbacks.progress.tqdm_progress import Tqdm
 
-__all__ = ["EvalProgress", "setup_summary"]
+__all__ = ["CostNote", "EvalProgress", "setup_summary"]
+
+COSTLY_FACTOR = 2.0  # CostNote speaks when an evaluation takes more than this many times the training before it
+
+
+class CostNote:
+    """Says once per fit when an evaluation took more than twice as long as the training since the one before it
+    (watching then takes two thirds of the wall time; seconds on this rank, training including the data loading
+    and the other callbacks).
+
+    Example:
+        >>> clock = iter([0.0, 10.0, 12.0, 13.0, 50.0, 52.0]).__next__
+        >>> note = CostNote(clock)
+        >>> note.training_from(0)                       # train start, at t = 0 s
+        >>> note.evaluating(100)                         # evaluation at step 100 starts at t = 10 s
+        >>> note.evaluated(100, "schedule=500") is None  # it took 2 s after 10 s of training: nothing to say
+        True
+        >>> note.evaluating(200)                         # starts at t = 13 s: 1 s of training since
+        >>> note.evaluated(200, "schedule=500")[:60]     # it took 37 s
+        'MemWatch: the evaluation at step 200 took 37.0 s, the 100 tr'
+    """
+
+    def __init__(self, clock: Callable[[], float] = time.perf_counter) -> None:
+        self._clock = clock
+        self._since: float | None = None  # when training last resumed (an evaluation's end, or the fit's start)
+        self._from_step: int | None = None
+        self._started: float | None = None
+        self.said = False
+
+    def training_from(self, step: int) -> None:
+        """Training (re)starts at optimizer step ``step``: at the fit's start."""
+        self._since, self._from_step = self._clock(), step
+
+    def evaluating(self, step: int) -> None:
+        """An evaluation at ``step`` starts now."""
+        self._started = self._clock()
+
+    def evaluated(self, step: int, fix: str) -> str | None:
+        """The evaluation at ``step`` ended: the sentence to say (once per fit) when it took more than twice the
+        training since the one before, else None. ``fix``: how to watch less often, named in the sentence."""
+        now, started, since, from_step = self._clock(), self._started, self._since, self._from_step
+        self._since, self._from_step = now, step
+        if self.said or started is None or since is None or from_step is None or step <= from_step:
+            return None
+        evaluation, training = now - started, started - since
+        if evaluation <= COSTLY_FACTOR * training:
+            return None
+        self.said = True
+        return (
+            f"MemWatch: the evaluation at step {step} took {evaluation:.1f} s, the {step - from_step} training steps "
+            f"before it {training:.1f} s: watching takes more than twice the time of training here. To watch less "
+            f"often: {fix}."
+        )
 
 
 class EvalProgress:

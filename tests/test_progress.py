@@ -12,7 +12,7 @@ from lightning.pytorch.callbacks import RichProgressBar, TQDMProgressBar
 from toys import ToyDiffusion, toy_images, toy_loader
 
 from lightning_memwatch import EvalSchedule, MemWatch
-from lightning_memwatch.progress import EvalProgress, setup_summary
+from lightning_memwatch.progress import CostNote, EvalProgress, setup_summary
 
 TRAIN = toy_images(48, seed=3)
 
@@ -120,3 +120,39 @@ def test_setup_summary_wording():
         "about 52 s as the last evaluation took"
     )
 
+
+
+def test_the_cost_note_speaks_once_when_an_evaluation_outweighs_the_training_before_it():
+    clock = iter([0.0, 10.0, 29.0, 30.0, 67.0, 68.0, 69.0, 99.0]).__next__  # seconds, one read per call
+    note = CostNote(clock)
+    note.training_from(0)
+    note.evaluating(100)
+    assert note.evaluated(100, "fewer samples") is None  # 19 s of evaluation after 10 s of training: < twice
+    note.evaluating(200)  # 1 s of training since the last evaluation ended
+    said = note.evaluated(200, "fewer samples")
+    assert said == (
+        "MemWatch: the evaluation at step 200 took 37.0 s, the 100 training steps before it 1.0 s: watching takes "
+        "more than twice the time of training here. To watch less often: fewer samples."
+    )
+    note.evaluating(300)
+    assert note.evaluated(300, "fewer samples") is None and note.said  # once per fit
+
+
+class SlowSampler(ToyDiffusion):
+    """Sampling takes 0.5 s per call: the evaluation outweighs two toy training steps on any machine."""
+
+    def sample(self, num_samples, generator=None, noise=None):
+        import time
+
+        time.sleep(0.5)
+        return super().sample(num_samples, generator=generator, noise=noise)
+
+
+def test_memwatch_says_once_when_watching_outweighs_training(tmp_path, caplog):
+    watch = MemWatch(num_samples=16, sample_batch_size=16, schedule=EvalSchedule.every(2), bootstrap=50,
+                     verbose=True, log_images=False, knn_backend="torch")  # fmt: skip
+    with caplog.at_level(logging.INFO, logger="lightning.pytorch.utilities.rank_zero"):
+        _fit(tmp_path, None, watch, SlowSampler(TRAIN), max_steps=6)
+    said = [r.getMessage() for r in caplog.records if "watching takes more than twice" in r.getMessage()]
+    assert len(said) == 1 and re.match(r"MemWatch: the evaluation at step [246] took \d+\.\d s", said[0])
+    assert "`schedule=` than EvalSchedule(every_n_train_steps=2" in said[0] and "`num_samples=` than 16" in said[0]

@@ -43,7 +43,7 @@ from lightning_memwatch.labels import LabelsChoice, labels_key, sample_labels, t
 from lightning_memwatch.metrics.fid import FID, FIDEvaluator
 from lightning_memwatch.metrics.memorization import KnnIndex
 from lightning_memwatch.onset import OnsetForecast, detector_level, forecast_onset
-from lightning_memwatch.progress import EvalProgress, setup_summary
+from lightning_memwatch.progress import CostNote, EvalProgress, setup_summary
 from lightning_memwatch.record import FID_TRAIN_FLOOR, RECORD_FIELDS, EvalRecord, RecordField, listed_keys
 from lightning_memwatch.sampling import accepts_labels, draw_samples, gather_in_order, rank_slice, sampler_of
 from lightning_memwatch.schedule import EvalSchedule
@@ -214,6 +214,7 @@ class MemWatch(Callback):
         self._pending_fid_state: dict | None = None
         self._last_evaluated_step: int | None = None
         self._overshoot_warned = False
+        self._cost = CostNote()  # says once per fit when an evaluation outweighs the training before it
         self.fid_train_floor: float | None = None
         self._values: ValueProfile | None = None  # the training images' values (setup), checked against samples
         self._hparams: HparamsSession | None = None  # this fit's hparams session (rank 0), from on_fit_start
@@ -433,6 +434,8 @@ class MemWatch(Callback):
         if self._fid_evaluator is not None:
             self._set_train_floor(trainer)
         step = trainer.global_step
+        self._cost = CostNote()  # of this fit
+        self._cost.training_from(step)
         if trainer.is_global_zero:  # settings (when Lightning logged no hparams) and the setup summary
             if self._hparams is not None:
                 self._hparams.flush()
@@ -530,6 +533,7 @@ class MemWatch(Callback):
         # seen them
         scored = self.scored_weights if self.scored_weights is not None else ScoredWeights()
         in_use = scored.in_use(pl_module)  # the raw weights while a chosen average was never updated
+        self._cost.evaluating(step)
         with scoring(trainer, pl_module, self.scored_weights):
             record, copies = self._record_of(trainer, pl_module, step)
             self._record_copies(trainer, step, copies)
@@ -541,6 +545,12 @@ class MemWatch(Callback):
             self._publish(trainer, pl_module, record, events, can_log=can_log)
         if in_use == RAW_WARMUP or (len(self.history) > 1 and self.history[-2].scored_weights == RAW_WARMUP):
             self._say_warmup(trainer, scored, in_use, step)
+        fix = (
+            f"a sparser `schedule=` than {self.schedule!r} (e.g. 500, or an AdaptiveSchedule), or fewer "
+            f"`num_samples=` than {self.num_samples}"
+        )
+        if (costly := self._cost.evaluated(step, fix)) and self.verbose:
+            rank_zero_info(costly)
 
     def _say_warmup(self, trainer: Trainer, scored: ScoredWeights, in_use: str, step: int) -> None:
         """Say in the TensorBoard text (and once in the log) that the raw weights were scored, and when the
