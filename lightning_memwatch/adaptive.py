@@ -21,8 +21,8 @@ Rules, after an evaluation at step ``s`` with f_mem ``f`` (every spacing is then
    with f_mem = 0 to the step where it reaches the target, and go a fraction ``safety`` of the way there, at
    most ``s * (watch_growth - 1)``;
 3. ``f = 0`` and the record holds an onset forecast with interval ``[low, high]``
-   (:mod:`lightning_memwatch.onset`; "forecast"): before ``low``, go no further than ``low``; inside the
-   interval (or past ``low`` when it is open), log-spaced, denser: ``s * (watch_growth - 1)``;
+   (:mod:`lightning_memwatch.onset`; "forecast"): before ``low``, rule 4 or 5 but no further than ``low``;
+   inside the interval (or past ``low`` when it is open), log-spaced, denser: ``s * (watch_growth - 1)``;
 4. ``f = 0`` and the probe's signal is up ("probe"): log-spaced, denser: ``s * (watch_growth - 1)``;
 5. otherwise ("flat"): log-spaced, sparse: ``s * (growth - 1)``.
 
@@ -267,15 +267,19 @@ class AdaptiveSchedule(EvalSchedule):
                 )
                 return spacing, "f_mem", why
             return self._bounded(self.min_every), "f_mem", f"f_mem {f:.4g} > 0 from the first evaluation"
+        planned = self._probe_or_flat(step, watch)
         if self._forecast is not None:
             low, forecast, high = self._forecast
             shown = f"onset forecast ~{forecast:.0f} [{low:.0f}, {'open' if high is None else f'{high:.0f}'}]"
             if step < low:
-                flat = self._bounded(step * (self.growth - 1))
-                if step + flat > low:  # the sparse plan would jump past the interval's early end
+                if step + planned[0] > low:  # the plan would jump past the interval's early end
                     return self._bounded(low - step), "forecast", f"{shown}: to its early end"
             elif high is None or step <= high:
                 return watch, "forecast", f"{shown}: inside it, log-spaced x{self.watch_growth:g}"
+        return planned
+
+    def _probe_or_flat(self, step: int, watch: int) -> tuple[int, str, str]:
+        """Rules 4 and 5: the watching rate while the probe's signal is up, else the sparse one."""
         sig = self._signal_value
         if sig is not None and sig >= self.signal_threshold:
             return (

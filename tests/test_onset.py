@@ -122,6 +122,15 @@ def test_the_adaptive_schedule_evaluates_densely_around_the_forecast():
     assert schedule.next_step == 900 and schedule.decisions[-1].rule == "forecast"  # its early end, not 1600
     schedule.observe({"step": 900, "f_mem": 0.0, **forecast})
     assert schedule.next_step == 1150  # inside the interval: x1.25 (rounded up to the grid)
+    # before the interval the forecast only caps the plan: with the probe's signal up, the watching rate holds
+    from lightning_memwatch.metrics.loss_gap import LossGapReading
+
+    probed = AdaptiveSchedule(min_every=50, max_every=5000, growth=4.0, watch_growth=1.25)
+    probed.observe({"step": 0, "f_mem": 0.0})
+    for step, heldout in ((300, 1.0), (390, 1.05)):  # the held-out loss 5% above its lowest: signal up
+        probed.observe_probe(LossGapReading(step=step, loss_train=0.9, loss_heldout=heldout, gap=0.1, band_gaps=()))
+    probed.observe({"step": 400, "f_mem": 0.0, **forecast})
+    assert probed.next_step == 500 and probed.decisions[-1].rule == "probe"  # x1.25, not the forecast's 900
     state = schedule.state_dict()
     again = AdaptiveSchedule(min_every=50, max_every=5000, growth=4.0, watch_growth=1.25)
     again.load_state_dict(state)
