@@ -43,10 +43,10 @@ class CostNote:
         >>> clock = iter([0.0, 10.0, 12.0, 13.0, 50.0, 52.0]).__next__
         >>> note = CostNote(clock)
         >>> note.training_from(0)                       # train start, at t = 0 s
-        >>> note.evaluating(100)                         # evaluation at step 100 starts at t = 10 s
+        >>> note.evaluating()                            # the evaluation at step 100 starts at t = 10 s
         >>> note.evaluated(100, "schedule=500") is None  # it took 2 s after 10 s of training: nothing to say
         True
-        >>> note.evaluating(200)                         # starts at t = 13 s: 1 s of training since
+        >>> note.evaluating()                            # step 200's starts at t = 13 s: 1 s of training
         >>> note.evaluated(200, "schedule=500")[:60]     # it took 37 s
         'MemWatch: the evaluation at step 200 took 37.0 s, the 100 tr'
     """
@@ -62,8 +62,8 @@ class CostNote:
         """Training (re)starts at optimizer step ``step``: at the fit's start."""
         self._since, self._from_step = self._clock(), step
 
-    def evaluating(self, step: int) -> None:
-        """An evaluation at ``step`` starts now."""
+    def evaluating(self) -> None:
+        """An evaluation starts now."""
         self._started = self._clock()
 
     def evaluated(self, step: int, fix: str) -> str | None:

@@ -126,15 +126,15 @@ def test_the_cost_note_speaks_once_when_an_evaluation_outweighs_the_training_bef
     clock = iter([0.0, 10.0, 29.0, 30.0, 67.0, 68.0, 69.0, 99.0]).__next__  # seconds, one read per call
     note = CostNote(clock)
     note.training_from(0)
-    note.evaluating(100)
+    note.evaluating()
     assert note.evaluated(100, "fewer samples") is None  # 19 s of evaluation after 10 s of training: < twice
-    note.evaluating(200)  # 1 s of training since the last evaluation ended
+    note.evaluating()  # 1 s of training since the last evaluation ended
     said = note.evaluated(200, "fewer samples")
     assert said == (
         "MemWatch: the evaluation at step 200 took 37.0 s, the 100 training steps before it 1.0 s: watching takes "
         "more than twice the time of training here. To watch less often: fewer samples."
     )
-    note.evaluating(300)
+    note.evaluating()
     assert note.evaluated(300, "fewer samples") is None and note.said  # once per fit
 
 

@@ -533,7 +533,7 @@ class MemWatch(Callback):
         # seen them
         scored = self.scored_weights if self.scored_weights is not None else ScoredWeights()
         in_use = scored.in_use(pl_module)  # the raw weights while a chosen average was never updated
-        self._cost.evaluating(step)
+        self._cost.evaluating()
         with scoring(trainer, pl_module, self.scored_weights):
             record, copies = self._record_of(trainer, pl_module, step)
             self._record_copies(trainer, step, copies)
