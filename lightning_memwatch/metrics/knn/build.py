@@ -1,16 +1,17 @@
 """The build: exact duplicates (row hashes, confirmed by comparison), the centre, and the norms of the rows.
 
-One pass over the rows, in cache-sized blocks (numpy, one thread per torch thread), hashes every row's bits
-and takes the float64 squared norms of the rows and of the rows centred on a centre candidate (the mean of
-up to 4,096 evenly spaced rows: any centre keeps the search exact, a good one keeps its bounds small), and
-does the caller's own work on each block while it is in cache (``on_block``: the int8 codes of
-:mod:`.int8`). The index centres when that removes at least half of the squared norms. No float64 copy of the
-data is made.
+The centre candidate is the mean of up to 4,096 evenly spaced rows (any centre keeps the search exact, a good
+one keeps its bounds small); the index centres when that removes at least half of the sampled rows' squared
+norms (:func:`centring_pays`). Then one pass over the rows, in cache-sized blocks (numpy, one thread per torch
+thread), hashes every row's bits, takes the float64 squared norms of the rows as the fast passes see them
+(centred or not), and does the caller's own work on each block while it is in cache (``on_block``: the int8
+codes of :mod:`.int8`). No float64 copy of the data is made.
 """
 
 from __future__ import annotations
 
 import functools
+import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -21,13 +22,25 @@ from torch import Tensor
 
 from lightning_memwatch.metrics.knn.rows import HeldRows, source_device
 
-__all__ = ["RowStats", "centre_of", "duplicate_groups", "duplicate_mask", "row_hashes", "row_stats", "sample_rows"]
+__all__ = [
+    "RowStats",
+    "centre_of",
+    "centring_pays",
+    "duplicate_groups",
+    "duplicate_mask",
+    "row_hashes",
+    "row_stats",
+    "sample_rows",
+]
 
 # Bytes of float32 rows per block of the build passes (stays in cache with its temporaries).
 BUILD_BLOCK_BYTES = 2 * 2**20
 _HASH_SEED = 0x6D656D77
 # Rows (evenly spaced) whose mean is the centre candidate: any float32 centre keeps the search exact.
 CENTRE_SAMPLE = 4096
+# Share of the sampled rows' squared norms that centring must remove for the index to centre (images in [0, 1]:
+# about 3/4 of it goes): the bounds grow with the norms.
+CENTRE_GAIN = 0.5
 
 
 def build_block(dim: int) -> int:
@@ -49,12 +62,13 @@ def hash_block(rows: np.ndarray, scratch: np.ndarray | None = None) -> np.ndarra
     hash is then 32 bits wide); equal rows always hash equal, and collisions are resolved by exact comparison.
     """
     out = np.add(rows, 0.0, out=scratch[: len(rows)] if scratch is not None else None, dtype=np.float32)
+    # einsum: the products summed without a temporary (integer sums wrap, in any order)
     if rows.shape[1] % 2 == 0:
         words = out.view(np.uint64)
-        h = (words * _hash_coefficients(words.shape[1], 64)).sum(axis=1, dtype=np.uint64)
+        h = np.einsum("ij,j->i", words, _hash_coefficients(words.shape[1], 64))
     else:
         words = out.view(np.uint32)
-        h = (words * _hash_coefficients(words.shape[1], 32)).sum(axis=1, dtype=np.uint32).astype(np.uint64)
+        h = np.einsum("ij,j->i", words, _hash_coefficients(words.shape[1], 32)).astype(np.uint64)
     return h.view(np.int64)
 
 
@@ -64,15 +78,11 @@ class RowStats:
 
     Attributes:
         hashes: int64 hash of every row (None when not asked for).
-        centre: float32 centre candidate (the float64 mean of up to 4,096 evenly spaced rows, rounded).
-        sq_norms: float64 squared norm of every row.
-        centred_sq_norms: float64 squared norm of every ``fl32(row - centre)``.
+        sq_norms: float64 squared norm of every row, or of every ``fl32(row - centre)`` when centred.
     """
 
     hashes: Tensor | None
-    centre: Tensor
     sq_norms: Tensor
-    centred_sq_norms: Tensor
 
 
 def sample_rows(source: HeldRows, device: torch.device) -> Tensor:
@@ -86,15 +96,38 @@ def centre_of(sample: Tensor) -> Tensor:
     return sample.to(torch.float64).mean(dim=0).to(torch.float32)
 
 
+def centring_pays(sample: Tensor, centre: Tensor) -> bool:
+    """Whether centring on ``centre`` removes at least :data:`CENTRE_GAIN` of the sampled rows' squared norms
+    (float64 sums; the bounds of the fast passes grow with the norms)."""
+    raw = float(sample.to(torch.float64).square().sum())
+    centred = float((sample - centre).to(torch.float64).square().sum())
+    return centred < (1 - CENTRE_GAIN) * raw
+
+
+class BlockScratch(threading.local):
+    """One thread's float32 and float64 buffers of a build block, reused from block to block: temporaries of a
+    few MiB allocated and freed at every block cost page faults (glibc hands them back to the system), which
+    made the norms 5x slower than their arithmetic."""
+
+    def buffers(self, rows: int, dim: int) -> tuple[np.ndarray, np.ndarray]:
+        """float32 and float64 ``(rows, dim)`` views of this thread's buffers."""
+        f32 = getattr(self, "f32", None)
+        if f32 is None or f32.shape[0] < rows or f32.shape[1] != dim:
+            self.f32 = np.empty((rows, dim), dtype=np.float32)
+            self.f64 = np.empty((rows, dim), dtype=np.float64)
+        return self.f32[:rows], self.f64[:rows]
+
+
 def _numpy_block(
-    block: np.ndarray, centre: np.ndarray, hashes: bool
-) -> tuple[np.ndarray | None, np.ndarray, np.ndarray]:
-    """Hash, squared norm and centred squared norm of each row of one float32 block (numpy, GIL released)."""
-    h = hash_block(block) if hashes else None
-    b64 = block.astype(np.float64)
-    raw = np.einsum("ij,ij->i", b64, b64)
-    diff = (block - centre).astype(np.float64)  # the float32 difference, as the centred passes see it
-    return h, raw, np.einsum("ij,ij->i", diff, diff)
+    block: np.ndarray, centre: np.ndarray | None, hashes: bool, scratch: BlockScratch
+) -> tuple[np.ndarray | None, np.ndarray]:
+    """Hash and squared norm (of the row, or of its float32 difference from ``centre``) of each row of one float32
+    block (numpy, GIL released)."""
+    f32, f64 = scratch.buffers(*block.shape)
+    h = hash_block(block, f32) if hashes else None
+    # the float32 difference, as the centred passes see it
+    np.copyto(f64, block if centre is None else np.subtract(block, centre, out=f32))
+    return h, np.einsum("ij,ij->i", f64, f64)
 
 
 def row_stats(
@@ -106,38 +139,35 @@ def row_stats(
     centre: Tensor | None = None,
     on_block: Callable[[int, Tensor], None] | None = None,
 ) -> RowStats:
-    """Hashes, squared norms and centred squared norms of every row, in one pass over the rows.
+    """Hashes and squared norms of every row, in one pass over the rows.
 
     On CPU the blocks are processed by numpy in ``torch.get_num_threads()`` threads (numpy releases the GIL);
-    elsewhere by torch on the device (hashes on the CPU). ``copy_to``: a ``(n, D)`` float32 tensor that
-    receives a copy of the rows in the same pass (the index's own copy, written while each block is in cache).
-    ``centre``: the centre candidate, if already known (:func:`centre_of`). ``on_block(start, rows)``: more
+    elsewhere by torch on the device (hashes on the CPU). ``centre``: the norms are those of ``fl32(row -
+    centre)`` (None: of the rows). ``copy_to``: a ``(n, D)`` float32 tensor that receives a copy of the rows in
+    the same pass (the index's own copy, written while each block is in cache). ``on_block(start, rows)``: more
     work on each block in the same pass (the int8 codes), called from the worker threads.
     """
-    if centre is None:
-        centre = centre_of(sample_rows(source, device)) if source.n else torch.zeros(source.dim, device=device)
     step = build_block(source.dim)
     starts = range(0, source.n, step)
     if device.type == "cpu":
-        centre_np = centre.numpy()
-
+        centre_np = centre.numpy() if centre is not None else None
         target = copy_to.numpy() if copy_to is not None else None
+        scratch = BlockScratch()
 
-        def work(j: int) -> tuple[np.ndarray | None, np.ndarray, np.ndarray]:
+        def work(j: int) -> tuple[np.ndarray | None, np.ndarray]:
             block = source.block(j, min(j + step, source.n), device).numpy()
             if target is not None:
                 target[j : j + len(block)] = block
             if on_block is not None:
                 on_block(j, torch.from_numpy(block))
-            return _numpy_block(block, centre_np, hashes)
+            return _numpy_block(block, centre_np, hashes, scratch)
 
         with ThreadPoolExecutor(max_workers=max(1, torch.get_num_threads())) as pool:
             parts = list(pool.map(work, starts))
         found = [torch.from_numpy(p[0]) for p in parts if p[0] is not None]
-        raw = [torch.from_numpy(p[1]) for p in parts]
-        cen = [torch.from_numpy(p[2]) for p in parts]
+        norms = [torch.from_numpy(p[1]) for p in parts]
     else:
-        found, raw, cen = [], [], []
+        found, norms = [], []
         for j in starts:
             block = source.block(j, min(j + step, source.n), device).to(device)
             if copy_to is not None:
@@ -146,14 +176,12 @@ def row_stats(
                 on_block(j, block)
             if hashes:
                 found.append(torch.from_numpy(hash_block(block.cpu().numpy())))
-            raw.append(torch.linalg.vector_norm(block, dim=1, dtype=torch.float64).square_())
-            cen.append(torch.linalg.vector_norm(block - centre, dim=1, dtype=torch.float64).square_())
+            shifted = block if centre is None else block - centre
+            norms.append(torch.linalg.vector_norm(shifted, dim=1, dtype=torch.float64).square_())
     empty = torch.empty(0, dtype=torch.float64, device=device)
     return RowStats(
         hashes=(torch.cat(found) if found else torch.empty(0, dtype=torch.int64)) if hashes else None,
-        centre=centre,
-        sq_norms=torch.cat(raw).to(device) if raw else empty,
-        centred_sq_norms=torch.cat(cen).to(device) if cen else empty,
+        sq_norms=torch.cat(norms).to(device) if norms else empty,
     )
 
 

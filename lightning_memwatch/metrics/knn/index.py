@@ -22,14 +22,10 @@ from lightning_memwatch.metrics.knn.backends import (
     int8_code_limit,
     resolve_backend,
 )
-from lightning_memwatch.metrics.knn.build import centre_of, duplicate_mask, row_stats, sample_rows
+from lightning_memwatch.metrics.knn.build import centre_of, centring_pays, duplicate_mask, row_stats, sample_rows
 from lightning_memwatch.metrics.knn.rows import HeldRows, as_row_source, source_device
 
 __all__ = ["NearestNeighbourIndex", "SearchStats"]
-
-# The index centres rows and queries on the training mean when that removes at least this share of the rows'
-# squared norms (images in [0, 1]: about 3/4): the bounds grow with the norms.
-_CENTRE_GAIN = 0.5
 
 
 @dataclass(frozen=True)
@@ -189,7 +185,7 @@ class NearestNeighbourIndex:
     def _build(
         self, source: HeldRows, tensor: Tensor | None, *, dedupe: bool, screen_copy: bool, min_rows: int
     ) -> None:
-        """Duplicates, centre and norms in two passes over the rows (see :mod:`.build`)."""
+        """Centre (from a sample), duplicates and norms in one pass over the rows (see :mod:`.build`)."""
         n = source.n
         owned = None  # the index owns its rows: later edits of `train` do not reach it
         if (
@@ -205,7 +201,8 @@ class NearestNeighbourIndex:
             limit = int8_code_limit() or 127
             codes = int8.Int8Builder(n, self.dim, sample, centre, keep_codes=source.held and screen_copy, limit=limit)
         on_block = codes.block if codes is not None else None
-        stats = row_stats(source, self.device, hashes=dedupe, copy_to=owned, centre=centre, on_block=on_block)
+        fast_centre = centre if n and centring_pays(sample, centre) else None  # the fast passes' (None: not centred)
+        stats = row_stats(source, self.device, hashes=dedupe, copy_to=owned, centre=fast_centre, on_block=on_block)
         if owned is not None:
             source = HeldRows(owned)
         self.num_duplicates = 0
@@ -237,24 +234,17 @@ class NearestNeighbourIndex:
             source = HeldRows(source.rows.contiguous())
         self.row_source = source
         self.num_rows = source.n  # physical rows (streamed: dropped rows included, masked)
-        centred_sq = stats.centred_sq_norms
-        if self._row_ids is not None:
-            centred_sq = centred_sq[self._row_ids.to(centred_sq.device)]
-        live = slice(None) if dropped is None else ~dropped.to(sq_norms.device)
-        centre = None
-        if float(centred_sq[live].sum()) < (1 - _CENTRE_GAIN) * float(sq_norms[live].sum()):
-            centre, sq_norms = stats.centre, centred_sq
         if dropped is not None:
             sq_norms = torch.where(dropped.to(sq_norms.device), 0.0, sq_norms)
         y_norm = sq_norms.sqrt()
         y_max = float(y_norm.max()) if len(y_norm) else 0.0
         self._fast = scan.FastRows(
-            source, self.device, centre, y_norm, sq_norms, y_max, dropped, self.database_block_size
+            source, self.device, fast_centre, y_norm, sq_norms, y_max, dropped, self.database_block_size
         )
         # values float32 cannot hold (a row near 1e19 or beyond): every query goes through the float64 pass
         self._overflow = not (y_max * y_max * 4 < bounds.FLOAT32_SAFE_SQ)
         # the float32 pass's per-row bias (its Y^2 part of the bound folded in), +inf for dropped rows
-        c_yy = bounds.expansion_model(self.dim, centred=centre is not None).c_yy
+        c_yy = bounds.expansion_model(self.dim, centred=fast_centre is not None).c_yy
         bias = (sq_norms - c_yy * sq_norms).to(torch.float32)
         if dropped is not None:
             bias[dropped.to(bias.device)] = torch.inf

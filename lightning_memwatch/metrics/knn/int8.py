@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -132,20 +133,47 @@ def quantize(
         )
     codes, code_sq, r = (t.numpy() for t in out)
     step = max(1, QUANTIZE_BYTES // (4 * max(dim, 1)))
+    shifted, codes32 = _SCRATCH.buffers(min(step, len(x)), dim)
     for i in range(0, len(x), step):
         part = slice(i, i + step)
-        _quantize_chunk(x[part], centre.numpy(), scale, limit, codes[part], code_sq[part], r[part])
+        rows = len(x[part])
+        _quantize_chunk(
+            x[part], centre.numpy(), scale, limit, codes[part], code_sq[part], r[part], shifted[:rows], codes32[:rows]
+        )
     return out
 
 
+class _Scratch(threading.local):
+    """One thread's two float32 buffers of a quantized chunk, reused from chunk to chunk (freed temporaries go
+    back to the system and come back zeroed: page faults that cost as much as the arithmetic)."""
+
+    def buffers(self, rows: int, dim: int) -> tuple[np.ndarray, np.ndarray]:
+        a = getattr(self, "a", None)
+        if a is None or a.shape[0] < rows or a.shape[1] != dim:
+            self.a, self.b = np.empty((rows, dim), np.float32), np.empty((rows, dim), np.float32)
+        return self.a[:rows], self.b[:rows]
+
+
+_SCRATCH = _Scratch()
+
+
 def _quantize_chunk(
-    x: np.ndarray, mu: np.ndarray, scale: float, limit: int, codes: np.ndarray, code_sq: np.ndarray, r: np.ndarray
+    x: np.ndarray,
+    mu: np.ndarray,
+    scale: float,
+    limit: int,
+    codes: np.ndarray,
+    code_sq: np.ndarray,
+    r: np.ndarray,
+    shifted: np.ndarray,
+    codes32: np.ndarray,
 ) -> None:
-    """:func:`quantize` of one chunk of rows, into ``codes``, ``code_sq`` and ``r``."""
+    """:func:`quantize` of one chunk of rows, into ``codes``, ``code_sq`` and ``r`` (``shifted``, ``codes32``:
+    float32 scratch of the chunk's shape)."""
     dim = x.shape[1]
     inv = np.float32(1 / scale)
-    shifted = np.subtract(x, mu)
-    codes32 = np.multiply(shifted, inv)
+    np.subtract(x, mu, out=shifted)
+    np.multiply(shifted, inv, out=codes32)
     np.rint(codes32, out=codes32)
     np.clip(codes32, -limit, limit, out=codes32)
     codes[:, :dim] = codes32

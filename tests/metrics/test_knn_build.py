@@ -1,0 +1,60 @@
+"""The index build's one pass: row hashes, float64 norms (centred or not) and the centring decision."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from lightning_memwatch.metrics.knn import NearestNeighbourIndex, build
+from lightning_memwatch.metrics.knn.rows import HeldRows
+
+
+@pytest.mark.parametrize("dim", [7, 64])
+@pytest.mark.parametrize("centred", [False, True])
+def test_row_stats_norms_match_float64_over_many_blocks_and_threads(monkeypatch, dim: int, centred: bool) -> None:
+    # Blocks of a few rows, two threads, a shorter last block: each thread's scratch is reused from block to
+    # block and must never leak one block's values into the next.
+    monkeypatch.setattr(build, "BUILD_BLOCK_BYTES", 4 * dim * 5)
+    g = torch.Generator().manual_seed(0)
+    rows = torch.randn(203, dim, generator=g) * 3 + 10
+    centre = build.centre_of(rows[::7]) if centred else None
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        stats = build.row_stats(HeldRows(rows), torch.device("cpu"), hashes=True, centre=centre)
+    finally:
+        torch.set_num_threads(threads)
+    shifted = rows if centre is None else rows - centre  # float32 difference, as the fast passes see it
+    want = shifted.to(torch.float64).square().sum(dim=1)
+    torch.testing.assert_close(stats.sq_norms, want, rtol=1e-13, atol=0)
+    assert stats.hashes is not None
+    assert torch.equal(stats.hashes, torch.from_numpy(build.hash_block(rows.numpy())))
+
+
+@pytest.mark.parametrize("dim", [1, 5, 6])
+def test_row_hash_is_the_wrapped_sum_of_word_products_and_ignores_the_sign_of_zero(dim: int) -> None:
+    rng = np.random.default_rng(1)
+    rows = rng.standard_normal((40, dim)).astype(np.float32)
+    rows[0] = 0.0
+    rows[1] = -0.0
+    words = rows.view(np.uint64 if dim % 2 == 0 else np.uint32)
+    coefficients = build._hash_coefficients(words.shape[1], 64 if dim % 2 == 0 else 32)
+    want = (words * coefficients).sum(axis=1, dtype=words.dtype).astype(np.uint64).view(np.int64)
+    got = build.hash_block(rows)
+    assert np.array_equal(got[2:], want[2:])
+    assert got[0] == got[1]
+    assert len(np.unique(got[1:])) == len(rows) - 1
+
+
+def test_centring_is_decided_from_the_sample() -> None:
+    g = torch.Generator().manual_seed(2)
+    spread = torch.randn(500, 16, generator=g)
+    assert build.centring_pays(spread + 5.0, build.centre_of(spread + 5.0))
+    assert not build.centring_pays(spread, build.centre_of(spread))
+    offset = NearestNeighbourIndex(spread + 5.0, backend="torch")
+    plain = NearestNeighbourIndex(spread, backend="torch")
+    assert offset._mean is not None and plain._mean is None
+    # the index's norms are those of the rows the fast passes see
+    want = (spread + 5.0 - offset._mean).to(torch.float64).square().sum(dim=1)
+    torch.testing.assert_close(offset._fast.y_sq, want, rtol=1e-13, atol=0)
