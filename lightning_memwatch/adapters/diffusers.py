@@ -76,16 +76,19 @@ def _loss_scheduler_timesteps(scheduler: Any, where: str) -> int:
     return int(steps)
 
 
-def _training_loss(net: Any, scheduler: Any, x0: Tensor, t: Tensor, noise: Tensor) -> Tensor:
+def _training_loss(
+    net: Any, scheduler: Any, x0: Tensor, t: Tensor, noise: Tensor, labels: Tensor | None = None
+) -> Tensor:
     """Per-sample MSE (B,) of the denoiser's prediction against the target of ``scheduler``'s prediction_type.
 
-    ``x0`` is in the denoiser's range; ``t`` are integer training timesteps in ``[0, num_train_timesteps)``.
-    This is the loss of diffusers' training examples (``F.mse_loss(pred, target)``), averaged over pixels but
-    not over the batch, unweighted.
+    ``x0`` is in the denoiser's range; ``t`` are integer training timesteps in ``[0, num_train_timesteps)``;
+    ``labels`` (B,), a class-conditional denoiser's ``class_labels``. This is the loss of diffusers' training
+    examples (``F.mse_loss(pred, target)``), averaged over pixels but not over the batch, unweighted.
     """
     dtype = next(net.parameters()).dtype if hasattr(net, "parameters") else torch.float32
     x_t = scheduler.add_noise(x0, noise, t)
-    pred = _prediction(net(x_t.to(dtype), t)).float()
+    extra = {} if labels is None else {"class_labels": labels.to(device=x0.device, dtype=torch.long)}
+    pred = _prediction(net(x_t.to(dtype), t, **extra)).float()
     prediction = scheduler.config.prediction_type
     if prediction == "epsilon":
         target = noise
@@ -170,9 +173,7 @@ class DiffusersSampler:
         self.num_inference_steps = int(num_inference_steps)
         self.unet = unet
         self.model_range: Range = check_range_arg(model_range, "model_range")
-        self.data_range: Range = (
-            self.model_range if data_range is None else check_range_arg(data_range, "data_range")
-        )
+        self.data_range: Range = self.model_range if data_range is None else check_range_arg(data_range, "data_range")
         self.clamp = clamp
         self.step_kwargs = dict(step_kwargs or {})
         self.sample_shape = tuple(int(s) for s in sample_shape) if sample_shape is not None else None
@@ -239,7 +240,9 @@ class DiffusersSampler:
         """T of the training diffusion, the scheduler's ``num_train_timesteps``; checks the loss can be computed."""
         return _loss_scheduler_timesteps(self.scheduler, type(self).__name__)
 
-    def denoising_loss(self, pl_module: Any, x0: Tensor, t: Tensor, noise: Tensor) -> Tensor:
+    def denoising_loss(
+        self, pl_module: Any, x0: Tensor, t: Tensor, noise: Tensor, labels: Tensor | None = None
+    ) -> Tensor:
         """Per-sample training loss (B,) of the denoiser on ``x0`` noised to timesteps ``t`` with ``noise``.
 
         The objective of the scheduler's ``prediction_type`` as diffusers' training examples write it:
@@ -253,12 +256,13 @@ class DiffusersSampler:
             x0: Clean images (B, C, H, W) in ``data_range``; mapped to ``model_range`` as sampling maps back.
             t: Integer timesteps (B,) in ``[0, num_train_timesteps)``.
             noise: Standard normal noise shaped like ``x0``.
+            labels: Classes (B,) of a class-conditional denoiser, passed as its ``class_labels``.
         """
         _loss_scheduler_timesteps(self.scheduler, type(self).__name__)
         net = resolve_module(pl_module, self.unet, "unet")
         x0, t, noise = _loss_inputs(x0, t, noise, module_device(net, pl_module))
         x0 = map_range(x0, self.data_range, self.model_range)
-        return _training_loss(net, self.scheduler, x0, t, noise)
+        return _training_loss(net, self.scheduler, x0, t, noise, labels)
 
 
 class PipelineSampler:

@@ -200,19 +200,9 @@ class LucidrainsSampler:
     # -- the loss-gap probe's loss (optional part of the sampler contract) -----------------------------------
     def _resolve_for_loss(self, pl_module: Any) -> Any:
         diffusion = self._resolve(pl_module)
-        missing = [
-            attr
-            for attr in (
-                "model",
-                "objective",
-                "loss_weight",
-                "normalize",
-                "sqrt_alphas_cumprod",
-                "sqrt_one_minus_alphas_cumprod",
-                "predict_v",
-            )
-            if not hasattr(diffusion, attr)
-        ]
+        needed = ["model", "objective", "loss_weight", "sqrt_alphas_cumprod", "sqrt_one_minus_alphas_cumprod"]
+        needed += ["predict_v"] + ([] if _is_guided(diffusion) else ["normalize"])  # the guided one always is
+        missing = [attr for attr in needed if not hasattr(diffusion, attr)]
         if missing or diffusion.objective not in _OBJECTIVES:
             what = f"no `{missing[0]}`" if missing else f"objective {diffusion.objective!r} (known: {_OBJECTIVES})"
             raise config_type_error(
@@ -225,26 +215,37 @@ class LucidrainsSampler:
         """T of the model's diffusion (``GaussianDiffusion.num_timesteps``); checks the loss can be computed."""
         return int(self._resolve_for_loss(pl_module).num_timesteps)
 
-    def denoising_loss(self, pl_module: Any, x0: Tensor, t: Tensor, noise: Tensor) -> Tensor:
+    def denoising_loss(
+        self, pl_module: Any, x0: Tensor, t: Tensor, noise: Tensor, labels: Tensor | None = None
+    ) -> Tensor:
         """Per-sample training loss (B,) of the ``GaussianDiffusion``: its ``p_losses`` with the given t and noise.
 
-        ``x0`` (in ``data_range``) is mapped to the model's range and normalized as its ``forward`` does
-        (to [-1, 1] with ``auto_normalize``), noised to ``t`` with ``noise``, and the network's output is
-        compared with the target of its ``objective`` (``pred_noise``: the noise, ``pred_x0``: the image,
-        ``pred_v``: v); the per-sample MSE is weighted by its ``loss_weight[t]`` (SNR-based, min-SNR when
-        enabled), as ``p_losses`` does. Three random parts of ``p_losses`` are left out, so that a fixed
-        triple gives a fixed loss: offset noise, immiscible noise assignment (a batch-dependent permutation
-        of the noise) and self-conditioning (the loss is the one of its unconditioned half). Without them it
-        equals ``p_losses(x0, t, noise, loss_reduction="none")`` (tested). Gradients and train/eval mode
-        follow the caller.
+        ``x0`` (in ``data_range``) is mapped to the model's range and normalized as its ``forward`` does (to [-1, 1]
+        with ``auto_normalize``, and always for the classifier-free-guidance model), noised to ``t`` with ``noise``,
+        and the network's output is compared with the target of its ``objective`` (``pred_noise``: the noise,
+        ``pred_x0``: the image, ``pred_v``: v); the per-sample MSE is weighted by its ``loss_weight[t]`` (SNR-based,
+        min-SNR when enabled), as ``p_losses`` does. Three random parts of ``p_losses`` are left out, so that a
+        fixed triple gives a fixed loss: offset noise, immiscible noise assignment (a batch-dependent permutation of
+        the noise) and self-conditioning (the loss is the one of its unconditioned half). Without them it equals
+        ``p_losses(x0, t, noise, loss_reduction="none")`` (tested; for the guided model, with every class kept).
+        Gradients and train/eval mode follow the caller.
 
         Args:
             pl_module: The LightningModule holding the model (found as for sampling).
             x0: Clean images (B, C, H, W) in ``data_range``.
             t: Integer timesteps (B,) in ``[0, num_timesteps)``.
             noise: Standard normal noise shaped like ``x0``.
+            labels: Classes (B,) of the classifier-free-guidance model (required there), all kept: no class
+                is dropped to the null class, so the loss is the conditional one.
         """
         diffusion = self._resolve_for_loss(pl_module)
+        guided = _is_guided(diffusion)
+        if guided != (labels is not None):
+            raise config_error(
+                "LucidrainsSampler.denoising_loss: the classifier-free-guidance model needs `labels` (its classes)"
+                if guided
+                else "LucidrainsSampler.denoising_loss got `labels`, but the model is unconditional: drop them."
+            )
         if x0.shape != noise.shape or t.shape != (len(x0),):
             raise config_error(
                 f"denoising_loss needs x0 (B, ...), t (B,) and noise shaped like x0; got {tuple(x0.shape)}, "
@@ -253,7 +254,7 @@ class LucidrainsSampler:
         device = diffusion.alphas_cumprod.device
         model_range = _model_range(diffusion)
         x0 = map_range(x0.to(device=device, dtype=torch.float32), self.data_range or model_range, model_range)
-        x_start = diffusion.normalize(x0)
+        x_start = x0 * 2 - 1 if guided else diffusion.normalize(x0)
         t = t.to(device=device, dtype=torch.long)
         noise = noise.to(device=device, dtype=torch.float32)
         shape = (len(t),) + (1,) * (x_start.dim() - 1)
@@ -261,7 +262,10 @@ class LucidrainsSampler:
             diffusion.sqrt_alphas_cumprod[t].reshape(shape) * x_start
             + diffusion.sqrt_one_minus_alphas_cumprod[t].reshape(shape) * noise
         )
-        out = diffusion.model(x_t, t, None)
+        if labels is not None:
+            out = diffusion.model(x_t, t, labels.to(device=device, dtype=torch.long), cond_drop_prob=0.0)
+        else:
+            out = diffusion.model(x_t, t, None)
         if diffusion.objective == "pred_noise":
             target = noise
         elif diffusion.objective == "pred_x0":

@@ -86,6 +86,12 @@ def heldout_images_of(trainer: Trainer | None) -> Any | None:
     return found if found is not None else _call(datamodule_of(trainer), "heldout_images")
 
 
+def datamodule_labels_of(trainer: Trainer | None, name: str) -> Any | None:
+    """The datamodule's ``train_labels()`` or ``heldout_labels()`` (``name``): the classes of the images its
+    ``train_images()`` or held-out images return, or None."""
+    return _call(datamodule_of(trainer), name)
+
+
 def fit_ends_with_this_epoch(trainer: Trainer) -> bool:
     """In ``on_train_epoch_end``: whether training ends after this epoch (``trainer.should_stop``, ``max_steps``
     reached, or the last of ``max_epochs``), read from the public Trainer attributes the fit loop tests. True

@@ -17,6 +17,12 @@ the same with the module first, ``denoising_loss(pl_module, x0, t, noise)`` and 
 (:class:`~lightning_memwatch.adapters.DiffusersSampler`, ``PipelineSampler``, ``LucidrainsSampler``). The probe
 takes, in this order: ``loss_fn=``, ``sampler=``, the adapter a MemWatch samples with, the module's method.
 Readings use the weights that MemWatch scores (``MemWatch(weights=...)``), swapped in as for an evaluation.
+
+A class-conditional model (its sampler takes ``labels``) is probed with its classes: the loss takes a
+``labels`` argument, ``denoising_loss(x0, t, noise, labels)`` (the adapters' and the reference DDPM's do), each
+training image is paired with a held-out image of its class, and both are scored asking for that class. The
+labels are given (``train_labels=``, ``heldout_labels=``), or the datamodule's (``train_labels()``,
+``heldout_labels()``), or read from ``(image, label)`` data as MemWatch reads them.
 """
 
 from __future__ import annotations
@@ -34,8 +40,14 @@ from torch import Tensor
 
 from lightning_memwatch._checks import config_error, config_type_error, images_of_batch
 from lightning_memwatch.callbacks._scalars import log_scalars
-from lightning_memwatch.callbacks._trainer import heldout_images_of, train_images_of, train_loader_of
+from lightning_memwatch.callbacks._trainer import (
+    datamodule_labels_of,
+    heldout_images_of,
+    train_images_of,
+    train_loader_of,
+)
 from lightning_memwatch.images import collect_images
+from lightning_memwatch.labels import read_train_labels
 from lightning_memwatch.metrics.loss_gap import (
     LossGapReading,
     ProbeTriples,
@@ -55,8 +67,9 @@ PROBE_LOSS_TRAIN = "memwatch/probe_loss_train"
 PROBE_LOSS_HELDOUT = "memwatch/probe_loss_heldout"
 
 ProbeListener = Callable[[LossGapReading], None]
-LossCallable = Callable[[LightningModule, Tensor, Tensor, Tensor], Tensor]
-"""``loss_fn(pl_module, x0, t, noise) -> per-sample loss (B,)``."""
+LossCallable = Callable[..., Tensor]
+"""``loss_fn(pl_module, x0, t, noise) -> per-sample loss (B,)``; the probe's own loss of a class-conditional
+model also takes the classes, ``(pl_module, x0, t, noise, labels)``."""
 
 
 def _class_conditional(source: Any, pl_module: LightningModule) -> bool:
@@ -84,6 +97,7 @@ class _LossSource:
     num_timesteps: Callable[[LightningModule], Any]
     name: str
     sampler: Any = None
+    takes_labels: bool = False  # a class-conditional model's loss, called with the triples' classes
 
 
 class LossGapProbe(Callback):
@@ -114,6 +128,11 @@ class LossGapProbe(Callback):
         batch_size: triples per loss call (images).
         seed: seed of the triples (same on every rank and every run).
         verbose: print one line per reading (rank 0).
+        train_labels: class of each training image (LongTensor, in data order) of a class-conditional model;
+            default the datamodule's ``train_labels()`` when the images are its ``train_images()``, else the
+            second tensor of the training data's batches.
+        heldout_labels: class of each held-out image; default the datamodule's ``heldout_labels()`` when the
+            images are its held-out images, else the second tensor of ``heldout_data``'s batches.
     """
 
     def __init__(
@@ -130,6 +149,8 @@ class LossGapProbe(Callback):
         seed: int = 0,
         verbose: bool = False,
         sampler: Any = None,
+        train_labels: Tensor | None = None,
+        heldout_labels: Tensor | None = None,
     ) -> None:
         if isinstance(every_n_train_steps, str):
             if every_n_train_steps != "auto":
@@ -162,6 +183,8 @@ class LossGapProbe(Callback):
         self.loss_fn = loss_fn
         self.num_timesteps = num_timesteps
         self.sampler = sampler
+        self.train_labels = train_labels
+        self.heldout_labels = heldout_labels
         self.batch_size = int(batch_size)
         self.seed = int(seed)
         self.verbose = verbose
@@ -226,17 +249,22 @@ class LossGapProbe(Callback):
 
     def _resolve_loss(self, trainer: Trainer | None, pl_module: LightningModule) -> _LossSource:
         """Where the loss comes from (``loss_fn``, ``sampler``, MemWatch's adapter, or the module, in that
-        order); a class-conditional model's is refused unless ``loss_fn`` is given (it takes no class)."""
+        order); a class-conditional model's must take its classes (``labels``) unless ``loss_fn`` is given."""
+        from lightning_memwatch.sampling import accepts_labels
+
         source = self._loss_source(trainer, pl_module)
-        if self.loss_fn is None and _class_conditional(source, pl_module):
+        if self.loss_fn is not None or not _class_conditional(source, pl_module):
+            return source
+        method = source.sampler.denoising_loss if source.sampler is not None else pl_module.denoising_loss
+        if not accepts_labels(method):
             raise config_error(
                 f"LossGapProbe: {type(pl_module).__name__} is class-conditional (its sampler takes `labels`), and "
                 f"{source.name} takes no class: the probe's loss on (x0, t, noise) would fail or measure another "
-                "model. Remove the LossGapProbe for this model, or pass `LossGapProbe(loss_fn=lambda module, x0, t, "
-                "noise: ..., num_timesteps=T)` that conditions as you choose (e.g. on the null class of "
-                "classifier-free guidance)."
+                "model. Give it a `labels` argument (`denoising_loss(x0, t, noise, labels=None)`), remove the "
+                "LossGapProbe for this model, or pass `LossGapProbe(loss_fn=lambda module, x0, t, noise: ..., "
+                "num_timesteps=T)` that conditions as you choose (e.g. on the null class of classifier-free guidance)."
             )
-        return source
+        return dataclasses.replace(source, takes_labels=True)
 
     def _loss_source(self, trainer: Trainer | None, pl_module: LightningModule) -> _LossSource:
         module_name = type(pl_module).__name__
@@ -257,7 +285,7 @@ class LossGapProbe(Callback):
             )
         if callable(getattr(pl_module, "denoising_loss", None)):
             return _LossSource(
-                lambda m, x0, t, noise: m.denoising_loss(x0, t, noise),
+                lambda m, x0, t, noise, *labels: m.denoising_loss(x0, t, noise, *labels),
                 lambda m: getattr(m, "num_timesteps", None),
                 f"{module_name}.denoising_loss",
             )
@@ -292,14 +320,15 @@ class LossGapProbe(Callback):
             )
         return int(value)
 
-    @staticmethod
-    def _images(source: Any, name: str) -> Tensor:
-        return collect_images(source, name)
-
-    def _find_images(self, trainer: Trainer) -> tuple[Tensor, Tensor]:
+    def _find_sources(self, trainer: Trainer) -> tuple[Any, Any, set[str]]:
+        """The training and held-out image sources (Tensor, Dataset or DataLoader), and which of them
+        (``"train"``, ``"heldout"``) come from the datamodule's image methods."""
+        from_datamodule: set[str] = set()
         train = self.train_data
         if train is None:
             train = train_images_of(trainer)
+            if train is not None:
+                from_datamodule.add("train")
         if train is None:
             train = train_loader_of(trainer)  # the datamodule's, or the loaders given to trainer.fit
         if train is None:
@@ -307,13 +336,37 @@ class LossGapProbe(Callback):
                 "LossGapProbe found no training images: pass `LossGapProbe(train_data=...)`, give trainer.fit a "
                 "train dataloader, or use a datamodule with `train_images()` or `train_dataloader()`."
             )
-        heldout = self.heldout_data if self.heldout_data is not None else heldout_images_of(trainer)
+        heldout = self.heldout_data
+        if heldout is None:
+            heldout = heldout_images_of(trainer)
+            from_datamodule.add("heldout")
         if heldout is None:
             raise config_error(
                 "LossGapProbe found no held-out images: pass `LossGapProbe(heldout_data=...)` (images never "
                 "trained on, e.g. the FID reference) or give the datamodule a `reference_images()` method."
             )
-        return self._images(train, "train_data"), self._images(heldout, "heldout_data")
+        return train, heldout, from_datamodule
+
+    def _labels(self, trainer: Trainer, train: Any, heldout: Any, from_datamodule: set[str]) -> tuple[Tensor, Tensor]:
+        """The classes of the training and held-out images of a class-conditional model: given, else the
+        datamodule's (``train_labels()``, ``heldout_labels()``) for its images, else read from ``(image, label)``
+        data."""
+        found = []
+        for given, source, name in ((self.train_labels, train, "train"), (self.heldout_labels, heldout, "heldout")):
+            labels = given
+            if labels is None and name in from_datamodule:
+                labels = datamodule_labels_of(trainer, f"{name}_labels")
+            if labels is None:
+                labels = read_train_labels(source, f"{name}_data")
+            if labels is None:
+                raise config_error(
+                    f"LossGapProbe: the model is class-conditional and the {name} images carry no classes: the "
+                    f"probe scores each image asking for its class. Pass `LossGapProbe({name}_labels=<LongTensor, "
+                    f"one class per image>)`, {name} data of `(image, label)` items, or a datamodule with "
+                    f"`{name}_labels()`."
+                )
+            found.append(labels)
+        return found[0], found[1]
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage != "fit":
@@ -322,14 +375,25 @@ class LossGapProbe(Callback):
         self._watch = self._paired_watch(trainer, self._source)
         num_timesteps = self._timesteps(self._source, pl_module)
         if self._triples is None:
-            train, heldout = self._find_images(trainer)
+            train, heldout, from_datamodule = self._find_sources(trainer)
+            labels = (None, None)
+            if self._source.takes_labels:
+                labels = self._labels(trainer, train, heldout, from_datamodule)
             self._triples = draw_probe_triples(
-                train,
-                heldout,
+                collect_images(train, "train_data"),
+                collect_images(heldout, "heldout_data"),
                 num_triples=self.num_triples,
                 num_timesteps=num_timesteps,
                 num_bands=self.num_bands,
                 seed=self.seed,
+                train_labels=labels[0],
+                heldout_labels=labels[1],
+            )
+        elif self._source.takes_labels != (self._triples.labels is not None):
+            raise config_error(
+                "LossGapProbe: the probe set restored from the checkpoint was drawn "
+                f"{'without' if self._triples.labels is None else 'with'} classes, but the model's loss now "
+                f"takes {'them' if self._source.takes_labels else 'none'}: resume with the same model and probe."
             )
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -366,8 +430,8 @@ class LossGapProbe(Callback):
         assert self._source is not None, "LossGapProbe.setup did not run"
         loss_fn = self._source.loss
 
-        def loss(x0: Tensor, t: Tensor, noise: Tensor) -> Tensor:
-            return loss_fn(pl_module, x0, t, noise)
+        def loss(x0: Tensor, t: Tensor, noise: Tensor, *labels: Tensor) -> Tensor:
+            return loss_fn(pl_module, x0, t, noise, *labels)
 
         scored = getattr(self._watch, "scored_weights", None)  # the weights MemWatch samples with
         with scoring(trainer, pl_module, scored), torch.no_grad():

@@ -13,6 +13,11 @@ per-sample denoising loss on both sets gives
 (0 for a model that treats both sets alike, up to 1 for a model whose training loss is zero; negative when it
 fits the held-out images better). Sharing ``t`` and the noise removes their variance from the difference.
 
+For a class-conditional model both images of a pair are of one class (given the training and held-out
+labels): the held-out image is drawn among the held-out images of the training image's class, and the loss is
+asked for that class (``loss_fn(x0, t, noise, labels)``), so both sets carry the same mix of classes and the
+gap measures the fit of the training images, not which classes are easier.
+
 The loss comes from the module through the optional method of the sampler contract::
 
     def denoising_loss(self, x0: Tensor, t: Tensor, noise: Tensor) -> Tensor:
@@ -42,8 +47,9 @@ __all__ = [
     "probe_period",
 ]
 
-LossFn = Callable[[Tensor, Tensor, Tensor], Tensor]
-"""``loss_fn(x0, t, noise) -> per-sample loss (B,)``; e.g. ``DDPM.denoising_loss``."""
+LossFn = Callable[..., Tensor]
+"""``loss_fn(x0, t, noise) -> per-sample loss (B,)``, e.g. ``DDPM.denoising_loss``; triples with labels call
+``loss_fn(x0, t, noise, labels)``."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,6 +65,7 @@ class ProbeTriples:
         edges: band edges in diffusion steps (``num_bands + 1`` ints; band b is ``edges[b] <= t < edges[b+1]``).
         train_indices: rows of the training images used (M,).
         heldout_indices: rows of the held-out images used (M,).
+        labels: class of both images of each triple, int64 (M,), for a class-conditional model; else None.
     """
 
     train: Tensor
@@ -69,6 +76,7 @@ class ProbeTriples:
     edges: tuple[int, ...]
     train_indices: Tensor
     heldout_indices: Tensor
+    labels: Tensor | None = None
 
     def __len__(self) -> int:
         return len(self.t)
@@ -89,6 +97,7 @@ class ProbeTriples:
             "edges": list(self.edges),
             "train_indices": self.train_indices,
             "heldout_indices": self.heldout_indices,
+            "labels": self.labels,
         }
 
     @classmethod
@@ -146,6 +155,27 @@ def _rows(count: int, available: int, generator: torch.Generator) -> Tensor:
     return torch.cat(perms)[:count]
 
 
+def _labels(labels: Tensor, count: int, name: str) -> Tensor:
+    """``labels`` as int64 class indices on the CPU, one per image (``count``)."""
+    if not isinstance(labels, Tensor) or labels.is_floating_point() or labels.dtype == torch.bool:
+        raise config_type_error(f"{name} must be a LongTensor of one class index per image; got {labels!r:.80}.")
+    labels = labels.detach().reshape(-1).to("cpu", torch.int64)
+    if len(labels) != count:
+        raise config_error(f"{name} holds {len(labels)} labels for {count} images: give one class per image.")
+    return labels
+
+
+def _same_class_rows(wanted: Tensor, labels: Tensor, generator: torch.Generator) -> Tensor:
+    """For each class in ``wanted`` (M,), a row of ``labels`` of that class: each class's rows in a random order,
+    cycled."""
+    rows = torch.empty(len(wanted), dtype=torch.long)
+    for c in wanted.unique().tolist():
+        slots = (wanted == c).nonzero().flatten()
+        pool = (labels == c).nonzero().flatten()
+        rows[slots] = pool[_rows(len(slots), len(pool), generator)]
+    return rows
+
+
 def draw_probe_triples(
     train: Tensor,
     heldout: Tensor,
@@ -154,6 +184,8 @@ def draw_probe_triples(
     num_timesteps: int = 1000,
     num_bands: int = 4,
     seed: int = 0,
+    train_labels: Tensor | None = None,
+    heldout_labels: Tensor | None = None,
 ) -> ProbeTriples:
     """Draw the fixed probe set once (CPU generator seeded by ``seed``: the same triples on every rank and run).
 
@@ -164,6 +196,9 @@ def draw_probe_triples(
         num_timesteps: T of the diffusion; ``t`` is drawn in ``[1, T)``, stratified over the bands.
         num_bands: equal-width noise-level bands of ``[1, T)`` (1 <= num_bands <= T - 1).
         seed: seed of the rows, the steps and the noise.
+        train_labels: class of each training image (a class-conditional model; with ``heldout_labels``): each
+            training image is paired with a held-out image of its class.
+        heldout_labels: class of each held-out image (with ``train_labels``).
     """
     if not isinstance(train, Tensor) or not isinstance(heldout, Tensor):
         raise config_type_error("draw_probe_triples needs tensors of training and held-out images.")
@@ -183,10 +218,27 @@ def draw_probe_triples(
         raise config_error(
             f"Need num_timesteps >= 2 and 1 <= num_bands <= num_timesteps - 1; got {num_timesteps}, {num_bands}."
         )
+    if (train_labels is None) != (heldout_labels is None):
+        raise config_error(
+            "Pass both train_labels and heldout_labels (a class-conditional model: pairs of one class), or neither."
+        )
     # Both row draws start from the same seed, so a held-out set equal to the training set gives the very same
     # triples (a gap of exactly zero, by construction); t and the noise come from a third stream.
     train_rows = _rows(num_triples, len(train), torch.Generator().manual_seed(int(seed)))
-    heldout_rows = _rows(num_triples, len(heldout), torch.Generator().manual_seed(int(seed)))
+    labels = None
+    if train_labels is not None and heldout_labels is not None:
+        labels = _labels(train_labels, len(train), "train_labels")[train_rows]
+        held_labels = _labels(heldout_labels, len(heldout), "heldout_labels")
+        missing = sorted(set(labels.tolist()) - set(held_labels.tolist()))
+        if missing:
+            raise config_error(
+                f"The held-out images hold no image of class(es) {missing[:10]} that the probe's training images "
+                "have: the probe pairs each training image with a held-out image of its class. Give held-out "
+                "images of every training class."
+            )
+        heldout_rows = _same_class_rows(labels, held_labels, torch.Generator().manual_seed(int(seed)))
+    else:
+        heldout_rows = _rows(num_triples, len(heldout), torch.Generator().manual_seed(int(seed)))
     gen = torch.Generator().manual_seed(int(seed) + 0x9E3779B1)
     edges = [1 + round(b * (num_timesteps - 1) / num_bands) for b in range(num_bands + 1)]
     band = torch.arange(num_triples) % num_bands
@@ -205,13 +257,18 @@ def draw_probe_triples(
         edges=tuple(edges),
         train_indices=train_rows,
         heldout_indices=heldout_rows,
+        labels=labels,
     )
 
 
-def _per_sample(loss_fn: LossFn, x0: Tensor, t: Tensor, noise: Tensor, batch_size: int) -> Tensor:
+def _per_sample(
+    loss_fn: LossFn, x0: Tensor, t: Tensor, noise: Tensor, labels: Tensor | None, batch_size: int
+) -> Tensor:
     out = []
     for i in range(0, len(x0), batch_size):
-        value = loss_fn(x0[i : i + batch_size], t[i : i + batch_size], noise[i : i + batch_size])
+        part = slice(i, i + batch_size)
+        args = (x0[part], t[part], noise[part]) + (() if labels is None else (labels[part],))
+        value = loss_fn(*args)
         if not isinstance(value, Tensor) or value.shape != (len(x0[i : i + batch_size]),):
             shape = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
             raise config_error(
@@ -240,9 +297,10 @@ def loss_sums(
         return sums
     t = triples.t[idx].to(device)
     noise = triples.noise[idx].to(device)
+    labels = triples.labels[idx].to(device) if triples.labels is not None else None
     band = triples.band[idx]
     for row, images in ((0, triples.train), (1, triples.heldout)):
-        losses = _per_sample(loss_fn, images[idx].to(device), t, noise, batch_size)
+        losses = _per_sample(loss_fn, images[idx].to(device), t, noise, labels, batch_size)
         sums[row].index_add_(0, band, losses)
     sums[2].index_add_(0, band, torch.ones(len(idx), dtype=torch.float64))
     return sums
@@ -312,7 +370,6 @@ def probe_period(num_triples: int, batch_size: int, budget: float = 0.01) -> int
     """
     if num_triples < 1 or batch_size < 1 or not 0.0 < budget <= 1.0:
         raise config_error(
-            f"Need num_triples >= 1, batch_size >= 1 and 0 < budget <= 1; got {num_triples}, {batch_size}, "
-            f"{budget}."
+            f"Need num_triples >= 1, batch_size >= 1 and 0 < budget <= 1; got {num_triples}, {batch_size}, {budget}."
         )
     return max(1, math.ceil(num_triples / (batch_size * budget) - 1e-9))

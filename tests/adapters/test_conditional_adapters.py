@@ -77,21 +77,57 @@ def test_lucidrains_sampler_drives_the_classifier_free_guidance_unet(tmp_path):
     assert sorted(watch.history[0].per_class) == [0, 1, 2, 3]
 
 
-def test_the_probe_refuses_a_class_conditional_unet_at_setup_and_names_the_fix(tmp_path):
-    """The probe's loss takes (x0, t, noise), no class: on a class-conditional UNet diffusers raised mid-fit
-    ('class_labels should be provided'); now setup refuses, naming loss_fn=, before the first step."""
+def test_the_probe_scores_a_class_conditional_unet_with_its_classes(tmp_path):
+    """The probe's loss of a class-conditional UNet asks for each pair's class (diffusers raised 'class_labels
+    should be provided' mid-fit before the probe refused it; now it is probed); held-out images without classes
+    fail at setup, naming heldout_labels=."""
     from lightning_memwatch import LossGapProbe
     from lightning_memwatch._checks import ConfigError
 
-    sample_fn = DiffusersSampler(DDIMScheduler(num_train_timesteps=1000), 3)
-    watch = MemWatch(num_samples=8, schedule=[2], sample_fn=sample_fn, bootstrap=10, log_images=False, verbose=False)
-    probe = LossGapProbe(heldout_data=images(16, seed=1), num_triples=8, every_n_train_steps=2)
-    trainer = Trainer(max_steps=2, callbacks=[watch, probe], logger=False, accelerator="cpu", devices=1,
-                      enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
-                      default_root_dir=str(tmp_path))  # fmt: skip
-    module = Holder("unet", tiny_class_unet())
-    with pytest.raises(ConfigError, match=r"class-conditional .*`LossGapProbe\(loss_fn=") as info:
-        trainer.fit(module, DataLoader(TensorDataset(images(16), LABELS), batch_size=8))
-    assert trainer.global_step == 0 and "DiffusersSampler.denoising_loss takes no class" in str(info.value)
-    # an unconditional UNet with the same adapter is accepted (the check reads the model, not the adapter)
-    assert not sample_fn.takes_labels(Holder("unet", tiny_unet()))
+    def fit(probe, max_steps):
+        sample_fn = DiffusersSampler(DDIMScheduler(num_train_timesteps=1000), 3)
+        watch = MemWatch(num_samples=8, schedule=[2], sample_fn=sample_fn, bootstrap=10, log_images=False,
+                         verbose=False)  # fmt: skip
+        trainer = Trainer(max_steps=max_steps, callbacks=[watch, probe], logger=False, accelerator="cpu",
+                          devices=1, enable_progress_bar=False, enable_model_summary=False,
+                          enable_checkpointing=False, default_root_dir=str(tmp_path))  # fmt: skip
+        trainer.fit(Holder("unet", tiny_class_unet()), DataLoader(TensorDataset(images(16), LABELS), batch_size=8))
+        return trainer
+
+    with pytest.raises(ConfigError, match=r"class-conditional .*`LossGapProbe\(heldout_labels="):
+        fit(LossGapProbe(heldout_data=images(16, seed=1), num_triples=8, every_n_train_steps=2), 2)
+    heldout = TensorDataset(images(16, seed=1), LABELS.flip(0))
+    probe = LossGapProbe(heldout_data=heldout, num_triples=8, every_n_train_steps=2)
+    assert fit(probe, 2).global_step == 2
+    assert [r.step for r in probe.history] == [0, 2]
+    assert torch.equal(probe.triples.labels, LABELS.flip(0)[probe.triples.heldout_indices])
+
+
+def test_diffusers_loss_gives_the_classes_to_the_unet():
+    unet = tiny_class_unet().eval()
+    scheduler = DDIMScheduler(num_train_timesteps=1000)
+    g = torch.Generator().manual_seed(3)
+    x0, noise = images(4), torch.randn((4, 1, 8, 8), generator=g)
+    t, labels = torch.tensor([10, 200, 500, 900]), torch.tensor([0, 1, 2, 3])
+    with torch.no_grad():
+        got = DiffusersSampler(scheduler, 3, unet=None).denoising_loss(unet, x0, t, noise, labels)
+        pred = unet(scheduler.add_noise(x0, noise, t), t, class_labels=labels).sample
+        other = DiffusersSampler(scheduler, 3, unet=None).denoising_loss(unet, x0, t, noise, labels.flip(0))
+    torch.testing.assert_close(got, (pred - noise).pow(2).flatten(1).mean(1), atol=1e-6, rtol=1e-5)
+    assert (got - other).abs().max() > 1e-6  # the classes reach the UNet
+
+
+def test_lucidrains_loss_is_the_guided_models_conditional_p_losses():
+    diffusion = tiny_guided_diffusion().eval()
+    sample_fn = LucidrainsSampler(diffusion=None)
+    g = torch.Generator().manual_seed(4)
+    x0, noise = images(4, 0.0, 1.0), torch.randn((4, 1, 8, 8), generator=g)
+    t, classes = torch.tensor([1, 20, 50, 90]) % diffusion.num_timesteps, torch.tensor([0, 1, 2, 3])
+    with torch.no_grad():
+        got = sample_fn.denoising_loss(diffusion, x0, t, noise, classes)
+        keep = torch.ones(4, dtype=torch.bool)
+        want = diffusion.p_losses(x0 * 2 - 1, t, classes=classes, noise=noise, cond_keep_mask=keep,
+                                  loss_reduction="none")  # fmt: skip
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
+    with pytest.raises(ValueError, match="needs `labels`"):
+        sample_fn.denoising_loss(diffusion, x0, t, noise)

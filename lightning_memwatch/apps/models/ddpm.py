@@ -176,7 +176,7 @@ class DDPM(L.LightningModule):
         x_t = q_sample(x0, t, noise, self.alpha_bar)
         return F.mse_loss(self._net_call(self.denoiser, labels)(x_t, t), noise)  # type: ignore[operator]
 
-    def denoising_loss(self, x0: Tensor, t: Tensor, noise: Tensor) -> Tensor:
+    def denoising_loss(self, x0: Tensor, t: Tensor, noise: Tensor, labels: Tensor | None = None) -> Tensor:
         """Per-sample epsilon MSE (B,) of ``x0`` noised to steps ``t`` with ``noise``: the loss-gap probe's contract.
 
         Uses the network that :meth:`sample` uses (the EMA copy when ``ema_decay`` is set), so the probe
@@ -187,12 +187,15 @@ class DDPM(L.LightningModule):
             x0: Clean images (B, ...), in the training scale.
             t: Int64 diffusion steps (B,) in ``[0, num_timesteps)``.
             noise: Standard normal noise shaped like ``x0``.
+            labels: Classes (B,) of a class-conditional denoiser (``num_classes``).
         """
         x0 = x0.to(device=self.alpha_bar.device, dtype=torch.float32)
         noise = noise.to(device=x0.device, dtype=torch.float32)
         t = t.to(device=x0.device, dtype=torch.long)
         net = self.ema_denoiser if self.ema_denoiser is not None else self.denoiser
-        eps = net(q_sample(x0, t, noise, self.alpha_bar), t).float()
+        if labels is not None:
+            labels = labels.to(device=x0.device, dtype=torch.long)
+        eps = self._net_call(net, labels)(q_sample(x0, t, noise, self.alpha_bar), t).float()  # type: ignore[operator]
         return (eps - noise).pow(2).flatten(1).mean(1)
 
     def training_step(self, batch: Tensor | Sequence[Tensor], batch_idx: int) -> Tensor:
