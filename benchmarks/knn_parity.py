@@ -42,7 +42,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=12)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--backends", nargs="+", help="ours to time (default: every one available but faiss-gpu)")
+    parser.add_argument(
+        "--tile-kernel",
+        choices=["auto", "blas", "onednn"],
+        default="auto",
+        help="force the float32 tile's GEMM on CPU (default: knn.backends.float32_tile_kernel's choice)",
+    )
     args = parser.parse_args(argv)
+    if args.tile_kernel != "auto":
+        from lightning_memwatch.metrics.knn import scan
+
+        scan.float32_tile_kernel = lambda device: args.tile_kernel if device.type == "cpu" else "blas"
     torch.set_num_threads(args.threads)
     if faiss is not None:
         faiss.omp_set_num_threads(args.threads)

@@ -1,6 +1,7 @@
 """Property tests of the one-scan search: its bounds bracket every distance, and its answer is float64's.
 
-Adversarial sets, every backend available here (torch float32, torch-bf16 forced on this CPU, faiss-cpu):
+Adversarial sets, every backend available here (torch float32 with each of its tile GEMMs, oneDNN's and
+addmm's; torch-bf16 forced on this CPU; torch-int8; faiss-cpu):
 near-tie-dense saturated low-rank images (half of the pixels exactly 1.0), near ties, duplicates, a large
 offset, rows of 1e20, subnormal rows, norms spread over six decades. Hypothesis draws more.
 """
@@ -14,12 +15,22 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from lightning_memwatch.metrics.knn import NearestNeighbourIndex, available_backends
+from lightning_memwatch.metrics.knn import NearestNeighbourIndex, available_backends, scan
 from lightning_memwatch.metrics.knn.backends import int8_code_limit
 
 torch.set_num_threads(1)
 
-BACKENDS = [b for b in available_backends("cpu") if b != "faiss-gpu"]
+# the float32 pass with each GEMM its tiles may run on (oneDNN where present and faster, else addmm): forced
+KERNELS = ["blas", "onednn"] if torch.backends.mkldnn.is_available() else ["blas"]
+BACKENDS = [f"torch:{k}" for k in KERNELS] + [b for b in available_backends("cpu") if b not in ("faiss-gpu", "torch")]
+
+
+def make_index(monkeypatch: pytest.MonkeyPatch, backend: str, train: torch.Tensor, **kwargs) -> NearestNeighbourIndex:
+    """The index of ``backend``; ``torch:<kernel>`` forces the float32 tile's GEMM (while ``monkeypatch`` lasts)."""
+    name, _, kernel = backend.partition(":")
+    if kernel:
+        monkeypatch.setattr(scan, "float32_tile_kernel", lambda device: kernel)
+    return NearestNeighbourIndex(train, backend=name, **kwargs)
 
 
 def saturated_lowrank(rows: int, dim: int, g: torch.Generator, basis: torch.Tensor) -> torch.Tensor:
@@ -94,9 +105,9 @@ def assert_exact(index: NearestNeighbourIndex, queries: torch.Tensor, train: tor
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("name", FINITE)
-def test_bounds_bracket_every_distance(backend: str, name: str) -> None:
+def test_bounds_bracket_every_distance(monkeypatch, backend: str, name: str) -> None:
     train, queries = DATA[name]
-    index = NearestNeighbourIndex(train, backend=backend, dedupe=False, database_block_size=128)
+    index = make_index(monkeypatch, backend, train, dedupe=False, database_block_size=128)
     lower, upper = index._all_bounds(index.prepare_queries(queries))
     true = brute_force_sq(queries, train)
     assert bool((lower <= true).all()) and bool((true <= upper).all())
@@ -110,7 +121,7 @@ def test_bounds_bracket_every_distance(backend: str, name: str) -> None:
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("name", [*FINITE, "huge"])
 @pytest.mark.parametrize("dedupe", [True, False])
-def test_search_equals_float64_brute_force(backend: str, name: str, dedupe: bool) -> None:
+def test_search_equals_float64_brute_force(monkeypatch, backend: str, name: str, dedupe: bool) -> None:
     if name == "huge":  # rows of 1e20 next to ordinary ones: float32 cannot hold their squares
         g = torch.Generator().manual_seed(3)
         train = torch.cat([torch.rand(50, 8, generator=g), 1e20 * (1 + torch.rand(5, 8, generator=g))])
@@ -119,7 +130,7 @@ def test_search_equals_float64_brute_force(backend: str, name: str, dedupe: bool
         train, queries = DATA[name]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # duplicates
-        index = NearestNeighbourIndex(train, backend=backend, dedupe=dedupe, database_block_size=96, block_size=16)
+        index = make_index(monkeypatch, backend, train, dedupe=dedupe, database_block_size=96, block_size=16)
     for k in (1, 2, 5):
         assert_exact(index, queries, train, k)
         stats = index.last_search
@@ -129,7 +140,7 @@ def test_search_equals_float64_brute_force(backend: str, name: str, dedupe: bool
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_one_scan_per_search_on_near_tie_dense_images(backend: str) -> None:
+def test_one_scan_per_search_on_near_tie_dense_images(monkeypatch, backend: str) -> None:
     # Saturated low-rank images leave many rows within the bound of the k-th neighbour: more candidates, one scan.
     g = torch.Generator().manual_seed(5)
     basis = torch.randn(16, 256, generator=g) / 4
@@ -137,7 +148,7 @@ def test_one_scan_per_search_on_near_tie_dense_images(backend: str) -> None:
     queries = saturated_lowrank(200, 256, g, basis)
     queries[:20] = train[:20]
     assert float((train == 1.0).float().mean()) > 0.4
-    index = NearestNeighbourIndex(train, backend=backend, database_block_size=512, block_size=64)
+    index = make_index(monkeypatch, backend, train, database_block_size=512, block_size=64)
     d2, idx = index.search_squared(index.prepare_queries(queries), 2)
     stats = index.last_search
     assert stats is not None
@@ -171,12 +182,13 @@ def test_hypothesis_random_sets_are_exact(
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         for backend in BACKENDS:
-            try:
-                index = NearestNeighbourIndex(train, backend=backend, dedupe=False, database_block_size=32)
-            except ValueError:
-                return  # fewer than 2 distinct rows
-            assert_exact(index, queries, train, k)
-            assert index.last_search is not None and index.last_search.scans == 1
+            with pytest.MonkeyPatch.context() as monkeypatch:
+                try:
+                    index = make_index(monkeypatch, backend, train, dedupe=False, database_block_size=32)
+                except ValueError:
+                    return  # fewer than 2 distinct rows
+                assert_exact(index, queries, train, k)
+                assert index.last_search is not None and index.last_search.scans == 1
 
 
 @pytest.mark.parametrize("name", ["saturated", "near_ties", "mixed_scales", "subnormal"])

@@ -58,3 +58,23 @@ def test_centring_is_decided_from_the_sample() -> None:
     # the index's norms are those of the rows the fast passes see
     want = (spread + 5.0 - offset._mean).to(torch.float64).square().sum(dim=1)
     torch.testing.assert_close(offset._fast.y_sq, want, rtol=1e-13, atol=0)
+
+
+def test_the_float32_tile_uses_onednn_only_under_ieee_float32_matmuls() -> None:
+    from lightning_memwatch.metrics.knn import backends
+
+    cpu = torch.device("cpu")
+    assert backends.float32_tile_kernel(torch.device("meta")) == "blas"
+    before = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("medium")  # bfloat16 inputs allowed: addmm, whose bound models them
+        assert backends.float32_tile_kernel(cpu) == "blas"
+    finally:
+        torch.set_float32_matmul_precision(before)
+    want = "onednn" if backends.onednn_float32_tile() else "blas"
+    assert backends.float32_tile_kernel(cpu) == want
+    if torch.backends.mkldnn.is_available():
+        assert backends._onednn_close_to_float64()  # IEEE float32 sums, within the dot-product bound
+        g = torch.Generator().manual_seed(0)
+        x, rows, bias = torch.randn(5, 40, generator=g), torch.randn(7, 40, generator=g), torch.randn(7, generator=g)
+        torch.testing.assert_close(backends.onednn_gemm(x, rows, bias), bias + x @ rows.T, rtol=1e-5, atol=1e-5)

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import functools
+import math
+import time
 from typing import Any, Literal, get_args
 
 import torch
+from torch import Tensor
 
 from lightning_memwatch._checks import config_error
 
@@ -14,10 +17,12 @@ __all__ = [
     "Backend",
     "available_backends",
     "faiss_num_gpus",
+    "float32_tile_kernel",
     "has_fast_bfloat16",
     "has_fast_int8",
     "import_faiss",
     "matmul_input_unit",
+    "onednn_float32_tile",
     "resolve_backend",
 ]
 
@@ -215,3 +220,63 @@ def matmul_input_unit(device: torch.device) -> float:
     if device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32:
         unit = max(unit, 2.0**-11)
     return unit
+
+
+def onednn_gemm(x: Tensor, rows: Tensor, bias: Tensor) -> Tensor:
+    """``bias + x @ rows.T`` (float32, CPU) by oneDNN's GEMM: ``torch.ops.mkldnn._linear_pointwise``, the kernel
+    of torch's own CPU linear layers under ``torch.compile``."""
+    return torch.ops.mkldnn._linear_pointwise(x, rows, bias, "none", [], "")
+
+
+def _onednn_close_to_float64() -> bool:
+    """Whether :func:`onednn_gemm` returns IEEE float32 sums (within the float32 dot-product bound of float64's:
+    a bfloat16 or TF32 product would miss it by orders of magnitude)."""
+    g = torch.Generator().manual_seed(0)
+    x, rows, bias = torch.randn(33, 1030, generator=g), torch.randn(70, 1030, generator=g), torch.randn(70, generator=g)
+    got = onednn_gemm(x, rows, bias).double()
+    want = bias.double() + x.double() @ rows.double().T
+    scale = x.double().norm(dim=1)[:, None] * rows.double().norm(dim=1)[None, :] + bias.double().abs()
+    return got.shape == want.shape and bool(((got - want).abs() <= 2 * 1040 * 2.0**-24 * scale).all())
+
+
+def _seconds(fn: Any) -> float:
+    """Best of three wall times of ``fn()`` after one warm-up (s)."""
+    fn()
+    best = math.inf
+    for _ in range(3):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+@functools.lru_cache(maxsize=1)
+def onednn_float32_tile() -> bool:
+    """Whether the float32 pass on CPU runs its tiles through oneDNN's GEMM (:func:`onednn_gemm`) rather than
+    torch's BLAS (``torch.addmm``): where oneDNN is present, returns IEEE float32 sums, and runs a tile faster,
+    timed once per process (about 0.1 s; on the Zen 4 of ``docs/performance.md`` 210 against 168 GFLOP/s).
+    Either kernel gives the same exact search (the bound of :mod:`.bounds` holds for any summation order); only
+    the time differs. Reduced-precision matmul settings keep ``addmm`` (see :func:`matmul_input_unit`).
+    """
+    try:
+        if not (torch.backends.mkldnn.is_available() and _onednn_close_to_float64()):
+            return False
+    except (RuntimeError, AttributeError, TypeError):  # pragma: no cover - torch without the op
+        return False
+    g = torch.Generator().manual_seed(1)
+    x, rows, bias = torch.randn(512, 1024, generator=g), torch.randn(2048, 1024, generator=g), torch.zeros(2048)
+    out = torch.empty(512, 2048)
+    blas = _seconds(lambda: torch.addmm(bias, x, rows.T, beta=1, alpha=-2, out=out))
+    onednn = _seconds(lambda: onednn_gemm(x * -2, rows, bias))
+    return onednn < blas
+
+
+def float32_tile_kernel(device: torch.device) -> str:
+    """``"onednn"`` or ``"blas"``: the GEMM of the float32 pass's tiles on ``device`` now (oneDNN only on CPU,
+    under IEEE float32 matmul settings, where :func:`onednn_float32_tile` found it faster)."""
+    if device.type != "cpu" or matmul_input_unit(device) != 0.0:
+        return "blas"
+    precision = getattr(getattr(torch.backends.mkldnn, "matmul", None), "fp32_precision", "none")
+    if precision not in ("none", "ieee"):
+        return "blas"
+    return "onednn" if onednn_float32_tile() else "blas"

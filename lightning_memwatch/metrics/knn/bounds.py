@@ -16,7 +16,8 @@ coefficients below are multiplied by a safety factor of 1.25; ``tiny`` covers fl
 ``lower`` directly) and the tile is then lowered by ``c_xy X Y`` (a rank-1 update); ``a = s + X^2`` with
 ``X^2`` in float64. Whatever the summation order and FMA use, a dot product of length ``D`` errs by at most
 ``gamma_D X Y`` (Cauchy-Schwarz on ``sum |x_i y_i|``); the bias, the scaling and the two elementwise updates
-add at most ``8`` more roundings of terms bounded by ``Y^2 + 2 X Y``. Hence ``rho = 0``, ``c_xy = 2
+add at most ``8`` more roundings of terms bounded by ``Y^2 + 2 X Y`` (on CPU the GEMM may be oneDNN's, fed
+``-2 x``: a power-of-two scaling, exact short of overflow, which the float64 pass takes). Hence ``rho = 0``, ``c_xy = 2
 gamma_{D+8}``, ``c_yy = gamma_{D+8}``, ``c_xx = D 2**-50``. With TF32/bfloat16 matmul inputs (torch's matmul
 precision below "highest"; ``allow_tf32`` on CUDA) of unit ``v``, ``c_xy += 4.01 v``.
 

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lightning_memwatch.metrics.knn.backends import matmul_input_unit
+from lightning_memwatch.metrics.knn.backends import float32_tile_kernel, matmul_input_unit, onednn_gemm
 from lightning_memwatch.metrics.knn.bounds import (
     FLOAT32_SAFE_SQ,
     ErrorModel,
@@ -310,8 +310,14 @@ class FastPasses:
         return cq + x_sq if has_x_sq else cq
 
     def float32_tile(self, xb: Tensor, coef: Tensor, j: int, rows: Tensor, out: Tensor | None) -> Tensor:
-        """``fl(b_t - 2 x.y) - c_xy X Y`` for one block of queries and rows (lower bound minus ``cq``)."""
-        tile = torch.addmm(self.bias32[j : j + len(rows)], xb, rows.T, beta=1, alpha=-2, out=out)
+        """``fl(b_t - 2 x.y) - c_xy X Y`` for one block of queries and rows (lower bound minus ``cq``); by
+        oneDNN's GEMM on ``-2 x`` (a power-of-two scaling, exact) where it is the faster one here
+        (:func:`~lightning_memwatch.metrics.knn.backends.float32_tile_kernel`), else ``addmm``."""
+        bias = self.bias32[j : j + len(rows)]
+        if float32_tile_kernel(self.device) == "onednn":
+            tile = onednn_gemm(xb * -2, rows, bias)
+        else:
+            tile = torch.addmm(bias, xb, rows.T, beta=1, alpha=-2, out=out)
         return tile.addr_(coef, self.fast.y_norm[j : j + len(rows)].to(torch.float32), alpha=-1)
 
     def collectors(self, x_norm: Tensor, k: int) -> list[Candidates]:
