@@ -3,8 +3,8 @@
 import pytest
 import torch
 from lightning.pytorch import Trainer
-from toys import toy_images, toy_labelled_loader
 from torch.utils.data import TensorDataset
+from toys import toy_images, toy_labelled_loader
 
 from lightning_memwatch._checks import ConfigError
 from lightning_memwatch.apps.models import DDPM, ResidualMLP
