@@ -15,9 +15,9 @@ TRAIN, HELDOUT = toy_images(30, seed=0), toy_images(40, seed=1)
 TRAIN_LABELS, HELDOUT_LABELS = torch.arange(30) % 3, torch.arange(40) % 4  # held-out has a class more
 
 
-def conditional_ddpm(seed: int = 0) -> DDPM:
+def conditional_ddpm(seed: int = 0, **kwargs) -> DDPM:
     torch.manual_seed(seed)
-    return DDPM(ResidualMLP(dim=64, width=16, num_blocks=1, num_classes=4), optimizer="adam", lr=1e-2)
+    return DDPM(ResidualMLP(dim=64, width=16, num_blocks=1, num_classes=4), optimizer="adam", lr=1e-2, **kwargs)
 
 
 def fit(tmp_path, probe, max_steps=4):
@@ -153,3 +153,22 @@ def test_the_classes_come_from_the_datamodules_label_methods(tmp_path):
     assert torch.equal(triples.labels, TRAIN_LABELS[triples.train_indices])
     assert torch.equal(triples.labels, HELDOUT_LABELS[triples.heldout_indices])
     assert len(probe.history) == 1
+
+
+def test_an_adaptive_schedule_reads_the_conditional_probe(tmp_path):
+    from lightning_memwatch import AdaptiveSchedule, MemWatch
+
+    probe = LossGapProbe(heldout_data=TensorDataset(HELDOUT, HELDOUT_LABELS), num_triples=12, every_n_train_steps=2)
+    schedule = AdaptiveSchedule(min_every=2, max_every=8, probe=probe, f_mem_target=0.5)
+    watch = MemWatch(num_samples=8, sample_batch_size=4, schedule=schedule, bootstrap=20, log_images=False,
+                     verbose=False, data_range=(-1.0, 1.0))  # fmt: skip
+    trainer = Trainer(max_steps=8, callbacks=[watch, probe], logger=False, accelerator="cpu", devices=1,
+                      enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+                      default_root_dir=str(tmp_path))  # fmt: skip
+    module = conditional_ddpm(data_range=(-1.0, 1.0), sample_steps=4)  # samples clamped to the data's range
+    trainer.fit(module, toy_labelled_loader(TRAIN, TRAIN_LABELS, batch_size=10))
+    assert [r.step for r in probe.history] == [0, 2, 4, 6, 8]
+    assert probe.triples.labels is not None
+    assert watch.history and watch.history[0]["step"] == 0
+    assert watch.history[0].per_class  # class-conditional: MemWatch asked for classes too
+    assert schedule.decisions  # the schedule planned from the readings
