@@ -31,6 +31,7 @@ __all__ = [
     "row_hashes",
     "row_stats",
     "sample_rows",
+    "ThreadScratch",
 ]
 
 # Bytes of float32 rows per block of the build passes (stays in cache with its temporaries).
@@ -104,26 +105,26 @@ def centring_pays(sample: Tensor, centre: Tensor) -> bool:
     return centred < (1 - CENTRE_GAIN) * raw
 
 
-class BlockScratch(threading.local):
-    """One thread's float32 and float64 buffers of a build block, reused from block to block: temporaries of a
-    few MiB allocated and freed at every block cost page faults (glibc hands them back to the system), which
-    made the norms 5x slower than their arithmetic."""
+class ThreadScratch(threading.local):
+    """One thread's numpy buffers, by name, reused from block to block: temporaries of a few MiB allocated and
+    freed at every block cost page faults (glibc hands them back to the system and they come back zeroed), which
+    made the build's norms 5x slower than their arithmetic."""
 
-    def buffers(self, rows: int, dim: int) -> tuple[np.ndarray, np.ndarray]:
-        """float32 and float64 ``(rows, dim)`` views of this thread's buffers."""
-        f32 = getattr(self, "f32", None)
-        if f32 is None or f32.shape[0] < rows or f32.shape[1] != dim:
-            self.f32 = np.empty((rows, dim), dtype=np.float32)
-            self.f64 = np.empty((rows, dim), dtype=np.float64)
-        return self.f32[:rows], self.f64[:rows]
+    def get(self, name: str, rows: int, dim: int, dtype: type) -> np.ndarray:
+        """A ``(rows, dim)`` buffer of ``dtype`` (a view of this thread's buffer ``name``, grown when short)."""
+        buf = self.__dict__.get(name)
+        if buf is None or buf.shape[0] < rows or buf.shape[1] != dim or buf.dtype != dtype:
+            buf = np.empty((rows, dim), dtype=dtype)
+            setattr(self, name, buf)
+        return buf[:rows]
 
 
 def _numpy_block(
-    block: np.ndarray, centre: np.ndarray | None, hashes: bool, scratch: BlockScratch
+    block: np.ndarray, centre: np.ndarray | None, hashes: bool, scratch: ThreadScratch
 ) -> tuple[np.ndarray | None, np.ndarray]:
     """Hash and squared norm (of the row, or of its float32 difference from ``centre``) of each row of one float32
     block (numpy, GIL released)."""
-    f32, f64 = scratch.buffers(*block.shape)
+    f32, f64 = scratch.get("f32", *block.shape, np.float32), scratch.get("f64", *block.shape, np.float64)
     h = hash_block(block, f32) if hashes else None
     # the float32 difference, as the centred passes see it
     np.copyto(f64, block if centre is None else np.subtract(block, centre, out=f32))
@@ -152,7 +153,7 @@ def row_stats(
     if device.type == "cpu":
         centre_np = centre.numpy() if centre is not None else None
         target = copy_to.numpy() if copy_to is not None else None
-        scratch = BlockScratch()
+        scratch = ThreadScratch()
 
         def work(j: int) -> tuple[np.ndarray | None, np.ndarray]:
             block = source.block(j, min(j + step, source.n), device).numpy()

@@ -47,7 +47,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -55,6 +54,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from lightning_memwatch.metrics.knn.build import ThreadScratch
 from lightning_memwatch.metrics.knn.scan import Candidates, FastPasses
 
 __all__ = ["INT8_MAX_DIM", "Int8Builder", "Int8Rows", "int8_bounds", "int8_scan", "quantize"]
@@ -121,8 +121,9 @@ def quantize(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """int8 codes within ``+-limit`` ``(len, code_width(D))``, int32 ``||c||^2`` and float64 residual bounds
     ``r`` of float32 CPU ``rows`` (see the notes). numpy, one thread (torch's threaded elementwise kernels cost
-    more than the work when the cores are shared), in chunks of :data:`QUANTIZE_BYTES` (its temporaries stay in
-    cache: 2 MiB chunks ran at a quarter of the speed). ``out``: CPU tensors to write the three into."""
+    more than the work when the cores are shared), in chunks of :data:`QUANTIZE_BYTES` whose two float32 buffers
+    are reused per thread (:class:`~lightning_memwatch.metrics.knn.build.ThreadScratch`). ``out``: CPU tensors
+    to write the three into."""
     x = rows.detach().contiguous().numpy()
     dim = x.shape[1]
     if out is None:
@@ -133,28 +134,18 @@ def quantize(
         )
     codes, code_sq, r = (t.numpy() for t in out)
     step = max(1, QUANTIZE_BYTES // (4 * max(dim, 1)))
-    shifted, codes32 = _SCRATCH.buffers(min(step, len(x)), dim)
+    chunk = min(step, len(x))
+    shifted, codes32 = _SCRATCH.get("shifted", chunk, dim, np.float32), _SCRATCH.get("codes", chunk, dim, np.float32)
     for i in range(0, len(x), step):
         part = slice(i, i + step)
-        rows = len(x[part])
+        n = len(x[part])
         _quantize_chunk(
-            x[part], centre.numpy(), scale, limit, codes[part], code_sq[part], r[part], shifted[:rows], codes32[:rows]
+            x[part], centre.numpy(), scale, limit, codes[part], code_sq[part], r[part], shifted[:n], codes32[:n]
         )
     return out
 
 
-class _Scratch(threading.local):
-    """One thread's two float32 buffers of a quantized chunk, reused from chunk to chunk (freed temporaries go
-    back to the system and come back zeroed: page faults that cost as much as the arithmetic)."""
-
-    def buffers(self, rows: int, dim: int) -> tuple[np.ndarray, np.ndarray]:
-        a = getattr(self, "a", None)
-        if a is None or a.shape[0] < rows or a.shape[1] != dim:
-            self.a, self.b = np.empty((rows, dim), np.float32), np.empty((rows, dim), np.float32)
-        return self.a[:rows], self.b[:rows]
-
-
-_SCRATCH = _Scratch()
+_SCRATCH = ThreadScratch()  # the quantizer's two float32 chunk buffers, per thread
 
 
 def _quantize_chunk(
