@@ -254,7 +254,7 @@ def _seconds(fn: Any) -> float:
 def onednn_float32_tile() -> bool:
     """Whether the float32 pass on CPU runs its tiles through oneDNN's GEMM (:func:`onednn_gemm`) rather than
     torch's BLAS (``torch.addmm``): where oneDNN is present, returns IEEE float32 sums, and runs a tile faster,
-    timed once per process (about 0.1 s; on the Zen 4 of ``docs/performance.md`` 210 against 168 GFLOP/s).
+    timed once per process (about 0.1 s; on the Zen 4 of ``docs/performance.md`` 213 against 188 GFLOP/s).
     Either kernel gives the same exact search (the bound of :mod:`.bounds` holds for any summation order); only
     the time differs. Reduced-precision matmul settings keep ``addmm`` (see :func:`matmul_input_unit`).
     """
