@@ -73,6 +73,8 @@ def test_the_float32_tile_uses_onednn_only_under_ieee_float32_matmuls() -> None:
         torch.set_float32_matmul_precision(before)
     want = "onednn" if backends.onednn_float32_tile() else "blas"
     assert backends.float32_tile_kernel(cpu) == want
+    with torch.backends.mkldnn.flags(enabled=False):  # the user turned torch's oneDNN off
+        assert backends.float32_tile_kernel(cpu) == "blas"
     if torch.backends.mkldnn.is_available():
         assert backends._onednn_close_to_float64()  # IEEE float32 sums, within the dot-product bound
         g = torch.Generator().manual_seed(0)

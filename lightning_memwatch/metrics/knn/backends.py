@@ -273,8 +273,9 @@ def onednn_float32_tile() -> bool:
 
 def float32_tile_kernel(device: torch.device) -> str:
     """``"onednn"`` or ``"blas"``: the GEMM of the float32 pass's tiles on ``device`` now (oneDNN only on CPU,
-    under IEEE float32 matmul settings, where :func:`onednn_float32_tile` found it faster)."""
-    if device.type != "cpu" or matmul_input_unit(device) != 0.0:
+    while torch's oneDNN is enabled, under IEEE float32 matmul settings, where :func:`onednn_float32_tile` found
+    it faster)."""
+    if device.type != "cpu" or matmul_input_unit(device) != 0.0 or not torch.backends.mkldnn.enabled:
         return "blas"
     precision = getattr(getattr(torch.backends.mkldnn, "matmul", None), "fp32_precision", "none")
     if precision not in ("none", "ieee"):
