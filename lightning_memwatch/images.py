@@ -16,7 +16,7 @@ Pure torch: no Lightning import. The sources are never modified.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
@@ -192,11 +192,12 @@ def num_images(source: ImageSource, name: str = "images") -> int | None:
         return None
 
 
-def select_rows(source: ImageSource, rows: range, name: str = "images") -> ImageSource:
+def select_rows(source: ImageSource, rows: range | Sequence[int], name: str = "images") -> ImageSource:
     """The images ``rows`` (positions in the order :func:`collect_images` reads ``source``) as a source that
-    reads only those rows: a view of a tensor, a ``Subset`` of a Dataset, a sequential loader over a ``Subset``
-    of a DataLoader's dataset (its sampler's rows, its ``collate_fn``). E.g. one rank's block of the training
-    set, read without reading the rest.
+    reads only those rows: a view of a tensor (a copy for positions that are not a range), a ``Subset`` of a
+    Dataset, a sequential loader over a ``Subset`` of a DataLoader's dataset (its sampler's rows, its
+    ``collate_fn``). E.g. one rank's block of the training set, or the probe's few images, read without
+    reading the rest. Positions that are not a range may repeat and come in any order.
 
     Raises:
         TypeError: ``source`` is an iterable Dataset (its rows cannot be picked without reading it) or no
@@ -210,12 +211,23 @@ def select_rows(source: ImageSource, rows: range, name: str = "images") -> Image
             f"{name}: an iterable Dataset has no rows to pick without reading it; pass a map-style Dataset, a "
             "DataLoader of one, or a tensor."
         )
-    if rows.step != 1 or rows.start < 0 or rows.stop > total or rows.start > rows.stop:
-        raise _checks.config_error(f"{name}: rows {rows} do not lie in the {total} images of the source.")
+    if isinstance(rows, range):
+        if rows.step != 1 or rows.start < 0 or rows.stop > total or rows.start > rows.stop:
+            raise _checks.config_error(f"{name}: rows {rows} do not lie in the {total} images of the source.")
+        if isinstance(source, Tensor):
+            return source[rows.start : rows.stop]
+    positions = [int(i) for i in rows]
+    if any(not 0 <= i < total for i in positions):
+        raise _checks.config_error(f"{name}: rows {_shown(positions)} do not lie in the {total} images of the source.")
     if isinstance(source, Tensor):
-        return source[rows.start : rows.stop]
+        return source[torch.as_tensor(positions, dtype=torch.long, device=source.device)]
     if isinstance(source, DataLoader):
         drawn = sampler_rows(source, name)
-        picked = list(rows) if drawn is None else drawn[rows.start : rows.stop]
+        picked = positions if drawn is None else [drawn[i] for i in positions]
         return DataLoader(Subset(source.dataset, picked), batch_size=1, shuffle=False, collate_fn=source.collate_fn)
-    return Subset(source, list(rows))
+    return Subset(source, positions)
+
+
+def _shown(positions: list[int]) -> str:
+    """The first few positions, for an error message."""
+    return str(positions[:8])[:-1] + (", ...]" if len(positions) > 8 else "]")

@@ -47,3 +47,15 @@ def test_only_the_block_is_read_and_bad_rows_raise():
 
     with pytest.raises(TypeError, match="iterable Dataset has no rows to pick"):
         select_rows(Stream(), range(0, 2))
+
+
+def test_positions_in_any_order_with_repeats_are_read_alone():
+    dataset = Counting()
+    split = DataLoader(dataset, batch_size=4, sampler=SubsetRandomSampler([9, 1, 4, 7, 2]))
+    for source, drawn in ((IMAGES, IMAGES), (dataset, IMAGES), (split, IMAGES[[1, 2, 4, 7, 9]])):
+        dataset.read.clear()
+        picked = collect_images(select_rows(source, [3, 0, 3]), min_rows=1)
+        assert torch.equal(picked, drawn[[3, 0, 3]])
+        assert source is IMAGES or sorted(dataset.read) == sorted([3, 0, 3] if source is dataset else [7, 1, 7])
+    with pytest.raises(ValueError, match=r"rows \[2, 5\] do not lie in the 5 images"):
+        select_rows(split, [2, 5])

@@ -378,3 +378,20 @@ def test_ddp_two_ranks_give_one_reading_on_every_rank(tmp_path):
     # step 0 (same weights): the shares add up to the single process's sum, up to float summation order
     assert rank0[0]["gap"] == pytest.approx(single[0]["gap"], rel=1e-5, abs=1e-7)
     assert rank0[0]["loss_train"] == pytest.approx(single[0]["loss_train"], rel=1e-5)
+
+
+def test_loader_and_iterable_sources_give_the_triples_of_their_images():
+    from torch.utils.data import DataLoader, IterableDataset, SubsetRandomSampler, TensorDataset
+
+    class Stream(IterableDataset):
+        def __iter__(self):
+            return iter(HELDOUT)
+
+    split = [30, 2, 17, 5, 11, 8, 23]  # a loader that draws only these rows of its dataset
+    loader = DataLoader(TensorDataset(TRAIN.repeat(2, 1, 1, 1)), batch_size=3, sampler=SubsetRandomSampler(split))
+    triples = draw_probe_triples(loader, Stream(), num_triples=20, seed=4)
+    expected = draw_probe_triples(TRAIN.repeat(2, 1, 1, 1)[sorted(split)], HELDOUT, num_triples=20, seed=4)
+    assert torch.equal(triples.train, expected.train) and torch.equal(triples.heldout, expected.heldout)
+    assert torch.equal(triples.train_indices, expected.train_indices)
+    with pytest.raises(ValueError, match="NaN/Inf values"):
+        draw_probe_triples(TRAIN, torch.full_like(HELDOUT, float("nan")), num_triples=4)

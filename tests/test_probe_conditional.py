@@ -172,3 +172,46 @@ def test_an_adaptive_schedule_reads_the_conditional_probe(tmp_path):
     assert watch.history and watch.history[0]["step"] == 0
     assert watch.history[0].per_class  # class-conditional: MemWatch asked for classes too
     assert schedule.decisions  # the schedule planned from the readings
+
+
+def test_the_training_images_and_classes_come_from_the_paired_memwatch(tmp_path):
+    from lightning_memwatch import EvalSchedule, MemWatch
+
+    # the loader's labels disagree with MemWatch's: the probe reads MemWatch's images with MemWatch's classes
+    images, classes = TRAIN.flip(0), (TRAIN_LABELS + 1) % 3
+    watch = MemWatch(train_data=images, train_labels=classes, num_samples=4, sample_batch_size=4, log_images=False,
+                     schedule=EvalSchedule(steps=[100]), verbose=False, data_range=(-1.0, 1.0))  # fmt: skip
+    probe = LossGapProbe(heldout_data=TensorDataset(HELDOUT, HELDOUT_LABELS), num_triples=12, every_n_train_steps=2)
+    trainer = Trainer(max_steps=1, callbacks=[watch, probe], logger=False, accelerator="cpu", devices=1,
+                      enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+                      default_root_dir=str(tmp_path))  # fmt: skip
+    with pytest.warns(UserWarning, match="never fires"):
+        trainer.fit(conditional_ddpm(data_range=(-1.0, 1.0)), toy_labelled_loader(TRAIN, TRAIN_LABELS, batch_size=10))
+    triples = probe.triples
+    assert torch.equal(triples.train, images[triples.train_indices])
+    assert torch.equal(triples.labels, classes[triples.train_indices])
+    assert torch.equal(triples.labels, HELDOUT_LABELS[triples.heldout_indices])
+
+
+def test_only_the_drawn_rows_of_a_dataset_are_read():
+    class Counting(torch.utils.data.Dataset):
+        def __init__(self, images, labels):
+            self.images, self.labels, self.read = images, labels, []
+
+        def __len__(self):
+            return len(self.images)
+
+        def __getitem__(self, i):
+            self.read.append(int(i))
+            return self.images[i], self.labels[i]
+
+    train, heldout = Counting(TRAIN, TRAIN_LABELS), Counting(HELDOUT, HELDOUT_LABELS)
+    triples = draw_probe_triples(train, heldout, num_triples=12, num_timesteps=100, train_labels=TRAIN_LABELS,
+                                 heldout_labels=HELDOUT_LABELS)  # fmt: skip
+    assert sorted(train.read) == sorted(triples.train_indices.tolist())
+    assert sorted(heldout.read) == sorted(triples.heldout_indices.tolist())
+    # the same triples as from the tensors: the rows drawn depend only on the counts, the seed and the labels
+    whole = draw_probe_triples(TRAIN, HELDOUT, num_triples=12, num_timesteps=100, train_labels=TRAIN_LABELS,
+                               heldout_labels=HELDOUT_LABELS)  # fmt: skip
+    for name in ("train", "heldout", "t", "noise", "train_indices", "heldout_indices", "labels"):
+        assert torch.equal(getattr(triples, name), getattr(whole, name)), name

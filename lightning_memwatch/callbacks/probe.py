@@ -21,8 +21,12 @@ Readings use the weights that MemWatch scores (``MemWatch(weights=...)``), swapp
 A class-conditional model (its sampler takes ``labels``) is probed with its classes: the loss takes a
 ``labels`` argument, ``denoising_loss(x0, t, noise, labels)`` (the adapters' and the reference DDPM's do), each
 training image is paired with a held-out image of its class, and both are scored asking for that class. The
-labels are given (``train_labels=``, ``heldout_labels=``), or the datamodule's (``train_labels()``,
-``heldout_labels()``), or read from ``(image, label)`` data as MemWatch reads them.
+labels are given (``train_labels=``, ``heldout_labels=``), or the paired MemWatch's (``MemWatch(train_labels=)``
+for its training images), or the datamodule's (``train_labels()``, ``heldout_labels()``), or read from
+``(image, label)`` data as MemWatch reads them.
+
+The training images are, unless given, the paired MemWatch's (the images it searches for copies); only the
+``num_triples`` drawn rows of each set are read, once per fit.
 """
 
 from __future__ import annotations
@@ -46,7 +50,6 @@ from lightning_memwatch.callbacks._trainer import (
     train_images_of,
     train_loader_of,
 )
-from lightning_memwatch.images import collect_images
 from lightning_memwatch.labels import read_train_labels
 from lightning_memwatch.metrics.loss_gap import (
     LossGapReading,
@@ -111,8 +114,8 @@ class LossGapProbe(Callback):
     Args:
         heldout_data: held-out images (Tensor / Dataset / DataLoader, never trained on); None takes the
             datamodule's ``reference_images()`` (the FID reference), else its ``heldout_images()``.
-        train_data: training images; None takes the datamodule's ``train_images()``, else the images of its
-            ``train_dataloader()``.
+        train_data: training images; None takes those of the paired MemWatch (its ``train_data``), else the
+            datamodule's ``train_images()``, else the images of the training loader. Only the drawn rows are read.
         num_triples: triples per set (images): M training and M held-out forward passes per reading.
         num_bands: equal-width noise-level bands of ``[1, T)`` logged separately.
         every_n_train_steps: optimizer steps between readings, or ``"auto"``: the smallest period whose compute
@@ -129,8 +132,9 @@ class LossGapProbe(Callback):
         seed: seed of the triples (same on every rank and every run).
         verbose: print one line per reading (rank 0).
         train_labels: class of each training image (LongTensor, in data order) of a class-conditional model;
-            default the datamodule's ``train_labels()`` when the images are its ``train_images()``, else the
-            second tensor of the training data's batches.
+            default the paired MemWatch's ``train_labels`` when the images are its training images, the
+            datamodule's ``train_labels()`` when they are its ``train_images()``, else the second tensor of the
+            training data's batches.
         heldout_labels: class of each held-out image; default the datamodule's ``heldout_labels()`` when the
             images are its held-out images, else the second tensor of ``heldout_data``'s batches.
     """
@@ -320,17 +324,21 @@ class LossGapProbe(Callback):
             )
         return int(value)
 
-    def _find_sources(self, trainer: Trainer) -> tuple[Any, Any, set[str]]:
-        """The training and held-out image sources (Tensor, Dataset or DataLoader), and which of them
-        (``"train"``, ``"heldout"``) come from the datamodule's image methods."""
-        from_datamodule: set[str] = set()
+    def _find_sources(self, trainer: Trainer) -> tuple[Any, Any, dict[str, str]]:
+        """The training and held-out image sources (Tensor, Dataset or DataLoader), and where each came from
+        (``origin["train"]``, ``origin["heldout"]``: ``"given"``, ``"watch"`` (the paired MemWatch's training
+        images), ``"datamodule"`` or ``"loader"``)."""
+        watch_data = getattr(self._watch, "train_data", None)
+        origin = {"train": "given", "heldout": "given"}
         train = self.train_data
+        if train is None and watch_data is not None:
+            train, origin["train"] = watch_data, "watch"
         if train is None:
-            train = train_images_of(trainer)
-            if train is not None:
-                from_datamodule.add("train")
+            train, origin["train"] = train_images_of(trainer), "datamodule"
         if train is None:
-            train = train_loader_of(trainer)  # the datamodule's, or the loaders given to trainer.fit
+            # the datamodule's, or the loaders given to trainer.fit: what a paired MemWatch without train_data reads
+            train = train_loader_of(trainer)
+            origin["train"] = "watch" if self._watch is not None else "loader"
         if train is None:
             raise config_error(
                 "LossGapProbe found no training images: pass `LossGapProbe(train_data=...)`, give trainer.fit a "
@@ -338,23 +346,24 @@ class LossGapProbe(Callback):
             )
         heldout = self.heldout_data
         if heldout is None:
-            heldout = heldout_images_of(trainer)
-            from_datamodule.add("heldout")
+            heldout, origin["heldout"] = heldout_images_of(trainer), "datamodule"
         if heldout is None:
             raise config_error(
                 "LossGapProbe found no held-out images: pass `LossGapProbe(heldout_data=...)` (images never "
                 "trained on, e.g. the FID reference) or give the datamodule a `reference_images()` method."
             )
-        return train, heldout, from_datamodule
+        return train, heldout, origin
 
-    def _labels(self, trainer: Trainer, train: Any, heldout: Any, from_datamodule: set[str]) -> tuple[Tensor, Tensor]:
-        """The classes of the training and held-out images of a class-conditional model: given, else the
-        datamodule's (``train_labels()``, ``heldout_labels()``) for its images, else read from ``(image, label)``
-        data."""
+    def _labels(self, trainer: Trainer, train: Any, heldout: Any, origin: dict[str, str]) -> tuple[Tensor, Tensor]:
+        """The classes of the training and held-out images of a class-conditional model: given, else the paired
+        MemWatch's ``train_labels`` for its training images, else the datamodule's (``train_labels()``,
+        ``heldout_labels()``) for its images, else read from ``(image, label)`` data."""
         found = []
         for given, source, name in ((self.train_labels, train, "train"), (self.heldout_labels, heldout, "heldout")):
             labels = given
-            if labels is None and name in from_datamodule:
+            if labels is None and origin[name] == "watch":
+                labels = getattr(self._watch, "train_labels", None)
+            if labels is None and origin[name] == "datamodule":
                 labels = datamodule_labels_of(trainer, f"{name}_labels")
             if labels is None:
                 labels = read_train_labels(source, f"{name}_data")
@@ -375,13 +384,13 @@ class LossGapProbe(Callback):
         self._watch = self._paired_watch(trainer, self._source)
         num_timesteps = self._timesteps(self._source, pl_module)
         if self._triples is None:
-            train, heldout, from_datamodule = self._find_sources(trainer)
+            train, heldout, origin = self._find_sources(trainer)
             labels = (None, None)
             if self._source.takes_labels:
-                labels = self._labels(trainer, train, heldout, from_datamodule)
-            self._triples = draw_probe_triples(
-                collect_images(train, "train_data"),
-                collect_images(heldout, "heldout_data"),
+                labels = self._labels(trainer, train, heldout, origin)
+            self._triples = draw_probe_triples(  # reads only the drawn rows of each source
+                train,
+                heldout,
                 num_triples=self.num_triples,
                 num_timesteps=num_timesteps,
                 num_bands=self.num_bands,

@@ -36,6 +36,7 @@ import torch
 from torch import Tensor
 
 from lightning_memwatch._checks import config_error, config_type_error
+from lightning_memwatch.images import ImageSource, collect_images, num_images, select_rows
 
 __all__ = [
     "LossFn",
@@ -148,6 +149,21 @@ def band_names(edges: Sequence[int]) -> list[str]:
     return [f"t{int(a):0{width}d}-{int(b) - 1:0{width}d}" for a, b in zip(edges, edges[1:], strict=False)]
 
 
+def _sized(source: ImageSource, name: str) -> tuple[ImageSource, int]:
+    """``source`` and its number of images; an iterable Dataset (no length, no rows to pick) is read whole."""
+    count = num_images(source, name)
+    if count is None:
+        source = collect_images(source, name, min_rows=1)
+        count = len(source)
+    return source, count
+
+
+def _read_rows(source: ImageSource, rows: Tensor, name: str) -> Tensor:
+    """The images at ``rows`` (positions, repeats allowed) as a float32 CPU copy, checked finite."""
+    picked = collect_images(select_rows(source, rows.tolist(), name), name, min_rows=1)
+    return picked.to("cpu", torch.float32).clone()
+
+
 def _rows(count: int, available: int, generator: torch.Generator) -> Tensor:
     """``count`` row indices into ``available`` rows: a random subset, or whole permutations cycled."""
     reps = math.ceil(count / available)
@@ -177,8 +193,8 @@ def _same_class_rows(wanted: Tensor, labels: Tensor, generator: torch.Generator)
 
 
 def draw_probe_triples(
-    train: Tensor,
-    heldout: Tensor,
+    train: ImageSource,
+    heldout: ImageSource,
     *,
     num_triples: int = 256,
     num_timesteps: int = 1000,
@@ -189,9 +205,13 @@ def draw_probe_triples(
 ) -> ProbeTriples:
     """Draw the fixed probe set once (CPU generator seeded by ``seed``: the same triples on every rank and run).
 
+    Only the drawn rows are read (:func:`~lightning_memwatch.images.select_rows`): a training set on disk is
+    not loaded whole to take ``num_triples`` of its images (an iterable Dataset, which has no rows to pick, is).
+
     Args:
-        train: training images (n, ...); rows are copied, never modified.
-        heldout: held-out images (m, ...) of the same image shape.
+        train: training images (n, ...): a tensor, Dataset or DataLoader, read by the rules of
+            :mod:`lightning_memwatch.images`; rows are copied, never modified.
+        heldout: held-out images (m, ...) of the same image shape, as ``train``.
         num_triples: triples M per set (images); rows are sampled without replacement, cycled when M > n.
         num_timesteps: T of the diffusion; ``t`` is drawn in ``[1, T)``, stratified over the bands.
         num_bands: equal-width noise-level bands of ``[1, T)`` (1 <= num_bands <= T - 1).
@@ -200,17 +220,12 @@ def draw_probe_triples(
             training image is paired with a held-out image of its class.
         heldout_labels: class of each held-out image (with ``train_labels``).
     """
-    if not isinstance(train, Tensor) or not isinstance(heldout, Tensor):
-        raise config_type_error("draw_probe_triples needs tensors of training and held-out images.")
-    if len(train) < 1 or len(heldout) < 1:
+    train, num_train = _sized(train, "train_data")
+    heldout, num_heldout = _sized(heldout, "heldout_data")
+    if num_train < 1 or num_heldout < 1:
         raise config_error(
-            f"The loss-gap probe needs training and held-out images; got {len(train)} training and "
-            f"{len(heldout)} held-out images."
-        )
-    if tuple(train.shape[1:]) != tuple(heldout.shape[1:]):
-        raise config_error(
-            f"Training images {tuple(train.shape[1:])} and held-out images {tuple(heldout.shape[1:])} must have "
-            "the same shape."
+            f"The loss-gap probe needs training and held-out images; got {num_train} training and "
+            f"{num_heldout} held-out images."
         )
     if num_triples < 1:
         raise config_error(f"num_triples must be >= 1 (images); got {num_triples}.")
@@ -224,11 +239,11 @@ def draw_probe_triples(
         )
     # Both row draws start from the same seed, so a held-out set equal to the training set gives the very same
     # triples (a gap of exactly zero, by construction); t and the noise come from a third stream.
-    train_rows = _rows(num_triples, len(train), torch.Generator().manual_seed(int(seed)))
+    train_rows = _rows(num_triples, num_train, torch.Generator().manual_seed(int(seed)))
     labels = None
     if train_labels is not None and heldout_labels is not None:
-        labels = _labels(train_labels, len(train), "train_labels")[train_rows]
-        held_labels = _labels(heldout_labels, len(heldout), "heldout_labels")
+        labels = _labels(train_labels, num_train, "train_labels")[train_rows]
+        held_labels = _labels(heldout_labels, num_heldout, "heldout_labels")
         missing = sorted(set(labels.tolist()) - set(held_labels.tolist()))
         if missing:
             raise config_error(
@@ -238,15 +253,20 @@ def draw_probe_triples(
             )
         heldout_rows = _same_class_rows(labels, held_labels, torch.Generator().manual_seed(int(seed)))
     else:
-        heldout_rows = _rows(num_triples, len(heldout), torch.Generator().manual_seed(int(seed)))
+        heldout_rows = _rows(num_triples, num_heldout, torch.Generator().manual_seed(int(seed)))
     gen = torch.Generator().manual_seed(int(seed) + 0x9E3779B1)
     edges = [1 + round(b * (num_timesteps - 1) / num_bands) for b in range(num_bands + 1)]
     band = torch.arange(num_triples) % num_bands
     lo = torch.tensor(edges[:-1])[band]
     width = torch.tensor(edges[1:])[band] - lo
     t = lo + (torch.rand(num_triples, generator=gen, dtype=torch.float64) * width).long().clamp_max(width - 1)
-    x_train = train.detach()[train_rows.to(train.device)].to("cpu", torch.float32).clone()
-    x_held = heldout.detach()[heldout_rows.to(heldout.device)].to("cpu", torch.float32).clone()
+    x_train = _read_rows(train, train_rows, "train_data")
+    x_held = _read_rows(heldout, heldout_rows, "heldout_data")
+    if tuple(x_train.shape[1:]) != tuple(x_held.shape[1:]):
+        raise config_error(
+            f"Training images {tuple(x_train.shape[1:])} and held-out images {tuple(x_held.shape[1:])} must have "
+            "the same shape."
+        )
     noise = torch.randn(x_train.shape, generator=gen)
     return ProbeTriples(
         train=x_train,
