@@ -17,6 +17,7 @@ Every check runs at setup, so a bad label fails before the first training step. 
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import hashlib
 from collections.abc import Callable, Sequence
 from typing import Any, Literal
@@ -26,16 +27,18 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
 from lightning_memwatch import _checks
-from lightning_memwatch.images import ImageSource, num_images, select_rows, sequential_loader
+from lightning_memwatch.images import ImageSource, collect_images, num_images, select_rows, sequential_loader
 from lightning_memwatch.sampling import _seed_for, rank_slice
 
 __all__ = [
+    "FoundLabels",
     "LabelsChoice",
     "balanced_labels",
     "check_train_labels",
     "draw_labels",
     "gather_train_labels",
     "labels_key",
+    "read_labelled_images",
     "read_train_labels",
     "train_labels_of",
     "sample_labels",
@@ -97,6 +100,40 @@ def read_train_labels(source: ImageSource, name: str = "train_data") -> Tensor |
     return torch.cat(parts) if parts else None
 
 
+@dataclasses.dataclass(frozen=True)
+class FoundLabels:
+    """The labels read beside the images in the same pass (:func:`read_labelled_images`): ``labels`` is None
+    when the batches held none."""
+
+    labels: Tensor | None
+
+
+def read_labelled_images(
+    source: ImageSource, name: str = "train_data", *, min_rows: int = 2
+) -> tuple[Tensor, FoundLabels]:
+    """:func:`~lightning_memwatch.images.collect_images` and :func:`read_train_labels` in one pass over
+    ``source``: the images, checked as ``collect_images`` checks them, and their labels (a Dataset whose items
+    are decoded files is read once, not twice)."""
+    if isinstance(source, Tensor):
+        return collect_images(source, name, min_rows=min_rows), FoundLabels(None)
+    fast = _tensor_dataset_labels(source)
+    if fast is not False:  # a TensorDataset's labels cost no read
+        return collect_images(source, name, min_rows=min_rows), FoundLabels(fast)
+    images: list[Tensor] = []
+    labels: list[Tensor] | None = []
+    for batch in sequential_loader(source, _READ_BATCH, name):
+        images.append(_checks.images_of_batch(batch, f"a batch of {name}").detach())
+        found = _labels_of_batch(batch)
+        if labels is not None and isinstance(found, Tensor):
+            labels.append(found.detach().reshape(-1).cpu())
+        else:
+            labels = None
+    if not images:
+        return collect_images(source, name, min_rows=min_rows), FoundLabels(None)  # its error names the problem
+    whole = collect_images(torch.cat(images), name, min_rows=min_rows)  # the checks of collect_images
+    return whole, FoundLabels(torch.cat(labels) if labels else None)
+
+
 def train_labels_of(
     source: ImageSource,
     given: Tensor | None,
@@ -105,6 +142,7 @@ def train_labels_of(
     rank: int,
     world_size: int,
     broadcast: Callable[[Any, int], Any],
+    found: FoundLabels | None = None,
 ) -> Tensor | None:
     """The checked labels of every training row, the same on every rank, or None when the training data holds
     none (a class-conditional sampler then has no classes to ask for: the caller says so).
@@ -112,18 +150,22 @@ def train_labels_of(
     ``given`` (``MemWatch(train_labels=...)``) wins over the loader's. Not sharded: global rank 0 reads and
     checks them and ``broadcast(obj, src)`` hands them (or its error) to the others. Sharded: each rank reads the
     labels of its own block of rows only and every rank gathers all blocks (:func:`gather_train_labels`). Every
-    rank calls it; an error raises on every rank.
+    rank calls it; an error raises on every rank. ``found``: the labels this rank read beside its images (rank 0's
+    whole set, or this rank's block when sharded), which are then not read again.
     """
     where = "MemWatch(train_labels=...)" if given is not None else "the second tensor of the training batches"
     if sharded:
-        total, raw = gather_train_labels(source, rank, world_size, where, read=given is None)
+        total, raw = gather_train_labels(source, rank, world_size, where, read=given is None, found=found)
         raw = given if given is not None else raw
         return None if raw is None else check_train_labels(raw, total if total is not None else len(raw), where)
     report: tuple[str | None, Tensor | None] = (None, None)
     problem: BaseException | None = None
     if rank == 0:
         try:
-            raw = given if given is not None else read_train_labels(source)
+            if given is not None:
+                raw = given
+            else:
+                raw = found.labels if found is not None else read_train_labels(source)
             total = num_images(source, "train_data")
             if raw is not None:
                 report = (None, check_train_labels(raw, total if total is not None else len(raw), where))
@@ -138,12 +180,13 @@ def train_labels_of(
 
 
 def gather_train_labels(
-    source: ImageSource, rank: int, world_size: int, where: str, *, read: bool = True
+    source: ImageSource, rank: int, world_size: int, where: str, *, read: bool = True, found: FoundLabels | None = None
 ) -> tuple[int | None, Tensor | None]:
     """Under a sharded index: ``(number of training rows, all their labels or None)`` on every rank, each rank
-    reading the labels of its contiguous block of rows only (the block of images it indexes). A collective
-    (``torch.distributed.all_gather_object``): every rank calls it; a problem on one rank raises on all.
-    ``read=False``: only count the rows (the labels were given); None when an iterable Dataset hides the count.
+    reading the labels of its contiguous block of rows only (the block of images it indexes; ``found``: read
+    already, beside them). A collective (``torch.distributed.all_gather_object``): every rank calls it; a problem
+    on one rank raises on all. ``read=False``: only count the rows (the labels were given); None when an iterable
+    Dataset hides the count.
     """
     import torch.distributed as dist
 
@@ -152,7 +195,10 @@ def gather_train_labels(
     count: int | None = None
     try:
         total = num_images(source, "train_data")
-        if total is None and read:  # an iterable Dataset: read every label, keep this rank's block (as its images)
+        if read and found is not None:  # read beside this rank's block of images
+            block = found.labels
+            rows = rank_slice(total or 0, rank, world_size)  # counts the block's rows when the set is sized
+        elif total is None and read:  # an iterable Dataset: read every label, keep this rank's block (as its images)
             every = read_train_labels(source)
             rows = rank_slice(0 if every is None else len(every), rank, world_size)
             block = None if every is None else every[rows.start : rows.stop]

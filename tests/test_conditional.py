@@ -351,3 +351,49 @@ def test_checkpoints_saved_before_labels_joined_the_state_key_load_for_the_defau
     watch = make_watch(labels=None)
     assert watch.state_key == "MemWatch{'num_samples': 100, 'seed': 0, 'threshold': 0.3333333333333333}"
     assert make_watch(labels="balanced").state_key != watch.state_key
+
+
+# -- one pass over the training data reads the images and their labels -------------------------------------------
+class CountingPairs(torch.utils.data.Dataset):
+    """``(image, label)`` items (dicts with ``as_dict``), counting the reads of each item, as a dataset of files
+    that decodes each read."""
+
+    def __init__(self, images, labels, as_dict=False):
+        self.images, self.labels, self.as_dict, self.reads = images, labels, as_dict, [0] * len(images)
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, i):
+        self.reads[i] += 1
+        if self.as_dict:
+            return {"image": self.images[i], "class_labels": self.labels[i]}
+        return self.images[i], self.labels[i]
+
+
+@pytest.mark.parametrize("as_dict", [False, True])
+def test_images_and_labels_are_read_in_one_pass(as_dict):
+    from lightning_memwatch.images import collect_images
+    from lightning_memwatch.labels import read_labelled_images, read_train_labels
+
+    data = CountingPairs(TRAIN, LABELS, as_dict=as_dict)
+    loader = DataLoader(data, batch_size=7, shuffle=True)
+    images, found = read_labelled_images(loader)
+    assert data.reads == [1] * len(TRAIN)
+    assert torch.equal(images, collect_images(loader)) and torch.equal(found.labels, read_train_labels(loader))
+    assert torch.equal(found.labels, LABELS)
+    images, found = read_labelled_images(DataLoader(TensorDataset(TRAIN), batch_size=7))
+    assert torch.equal(images, TRAIN) and found.labels is None  # batches without labels
+    with pytest.raises(ValueError, match="is empty"):
+        read_labelled_images(CountingPairs(TRAIN[:0], LABELS[:0]))
+
+
+def test_a_conditional_memwatch_reads_each_training_image_once_at_setup(tmp_path):
+    data = CountingPairs(TRAIN, LABELS)
+    watch = make_watch(train_data=data, schedule=EvalSchedule(steps=[10_000]))
+    with pytest.warns(UserWarning, match="never fires"):
+        make_trainer(tmp_path, [watch], max_steps=1).fit(
+            ConditionalCopier(TRAIN, LABELS), toy_labelled_loader(TRAIN, LABELS)
+        )
+    assert data.reads == [1] * len(TRAIN)  # images and labels in one pass (they were two)
+    assert torch.equal(watch.training_classes, LABELS)

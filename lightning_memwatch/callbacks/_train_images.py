@@ -29,6 +29,7 @@ from lightning_memwatch._checks import check_range, check_range_use
 from lightning_memwatch.callbacks._trainer import train_loader_of
 from lightning_memwatch.evaluator import Evaluator
 from lightning_memwatch.images import collect_images, num_images, select_rows
+from lightning_memwatch.labels import FoundLabels, read_labelled_images
 from lightning_memwatch.metrics.knn_sharded import ShardedNearestNeighbourIndex
 from lightning_memwatch.sampling import rank_slice
 from lightning_memwatch.value_check import ValueProfile
@@ -87,27 +88,45 @@ class TrainImages:
         block: sharded, when the index does not hold this rank's block of images unchanged (``feature_fn``,
             or duplicates dropped across the shards): the block of images, for the pair grid and the FID train
             floor; else None.
+        found_labels: read with ``with_labels``: the labels read beside this rank's images, in the same pass
+            (rank 0's whole set, or this rank's block when sharded); else None.
     """
 
-    def __init__(self, source: ImageSource, *, sharded: bool, images: Tensor | None, image_shape: tuple[int, ...]):
+    def __init__(
+        self,
+        source: ImageSource,
+        *,
+        sharded: bool,
+        images: Tensor | None,
+        image_shape: tuple[int, ...],
+        found_labels: FoundLabels | None = None,
+    ):
         self.source = source
         self.sharded = sharded
         self.image_shape = image_shape
+        self.found_labels = found_labels
         self.block: Tensor | None = None
         self._images = images  # this rank's rows until the evaluator indexes them (None where it holds none)
 
     # -- reading at setup ---------------------------------------------------------------------------------
     @classmethod
     def read(
-        cls, trainer: Trainer, train_data: ImageSource | None, *, knn_sharding: str, data_range: tuple[float, float]
+        cls,
+        trainer: Trainer,
+        train_data: ImageSource | None,
+        *,
+        knn_sharding: str,
+        data_range: tuple[float, float],
+        with_labels: bool = False,
     ) -> TrainImages:
-        """Read and check this rank's rows (a collective under several processes: every rank calls it)."""
+        """Read and check this rank's rows (a collective under several processes: every rank calls it), and with
+        ``with_labels`` their labels in the same pass (:attr:`found_labels`)."""
         source = find_train_data(trainer, train_data)
         if shards_index(trainer, knn_sharding):
-            block, shape = _read_block(trainer, source, data_range)
-            return cls(source, sharded=True, images=block, image_shape=shape)
-        images, shape = _read_on_rank_zero(trainer, source, data_range)
-        return cls(source, sharded=False, images=images, image_shape=shape)
+            block, shape, found = _read_block(trainer, source, data_range, with_labels)
+            return cls(source, sharded=True, images=block, image_shape=shape, found_labels=found)
+        images, shape, found = _read_on_rank_zero(trainer, source, data_range, with_labels)
+        return cls(source, sharded=False, images=images, image_shape=shape, found_labels=found)
 
     def value_profile(self, trainer: Trainer) -> ValueProfile:
         """The training images' value profile (:mod:`lightning_memwatch.value_check`), the same on every rank:
@@ -179,16 +198,24 @@ class TrainImages:
         return self.images_at(evaluator, torch.arange(min(count, total)))
 
 
+def _read(source: ImageSource, with_labels: bool, *, min_rows: int = 2) -> tuple[Tensor, FoundLabels | None]:
+    """The images of ``source``, and with ``with_labels`` their labels, read in one pass."""
+    if with_labels:
+        return read_labelled_images(source, min_rows=min_rows)
+    return collect_images(source, min_rows=min_rows), None
+
+
 def _read_on_rank_zero(
-    trainer: Trainer, source: ImageSource, data_range: tuple[float, float]
-) -> tuple[Tensor | None, tuple[int, ...]]:
-    """Global rank 0 reads and checks the whole set; the other ranks read nothing and get the image shape (or
-    rank 0's error, raised on every rank) from rank 0."""
+    trainer: Trainer, source: ImageSource, data_range: tuple[float, float], with_labels: bool
+) -> tuple[Tensor | None, tuple[int, ...], FoundLabels | None]:
+    """Global rank 0 reads and checks the whole set (with its labels, when asked); the other ranks read nothing
+    and get the image shape (or rank 0's error, raised on every rank) from rank 0."""
     images: Tensor | None = None
+    found: FoundLabels | None = None
     problem: BaseException | None = None
     if trainer.is_global_zero:
         try:
-            images = collect_images(source)
+            images, found = _read(source, with_labels)
             check_range(images, "train_data", data_range)
         except (TypeError, ValueError) as err:
             problem = err
@@ -203,28 +230,33 @@ def _read_on_rank_zero(
     if images is not None:
         _small_use_warning(float(images.min()), float(images.max()), data_range)
     assert shape is not None
-    return images, shape
+    return images, shape, found
 
 
 def _read_block(
-    trainer: Trainer, source: ImageSource, data_range: tuple[float, float]
-) -> tuple[Tensor, tuple[int, ...]]:
+    trainer: Trainer, source: ImageSource, data_range: tuple[float, float], with_labels: bool
+) -> tuple[Tensor, tuple[int, ...], FoundLabels | None]:
     """This rank's contiguous block of the training images (rank 0 the first rows; may hold none), read
-    without reading the other blocks, and checked against ``data_range``; the small-range warning judges the
-    whole set. A collective: a problem on one rank raises on every rank."""
+    without reading the other blocks (with their labels, when asked), and checked against ``data_range``; the
+    small-range warning judges the whole set. A collective: a problem on one rank raises on every rank."""
     world, rank = trainer.world_size, trainer.global_rank
     block: Tensor | None = None
+    found = FoundLabels(torch.empty(0, dtype=torch.long)) if with_labels else None  # a rank that holds no rows
     problem: BaseException | None = None
     try:
         total = num_images(source, "train_data")
         if total is None:  # an iterable Dataset: its rows cannot be picked without reading them all
-            images = collect_images(source)
+            images, every = _read(source, with_labels)
             rows = rank_slice(len(images), rank, world)
             block = images[rows.start : rows.stop].clone()  # the rest is freed
+            if every is not None and every.labels is not None:
+                found = FoundLabels(every.labels[rows.start : rows.stop].clone())
+            elif every is not None:
+                found = every
         else:
             rows = rank_slice(total, rank, world)
             if len(rows):
-                block = collect_images(select_rows(source, rows, "train_data"), min_rows=1)
+                block, found = _read(select_rows(source, rows, "train_data"), with_labels, min_rows=1)
         if block is not None:
             check_range(block, "train_data", data_range)
     except (TypeError, ValueError) as err:
@@ -250,4 +282,4 @@ def _read_block(
         _small_use_warning(min(lo for lo, _ in spans), max(hi for _, hi in spans), data_range)
     if block is None:
         block = torch.empty(0, *next(s for _, s, _, _ in reports if s is not None))
-    return block, tuple(block.shape[1:])
+    return block, tuple(block.shape[1:]), found

@@ -246,6 +246,12 @@ class MemWatch(Callback):
         return listed_keys(fid=self.fid is not None, metrics=self.metrics)
 
     @property
+    def training_classes(self) -> Tensor | None:
+        """Class of every training image (int64, in data order, the same on every rank) of a class-conditional
+        model, from ``setup``: ``train_labels`` or read beside the images; None before and for other models."""
+        return self._train_labels
+
+    @property
     def evaluator(self) -> Evaluator | None:
         """The :class:`~lightning_memwatch.Evaluator` (from ``on_fit_start``: on every rank when the index is
         sharded, else on global rank 0 and None elsewhere)."""
@@ -334,8 +340,13 @@ class MemWatch(Callback):
         if self.data_range is None:
             self.data_range = self._find_data_range(trainer, pl_module)
         if self._train is None:  # read and checked once per watch (a collective under DDP); indexed in on_fit_start
+            conditional = accepts_labels(self._sampler(pl_module))
             self._train = TrainImages.read(
-                trainer, self.train_data, knn_sharding=self.knn_sharding, data_range=self.data_range
+                trainer,
+                self.train_data,
+                knn_sharding=self.knn_sharding,
+                data_range=self.data_range,
+                with_labels=conditional and self.train_labels is None,  # read beside the images, in one pass
             )
             self._setup_labels(trainer, pl_module)
             self._values = self._train.value_profile(trainer)  # where the values sit (value_check)
@@ -358,6 +369,7 @@ class MemWatch(Callback):
         labels = train_labels_of(
             self._train.source, self.train_labels, sharded=self._train.sharded, rank=trainer.global_rank,
             world_size=trainer.world_size, broadcast=lambda obj, src: trainer.strategy.broadcast(obj, src=src),
+            found=self._train.found_labels,
         )  # fmt: skip
         if labels is None:
             raise _checks.config_error(

@@ -361,8 +361,9 @@ class LossGapProbe(Callback):
         found = []
         for given, source, name in ((self.train_labels, train, "train"), (self.heldout_labels, heldout, "heldout")):
             labels = given
-            if labels is None and origin[name] == "watch":
-                labels = getattr(self._watch, "train_labels", None)
+            if labels is None and origin[name] == "watch":  # set up already when the MemWatch comes first
+                labels = getattr(self._watch, "training_classes", None)
+                labels = labels if labels is not None else getattr(self._watch, "train_labels", None)
             if labels is None and origin[name] == "datamodule":
                 labels = datamodule_labels_of(trainer, f"{name}_labels")
             if labels is None:

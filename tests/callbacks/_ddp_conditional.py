@@ -12,9 +12,21 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 from lightning.pytorch import Callback, Trainer  # noqa: E402
+from torch.utils.data import DataLoader, Dataset  # noqa: E402
 from toys import ConditionalCopier, toy_images, toy_labelled_loader  # noqa: E402
 
 from lightning_memwatch import EvalSchedule, MemWatch  # noqa: E402
+
+
+class Pairs(Dataset):
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, i):
+        return self.dataset[i]
 
 
 class Dump(Callback):
@@ -45,7 +57,9 @@ def main():
         enable_model_summary=False,
     )  # fmt: skip
     model = ConditionalCopier(train, labels, copying=(3,), memorize_from=8)
-    trainer.fit(model, toy_labelled_loader(train, labels, batch_size=8))
+    # a Dataset of (image, label) items, not a TensorDataset: its labels are read beside the images (one pass)
+    loader = toy_labelled_loader(train, labels, batch_size=8)
+    trainer.fit(model, DataLoader(Pairs(loader.dataset), batch_size=8, shuffle=True))
 
 
 if __name__ == "__main__":
