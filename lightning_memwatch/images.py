@@ -9,14 +9,18 @@ the loss-gap probe's training and held-out images) reads them here, by the same 
 * a DataLoader is read through its dataset with a sequential loader and the loader's own ``collate_fn``, so
   shuffling and ``drop_last`` neither reorder nor drop images; only the rows its sampler can draw are read
   (the training rows of a ``SubsetRandomSampler`` split, the positive-weight rows of a
-  ``WeightedRandomSampler``), and a sampler whose rows cannot be known without drawing from it raises.
+  ``WeightedRandomSampler``), and a sampler whose rows cannot be known without drawing from it raises;
+* an iterable Dataset (a stream) is read to its end; a reader that holds the images (the training images, the
+  probe's sets) raises past half of the machine's memory (:func:`stream_limit`), which an endless stream
+  (``repeat()``, ``itertools.cycle``, as Lightning may train on) reaches, instead of reading it forever.
 
 Pure torch: no Lightning import. The sources are never modified.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+import os
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -25,6 +29,7 @@ from torch.utils.data import (
     DataLoader,
     Dataset,
     DistributedSampler,
+    IterableDataset,
     RandomSampler,
     SequentialSampler,
     Subset,
@@ -39,9 +44,11 @@ __all__ = [
     "collect_images",
     "iter_image_batches",
     "num_images",
+    "read_batches",
     "sampler_rows",
     "select_rows",
     "sequential_loader",
+    "stream_limit",
 ]
 
 ImageSource = Tensor | Dataset | DataLoader
@@ -100,6 +107,47 @@ def sequential_loader(source: Dataset | DataLoader, batch_size: int, name: str) 
     return _as_loader(source, batch_size, name)
 
 
+def read_batches(
+    source: Dataset | DataLoader, batch_size: int, name: str, *, max_bytes: int | None = None
+) -> Iterator[Any]:
+    """The batches of :func:`sequential_loader` (whole, labels kept). ``max_bytes``: an iterable Dataset that
+    yields more bytes raises instead of reading on (a reader that holds what it reads passes
+    :func:`stream_limit`): an endless stream (``repeat()``, ``cycle``) has no set of images to read, and reading
+    it would never end, or end out of memory."""
+    loader = _as_loader(source, batch_size, name)
+    if max_bytes is None or not isinstance(loader.dataset, IterableDataset):
+        yield from loader
+        return
+    seen = count = 0
+    for batch in loader:
+        yield batch
+        seen += _batch_bytes(batch)
+        count += len(_checks.images_of_batch(batch, f"a batch of {name}"))
+        if seen > max_bytes:
+            raise _checks.config_error(
+                f"{name}: the iterable Dataset yielded {count:,} images ({seen / 2**30:.3g} GiB, past the "
+                f"{max_bytes / 2**30:.3g} GiB one read may hold: half of this machine's memory) without ending: an "
+                "endless stream (`repeat()`, `itertools.cycle`) has no set of images to read. Pass the finite set "
+                f"of images, as a tensor or a map-style Dataset (`MemWatch(train_data=...)`, "
+                f"`LossGapProbe({name}=...)`)."
+            )
+
+
+def stream_limit() -> int:
+    """Bytes an iterable Dataset may yield to one read: half of the physical memory (2**62 where the system
+    does not say): the images read and their concatenation must fit."""
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 2
+    except (AttributeError, ValueError, OSError):
+        return 2**62
+
+
+def _batch_bytes(batch: object) -> int:
+    """Bytes of the tensors of one batch (a tensor, a tuple or list of them, a dict of them)."""
+    items = batch.values() if isinstance(batch, Mapping) else batch if isinstance(batch, (tuple, list)) else [batch]
+    return sum(t.numel() * t.element_size() for t in items if isinstance(t, Tensor))
+
+
 def _check_source(source: object, name: str) -> None:
     if not isinstance(source, (Tensor, Dataset, DataLoader)):
         raise _checks.config_type_error(
@@ -107,7 +155,9 @@ def _check_source(source: object, name: str) -> None:
         )
 
 
-def iter_image_batches(source: ImageSource, batch_size: int, name: str = "images") -> Iterator[Tensor]:
+def iter_image_batches(
+    source: ImageSource, batch_size: int, name: str = "images", *, max_bytes: int | None = None
+) -> Iterator[Tensor]:
     """Yield the images of ``source`` in batches of exactly ``batch_size`` (the last one may be smaller).
 
     A tensor is cut into views; a Dataset or DataLoader is read by the rules of this module and its batches
@@ -118,10 +168,13 @@ def iter_image_batches(source: ImageSource, batch_size: int, name: str = "images
         source: a tensor (N, ...), a Dataset or a DataLoader of images.
         batch_size: images per yielded batch.
         name: what the source is, for error messages (e.g. ``"reference"``).
+        max_bytes: an iterable Dataset may yield at most this many bytes (see :func:`read_batches`); None:
+            no limit (a reader that keeps nothing, e.g. FID's statistics, may stream any length).
 
     Raises:
         TypeError: ``source`` is none of the three, or a batch holds no tensor.
-        ValueError: a DataLoader whose sampler cannot be read (see :func:`sampler_rows`).
+        ValueError: a DataLoader whose sampler cannot be read (see :func:`sampler_rows`), or an iterable
+            Dataset past ``max_bytes``.
     """
     _check_source(source, name)
     batch_size = _checks.check_int(batch_size, "batch_size", minimum=1, unit="images")
@@ -131,7 +184,7 @@ def iter_image_batches(source: ImageSource, batch_size: int, name: str = "images
         return
     pending: list[Tensor] = []
     num_pending = 0
-    for batch in _as_loader(source, batch_size, name):
+    for batch in read_batches(source, batch_size, name, max_bytes=max_bytes):
         images = _checks.images_of_batch(batch, f"a batch of {name}")
         while len(images):
             take = min(batch_size - num_pending, len(images))
@@ -161,14 +214,16 @@ def collect_images(
 
     Raises:
         TypeError: not an image source, or integer images (convert them to floats in your data_range).
-        ValueError: fewer than ``min_rows`` images, no image at all, NaN/Inf values, or a DataLoader whose
-            sampler cannot be read.
+        ValueError: fewer than ``min_rows`` images, no image at all, NaN/Inf values, a DataLoader whose
+            sampler cannot be read, or an iterable Dataset that yields more than :func:`stream_limit` bytes
+            (an endless stream).
     """
     _check_source(source, name)
     if isinstance(source, Tensor):
         images = source.detach()
     else:
-        chunks = [batch.detach() for batch in iter_image_batches(source, batch_size, name)]
+        batches = iter_image_batches(source, batch_size, name, max_bytes=stream_limit())
+        chunks = [batch.detach() for batch in batches]
         if not chunks:
             raise _checks.config_error(f"{name} is empty: it yielded no images. Pass a source that holds images.")
         images = torch.cat(chunks)
@@ -176,8 +231,8 @@ def collect_images(
 
 
 def num_images(source: ImageSource, name: str = "images") -> int | None:
-    """Number of images :func:`iter_image_batches` yields, or None when the source has no length (an
-    iterable Dataset)."""
+    """Number of images :func:`iter_image_batches` yields, or None for an iterable Dataset (a stream: even
+    one with a ``__len__`` has no rows to pick, and its length is its own claim)."""
     _check_source(source, name)
     if isinstance(source, Tensor):
         return len(source)
@@ -186,6 +241,8 @@ def num_images(source: ImageSource, name: str = "images") -> int | None:
         if rows is not None:
             return len(rows)
         source = source.dataset
+    if isinstance(source, IterableDataset):
+        return None
     try:
         return len(source)  # type: ignore[arg-type]
     except TypeError:

@@ -27,7 +27,15 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
 from lightning_memwatch import _checks
-from lightning_memwatch.images import ImageSource, collect_images, num_images, select_rows, sequential_loader
+from lightning_memwatch.images import (
+    ImageSource,
+    collect_images,
+    num_images,
+    read_batches,
+    select_rows,
+    sequential_loader,
+    stream_limit,
+)
 from lightning_memwatch.sampling import _seed_for, rank_slice
 
 __all__ = [
@@ -92,7 +100,7 @@ def read_train_labels(source: ImageSource, name: str = "train_data") -> Tensor |
     if fast is not False:
         return fast
     parts: list[Tensor] = []
-    for batch in sequential_loader(source, _READ_BATCH, name):
+    for batch in read_batches(source, _READ_BATCH, name, max_bytes=stream_limit()):
         labels = _labels_of_batch(batch)
         if not isinstance(labels, Tensor):
             return None
@@ -121,7 +129,7 @@ def read_labelled_images(
         return collect_images(source, name, min_rows=min_rows), FoundLabels(fast)
     images: list[Tensor] = []
     labels: list[Tensor] | None = []
-    for batch in sequential_loader(source, _READ_BATCH, name):
+    for batch in read_batches(source, _READ_BATCH, name, max_bytes=stream_limit()):
         images.append(_checks.images_of_batch(batch, f"a batch of {name}").detach())
         found = _labels_of_batch(batch)
         if labels is not None and isinstance(found, Tensor):

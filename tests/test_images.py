@@ -89,3 +89,37 @@ def test_sources_are_never_modified() -> None:
     dataset = TensorDataset(IMAGES)
     collect_images(dataset).add_(1.0)  # the collected tensor of a Dataset is a new one
     assert torch.equal(IMAGES, before)
+
+
+class _Endless(torch.utils.data.IterableDataset):
+    """An endless stream of ``(image, label)`` pairs (as ``repeat()`` or ``itertools.cycle`` makes one)."""
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(0)
+        while True:
+            yield torch.rand(1, 8, 8, generator=g), 1
+
+
+class _Finite(torch.utils.data.IterableDataset):
+    def __iter__(self):
+        return iter([(torch.full((1, 8, 8), float(i)), i) for i in range(40)])
+
+
+def test_an_endless_stream_raises_where_it_would_be_held_and_streams_where_it_is_not(monkeypatch) -> None:
+    import itertools
+
+    from lightning_memwatch import images, labels
+    from lightning_memwatch.labels import read_labelled_images, read_train_labels
+
+    limit = 100 * 256  # the bytes of 100 images of 1 x 8 x 8 float32
+    monkeypatch.setattr(images, "stream_limit", lambda: limit)
+    monkeypatch.setattr(labels, "stream_limit", lambda: limit)
+    for read in (collect_images, read_train_labels, read_labelled_images):
+        for source in (_Endless(), DataLoader(_Endless(), batch_size=7)):
+            with pytest.raises(ValueError, match=r"yielded 512 images .* without ending.*MemWatch\(train_data="):
+                read(source)
+    finite = _Finite()  # 40 images: under the limit
+    assert torch.equal(collect_images(finite)[:, 0, 0, 0], torch.arange(40.0))
+    assert torch.equal(read_train_labels(finite), torch.arange(40))
+    # a reader that keeps nothing (FID's statistics) streams any length
+    assert len(list(itertools.islice(iter_image_batches(_Endless(), 16), 20))) == 20

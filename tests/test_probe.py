@@ -383,9 +383,12 @@ def test_ddp_two_ranks_give_one_reading_on_every_rank(tmp_path):
 def test_loader_and_iterable_sources_give_the_triples_of_their_images():
     from torch.utils.data import DataLoader, IterableDataset, SubsetRandomSampler, TensorDataset
 
-    class Stream(IterableDataset):
+    class Stream(IterableDataset):  # a stream with a length: read whole (it has no rows to pick)
         def __iter__(self):
             return iter(HELDOUT)
+
+        def __len__(self):
+            return len(HELDOUT)
 
     split = [30, 2, 17, 5, 11, 8, 23]  # a loader that draws only these rows of its dataset
     loader = DataLoader(TensorDataset(TRAIN.repeat(2, 1, 1, 1)), batch_size=3, sampler=SubsetRandomSampler(split))

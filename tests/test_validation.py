@@ -169,3 +169,24 @@ def test_config_errors_survive_pickling():
 
     error = pickle.loads(pickle.dumps(_checks.config_error("n must be >= 1; got 0.")))  # crosses DDP processes
     assert type(error) is _checks.ConfigError and str(error) == "n must be >= 1; got 0."
+
+
+def test_an_endless_training_stream_fails_at_setup_naming_train_data(tmp_path, monkeypatch):
+    from torch.utils.data import DataLoader, IterableDataset
+
+    from lightning_memwatch import images
+
+    class Endless(IterableDataset):  # a streaming loader that repeats forever, as Lightning can train on
+        def __iter__(self):
+            g = torch.Generator().manual_seed(0)
+            while True:
+                yield torch.rand(1, 8, 8, generator=g) * 2 - 1
+
+    monkeypatch.setattr(images, "stream_limit", lambda: 2**20)  # 1 MiB: 4,096 images of 1 x 8 x 8
+    model = ToyDiffusion(toy_images(16))
+    trainer = Trainer(max_steps=2, callbacks=[MemWatch(verbose=False)], logger=False, enable_checkpointing=False,
+                      enable_progress_bar=False, enable_model_summary=False, accelerator="cpu",
+                      default_root_dir=tmp_path)  # fmt: skip
+    with pytest.raises(ValueError, match=r"without ending.*MemWatch\(train_data=\.\.\.\)"):
+        trainer.fit(model, DataLoader(Endless(), batch_size=4))
+    assert trainer.global_step == 0
