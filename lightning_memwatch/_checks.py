@@ -51,26 +51,29 @@ if TYPE_CHECKING:
     from lightning_memwatch._arguments import ConfigError, ConfigTypeError  # noqa: F401
 
 
-IMAGE_KEYS = ("image", "images", "img", "x", "input")
+IMAGE_KEYS = ("image", "images", "pixel_values", "img", "x", "input")
+"""Dict batches: where their images may sit (``pixel_values``: the diffusers and transformers training scripts)."""
 
 
 def images_of_batch(batch: object, name: str = "a batch") -> Tensor:
     """Images from a dataset item or loader batch: the tensor itself, the first tensor of a tuple/list, or an
-    image-like entry of a dict (keys ``IMAGE_KEYS``, else its first tensor value). Labels are dropped."""
+    image-like entry of a dict (keys ``IMAGE_KEYS``, else its first floating-point tensor, else its first
+    tensor: token ids or class indices before the images are never taken for them). Labels are dropped."""
     if isinstance(batch, Tensor):
         return batch
     if isinstance(batch, Mapping):
         for key in IMAGE_KEYS:
             if isinstance(batch.get(key), Tensor):
                 return batch[key]
-        batch = list(batch.values())
+        values = list(batch.values())
+        batch = [v for v in values if isinstance(v, Tensor) and v.is_floating_point()] or values
     if isinstance(batch, (tuple, list)):
         for item in batch:
             if isinstance(item, Tensor):
                 return item
     raise config_type_error(
         f"Cannot find images in {name} of type {type(batch).__name__}: yield tensors, (images, labels) tuples, "
-        f"or dicts with an 'image' key, or pass the images as one tensor."
+        f"or dicts with an 'image' or 'pixel_values' key, or pass the images as one tensor."
     )
 
 

@@ -5,7 +5,8 @@ the loss-gap probe's training and held-out images) reads them here, by the same 
 
 * a tensor ``(N, C, H, W)`` is read as it is (batches are views);
 * a Dataset is read in index order; items may be tensors, ``(image, label)`` tuples or dicts with an
-  ``"image"`` key (:func:`~lightning_memwatch._checks.images_of_batch`), labels are dropped;
+  ``"image"`` or ``"pixel_values"`` key (:func:`~lightning_memwatch._checks.images_of_batch`), labels are
+  dropped;
 * a DataLoader is read through its dataset with a sequential loader and the loader's own ``collate_fn``, so
   shuffling and ``drop_last`` neither reorder nor drop images; only the rows its sampler can draw are read
   (the training rows of a ``SubsetRandomSampler`` split, the positive-weight rows of a

@@ -123,3 +123,14 @@ def test_an_endless_stream_raises_where_it_would_be_held_and_streams_where_it_is
     assert torch.equal(read_train_labels(finite), torch.arange(40))
     # a reader that keeps nothing (FID's statistics) streams any length
     assert len(list(itertools.islice(iter_image_batches(_Endless(), 16), 20))) == 20
+
+
+def test_dict_batches_of_the_diffusers_scripts_give_their_pixel_values() -> None:
+    from lightning_memwatch._checks import images_of_batch
+
+    ids = torch.arange(12).reshape(3, 4)  # token ids (or classes) first, as a text-to-image script's batch
+    pixels = torch.rand(3, 1, 2, 2, generator=torch.Generator().manual_seed(0))
+    assert images_of_batch({"input_ids": ids, "pixel_values": pixels}) is pixels
+    assert images_of_batch({"ids": ids, "pixels": pixels}) is pixels  # no known key: the first float tensor
+    with pytest.raises(TypeError, match="dtype torch.int64"):
+        collect_images(DataLoader([{"ids": ids[i]} for i in range(3)], batch_size=2))  # no images: named
